@@ -1,0 +1,886 @@
+"""A fake OpenAI-compatible upstream: a real HTTP/1.1 server on loopback, stdlib asyncio only.
+
+It streams Server-Sent Events the way the real chat completions API does, and can be told to
+misbehave (slow tokens, errors, disconnects, malformed or split lines) so that the relay's tests
+and the benchmark talk real HTTP to something that looks like OpenAI.
+
+Use from tests::
+
+    with FakeUpstream() as fake:
+        fake.behave(tokens=["Hello", " world"], first_token_delay=0.5)
+        client = openai.OpenAI(base_url=fake.base_url, api_key="sk-test")
+        ...
+
+A single request can override the default behaviour: when the content of its last user message
+is a string starting with ``#fake `` followed by a JSON object, the object's keys replace the
+default behaviour's fields for that request only (the benchmark uses this through other proxies).
+
+From the command line (the benchmark runs it as its own process)::
+
+    python -m tests.fake_upstream --port 0 [--tokens N --interval S] [--uvloop]
+
+prints ``READY http://127.0.0.1:PORT/v1`` once listening and runs until SIGTERM or SIGINT.
+
+Wire details that clients may rely on:
+- Response headers are sent (after ``headers_delay``) together with the first chunk, whose delta is
+  ``{"role":"assistant","content":"","refusal":null}``; ``first_token_delay`` is the silence between
+  that chunk and the first reasoning or content token; ``token_interval`` the silence between tokens.
+- With ``tool_call`` the answer is a function tool call streamed in pieces instead of content tokens.
+- ``StreamClosed.tokens_sent`` counts content tokens (and tool-call argument pieces) handed to the
+  socket; reasoning tokens are not counted.
+- Every ``stream: true`` chat request gets exactly one ``StreamClosed`` record, however it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import json
+import random
+import secrets
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+DEFAULT_TOKENS = ("Hello", " from", " the", " fake", " upstream", ".")
+DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "fake-model")
+FAKE_PREFIX = "#fake "
+MAX_HEADER_BYTES = 64 * 1024
+SPLIT_UTF8_PAUSE = 0.02
+SPLIT_LINES_PAUSE = 0.01
+# Give the client time to read what was sent before a RST makes its kernel drop unread data.
+RESET_GRACE_SECONDS = 0.05
+TOOL_NAME = "get_weather"
+TOOL_ARGUMENT_PIECES = ('{"', "city", '":"', "Par", "is", '","unit":"', "celsius", '"}')
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    413: "Payload Too Large",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Behaviour:
+    """How the fake answers chat completion requests; every field has a harmless default."""
+
+    tokens: tuple[str, ...] | list[str] = DEFAULT_TOKENS
+    n_tokens: int | None = None
+    reasoning: tuple[str, ...] | list[str] = ()
+    tool_call: bool = False
+    first_token_delay: float = 0.0
+    token_interval: float = 0.0
+    headers_delay: float = 0.0
+    status: int = 200
+    error_message: str = "The fake upstream was told to fail."
+    error_type: str | None = None
+    error_code: str | None = None
+    retry_after: str | None = None
+    error_content_type: str | None = None
+    error_raw_body: bytes | str | None = None
+    disconnect_after: int | None = None
+    reset_after: int | None = None
+    malformed_after: int | None = None
+    split_utf8: bool = False
+    split_lines: bool = False
+    never_answer: bool = False
+    stall_after_headers: bool = False
+    raw_body: bytes | str | None = None
+    huge_chunk_bytes: int | None = None
+    finish_reason: str = "stop"
+    usage: bool = True
+    models: tuple[str, ...] | list[str] = DEFAULT_MODELS
+
+    def content_tokens(self) -> list[str]:
+        if self.huge_chunk_bytes is not None:
+            return ["x" * self.huge_chunk_bytes]
+        if self.n_tokens is not None:
+            return [f" tok{i}" for i in range(self.n_tokens)]
+        return list(self.tokens)
+
+
+BEHAVIOUR_FIELDS = frozenset(field.name for field in dataclasses.fields(Behaviour))
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    json: Any
+    body: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamClosed:
+    at: float
+    tokens_sent: int
+    completed: bool
+
+
+class _Recorder:
+    """State shared by all connections of one server; only the event loop thread mutates it."""
+
+    def __init__(self) -> None:
+        self.behaviour = Behaviour()
+        self.requests: list[RecordedRequest] = []
+        self.streams_closed: list[StreamClosed] = []
+        self.connections_opened = 0
+        self.connections_closed = 0
+        self.live: set[_Connection] = set()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _chunk(payload: bytes) -> bytes:
+    """One HTTP/1.1 chunked-transfer chunk."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def _split_point_utf8(event: bytes) -> int:
+    """An offset inside the first multi-byte UTF-8 character, else the middle of the event."""
+    for index, byte in enumerate(event):
+        if byte >= 0xC0:
+            return index + 1
+    return max(1, len(event) // 2)
+
+
+def _count_prompt_tokens(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    words = 0
+    for message in messages:
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            words += len(message["content"].split())
+    return max(1, words)
+
+
+def _request_override(body: Any) -> dict[str, Any] | None:
+    """The ``#fake {...}`` object in the last user message, if any."""
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return None
+    for message in reversed(body["messages"]):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str) and content.startswith(FAKE_PREFIX):
+                override, _end = json.JSONDecoder().raw_decode(content[len(FAKE_PREFIX) :].lstrip())
+                if not isinstance(override, dict):
+                    raise ValueError("#fake must be followed by a JSON object")
+                return override
+            return None
+    return None
+
+
+def _behaviour_with(base: Behaviour, override: dict[str, Any]) -> Behaviour:
+    unknown = set(override) - BEHAVIOUR_FIELDS
+    if unknown:
+        raise ValueError(f"unknown fake behaviour field(s): {', '.join(sorted(unknown))}")
+    return dataclasses.replace(base, **override)
+
+
+class _ClientGone(Exception):
+    """The client closed the connection; stop answering."""
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection: parses requests one after another (keep-alive) and answers them."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.handler: asyncio.Task[None] | None = None
+        self.closed = False
+        self.closed_event = asyncio.Event()
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    # --- asyncio.Protocol callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.recorder.connections_opened += 1
+        self.recorder.live.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.handler is None:
+            self._next_request()
+
+    def eof_received(self) -> bool:
+        # A client that half-closes is gone for our purposes: close promptly so streams stop.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.closed_event.set()
+        self.can_write.set()
+        if self in self.recorder.live:
+            self.recorder.live.discard(self)
+            self.recorder.connections_closed += 1
+        if self.handler is not None:
+            self.handler.cancel()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    # --- request parsing ------------------------------------------------------------------------
+
+    def _next_request(self) -> None:
+        if self.closed:
+            return
+        parsed = self._parse_request()
+        if parsed is None:
+            return
+        method, path, headers, body = parsed
+        self.handler = asyncio.get_running_loop().create_task(self._handle(method, path, headers, body))
+
+    def _parse_request(self) -> tuple[str, str, dict[str, str], bytes] | None:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_HEADER_BYTES:
+                self._fail_fast(431, "request headers too large")
+            return None
+        head = bytes(self.buffer[:end]).decode("latin-1")
+        lines = head.split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            self._fail_fast(400, "malformed request line")
+            return None
+        method, target, _version = parts
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                continue
+            key = name.strip().lower()
+            value = value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        body_start = end + 4
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            decoded = self._parse_chunked(body_start)
+            if decoded is None:
+                return None
+            body, consumed = decoded
+            del self.buffer[:consumed]
+        else:
+            try:
+                length = int(headers.get("content-length", "0"))
+            except ValueError:
+                self._fail_fast(400, "bad content-length")
+                return None
+            if len(self.buffer) < body_start + length:
+                return None
+            body = bytes(self.buffer[body_start : body_start + length])
+            del self.buffer[: body_start + length]
+        return method, target, headers, body
+
+    def _parse_chunked(self, start: int) -> tuple[bytes, int] | None:
+        body = bytearray()
+        position = start
+        while True:
+            line_end = self.buffer.find(b"\r\n", position)
+            if line_end < 0:
+                return None
+            size = int(bytes(self.buffer[position:line_end]).split(b";")[0], 16)
+            position = line_end + 2
+            if size == 0:
+                trailer_end = self.buffer.find(b"\r\n\r\n", position - 2)
+                if trailer_end < 0:
+                    return None
+                return bytes(body), trailer_end + 4
+            if len(self.buffer) < position + size + 2:
+                return None
+            body += self.buffer[position : position + size]
+            position += size + 2
+
+    def _fail_fast(self, status: int, message: str) -> None:
+        if self.transport is not None:
+            body = _dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+            self.transport.write(self._head(status, "application/json", len(body), close=True) + body)
+            self.transport.close()
+
+    # --- answering ------------------------------------------------------------------------------
+
+    async def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+        keep_alive = headers.get("connection", "").lower() != "close"
+        try:
+            parsed: Any = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        self.recorder.requests.append(RecordedRequest(method, path, headers, parsed, body))
+        route = path.split("?", 1)[0].rstrip("/")
+        try:
+            if route.endswith("/chat/completions"):
+                if method != "POST":
+                    self._send_error_json(405, "Method not allowed.", "invalid_request_error", None)
+                else:
+                    keep_alive = await self._chat(parsed, keep_alive) and keep_alive
+            elif route.endswith("/models") and method == "GET":
+                self._send_models()
+            else:
+                self._send_error_json(404, f"Unknown path {route}.", "invalid_request_error", None)
+        except (_ClientGone, asyncio.CancelledError):
+            return
+        finally:
+            self.handler = None
+        if not keep_alive or self.closed:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.buffer:
+            self._next_request()
+
+    def _head(
+        self,
+        status: int,
+        content_type: str,
+        content_length: int | None,
+        close: bool = False,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> bytes:
+        lines = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
+            f"content-type: {content_type}",
+            f"x-request-id: req_{secrets.token_hex(12)}",
+        ]
+        if content_length is None:
+            lines.append("transfer-encoding: chunked")
+        else:
+            lines.append(f"content-length: {content_length}")
+        lines.append("connection: close" if close else "connection: keep-alive")
+        lines.extend(f"{name}: {value}" for name, value in extra)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _write(self, data: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise _ClientGone
+        self.transport.write(data)
+
+    async def _pause(self, seconds: float) -> None:
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+        if not self.can_write.is_set():
+            await self.can_write.wait()
+        if self.closed:
+            raise _ClientGone
+
+    def _send_json(self, status: int, payload: Any, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        body = _dumps(payload).encode()
+        self._write(self._head(status, "application/json", len(body), extra=extra) + body)
+
+    def _send_error_json(self, status: int, message: str, error_type: str | None, code: str | None) -> None:
+        error = {"message": message, "type": error_type, "param": None, "code": code}
+        self._send_json(status, {"error": error})
+
+    def _send_models(self) -> None:
+        behaviour = self.recorder.behaviour
+        created = int(time.time())
+        data = [
+            {"id": m, "object": "model", "created": created, "owned_by": "fake"} for m in behaviour.models
+        ]
+        self._send_json(200, {"object": "list", "data": data})
+
+    async def _chat(self, body: Any, keep_alive: bool) -> bool:
+        """Answer one chat completion request; returns whether the connection may be reused."""
+        try:
+            override = _request_override(body)
+            behaviour = self.recorder.behaviour
+            if override:
+                behaviour = _behaviour_with(behaviour, override)
+        except (ValueError, TypeError) as error:
+            self._send_error_json(400, f"Bad #fake override: {error}", "invalid_request_error", None)
+            return True
+        if not isinstance(body, dict):
+            self._send_error_json(
+                400, "We could not parse the JSON body of your request.", "invalid_request_error", None
+            )
+            return True
+        streaming = body.get("stream") is True
+        if not streaming:
+            return await self._answer_plain(body, behaviour)
+        stream = _StreamRecord(self.recorder)
+        try:
+            return await self._answer_stream(body, behaviour, stream)
+        finally:
+            stream.finish()
+
+    async def _answer_error(self, behaviour: Behaviour) -> None:
+        extra: tuple[tuple[str, str], ...] = ()
+        if behaviour.retry_after is not None:
+            extra = (("retry-after", str(behaviour.retry_after)),)
+        if behaviour.error_raw_body is not None:
+            raw = behaviour.error_raw_body
+            raw_bytes = raw.encode() if isinstance(raw, str) else raw
+            content_type = behaviour.error_content_type or "text/html; charset=utf-8"
+            self._write(self._head(behaviour.status, content_type, len(raw_bytes), extra=extra) + raw_bytes)
+            return
+        error_type = behaviour.error_type
+        if error_type is None:
+            error_type = "server_error" if behaviour.status >= 500 else "invalid_request_error"
+            if behaviour.status == 429:
+                error_type = "requests"
+        error = {
+            "message": behaviour.error_message,
+            "type": error_type,
+            "param": None,
+            "code": behaviour.error_code,
+        }
+        self._send_json(behaviour.status, {"error": error}, extra=extra)
+
+    async def _answer_plain(self, body: dict[str, Any], behaviour: Behaviour) -> bool:
+        await self._pause(behaviour.headers_delay)
+        if behaviour.never_answer or behaviour.stall_after_headers:
+            await self.closed_event.wait()
+            raise _ClientGone
+        if behaviour.status != 200:
+            await self._answer_error(behaviour)
+            return True
+        tokens = behaviour.content_tokens()
+        thinking = list(behaviour.reasoning)
+        steps = len(tokens) + len(thinking)
+        await self._pause(behaviour.first_token_delay + behaviour.token_interval * max(0, steps - 1))
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None if behaviour.tool_call else "".join(tokens),
+            "refusal": None,
+        }
+        if thinking:
+            message["reasoning_content"] = "".join(thinking)
+        finish_reason = behaviour.finish_reason
+        if behaviour.tool_call:
+            message["tool_calls"] = [_tool_call_whole()]
+            finish_reason = "tool_calls"
+        prompt_tokens = _count_prompt_tokens(body.get("messages"))
+        completion_tokens = (len(TOOL_ARGUMENT_PIECES) if behaviour.tool_call else len(tokens)) + len(
+            thinking
+        )
+        self._send_json(
+            200,
+            {
+                "id": f"chatcmpl-{secrets.token_hex(12)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            },
+        )
+        return True
+
+    async def _answer_stream(self, body: dict[str, Any], behaviour: Behaviour, stream: _StreamRecord) -> bool:
+        await self._pause(behaviour.headers_delay)
+        if behaviour.never_answer:
+            await self.closed_event.wait()
+            raise _ClientGone
+        if behaviour.status != 200:
+            await self._answer_error(behaviour)
+            return True
+        sse_head = self._head(200, "text/event-stream; charset=utf-8", None)
+        if behaviour.stall_after_headers:
+            self._write(sse_head)
+            await self.closed_event.wait()
+            raise _ClientGone
+        if behaviour.raw_body is not None:
+            raw = behaviour.raw_body
+            raw_bytes = raw.encode() if isinstance(raw, str) else raw
+            self._write(sse_head + (_chunk(raw_bytes) if raw_bytes else b"") + b"0\r\n\r\n")
+            stream.completed = True
+            return True
+        plan = _StreamPlan(body, behaviour)
+        await self._play(sse_head, plan, behaviour, stream)
+        return True
+
+    async def _play(
+        self, head: bytes, plan: _StreamPlan, behaviour: Behaviour, stream: _StreamRecord
+    ) -> None:
+        """Write the planned events, batching everything that is due at the same moment."""
+        pending: list[bytes] = [head]
+        pause = 0.0
+        for step in plan.steps:
+            kind, event, delay = step
+            if delay > 0:
+                if pending:
+                    self._write(b"".join(pending))
+                    pending.clear()
+                await self._pause(delay)
+                pause = delay
+            if kind == "disconnect":
+                self._write(b"".join(pending))
+                assert self.transport is not None
+                self.transport.close()
+                raise _ClientGone
+            if kind == "reset":
+                self._write(b"".join(pending))
+                pending.clear()
+                await self._pause(RESET_GRACE_SECONDS)
+                assert self.transport is not None
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.transport.abort()
+                raise _ClientGone
+            if behaviour.split_utf8 or behaviour.split_lines:
+                pieces = plan.split(event)
+                for index, piece in enumerate(pieces):
+                    pending.append(_chunk(piece))
+                    if index < len(pieces) - 1:
+                        self._write(b"".join(pending))
+                        pending.clear()
+                        await self._pause(plan.split_pause)
+            else:
+                pending.append(_chunk(event))
+            if kind == "token":
+                stream.tokens_sent += 1
+                if pause or behaviour.split_utf8 or behaviour.split_lines:
+                    # Sent at its own moment: hand it to the socket now, so tokens_sent stays honest.
+                    self._write(b"".join(pending))
+                    pending.clear()
+        pending.append(b"0\r\n\r\n")
+        self._write(b"".join(pending))
+        stream.completed = True
+
+
+def _tool_call_whole() -> dict[str, Any]:
+    return {
+        "id": "call_fake0",
+        "type": "function",
+        "function": {"name": TOOL_NAME, "arguments": "".join(TOOL_ARGUMENT_PIECES)},
+    }
+
+
+class _StreamRecord:
+    """Collects what one streaming response did; appends one StreamClosed when it ends."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+        self.tokens_sent = 0
+        self.completed = False
+
+    def finish(self) -> None:
+        self.recorder.streams_closed.append(StreamClosed(time.monotonic(), self.tokens_sent, self.completed))
+
+
+class _StreamPlan:
+    """The SSE events of one streaming answer, with the pause before each, as bytes."""
+
+    def __init__(self, body: dict[str, Any], behaviour: Behaviour) -> None:
+        model = body.get("model")
+        stream_options = body.get("stream_options")
+        include_usage = (
+            behaviour.usage
+            and isinstance(stream_options, dict)
+            and stream_options.get("include_usage") is True
+        )
+        created = int(time.time())
+        chunk_id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.head = (
+            f'data: {{"id":"{chunk_id}","object":"chat.completion.chunk","created":{created},'
+            f'"model":{_dumps(model)},"system_fingerprint":"fp_fake","choices":[{{"index":0,"delta":'
+        ).encode()
+        usage_tail = ',"usage":null' if include_usage else ""
+        self.tail = f',"logprobs":null,"finish_reason":null}}]{usage_tail}}}\n\n'.encode()
+        self.random = random.Random(chunk_id)
+        self.split_pause = SPLIT_UTF8_PAUSE if behaviour.split_utf8 else SPLIT_LINES_PAUSE
+        self.behaviour = behaviour
+        steps: list[tuple[str, bytes, float]] = []
+        steps.append(("meta", self._event('{"role":"assistant","content":"","refusal":null}'), 0.0))
+        first = True
+
+        def next_delay() -> float:
+            nonlocal first
+            delay = behaviour.first_token_delay if first else behaviour.token_interval
+            first = False
+            return delay
+
+        for piece in behaviour.reasoning:
+            steps.append(
+                (
+                    "reasoning",
+                    self._event(f'{{"content":null,"reasoning_content":{_dumps(piece)}}}'),
+                    next_delay(),
+                )
+            )
+        if behaviour.tool_call:
+            pieces = [
+                _dumps(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_fake0",
+                                "type": "function",
+                                "function": {"name": TOOL_NAME, "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+            ]
+            pieces += [
+                _dumps({"tool_calls": [{"index": 0, "function": {"arguments": argument}}]})
+                for argument in TOOL_ARGUMENT_PIECES
+            ]
+            deltas = [(pieces[0], "meta")] + [(piece, "token") for piece in pieces[1:]]
+        else:
+            deltas = [(f'{{"content":{_dumps(token)}}}', "token") for token in behaviour.content_tokens()]
+        sent = 0
+        for delta, kind in deltas:
+            steps.append((kind, self._event(delta), next_delay() if kind == "token" else 0.0))
+            if kind != "token":
+                continue
+            sent += 1
+            if behaviour.malformed_after == sent:
+                steps.append(("meta", b"data: {this is not json\n\n", 0.0))
+            if behaviour.disconnect_after == sent:
+                steps.append(("disconnect", b"", 0.0))
+            if behaviour.reset_after == sent:
+                steps.append(("reset", b"", 0.0))
+        if behaviour.malformed_after == 0:
+            steps.insert(1, ("meta", b"data: {this is not json\n\n", 0.0))
+        if behaviour.disconnect_after == 0:
+            steps.insert(1, ("disconnect", b"", 0.0))
+        if behaviour.reset_after == 0:
+            steps.insert(1, ("reset", b"", 0.0))
+        finish_reason = "tool_calls" if behaviour.tool_call else behaviour.finish_reason
+        finish_tail = (
+            f',"logprobs":null,"finish_reason":{_dumps(finish_reason)}}}]{usage_tail}}}\n\n'.encode()
+        )
+        steps.append(("meta", self.head + b"{}" + finish_tail, 0.0))
+        if include_usage:
+            prompt_tokens = _count_prompt_tokens(body.get("messages"))
+            completion_tokens = sent + len(behaviour.reasoning)
+            usage = _dumps(
+                {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                }
+            )
+            usage_event = (
+                f'data: {{"id":"{chunk_id}","object":"chat.completion.chunk","created":{created},'
+                f'"model":{_dumps(model)},"system_fingerprint":"fp_fake","choices":[],"usage":{usage}}}\n\n'
+            ).encode()
+            steps.append(("meta", usage_event, 0.0))
+        steps.append(("meta", b"data: [DONE]\n\n", 0.0))
+        self.steps = steps
+
+    def _event(self, delta: str) -> bytes:
+        return self.head + delta.encode() + self.tail
+
+    def split(self, event: bytes) -> list[bytes]:
+        if len(event) < 2:
+            return [event]
+        if self.behaviour.split_utf8:
+            cut = _split_point_utf8(event)
+            return [event[:cut], event[cut:]]
+        count = self.random.choice((2, 3)) if len(event) >= 3 else 2
+        cuts = sorted(self.random.sample(range(1, len(event)), count - 1))
+        bounds = [0, *cuts, len(event)]
+        return [event[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+class FakeUpstream:
+    """The fake upstream server, run in a daemon thread with its own event loop (see module doc)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self._recorder = _Recorder()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> FakeUpstream:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                self._server = loop.run_until_complete(_listen(self._recorder, self.host, self.port))
+                self.port = self._server.sockets[0].getsockname()[1]
+            except BaseException as error:
+                failure.append(error)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        future = asyncio.run_coroutine_threadsafe(_shutdown(self._server, self._recorder), loop)
+        future.result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- control and observation ----------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def behave(self, **fields: Any) -> None:
+        """Set the default behaviour for later requests; unspecified fields go back to defaults."""
+        self._recorder.behaviour = _behaviour_with(Behaviour(), fields)
+
+    def reset(self) -> None:
+        """Forget recorded requests, streams and connection counts; restore the default behaviour."""
+        self._recorder.behaviour = Behaviour()
+        self._recorder.requests.clear()
+        self._recorder.streams_closed.clear()
+        self._recorder.connections_opened = len(self._recorder.live)
+        self._recorder.connections_closed = 0
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        return list(self._recorder.requests)
+
+    @property
+    def streams_closed(self) -> list[StreamClosed]:
+        return list(self._recorder.streams_closed)
+
+    @property
+    def connections_opened(self) -> int:
+        return self._recorder.connections_opened
+
+    @property
+    def connections_closed(self) -> int:
+        return self._recorder.connections_closed
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._recorder.live)
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = 5.0) -> bool:
+        """Poll ``condition`` until it is truthy or ``timeout`` seconds pass; returns whether it held."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if condition():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+
+async def _listen(recorder: _Recorder, host: str, port: int) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: _Connection(recorder), host, port, backlog=4096, reuse_address=True
+    )
+
+
+async def _shutdown(server: asyncio.Server | None, recorder: _Recorder) -> None:
+    if server is not None:
+        server.close()
+    for connection in list(recorder.live):
+        if connection.transport is not None:
+            connection.transport.abort()
+    await asyncio.sleep(0)
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _serve_forever(args: argparse.Namespace) -> None:
+    recorder = _Recorder()
+    fields: dict[str, Any] = {}
+    if args.tokens is not None:
+        fields["n_tokens"] = args.tokens
+    if args.interval:
+        fields["token_interval"] = args.interval
+        fields["first_token_delay"] = args.interval
+    recorder.behaviour = _behaviour_with(Behaviour(), fields)
+    server = await _listen(recorder, args.host, args.port)
+    port = server.sockets[0].getsockname()[1]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"READY http://{args.host}:{port}/v1", flush=True)
+    await stop.wait()
+    await _shutdown(server, recorder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream for tests and benchmarks.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=None, help="answer with N tokens ' tok0', ' tok1', ...")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds before and between tokens")
+    parser.add_argument("--uvloop", action="store_true", help="use uvloop when it is installed")
+    args = parser.parse_args(argv)
+    if args.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            print("uvloop is not installed; using the stdlib event loop", file=sys.stderr, flush=True)
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(_serve_forever(args))
+            return 0
+    asyncio.run(_serve_forever(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
