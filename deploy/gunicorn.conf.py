@@ -1,0 +1,40 @@
+"""Production gunicorn settings for the relay: `gunicorn -c deploy/gunicorn.conf.py wsgi:app`.
+
+Worker model: gevent. A relay spends nearly all its time waiting on two sockets per stream, so each open
+stream costs a greenlet (a few KiB) instead of a thread or a process; one worker per core holds thousands of
+streams. Sync workers hold one stream each; eventlet workers are gone from gunicorn since 26.0.
+"""
+
+import os
+import sys
+
+bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("GUNICORN_WORKERS", str(os.cpu_count() or 1)))
+worker_class = "gevent"
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "10000"))
+timeout = 30  # worker heartbeat, not a request timeout: gevent workers keep beating while streams wait
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+keepalive = 75  # longer than nginx's and most load balancers' upstream keep-alive
+backlog = 4096
+accesslog = None  # the relay writes its own access log, with keys redacted and stream timings
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+proc_name = "relay"
+# gunicorn 27's control socket lives at one path per user: several relays on a host would fight over it.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Refuse to start, in one line, when the configuration is unusable (before any worker forks)."""
+    from proxy.config import Config, ConfigError, load_env_file
+
+    load_env_file()
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"relay: refusing to start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    keys = ", ".join(f"…{key[-4:]}" for key in config.authorization_keys)
+    mode = "DEMO (local stand-in model)" if config.demo else config.openai_base_url
+    print(f"relay: upstream {mode}, default model {config.default_model}, access keys {keys}",
+          file=sys.stderr, flush=True)

@@ -1,0 +1,48 @@
+"""The relay: an authenticated streaming proxy in front of OpenAI-compatible chat APIs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from proxy.config import Config, load_env_file
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Wire configuration, services, hooks, error handlers and endpoints into a Flask app."""
+    # Imported here rather than at the top: gunicorn's master imports proxy.config for its start-up check
+    # before the gevent worker patches the standard library, and must not pull in ssl (via openai) early.
+    from flask import Flask
+
+    from proxy.errors import register_error_handlers
+    from proxy.hooks import install_request_hooks
+    from proxy.relay import build_relay
+    from proxy.routes import chat, health
+
+    if config is None:
+        load_env_file()
+        config = Config.from_env(os.environ)
+    configure_logging()
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.extensions["relay"] = build_relay(config)
+    register_error_handlers(app)
+    install_request_hooks(app)
+    app.register_blueprint(chat.bp)
+    app.register_blueprint(health.bp)
+    return app
+
+
+def configure_logging() -> None:
+    logger = logging.getLogger("relay")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -1,0 +1,146 @@
+"""Every setting of the relay, named once, read from the environment once, validated.
+
+`Config.from_env` is the only place that reads environment variables for the app. A bad value stops
+start-up with a `ConfigError` whose message names the variable; no message ever includes a key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from dotenv import load_dotenv
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable and never shows a secret."""
+
+
+@dataclass(frozen=True)
+class Config:
+    authorization_keys: tuple[str, ...]
+    openai_api_key: str
+    openai_base_url: str = OPENAI_DEFAULT_BASE_URL
+    default_model: str = "gpt-4o-mini"
+    allowed_models: tuple[str, ...] = ()
+    system_prompt: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    keepalive_seconds: float = 15.0
+    upstream_timeout: float = 30.0
+    first_token_timeout: float = 300.0
+    idle_timeout: float = 120.0
+    max_stream_seconds: float = 1800.0
+    max_body_bytes: int = 1024 * 1024
+    max_tokens: int | None = None
+    log_content: bool = False
+    demo: bool = False
+    # Extra environment the app may need later (e.g. keys named by an upstreams file); never logged.
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __repr__(self) -> str:  # keys must never reach a log through a stray repr()
+        return f"Config(base_url={self.openai_base_url!r}, default_model={self.default_model!r}, demo={self.demo})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        """Build and validate the configuration from environment variables."""
+        demo = _parse(env, "RELAY_DEMO", _boolean, False)
+        keys = _csv(env.get("AUTHORIZATION_KEY", ""))
+        api_key = env.get("OPENAI_API_KEY", "").strip()
+        if not demo:
+            if not keys:
+                raise ConfigError("AUTHORIZATION_KEY is missing or empty: refusing to run an open relay")
+            if not api_key:
+                raise ConfigError("OPENAI_API_KEY is missing or empty: the relay has no upstream key")
+        elif not keys:
+            raise ConfigError("AUTHORIZATION_KEY is missing or empty (demo mode needs an access key too)")
+        origins = _csv(env.get("CORS_ORIGINS", ""))
+        for origin in origins:
+            if origin != "*" and not _is_origin(origin):
+                raise ConfigError(f"CORS_ORIGINS: {origin!r} is not an origin like https://example.com")
+        base_url = env.get("OPENAI_BASE_URL", "").strip() or OPENAI_DEFAULT_BASE_URL
+        if not _is_http_url(base_url):
+            raise ConfigError(f"OPENAI_BASE_URL: {base_url!r} is not an http(s) URL")
+        max_tokens = _parse(env, "MAX_TOKENS", _positive_int, None)
+        return cls(
+            authorization_keys=keys,
+            openai_api_key=api_key,
+            openai_base_url=base_url.rstrip("/"),
+            default_model=env.get("DEFAULT_MODEL", "").strip() or cls.default_model,
+            allowed_models=_csv(env.get("ALLOWED_MODELS", "")),
+            system_prompt=env.get("SYSTEM_PROMPT", "").strip() or None,
+            cors_origins=origins,
+            keepalive_seconds=_parse(env, "KEEPALIVE_SECONDS", _positive_float, cls.keepalive_seconds),
+            upstream_timeout=_parse(env, "UPSTREAM_TIMEOUT", _positive_float, cls.upstream_timeout),
+            first_token_timeout=_parse(env, "FIRST_TOKEN_TIMEOUT", _positive_float, cls.first_token_timeout),
+            idle_timeout=_parse(env, "IDLE_TIMEOUT", _positive_float, cls.idle_timeout),
+            max_stream_seconds=_parse(env, "MAX_STREAM_SECONDS", _positive_float, cls.max_stream_seconds),
+            max_body_bytes=_parse(env, "MAX_BODY_BYTES", _positive_int, cls.max_body_bytes),
+            max_tokens=max_tokens,
+            log_content=_parse(env, "LOG_CONTENT", _boolean, False),
+            demo=demo,
+            environ=dict(env),
+        )
+
+
+def load_env_file() -> None:
+    """Read `.env` from the working directory (only there), never overriding real environment variables."""
+    load_dotenv(Path.cwd() / ".env", override=False)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return convert(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {raw!r} is not valid ({exc})") from None
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("expected a positive whole number")
+    return value
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return False
+    return parts.scheme in {"http", "https"} and bool(parts.hostname)
+
+
+def _is_origin(origin: str) -> bool:
+    parts = urlsplit(origin)
+    return _is_http_url(origin) and parts.path in {"", "/"} and not parts.query and not parts.fragment

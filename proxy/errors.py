@@ -1,0 +1,192 @@
+"""Errors a client can cause or meet, and the one handler that renders them in each endpoint's shape.
+
+Every error is a small `RelayError` (a werkzeug `HTTPException`) with a machine-readable `code`. The
+handler picks the body shape from the view (`@error_shape`) or, for routing errors, from the path:
+
+- ``ndjson``: one error record then the ``[DONE]`` record, what clients of the old Node relay can show;
+- ``openai``: ``{"error": {"message", "type", "code"}}``, what the official SDKs turn into exceptions;
+- ``json``: the OpenAI shape too, for everything else (health, 404s).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+from flask import Flask, Response, current_app, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("relay.errors")
+
+NDJSON_MIMETYPE = "application/x-ndjson"
+DONE_RECORD = b'{"done":true,"error":false,"content":"[DONE]"}\n'
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RelayError(HTTPException):
+    """Base of every error the relay answers with; `code` is the machine-readable kind."""
+
+    code: int = 500  # the HTTP status, as werkzeug names it
+    kind: str = "internal_error"
+    error_type: str = "api_error"  # OpenAI's `type` field for this kind of error
+    description: str = "the relay could not handle this request"
+    retry_after: int | None = None
+
+    def __init__(self, description: str | None = None, *, kind: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(description or self.description)
+        if kind is not None:
+            self.kind = kind
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class BadRequest(RelayError):
+    code = 400
+    kind = "invalid_request"
+    error_type = "invalid_request_error"
+    description = "the request is not valid"
+
+
+class Unauthorized(RelayError):
+    code = 401
+    kind = "unauthorized"
+    error_type = "authentication_error"
+    # The same words for a missing and a wrong key: they must not tell which keys exist.
+    description = "missing or invalid access key: send it as 'Authorization: Bearer <key>'"
+
+
+class Forbidden(RelayError):
+    code = 403
+    kind = "forbidden"
+    error_type = "permission_error"
+    description = "this request is not allowed"
+
+
+class NotFound(RelayError):
+    code = 404
+    kind = "not_found"
+    error_type = "invalid_request_error"
+    description = "no such endpoint"
+
+
+class MethodNotAllowed(RelayError):
+    code = 405
+    kind = "method_not_allowed"
+    error_type = "invalid_request_error"
+    description = "this method is not allowed here"
+
+
+class PayloadTooLarge(RelayError):
+    code = 413
+    kind = "body_too_large"
+    error_type = "invalid_request_error"
+    description = "the request body is too large"
+
+
+class RateLimited(RelayError):
+    code = 429
+    kind = "rate_limited"
+    error_type = "rate_limit_error"
+    description = "too many requests: slow down and retry later"
+
+
+class UpstreamFailed(RelayError):
+    code = 502
+    kind = "upstream_error"
+    error_type = "api_error"
+    description = "the upstream API failed; try again in a moment"
+
+
+class UpstreamTimeout(RelayError):
+    code = 504
+    kind = "upstream_timeout"
+    error_type = "api_error"
+    description = "the upstream API did not answer in time; try again in a moment"
+
+
+_BY_STATUS: dict[int, type[RelayError]] = {
+    cls.code: cls
+    for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, PayloadTooLarge,
+                RateLimited, UpstreamFailed, UpstreamTimeout)
+}
+
+
+def error_shape(shape: str) -> Callable[[F], F]:
+    """Declare the body shape ("ndjson", "openai", "json") errors of this view are rendered in."""
+
+    def mark(view: F) -> F:
+        view.error_shape = shape  # type: ignore[attr-defined]
+        return view
+
+    return mark
+
+
+def as_relay_error(error: HTTPException) -> RelayError:
+    """Turn werkzeug's own errors (404, 405, 413 from the body limit...) into relay errors."""
+    if isinstance(error, RelayError):
+        return error
+    status = error.code or 500
+    cls = _BY_STATUS.get(status)
+    if cls is None:
+        generic = RelayError(_plain_description(error))
+        generic.code = status
+        return generic
+    if cls is PayloadTooLarge:
+        return PayloadTooLarge(
+            f"the request body is larger than the {current_app.config['MAX_CONTENT_LENGTH']} bytes allowed"
+        )
+    return cls()
+
+
+def _plain_description(error: HTTPException) -> str:
+    # werkzeug's descriptions are English sentences meant for HTML pages; keep them short and plain.
+    return (error.description or error.name or "error").strip().rstrip(".")
+
+
+def error_body(error: RelayError, shape: str) -> tuple[bytes, str]:
+    """The body and mimetype of `error` in the given shape."""
+    message = str(error.description)
+    if shape == "ndjson":
+        record = {"done": False, "error": True, "content": message, "code": error.kind}
+        return orjson.dumps(record) + b"\n" + DONE_RECORD, NDJSON_MIMETYPE
+    payload = {"error": {"message": message, "type": error.error_type, "code": error.kind}}
+    return orjson.dumps(payload), "application/json"
+
+
+def _shape_for_request() -> str:
+    view = current_app.view_functions.get(request.endpoint or "")
+    shape = getattr(view, "error_shape", None)
+    if shape:
+        return str(shape)
+    if request.path == "/chat":
+        return "ndjson"
+    return "openai" if request.path.startswith("/v1/") else "json"
+
+
+def render_error(error: HTTPException) -> Response:
+    relay_error = as_relay_error(error)
+    body, mimetype = error_body(relay_error, _shape_for_request())
+    response = Response(body, status=relay_error.code, mimetype=mimetype)
+    if relay_error.retry_after is not None:
+        response.headers["Retry-After"] = str(relay_error.retry_after)
+    if relay_error.code == 405 and isinstance(error, HTTPException):
+        allowed = error.get_headers()
+        for name, value in allowed:
+            if name.lower() == "allow":
+                response.headers["Allow"] = value
+    return response
+
+
+def render_unexpected(error: Exception) -> Response:
+    """A bug, not a client error: log the traceback here, never send it."""
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return render_error(RelayError("the relay hit an internal error; the operator can find it in the logs"))
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(HTTPException, render_error)
+    app.register_error_handler(Exception, render_unexpected)

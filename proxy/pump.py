@@ -1,0 +1,174 @@
+"""The one streaming loop behind every endpoint.
+
+A reader thread (a greenlet under gunicorn's gevent worker) reads the upstream and hands batches of
+parsed chunks over a queue; the pump, running in the response iterator, encodes them, writes keep-alives
+during silence, enforces the first-token, idle and whole-stream timers, notices a departed client, and in
+`finally` closes the upstream whatever happened. It takes plain arguments, never the request.
+"""
+
+from __future__ import annotations
+
+import queue
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.config import Config
+from proxy.encoders import Encoder
+from proxy.upstream import Chunk, StreamEnd, StreamFailure, UpstreamStream
+
+CLIENT_CHECK_SECONDS = 1.0  # how often a silent stream checks whether its client is still there
+READER_JOIN_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class StreamTimers:
+    keepalive: float
+    first_token: float
+    idle: float
+    max_stream: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> StreamTimers:
+        return cls(config.keepalive_seconds, config.first_token_timeout, config.idle_timeout,
+                   config.max_stream_seconds)
+
+
+@dataclass
+class StreamStats:
+    """What the access log and metrics want to know about one stream; filled in by the pump."""
+
+    upstream: str = ""
+    fallbacks: int = 0
+    started_at: float = 0.0
+    first_token_at: float | None = None
+    ended_at: float | None = None
+    tokens: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    outcome: str = "open"  # "ok", an error code, or "client_gone"
+    keep_content: bool = False
+    content: list[str] = field(default_factory=list)
+
+    def record(self, chunks: Sequence[Chunk], now: float) -> bool:
+        """Account for a batch of chunks; True when the model made progress."""
+        progress = False
+        for chunk in chunks:
+            if chunk.progress:
+                progress = True
+            if chunk.content:
+                self.tokens += 1
+                if self.keep_content:
+                    self.content.append(chunk.content)
+            if chunk.finish_reason is not None:
+                self.finish_reason = chunk.finish_reason
+            if chunk.usage is not None:
+                self.usage = chunk.usage
+        if progress and self.first_token_at is None:
+            self.first_token_at = now
+        return progress
+
+
+def never_gone() -> bool:
+    return False
+
+
+def socket_watcher(sock: socket.socket | None) -> Callable[[], bool]:
+    """A check that tells whether the client on `sock` has hung up, without consuming its data."""
+    if sock is None:
+        return never_gone
+
+    def client_gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    return client_gone
+
+
+def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: StreamStats,
+         client_gone: Callable[[], bool] = never_gone) -> Iterator[bytes]:
+    """Yield the client's bytes for `stream`; every outcome but a departed client ends with `end()`."""
+    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+    reader = threading.Thread(target=stream.read_into, args=(inbox.put,), daemon=True,
+                              name=f"upstream-reader-{stream.upstream.name}")
+    start = time.monotonic()
+    stats.started_at = stats.started_at or start
+    stats.upstream = stream.upstream.name
+    stats.fallbacks = stream.fallbacks
+    reader_done = False
+    reader.start()
+    try:
+        yield encoder.start()
+        last_progress = start
+        next_keepalive = start + timers.keepalive
+        give_up_at = start + timers.max_stream
+        while True:
+            now = time.monotonic()
+            if stats.first_token_at is None:
+                silence_limit, silence_deadline = timers.first_token, start + timers.first_token
+            else:
+                silence_limit, silence_deadline = timers.idle, last_progress + timers.idle
+            wake = min(next_keepalive, silence_deadline, give_up_at, now + CLIENT_CHECK_SECONDS)
+            try:
+                item = inbox.get(timeout=max(0.0, wake - now))
+            except queue.Empty:
+                now = time.monotonic()
+                if now >= give_up_at:
+                    stats.outcome = "stream_time_limit"
+                    yield encoder.error(stats.outcome, f"the answer ran past this relay's limit of "
+                                        f"{timers.max_stream:g} s; it is incomplete") + _end(encoder, stats)
+                    return
+                if now >= silence_deadline:
+                    stats.outcome = "upstream_timeout"
+                    yield encoder.error(stats.outcome, _silence_message(stats, silence_limit)) + _end(encoder, stats)
+                    return
+                if client_gone():
+                    stats.outcome = "client_gone"
+                    return
+                if now >= next_keepalive:
+                    next_keepalive = now + timers.keepalive
+                    yield encoder.keepalive()
+                continue
+            if type(item) is list:
+                now = time.monotonic()
+                if stats.record(item, now):
+                    last_progress = now
+                out = encoder.chunks(item)
+                if out:
+                    next_keepalive = now + timers.keepalive
+                    yield out
+                continue
+            reader_done = True
+            if isinstance(item, StreamFailure):
+                stats.outcome = item.code
+                yield encoder.error(item.code, item.message) + _end(encoder, stats)
+                return
+            assert isinstance(item, StreamEnd)
+            stats.outcome = "ok"
+            yield _end(encoder, stats)
+            return
+    except GeneratorExit:
+        stats.outcome = "client_gone"
+        raise
+    finally:
+        if not reader_done:
+            stream.abort()
+        reader.join(READER_JOIN_SECONDS)
+        stats.ended_at = time.monotonic()
+
+
+def _end(encoder: Encoder, stats: StreamStats) -> bytes:
+    return encoder.end(stats.finish_reason, stats.usage)
+
+
+def _silence_message(stats: StreamStats, limit: float) -> str:
+    if stats.first_token_at is None:
+        return f"the model did not start answering within {limit:g} s; try again or pick another model"
+    return f"the upstream went silent for {limit:g} s mid-answer; the answer is incomplete"

@@ -1,0 +1,52 @@
+"""The per-app services: configuration, upstream clients, stream timers. Built once by create_app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx2
+import openai
+from flask import current_app
+
+from proxy.config import Config
+from proxy.pump import StreamTimers
+from proxy.upstream import Upstream
+
+# Each open stream holds one upstream connection; the SDK's default pool (1,000) would queue the rest.
+UPSTREAM_POOL = httpx2.Limits(max_connections=None, max_keepalive_connections=256)
+
+
+@dataclass(frozen=True)
+class Relay:
+    config: Config
+    upstreams: tuple[Upstream, ...]
+    timers: StreamTimers
+
+    @property
+    def body_read_timeout(self) -> float:
+        """A backstop for reads inside a stream; the pump's own timers normally act first."""
+        return max(self.timers.first_token, self.timers.idle) + self.timers.keepalive
+
+
+def build_relay(config: Config) -> Relay:
+    return Relay(config, (default_upstream(config),), StreamTimers.from_config(config))
+
+
+def default_upstream(config: Config) -> Upstream:
+    if config.demo:
+        from proxy.demo import demo_upstream  # the stand-in model exists only when asked for
+
+        return demo_upstream()
+    client = openai.OpenAI(
+        api_key=config.openai_api_key,
+        base_url=config.openai_base_url,
+        max_retries=0,  # a failing upstream is reported (or fallen over) at once, not retried with backoff
+        timeout=config.upstream_timeout,
+        http_client=openai.DefaultHttpx2Client(limits=UPSTREAM_POOL),
+    )
+    return Upstream("default", client)
+
+
+def current_relay() -> Relay:
+    relay: Relay = current_app.extensions["relay"]
+    return relay

@@ -1,0 +1,1 @@
+"""One module per endpoint family; each is thin: parse input, call the pump."""

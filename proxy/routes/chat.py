@@ -1,0 +1,53 @@
+"""`POST /chat`: the old Node relay's protocol, NDJSON records `{"done","error","content"}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+
+from proxy.access import authenticate
+from proxy.encoders import NdjsonEncoder
+from proxy.errors import error_shape
+from proxy.pump import StreamStats, pump, socket_watcher
+from proxy.relay import current_relay
+from proxy.shaping import parse_json_object, shape_chat_request
+from proxy.upstream import open_stream
+
+bp = Blueprint("chat", __name__)
+
+NDJSON_HEADERS = {
+    "Content-Type": "application/x-ndjson; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer this response
+}
+
+
+@bp.post("/chat")
+@error_shape("ndjson")
+def chat() -> Response:
+    relay = current_relay()
+    access = g.access
+    access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
+    shaped = shape_chat_request(parse_json_object(request.get_data(cache=False)), relay.config)
+    access.model = shaped.model
+    if relay.config.log_content:
+        access.prompt = last_user_text(shaped.upstream_body["messages"])
+    stream = open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
+                         relay.body_read_timeout)
+    stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
+    access.stats = stats
+    body = pump(stream, NdjsonEncoder(shaped.include_reasoning), relay.timers, stats,
+                client_socket_watcher(request.environ))
+    return Response(body, status=200, headers=NDJSON_HEADERS)
+
+
+def client_socket_watcher(environ: dict[str, Any]) -> Any:
+    return socket_watcher(environ.get("gunicorn.socket") or environ.get("werkzeug.socket"))
+
+
+def last_user_text(messages: list[Any]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return str(message["content"])
+    return ""

@@ -1,0 +1,263 @@
+"""Talking to OpenAI-compatible upstreams.
+
+The SDK does what it is good at (auth, the request, error classes); the response body is read through its
+raw-response interface and the SSE lines are parsed here, once, with orjson. Building the SDK's typed
+objects for every chunk costs two orders of magnitude more CPU per token than this.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, NamedTuple
+
+import httpx2
+import openai
+import orjson
+
+from proxy.errors import BadRequest, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
+
+log = logging.getLogger("relay.upstream")
+
+_CONTEXT_TOO_LONG = re.compile(
+    r"context.length|maximum context|token limit|too many tokens|context window|prompt is too long", re.I
+)
+_SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-*.]{6,}", re.I)
+
+
+class Chunk(NamedTuple):
+    """One upstream SSE event, parsed once. `raw` is the JSON exactly as the upstream sent it."""
+
+    raw: bytes
+    data: dict[str, Any]
+    content: str | None
+    reasoning: str | None
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    progress: bool  # content, reasoning or a tool call: the model is making headway
+
+
+class StreamFailure(NamedTuple):
+    """The upstream stream broke after it began; `code` is the machine-readable kind."""
+
+    code: str
+    message: str
+
+
+MALFORMED = StreamFailure("upstream_malformed", "the upstream sent a malformed chunk; the answer is incomplete")
+FALL_OVER_KINDS = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_error", "upstream_rate_limited"})
+
+
+class StreamEnd(NamedTuple):
+    """The upstream finished the stream properly."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    client: openai.OpenAI
+    models: tuple[str, ...] = ()  # globs; empty means any model
+
+    def serves(self, model: str) -> bool:
+        return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
+
+
+def model_allowed(patterns: Iterable[str], model: str) -> bool:
+    patterns = tuple(patterns)
+    return not patterns or any(fnmatchcase(model, pattern) for pattern in patterns)
+
+
+class UpstreamStream:
+    """An open streaming response from one upstream: read it with `read_into`, end it with `abort`."""
+
+    def __init__(self, upstream: Upstream, response: Any, fallbacks: int) -> None:
+        self.upstream = upstream
+        self.fallbacks = fallbacks
+        self._response = response  # openai APIResponse opened with with_streaming_response
+        self._aborted = False
+
+    def read_into(self, put: Callable[[object], None]) -> None:
+        """Read the SSE body, `put` lists of Chunks, then one StreamEnd or StreamFailure. Closes in finally."""
+        try:
+            put(self._read(put))
+        except httpx2.TimeoutException:
+            put(StreamFailure("upstream_timeout", "the upstream stopped sending; the answer is incomplete"))
+        except (httpx2.HTTPError, OSError) as exc:
+            if self._aborted:
+                return
+            log.info("upstream %s stream broke: %s", self.upstream.name, type(exc).__name__)
+            put(StreamFailure("upstream_disconnected",
+                              "the upstream connection broke mid-answer; the answer is incomplete"))
+        finally:
+            self._response.close()
+
+    def _read(self, put: Callable[[object], None]) -> StreamEnd | StreamFailure:
+        pending = b""
+        data_lines: list[bytes] = []
+        finished = False
+        for block in self._response.http_response.iter_bytes():
+            if self._aborted:
+                return StreamEnd()
+            pending += block
+            lines = pending.split(b"\n")
+            pending = lines.pop()
+            chunks: list[Chunk] = []
+            for line in lines:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if line.startswith(b"data:"):
+                    data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
+                    continue
+                if line or not data_lines:
+                    continue  # comments, event:/id:/retry: fields, stray blank lines
+                data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
+                data_lines = []
+                if data == b"[DONE]":
+                    if chunks:
+                        put(chunks)
+                    return StreamEnd()
+                parsed = parse_chunk(data)
+                if isinstance(parsed, StreamFailure):
+                    if chunks:
+                        put(chunks)
+                    return parsed
+                chunks.append(parsed)
+                finished = finished or parsed.finish_reason is not None
+            if chunks:
+                put(chunks)
+        if finished:
+            return StreamEnd()  # some servers omit [DONE] after the finish reason
+        return StreamFailure("upstream_disconnected", "the upstream ended the answer early; it is incomplete")
+
+    def abort(self) -> None:
+        """Close the upstream connection now, from any thread, waking a reader blocked on it."""
+        self._aborted = True
+        network_stream = self._response.http_response.extensions.get("network_stream")
+        sock = network_stream.get_extra_info("socket") if network_stream is not None else None
+        if sock is None:
+            self._response.close()  # in-process transports (demo mode) close through the response
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            log.debug("upstream socket was already closed")
+
+
+def parse_chunk(data: bytes) -> Chunk | StreamFailure:
+    """Parse one SSE data payload into a Chunk, or a StreamFailure for garbage and in-stream errors."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return MALFORMED
+    if not isinstance(obj, dict):
+        return MALFORMED
+    if "error" in obj and not obj.get("choices"):
+        return StreamFailure("upstream_error", f"the upstream reported an error: {_upstream_message(obj)}")
+    content = reasoning = finish = None
+    progress = False
+    choices = obj.get("choices")
+    if choices and isinstance(choices, list) and isinstance(choices[0], dict):
+        choice = choices[0]
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if not isinstance(content, str):
+                content = None
+            if not isinstance(reasoning, str):
+                reasoning = None
+            progress = bool(content or reasoning or delta.get("tool_calls"))
+        finish = choice.get("finish_reason")
+    usage = obj.get("usage")
+    return Chunk(data, obj, content, reasoning, finish if isinstance(finish, str) else None,
+                 usage if isinstance(usage, dict) else None, progress)
+
+
+def open_stream(upstreams: Iterable[Upstream], body: dict[str, Any], upstream_timeout: float,
+                body_read_timeout: float) -> UpstreamStream:
+    """Open a streaming chat completion on the first upstream serving the model, falling over to the
+    next one on connection errors, timeouts, 5xx and 429. Raises a RelayError when none answers."""
+    model = str(body["model"])
+    candidates = [upstream for upstream in upstreams if upstream.serves(model)]
+    if not candidates:
+        raise BadRequest(f"model '{model}' is not served by this relay", kind="model_not_served")
+    last_error: RelayError | None = None
+    for attempt, upstream in enumerate(candidates):
+        try:
+            response = _request(upstream, body, upstream_timeout)
+        except openai.APIError as exc:
+            last_error = map_sdk_error(exc, model)
+            log.warning("upstream %s failed to open (%s)", upstream.name, last_error.kind)
+            if not _worth_falling_over(last_error):
+                raise last_error from None
+            continue
+        # From here the relay's own first-token and idle timers govern; this is only a backstop.
+        response.http_response.request.extensions["timeout"]["read"] = body_read_timeout
+        return UpstreamStream(upstream, response, fallbacks=attempt)
+    assert last_error is not None
+    raise last_error
+
+
+def _request(upstream: Upstream, body: dict[str, Any], timeout: float) -> Any:
+    extra = {name: value for name, value in body.items() if name not in {"model", "messages", "stream"}}
+    manager = upstream.client.chat.completions.with_streaming_response.create(
+        model=body["model"], messages=body["messages"], stream=True, extra_body=extra,
+        timeout=httpx2.Timeout(timeout),
+    )
+    # The manager's only job is to close on exit; the relay closes the response itself in the pump.
+    return manager.__enter__()
+
+
+def _worth_falling_over(error: RelayError) -> bool:
+    return error.kind in FALL_OVER_KINDS
+
+
+def map_sdk_error(exc: openai.APIError, model: str) -> RelayError:
+    """A failure before the first token, in words a person can act on, never the upstream's key."""
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamTimeout("the upstream API did not answer in time; try again in a moment")
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamFailed("the relay could not reach the upstream API; try again later",
+                              kind="upstream_unreachable")
+    if not isinstance(exc, openai.APIStatusError):
+        return UpstreamFailed("the upstream API answered with something the relay cannot read")
+    status = exc.status_code
+    detail = _upstream_message(exc.body)
+    if status in (401, 403):
+        return UpstreamFailed("upstream rejected this server's API key; the operator must check it",
+                              kind="upstream_auth")
+    if status == 404:
+        return BadRequest(f"the upstream does not know model '{model}'", kind="model_not_found")
+    if status == 429:
+        return RateLimited("the upstream API is rate limiting this relay; retry later",
+                           kind="upstream_rate_limited", retry_after=_retry_after(exc.response))
+    if status in (400, 413, 422) and _CONTEXT_TOO_LONG.search(detail):
+        return BadRequest(f"the conversation is too long for model '{model}'; shorten it or start a new chat",
+                          kind="context_too_long")
+    if status in (400, 422):
+        return BadRequest(f"the upstream refused the request: {detail}", kind="upstream_bad_request")
+    return UpstreamFailed(f"the upstream API failed (HTTP {status}); try again in a moment")
+
+
+def _upstream_message(body: object) -> str:
+    message: object = body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message", inner) if isinstance(inner, dict) else inner
+    text = message if isinstance(message, str) else "no details"
+    text = text.strip()[:300] or "no details"
+    return _SECRET_LIKE.sub("[redacted]", text)
+
+
+def _retry_after(response: httpx2.Response) -> int | None:
+    value = response.headers.get("retry-after", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return max(1, int(seconds + 0.999)) if seconds >= 0 else None
+

@@ -1,0 +1,133 @@
+"""Shared fixtures: the fake upstream, and the relay under real gunicorn with the production config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCESS_KEY = "test-access-key-7f3a9c"
+SECOND_ACCESS_KEY = "second-access-key-51be02"
+UPSTREAM_KEY = "sk-upstream-secret-for-tests-4d2e8b6a"
+SECRETS = (ACCESS_KEY, SECOND_ACCESS_KEY, UPSTREAM_KEY)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RelayProcess:
+    """The relay running under gunicorn (deploy/gunicorn.conf.py) in a subprocess on a free port."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def headers(self, key: str = ACCESS_KEY) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def relay_env(upstream_url: str, **overrides: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "AUTHORIZATION_KEY": f"{ACCESS_KEY},{SECOND_ACCESS_KEY}",
+        "OPENAI_API_KEY": UPSTREAM_KEY,
+        "OPENAI_BASE_URL": upstream_url,
+        "DEFAULT_MODEL": "gpt-4o-mini",
+        "GUNICORN_WORKERS": "1",
+    }
+    env.update(overrides)
+    return {name: value for name, value in env.items() if value is not None}
+
+
+def start_relay(workdir: Path, env: dict[str, str], wait: bool = True) -> RelayProcess:
+    """Start gunicorn with the production config; `workdir` holds its log (and is its cwd, so no .env)."""
+    port = free_port()
+    env = {**env, "GUNICORN_BIND": f"127.0.0.1:{port}"}
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"relay-{port}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"), "wsgi:app"],
+            cwd=workdir, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    relay = RelayProcess(f"http://127.0.0.1:{port}", process, log_path)
+    if wait:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"relay exited early:\n{relay.log_text()}")
+            try:
+                if httpx2.get(f"{relay.url}/healthz", timeout=1).status_code == 200:
+                    return relay
+            except httpx2.TransportError:
+                time.sleep(0.05)
+        relay.stop()
+        raise RuntimeError(f"relay did not become healthy:\n{relay.log_text()}")
+    return relay
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fake(request: pytest.FixtureRequest) -> None:
+    if "fake" in request.fixturenames:
+        request.getfixturevalue("fake").reset()
+
+
+@pytest.fixture(scope="session")
+def relay_factory(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream
+                  ) -> Iterator[Callable[..., RelayProcess]]:
+    """Start relays with extra settings (strings, as environment variables); all stopped at the end."""
+    started: list[RelayProcess] = []
+
+    def make(**overrides: str) -> RelayProcess:
+        relay = start_relay(tmp_path_factory.mktemp("relay"), relay_env(fake.base_url, **overrides))
+        started.append(relay)
+        return relay
+
+    yield make
+    for relay in started:
+        relay.stop()
+
+
+@pytest.fixture(scope="session")
+def relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
+    """The relay with default settings and short timers, shared by the tests that do not need others."""
+    return relay_factory(KEEPALIVE_SECONDS="0.3", CORS_ORIGINS="https://app.example.com")

@@ -1,0 +1,3 @@
+from proxy import create_app
+
+app = create_app()
