@@ -1,0 +1,32 @@
+# make run   installs everything and runs the relay (demo mode when there is no .env)
+# make test  installs everything the tests need (venv, system packages) and runs lint, types and tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test venv dev-venv system-deps lint check
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.runtime
+dev-venv: $(VENV)/.dev
+
+run: venv
+	$(BIN)/python -m proxy run
+
+system-deps:
+	scripts/install-system-deps.sh
+
+lint: dev-venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: dev-venv system-deps lint
+	$(BIN)/pytest
