@@ -4,10 +4,25 @@ set -euo pipefail
 packages=()
 need() { command -v "$1" >/dev/null 2>&1 || packages+=("$2"); }
 # Each feature's tests add the servers they start here, as: need <command> <debian-package>
+# (nginx and redis-server live in /usr/sbin, which a non-root PATH may lack)
+PATH="$PATH:/usr/sbin:/sbin"
+need nginx nginx                 # tests/test_deploy.py, tests/test_proxies.py: the shipped nginx site
+need redis-server redis-server   # shared limits across relay instances
+need caddy caddy                 # the shipped Caddyfile
+need openssl openssl             # a throwaway certificate for the TLS half of the nginx site
 if ((${#packages[@]})); then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   echo "installing system packages for the tests: ${packages[*]}"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${packages[@]}"
+fi
+# The packages may start system-wide daemons on their default ports (nginx and caddy on :80, redis on
+# :6379); the tests start their own on free loopback ports, so stop and disable what was just installed.
+if ((${#packages[@]})) && [ -d /run/systemd/system ]; then
+  for package in "${packages[@]}"; do
+    case $package in
+      nginx | redis-server | caddy) $sudo_cmd systemctl disable --now "$package" >/dev/null 2>&1 || true ;;
+    esac
+  done
 fi

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx2
 import pytest
-from servers import (
+
+from tests.servers import (
     CADDYFILE,
     NGINX_SITE,
     REPO,
@@ -133,7 +134,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     analyze = find_program("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed on this machine")
-    gunicorn = shutil.which("gunicorn") or str(REPO / ".venv" / "bin" / "gunicorn")
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
     # verify insists that ExecStart's program exists: point it at this checkout's gunicorn.
     unit = tmp_path / "relay.service"
     shipped = (REPO / "deploy" / "relay.service").read_text()
