@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -33,6 +33,15 @@ class ChatRequest:
     model: str
     upstream_body: dict[str, Any]
     include_reasoning: bool
+
+
+def read_body(stream: IO[bytes], limit: int) -> bytes:
+    """The whole request body. werkzeug's stream stops quietly at MAX_BODY_BYTES when the body came chunked
+    (no Content-Length); reading once more makes it raise the 413 the client must get."""
+    data = stream.read()
+    if len(data) >= limit:
+        stream.read(1)
+    return data
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

@@ -114,16 +114,24 @@ def _fresh_fake(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="session")
 def relay_factory(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream
                   ) -> Iterator[Callable[..., RelayProcess]]:
-    """Start relays with extra settings (strings, as environment variables); all stopped at the end."""
-    started: list[RelayProcess] = []
+    """A relay per distinct set of extra settings (environment variables), reused across tests and
+    stopped at the end of the session. Pass `fresh=True` for a relay of your own (e.g. to stop it)."""
+    started: dict[tuple[tuple[str, str], ...], RelayProcess] = {}
+    extra: list[RelayProcess] = []
 
-    def make(**overrides: str) -> RelayProcess:
+    def make(fresh: bool = False, **overrides: str) -> RelayProcess:
+        wanted = tuple(sorted(overrides.items()))
+        if not fresh and wanted in started and started[wanted].process.poll() is None:
+            return started[wanted]
         relay = start_relay(tmp_path_factory.mktemp("relay"), relay_env(fake.base_url, **overrides))
-        started.append(relay)
+        if fresh:
+            extra.append(relay)
+        else:
+            started[wanted] = relay
         return relay
 
     yield make
-    for relay in started:
+    for relay in [*started.values(), *extra]:
         relay.stop()
 
 

@@ -11,7 +11,7 @@ from proxy.encoders import NdjsonEncoder
 from proxy.errors import error_shape
 from proxy.pump import StreamStats, pump, socket_watcher
 from proxy.relay import current_relay
-from proxy.shaping import parse_json_object, shape_chat_request
+from proxy.shaping import parse_json_object, read_body, shape_chat_request
 from proxy.upstream import open_stream
 
 bp = Blueprint("chat", __name__)
@@ -29,7 +29,8 @@ def chat() -> Response:
     relay = current_relay()
     access = g.access
     access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
-    shaped = shape_chat_request(parse_json_object(request.get_data(cache=False)), relay.config)
+    shaped = shape_chat_request(
+        parse_json_object(read_body(request.stream, relay.config.max_body_bytes)), relay.config)
     access.model = shaped.model
     if relay.config.log_content:
         access.prompt = last_user_text(shaped.upstream_body["messages"])

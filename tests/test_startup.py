@@ -1,0 +1,145 @@
+"""Start-up: configuration validation, refusing to run open, demo mode and the run command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from proxy.config import Config, ConfigError
+from tests.conftest import ACCESS_KEY, ROOT, UPSTREAM_KEY, free_port, relay_env, start_relay
+
+BASE = {"AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": UPSTREAM_KEY}
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({"OPENAI_API_KEY": UPSTREAM_KEY}, "AUTHORIZATION_KEY"),
+    ({"AUTHORIZATION_KEY": " , ", "OPENAI_API_KEY": UPSTREAM_KEY}, "AUTHORIZATION_KEY"),
+    ({"AUTHORIZATION_KEY": ACCESS_KEY}, "OPENAI_API_KEY"),
+    ({**BASE, "OPENAI_API_KEY": "   "}, "OPENAI_API_KEY"),
+    ({**BASE, "KEEPALIVE_SECONDS": "soon"}, "KEEPALIVE_SECONDS"),
+    ({**BASE, "UPSTREAM_TIMEOUT": "-1"}, "UPSTREAM_TIMEOUT"),
+    ({**BASE, "FIRST_TOKEN_TIMEOUT": "nan"}, "FIRST_TOKEN_TIMEOUT"),
+    ({**BASE, "MAX_BODY_BYTES": "1.5"}, "MAX_BODY_BYTES"),
+    ({**BASE, "MAX_TOKENS": "0"}, "MAX_TOKENS"),
+    ({**BASE, "OPENAI_BASE_URL": "api.openai.com/v1"}, "OPENAI_BASE_URL"),
+    ({**BASE, "OPENAI_BASE_URL": "http://host:notaport/v1"}, "OPENAI_BASE_URL"),
+    ({**BASE, "CORS_ORIGINS": "https://ok.example,not an origin"}, "CORS_ORIGINS"),
+    ({**BASE, "LOG_CONTENT": "maybe"}, "LOG_CONTENT"),
+])
+def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
+    """A missing key or a malformed value stops start-up with a message naming the variable, never a key."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(env)
+    assert str(caught.value).startswith(variable)
+    assert ACCESS_KEY not in str(caught.value) and UPSTREAM_KEY not in str(caught.value)
+
+
+def test_settings_are_parsed() -> None:
+    """Every documented setting is read, with lists split on commas and defaults filled in."""
+    config = Config.from_env({**BASE, "AUTHORIZATION_KEY": "a, b", "ALLOWED_MODELS": "gpt-4o*, kimi-k2",
+                              "KEEPALIVE_SECONDS": "5", "MAX_TOKENS": "256", "LOG_CONTENT": "true",
+                              "OPENAI_BASE_URL": "https://api.moonshot.cn/v1/"})
+    assert config.authorization_keys == ("a", "b")
+    assert config.allowed_models == ("gpt-4o*", "kimi-k2")
+    assert (config.keepalive_seconds, config.max_tokens, config.log_content) == (5.0, 256, True)
+    assert config.openai_base_url == "https://api.moonshot.cn/v1"
+    assert config.first_token_timeout > config.upstream_timeout
+    assert UPSTREAM_KEY not in repr(config)
+
+
+@pytest.mark.parametrize(("drop", "variable"), [("AUTHORIZATION_KEY", "AUTHORIZATION_KEY"),
+                                                ("OPENAI_API_KEY", "OPENAI_API_KEY")])
+def test_gunicorn_refuses_to_start_in_one_line(tmp_path: Path, drop: str, variable: str) -> None:
+    """The production start refuses to run open, with a one-line reason and no traceback."""
+    env = relay_env("http://127.0.0.1:9/v1")
+    del env[drop]
+    relay = start_relay(tmp_path, env, wait=False)
+    assert relay.process.wait(20) != 0
+    log = relay.log_text()
+    reason = [line for line in log.splitlines() if line.startswith("relay: refusing to start")]
+    assert len(reason) == 1 and variable in reason[0]
+    assert "Traceback" not in log
+
+
+def test_demo_mode_serves_the_stand_in_model(tmp_path: Path) -> None:
+    """RELAY_DEMO=1 needs no upstream key and streams a clearly labelled stand-in answer."""
+    env = relay_env("http://127.0.0.1:9/v1", RELAY_DEMO="1")
+    del env["OPENAI_API_KEY"]
+    relay = start_relay(tmp_path, env)
+    try:
+        response = httpx2.post(f"{relay.url}/chat", headers=relay.headers(), timeout=20,
+                               json={"messages": [{"role": "user", "content": "ping"}]})
+        records = [json.loads(line) for line in response.text.splitlines() if line]
+        text = "".join(r["content"] for r in records if not r["done"])
+        assert "Demo mode" in text and "ping" in text
+        assert records[-1]["done"] is True
+        assert httpx2.get(f"{relay.url}/healthz", timeout=5).json()["demo"] is True
+    finally:
+        relay.stop()
+
+
+def test_missing_keys_never_fall_back_to_demo(tmp_path: Path) -> None:
+    """Without RELAY_DEMO the app refuses to start when the upstream key is missing, .env or not."""
+    env = relay_env("http://127.0.0.1:9/v1")
+    del env["OPENAI_API_KEY"]
+    (tmp_path / ".env").write_text("# an .env without keys\nDEFAULT_MODEL=x\n")
+    relay = start_relay(tmp_path, env, wait=False)
+    assert relay.process.wait(20) != 0
+
+
+def test_env_file_is_read_but_real_variables_win(tmp_path: Path) -> None:
+    """Settings come from .env in the working directory; a variable set in the environment overrides it."""
+    (tmp_path / ".env").write_text(f"OPENAI_API_KEY={UPSTREAM_KEY}\nDEFAULT_MODEL=from-dotenv\n"
+                                   "SYSTEM_PROMPT=from dotenv\n")
+    env = relay_env("http://127.0.0.1:9/v1", SYSTEM_PROMPT="from environment")
+    del env["OPENAI_API_KEY"], env["DEFAULT_MODEL"]
+    script = ("from proxy import create_app; from proxy.relay import current_relay\n"
+              "app = create_app()\n"
+              "with app.app_context():\n"
+              "    c = current_relay().config; print(c.default_model, '|', c.system_prompt)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=30, check=True)
+    assert result.stdout.strip() == "from-dotenv | from environment"
+
+
+@pytest.mark.skipif((ROOT / ".env").exists(), reason="a developer .env exists in the checkout")
+def test_run_command_enters_demo_mode_without_configuration() -> None:
+    """`python -m proxy run` with no .env and no variables starts demo mode and prints a key and a curl line."""
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8",
+           "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_WORKERS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "proxy", "run"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = ""
+        assert process.stdout is not None
+        while "curl" not in banner:
+            line = process.stdout.readline()
+            assert line, f"run command ended early: {banner}"
+            banner += line
+        assert "DEMO MODE" in banner
+        key = re.search(r"Access key for this run: (\S+)", banner)
+        assert key is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                response = httpx2.post(f"http://127.0.0.1:{port}/chat", timeout=20,
+                                       headers={"Authorization": f"Bearer {key.group(1)}"},
+                                       json={"messages": [{"role": "user", "content": "hi"}]})
+                break
+            except httpx2.TransportError:
+                time.sleep(0.1)
+        assert response.status_code == 200
+        text = "".join(json.loads(line)["content"] for line in response.text.splitlines() if line)
+        assert "Demo mode" in text
+    finally:
+        process.terminate()
+        process.wait(15)
