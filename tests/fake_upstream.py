@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 DEFAULT_TOKENS = ("Hello", " from", " the", " fake", " upstream", ".")
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "fake-model")
@@ -220,7 +220,8 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports do not subclass asyncio.Transport but have the same interface.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=4 * 1024 * 1024)
         sock = transport.get_extra_info("socket")
