@@ -1,10 +1,11 @@
 # make run   installs everything and runs the relay (demo mode when there is no .env)
+# make bench runs the benchmark (docs/benchmarks.md); about 15 minutes, installs LiteLLM into bench/.venv-litellm
 # make test  installs everything the tests need (venv, system packages) and runs lint, types and tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv dev-venv system-deps lint check
+.PHONY: run test venv dev-venv system-deps lint check bench
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +31,10 @@ lint: dev-venv
 
 test: dev-venv system-deps lint
 	$(BIN)/pytest
+
+$(VENV)/.bench: $(VENV)/.runtime bench/requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check -r bench/requirements.txt
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/python -m bench

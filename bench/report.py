@@ -1,0 +1,314 @@
+"""Turns the benchmark's raw results into docs/benchmarks.md and PNG charts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+NOTES = Path(__file__).resolve().parent / "notes.md"
+RELAY_TARGETS = ("relay /chat", "relay /v1")
+
+
+def correctness_failures(document: dict[str, Any]) -> list[str]:
+    """Streams that lost, reordered or broke tokens, in any scenario but capacity levels above the one
+    a target failed at (capacity finds the limit; errors there are a measurement, not a defect)."""
+    failures = []
+    for level, rows in document["ttft"].items():
+        for name, row in rows.items():
+            if row["errors"]:
+                failures.append(f"ttft c={level} {name}: {row['errors']}")
+    for name, row in document["throughput"].items():
+        if row["errors"]:
+            failures.append(f"throughput {name}: {row['errors']}")
+    for name, levels in document["capacity"].items():
+        for level, row in levels.items():
+            wrong = {k: v for k, v in row["errors"].items() if k in ("wrong_text", "bad_record")}
+            if wrong:
+                failures.append(f"capacity {level} {name}: {wrong}")
+    return [f for f in failures if not f.split(":")[0].endswith("litellm")]
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "0"
+
+
+def _ttft_table(document: dict[str, Any]) -> list[str]:
+    lines = [
+        "| concurrency | target | streams | errors | TTFT p50 ms | TTFT p99 ms | added p50 ms | added p99 ms "
+        "| p50 ratio |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for level, rows in document["ttft"].items():
+        direct = rows.get("direct", {}).get("ttft_ms", {})
+        for name, row in rows.items():
+            ttft = row["ttft_ms"]
+            added50 = _diff(ttft["p50"], direct.get("p50"))
+            added99 = _diff(ttft["p99"], direct.get("p99"))
+            ratio = ttft["p50"] / direct["p50"] if ttft["p50"] and direct.get("p50") else None
+            lines.append(
+                f"| {level} | {name} | {row['streams']} | {_errors(row['errors'])} | {_fmt(ttft['p50'], 3)} "
+                f"| {_fmt(ttft['p99'], 3)} | {_fmt(added50, 3)} | {_fmt(added99, 3)} | {_fmt(ratio)}× |"
+            )
+    return lines
+
+
+def _diff(value: float | None, base: float | None) -> float | None:
+    return None if value is None or base is None else value - base
+
+
+def _throughput_table(document: dict[str, Any]) -> list[str]:
+    rows = document["throughput"]
+    direct = rows.get("direct", {}).get("tokens_per_second")
+    lines = [
+        "| target | tokens/s | streams/s | ratio to direct | target CPU µs/token | target cores busy "
+        "| load generator CPU µs/token | fake upstream CPU µs/token | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, row in rows.items():
+        tps = row["tokens_per_second"]
+        ratio = tps / direct if tps and direct else None
+        lines.append(
+            f"| {name} | {_fmt(tps, 0)} | {_fmt(row['streams_per_second'], 1)} | {_fmt(ratio, 3)} "
+            f"| {_fmt(row.get('target_cpu_us_per_token'), 1)} | {_fmt(row.get('target_cpu_cores_busy'))} "
+            f"| {_fmt(row.get('client_cpu_us_per_token'), 1)} | {_fmt(row.get('fake_cpu_us_per_token'), 1)} "
+            f"| {_errors(row['errors'])} |"
+        )
+    return lines
+
+
+def _capacity_table(document: dict[str, Any]) -> list[str]:
+    lines = [
+        "| target | concurrent streams | completed in order | errors | peak open | PSS before → peak MiB "
+        "| KiB per open stream | CPU % of one core |",
+        "|---|---:|---:|---|---:|---|---:|---:|",
+    ]
+    for name, levels in document["capacity"].items():
+        for level, row in levels.items():
+            memory = row.get("memory")
+            pss = f"{memory['baseline_pss_mib']:.1f} → {memory['peak_pss_mib']:.1f}" if memory else "–"
+            lines.append(
+                f"| {name} | {int(level):,} | {row['ok']:,} | {_errors(row['errors'])} "
+                f"| {row['peak_open_streams']:,} | {pss} "
+                f"| {_fmt(memory['pss_kib_per_stream'], 1) if memory else '–'} "
+                f"| {_fmt(row.get('target_cpu_percent_of_one_core'), 1)} |"
+            )
+    return lines
+
+
+def _verdicts(document: dict[str, Any]) -> list[str]:
+    """Issue 6's targets, each checked against this run's numbers."""
+    lines = ["| target (issue 6) | measured | met? |", "|---|---|---|"]
+    ttft = document["ttft"]
+    throughput = document["throughput"]
+    capacity = document["capacity"]
+
+    def added(level: str, name: str, key: str) -> float | None:
+        rows = ttft.get(level, {})
+        if name not in rows or "direct" not in rows:
+            return None
+        return _diff(rows[name]["ttft_ms"][key], rows["direct"]["ttft_ms"][key])
+
+    for name in RELAY_TARGETS:
+        if name not in throughput and not any(name in rows for rows in ttft.values()):
+            continue
+        checks: list[tuple[str, float | None, float, str]] = [
+            ("added TTFT p50, 1 client < 1 ms", added("1", name, "p50"), 1.0, "ms"),
+            ("added TTFT p50, 50 streams < 2 ms", added("50", name, "p50"), 2.0, "ms"),
+            ("added TTFT p99, 50 streams < 15 ms", added("50", name, "p99"), 15.0, "ms"),
+            ("CPU per relayed token < 25 µs", throughput.get(name, {}).get("target_cpu_us_per_token"), 25.0, "µs"),
+        ]
+        for label, value, limit, unit in checks:
+            verdict = "not measured" if value is None else ("**met**" if value < limit else "**not met**")
+            lines.append(f"| {name}: {label} | {_fmt(value, 3)} {unit if value is not None else ''} | {verdict} |")
+        mine = throughput.get(name, {}).get("tokens_per_second")
+        theirs = throughput.get("litellm", {}).get("tokens_per_second")
+        if mine and theirs:
+            ratio = mine / theirs
+            verdict = "**met**" if ratio >= 20 else "**not met**"
+            lines.append(f"| {name}: throughput ≥ 20× LiteLLM | {ratio:,.1f}× | {verdict} |")
+        else:
+            lines.append(f"| {name}: throughput ≥ 20× LiteLLM | LiteLLM not measured | not measured |")
+        levels = capacity.get(name, {})
+        if levels:
+            top = max(levels, key=int)
+            row = levels[top]
+            memory = row.get("memory") or {}
+            held = int(top) >= 2000 and not row["errors"] and row["ok"] == int(top)
+            lines.append(
+                f"| {name}: ≥ 2,000 slow streams, zero errors, all tokens in order | {int(top):,} streams, "
+                f"{row['ok']:,} complete, errors {_errors(row['errors'])} | {'**met**' if held else '**not met**'} |"
+            )
+            per_stream = memory.get("pss_kib_per_stream")
+            small = per_stream is not None and per_stream < 50
+            lines.append(
+                f"| {name}: < 50 KiB resident memory per open stream | {_fmt(per_stream, 1)} KiB "
+                f"| {'**met**' if small else '**not met**'} |"
+            )
+    return lines
+
+
+def write(document: dict[str, Any], out_dir: Path, charts: bool = True) -> None:
+    meta = document["meta"]
+    chart_dir = out_dir / "benchmarks"
+    chart_names: list[str] = []
+    chart_note = ""
+    if charts:
+        try:
+            chart_names = _charts(document, chart_dir)
+        except ImportError:
+            chart_note = "(charts skipped: matplotlib is not installed; `make bench` installs it)"
+    machine = meta["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    settings = meta["profile_settings"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python -m bench`); raw numbers in "
+        "[benchmarks/results.json](benchmarks/results.json). Re-running overwrites this file except the "
+        "notes at the end, which come from `bench/notes.md`.",
+        "",
+        f"- Run: {meta['started']} – {meta.get('finished', '?')}, profile `{meta['profile']}`.",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
+        f"Python {machine['python']}, Linux {machine['kernel']}. Everything (load generator, fake upstream, "
+        "the target) shares these cores, so absolute numbers include contention; ratios are against the "
+        "direct upstream measured in the same run.",
+        f"- Versions: {versions}.",
+    ]
+    for name, text in meta["settings"].items():
+        lines.append(f"- {name}: {text}.")
+    for name, reason in meta["skipped"].items():
+        lines.append(f"- **Skipped {name}**: {reason}.")
+    lines += [
+        "- Targets alternate within each round (rotating order); every stream's text is checked complete "
+        "and in order by the load generator (a dropped or reordered token counts as `wrong_text`).",
+        "",
+        "## Issue 6 targets",
+        "",
+        *_verdicts(document),
+        "",
+        "## (a) Time to first token",
+        "",
+        f"Concurrency 1: {settings['ttft_single']} sequential streams × {settings['rounds']} rounds, 20 tokens "
+        "each, no delay. Higher concurrency: each worker runs streams of "
+        f"{settings['ttft_spec']['n_tokens']} tokens {settings['ttft_spec']['token_interval'] * 1000:g} ms "
+        "apart back to back, workers started spread over one stream's length. TTFT is measured from "
+        "writing the request to receiving the first content token; *added* is the target's percentile "
+        "minus the direct upstream's percentile.",
+        "",
+        *_ttft_table(document),
+        "",
+        "## (b) Throughput and (d) CPU per relayed token",
+        "",
+        f"{settings['throughput_concurrency']} concurrent clients, each requesting "
+        f"{settings['throughput_tokens']}-token answers with 0 ms between upstream tokens, back to back for "
+        f"{settings['throughput_seconds']:g} s per round. CPU is user+system time of the target's whole "
+        "process tree (gunicorn master and workers) from /proc, divided by tokens delivered: request "
+        "handling included.",
+        "",
+        *_throughput_table(document),
+        "",
+        "## (c) Capacity: slow concurrent streams",
+        "",
+        f"Each stream: {settings['capacity_spec']['n_tokens']} tokens, one every "
+        f"{settings['capacity_spec']['token_interval']:g} s; all streams opened over "
+        f"{settings['capacity_ramp']:g} s and held together. Memory is the proportional set size (PSS) of the "
+        "target's process tree, peak during the plateau minus before the run, per stream. A target that "
+        "fails a level is not tried at higher levels.",
+        "",
+        *_capacity_table(document),
+        "",
+    ]
+    if chart_names or chart_note:
+        lines += ["## Charts", ""]
+        lines += [f"![{name}](benchmarks/{name})" for name in chart_names]
+        if chart_note:
+            lines.append(chart_note)
+        lines.append("")
+    if NOTES.exists():
+        lines += [NOTES.read_text().rstrip(), ""]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "benchmarks.md").write_text("\n".join(lines))
+
+
+def _charts(document: dict[str, Any], chart_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chart_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    ttft = document["ttft"]
+    if ttft:
+        levels = list(ttft)
+        names = list(dict.fromkeys(name for rows in ttft.values() for name in rows))
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+        width = 0.8 / max(1, len(names))
+        for axis, key in zip(axes, ("p50", "p99"), strict=True):
+            for index, name in enumerate(names):
+                values = [ttft[level].get(name, {}).get("ttft_ms", {}).get(key) or 0 for level in levels]
+                positions = [i + index * width for i in range(len(levels))]
+                axis.bar(positions, values, width, label=name)
+            axis.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(levels))])
+            axis.set_xticklabels([f"{level} concurrent" for level in levels])
+            axis.set_ylabel(f"time to first token {key} (ms)")
+            axis.set_yscale("log")
+            axis.set_title(f"TTFT {key} (log scale)")
+            axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(chart_dir / "ttft.png", dpi=100)
+        plt.close(figure)
+        written.append("ttft.png")
+
+    throughput = document["throughput"]
+    if throughput:
+        names = list(throughput)
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+        axes[0].bar(names, [throughput[n]["tokens_per_second"] or 0 for n in names], color="tab:blue")
+        axes[0].set_ylabel("tokens per second delivered")
+        axes[0].set_title("Throughput at saturation (200-token answers)")
+        cpu_names = [n for n in names if throughput[n].get("target_cpu_us_per_token") is not None]
+        axes[1].bar(cpu_names, [throughput[n]["target_cpu_us_per_token"] for n in cpu_names], color="tab:orange")
+        axes[1].axhline(25, color="grey", linestyle="--", label="issue 6 target: 25 µs")
+        axes[1].set_ylabel("target CPU µs per relayed token")
+        axes[1].set_yscale("log")
+        axes[1].set_title("CPU per relayed token (log scale)")
+        axes[1].legend(fontsize=8)
+        for axis in axes:
+            axis.tick_params(axis="x", labelrotation=15)
+        figure.tight_layout()
+        figure.savefig(chart_dir / "throughput.png", dpi=100)
+        plt.close(figure)
+        written.append("throughput.png")
+
+    capacity = document["capacity"]
+    series = {
+        (name, level): row["series"]
+        for name, levels in capacity.items()
+        for level, row in levels.items()
+        if row.get("series")
+    }
+    if series:
+        figure, axis = plt.subplots(figsize=(11, 4))
+        for (name, level), points in series.items():
+            axis.plot([p["t"] for p in points], [p["pss_mib"] for p in points], label=f"{name}, {level} streams")
+        axis.set_xlabel("seconds since the first stream opened")
+        axis.set_ylabel("target PSS (MiB)")
+        axis.set_title("Memory while holding slow streams")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(chart_dir / "capacity.png", dpi=100)
+        plt.close(figure)
+        written.append("capacity.png")
+    return written
