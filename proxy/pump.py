@@ -109,6 +109,7 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
         last_progress = start
         next_keepalive = start + timers.keepalive
         give_up_at = start + timers.max_stream
+        pending: object = None
         while True:
             now = time.monotonic()
             if stats.first_token_at is None:
@@ -116,9 +117,10 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
             else:
                 silence_limit, silence_deadline = timers.idle, last_progress + timers.idle
             wake = min(next_keepalive, silence_deadline, give_up_at, now + CLIENT_CHECK_SECONDS)
-            try:
-                item = inbox.get(timeout=max(0.0, wake - now))
-            except queue.Empty:
+            item, pending = pending, None  # an end-of-stream item that came with the last batch goes first
+            if item is None:
+                item = _next_item(inbox, max(0.0, wake - now))
+            if item is None:
                 now = time.monotonic()
                 if now >= give_up_at:
                     stats.outcome = "stream_time_limit"
@@ -137,6 +139,7 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
                     yield encoder.keepalive()
                 continue
             if type(item) is list:
+                pending = _take_ready(inbox, item)
                 now = time.monotonic()
                 if stats.record(item, now):
                     last_progress = now
@@ -162,6 +165,26 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
             stream.abort()
         reader.join(READER_JOIN_SECONDS)
         stats.ended_at = time.monotonic()
+
+
+def _next_item(inbox: queue.SimpleQueue[object], timeout: float) -> object:
+    try:
+        return inbox.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def _take_ready(inbox: queue.SimpleQueue[object], batch: list[Chunk]) -> object:
+    """Add every batch already waiting to `batch`, so a fast upstream costs one write, not one per token.
+    Returns the end-of-stream item if one was reached, to be handled after this batch is written."""
+    while True:
+        try:
+            item = inbox.get_nowait()
+        except queue.Empty:
+            return None
+        if type(item) is not list:
+            return item
+        batch += item
 
 
 def _end(encoder: Encoder, stats: StreamStats) -> bytes:
