@@ -30,9 +30,11 @@ def create_app(config: Config | None = None) -> Flask:
     configure_logging()
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    app.extensions["relay"] = build_relay(config)
+    relay = build_relay(config)
+    app.extensions["relay"] = relay
     register_error_handlers(app)
     install_request_hooks(app)
+    relay.limits.init_app(app)  # after the request hooks: preflights are answered before any limit
     app.register_blueprint(chat.bp)
     app.register_blueprint(health.bp)
     return app

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 
-from flask import Response, request
+from flask import Response, g, request
 
 from proxy.config import Config
 from proxy.errors import Forbidden, Unauthorized
+from proxy.keys import KeyPolicy
+from proxy.upstream import model_allowed
 
 PREFLIGHT_MAX_AGE = "600"
 ALLOWED_METHODS = "GET, POST, OPTIONS"
@@ -24,23 +25,30 @@ def presented_key(authorization: str | None) -> str:
     return value
 
 
-def key_name(keys: Sequence[str], presented: str) -> str | None:
-    """The name of the matching key, or None. Compares against every key, so timing tells nothing."""
-    candidate = presented.encode()
-    match: str | None = None
-    for index, key in enumerate(keys):
-        if hmac.compare_digest(candidate, key.encode()) and match is None:
-            match = "default" if len(keys) == 1 else f"key{index + 1}"
-    return match
-
-
 def authenticate(config: Config, authorization: str | None) -> str:
     """Check the caller's key; return the key's name (never the key) or raise `Unauthorized`."""
     presented = presented_key(authorization)
-    name = key_name(config.authorization_keys, presented) if presented else None
-    if name is None:
+    policy = config.keyring.identify(presented) if presented else None
+    if policy is None:
         raise Unauthorized()
-    return name
+    return policy.name
+
+
+def caller_policy(config: Config) -> KeyPolicy | None:
+    """The policy of the key this request presents (Authorization header, else a `key` query parameter
+    as EventSource clients must send it), or None. Cached for the request; limits and metrics use it."""
+    if "caller_policy" not in g:
+        presented = presented_key(request.headers.get("Authorization")) or request.args.get("key", "")
+        g.caller_policy = config.keyring.identify(presented) if presented else None
+    policy: KeyPolicy | None = g.caller_policy
+    return policy
+
+
+def authorize_model(config: Config, key_name: str, model: str) -> None:
+    """Refuse a model outside the calling key's own `models` list (KEYS_FILE), after ALLOWED_MODELS."""
+    policy = next((p for p in config.keyring.policies if p.name == key_name), None)
+    if policy is not None and not model_allowed(policy.models, model):
+        raise Forbidden(f"model '{model}' is not allowed for this key", kind="model_not_allowed")
 
 
 def preflight_response(config: Config) -> Response:

@@ -6,6 +6,7 @@ start-up with a `ConfigError` whose message names the variable; no message ever 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,13 @@ from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
+from proxy.keys import KeyRing, KeysFileError
+
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
+LOG_FORMATS = ("text", "json")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 T = TypeVar("T")
 
@@ -42,8 +49,31 @@ class Config:
     max_tokens: int | None = None
     log_content: bool = False
     demo: bool = False
+    # Named keys with limits of their own (TOML); reread on change, see proxy/keys.py.
+    keys_file: Path | None = None
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (nginx/Caddy on this host: 127.0.0.1).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Limits per key (a key's own entry in KEYS_FILE wins) and for the whole relay; None: no limit.
+    rate_limit_per_minute: int | None = None
+    rate_limit_per_day: int | None = None
+    daily_token_budget: int | None = None
+    max_streams_per_key: int | None = None
+    max_open_streams: int | None = None
+    # Where the counters live: memory (one process) or a Redis URL shared by every process and instance.
+    rate_limit_storage_uri: str | None = None
+    metrics_key: str | None = field(default=None, repr=False)
+    log_format: str = "text"
+    # Every valid key and its policy: AUTHORIZATION_KEY's keys plus KEYS_FILE's, built from the above.
+    keyring: KeyRing = field(init=False, repr=False, compare=False)
     # Extra environment the app may need later (e.g. keys named by an upstreams file); never logged.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            keyring = KeyRing(self.authorization_keys, self.keys_file)
+        except KeysFileError as exc:
+            raise ConfigError(f"KEYS_FILE: {exc}") from None
+        object.__setattr__(self, "keyring", keyring)
 
     def __repr__(self) -> str:  # keys must never reach a log through a stray repr()
         return f"Config(base_url={self.openai_base_url!r}, default_model={self.default_model!r}, demo={self.demo})"
@@ -53,10 +83,12 @@ class Config:
         """Build and validate the configuration from environment variables."""
         demo = _parse(env, "RELAY_DEMO", _boolean, False)
         keys = _csv(env.get("AUTHORIZATION_KEY", ""))
+        keys_file = _parse(env, "KEYS_FILE", Path, None)
         api_key = env.get("OPENAI_API_KEY", "").strip()
         if not demo:
-            if not keys:
-                raise ConfigError("AUTHORIZATION_KEY is missing or empty: refusing to run an open relay")
+            if not keys and keys_file is None:
+                raise ConfigError("AUTHORIZATION_KEY is missing or empty (and no KEYS_FILE): "
+                                  "refusing to run an open relay")
             if not api_key:
                 raise ConfigError("OPENAI_API_KEY is missing or empty: the relay has no upstream key")
         elif not keys:
@@ -86,6 +118,16 @@ class Config:
             max_tokens=max_tokens,
             log_content=_parse(env, "LOG_CONTENT", _boolean, False),
             demo=demo,
+            keys_file=keys_file,
+            trusted_proxies=_parse(env, "TRUSTED_PROXIES", _networks, ()),
+            rate_limit_per_minute=_parse(env, "RATE_LIMIT_PER_MINUTE", _positive_int, None),
+            rate_limit_per_day=_parse(env, "RATE_LIMIT_PER_DAY", _positive_int, None),
+            daily_token_budget=_parse(env, "DAILY_TOKEN_BUDGET", _positive_int, None),
+            max_streams_per_key=_parse(env, "MAX_STREAMS_PER_KEY", _positive_int, None),
+            max_open_streams=_parse(env, "MAX_OPEN_STREAMS", _positive_int, None),
+            rate_limit_storage_uri=_storage_uri(env.get("RATE_LIMIT_STORAGE_URI", "").strip()),
+            metrics_key=env.get("METRICS_KEY", "").strip() or None,
+            log_format=_parse(env, "LOG_FORMAT", _log_format, "text"),
             environ=dict(env),
         )
 
@@ -130,6 +172,29 @@ def _boolean(raw: str) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _networks(raw: str) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(ipaddress.ip_network(part, strict=False) for part in _csv(raw))
+    except ValueError:
+        raise ValueError("expected IP addresses or networks (127.0.0.1, 10.0.0.0/8, ::1)") from None
+
+
+def _storage_uri(raw: str) -> str | None:
+    """RATE_LIMIT_STORAGE_URI, checked without ever echoing it: a Redis URL may carry a password."""
+    if not raw:
+        return None
+    if urlsplit(raw).scheme not in RATE_LIMIT_STORAGE_SCHEMES:
+        schemes = ", ".join(f"{scheme}://" for scheme in RATE_LIMIT_STORAGE_SCHEMES)
+        raise ConfigError(f"RATE_LIMIT_STORAGE_URI: expected a URL starting with one of {schemes}")
+    return raw
+
+
+def _log_format(raw: str) -> str:
+    if raw.lower() not in LOG_FORMATS:
+        raise ValueError("expected text or json")
+    return raw.lower()
 
 
 def _is_http_url(url: str) -> bool:

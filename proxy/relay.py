@@ -9,6 +9,7 @@ import openai
 from flask import current_app
 
 from proxy.config import Config
+from proxy.limits import RequestLimits
 from proxy.pump import StreamTimers
 from proxy.upstream import Upstream
 
@@ -21,6 +22,7 @@ class Relay:
     config: Config
     upstreams: tuple[Upstream, ...]
     timers: StreamTimers
+    limits: RequestLimits
 
     @property
     def body_read_timeout(self) -> float:
@@ -29,7 +31,7 @@ class Relay:
 
 
 def build_relay(config: Config) -> Relay:
-    return Relay(config, (default_upstream(config),), StreamTimers.from_config(config))
+    return Relay(config, (default_upstream(config),), StreamTimers.from_config(config), RequestLimits(config))
 
 
 def default_upstream(config: Config) -> Upstream:

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from proxy.access import authenticate
+from proxy.access import authenticate, authorize_model
 from proxy.encoders import NdjsonEncoder
 from proxy.errors import error_shape
 from proxy.pump import StreamStats, pump, socket_watcher
@@ -32,6 +32,7 @@ def chat() -> Response:
     shaped = shape_chat_request(
         parse_json_object(read_body(request.stream, relay.config.max_body_bytes)), relay.config)
     access.model = shaped.model
+    authorize_model(relay.config, access.key_name, shaped.model)
     if relay.config.log_content:
         access.prompt = last_user_text(shaped.upstream_body["messages"])
     stream = open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
