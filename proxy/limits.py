@@ -236,6 +236,7 @@ class RequestLimits:
             headers_enabled=False,  # Retry-After is set on refusals only, by the relay's error shape
             on_breach=self._remember_breach,
         )
+        self.limiter.logger = log  # its storage warnings belong in the relay's log
 
     def init_app(self, app: Flask) -> None:
         self.limiter.init_app(app)

@@ -1,0 +1,302 @@
+"""Named keys (KEYS_FILE) and their limits, through the relay under gunicorn; shared limits through a real
+redis-server (system package) with two relay instances."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, RelayProcess, relay_env, start_relay
+from tests.fake_upstream import FakeUpstream
+from tests.servers import Redis, find_program, running_redis
+
+HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
+KEYS = {
+    "alice": "alice-key-0c6f1e9a7b2d",
+    "bob": "bob-key-5e8d2a4c9f13",
+    "carol": "carol-key-7a1b3c5d9e2f",
+    "dave": "dave-key-2f4e6a8c0b1d",
+    "erin": "erin-key-9d7c5b3a1e0f",
+}
+KEYS_TOML = f"""
+[keys.alice]
+key = "{KEYS["alice"]}"
+
+[keys.bob]
+key = "{KEYS["bob"]}"
+requests_per_minute = 2
+
+[keys.carol]
+key = "{KEYS["carol"]}"
+max_streams = 1
+
+[keys.dave]
+key = "{KEYS["dave"]}"
+daily_tokens = 3
+
+[keys.erin]
+key = "{KEYS["erin"]}"
+models = ["gpt-4o-mini"]
+"""
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def chat(relay: RelayProcess, name: str, body: dict[str, Any] = HELLO) -> httpx2.Response:
+    return httpx2.post(f"{relay.url}/chat", json=body, headers=bearer(name), timeout=20)
+
+
+def records(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def assert_refused(response: httpx2.Response, kind: str) -> dict[str, Any]:
+    """A 429 in /chat's NDJSON shape: one error record with `kind`, then [DONE]; Retry-After set."""
+    assert response.status_code == 429, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    error, done = records(response.text)
+    assert error["error"] is True and error["code"] == kind and error["content"]
+    assert done == {"done": True, "error": False, "content": "[DONE]"}
+    return error
+
+
+def away_from_minute_boundary() -> None:
+    """Fixed one-minute windows: do not start a count a moment before the window turns."""
+    if time.time() % 60 > 50:
+        time.sleep(60 - time.time() % 60 + 0.1)
+
+
+@pytest.fixture(scope="module")
+def keys_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keys.toml"
+    path.write_text(KEYS_TOML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def named(relay_factory: Callable[..., RelayProcess], keys_path: Path) -> RelayProcess:
+    """A relay with the keys file above and a global cap of 3 open streams."""
+    return relay_factory(KEYS_FILE=str(keys_path), MAX_OPEN_STREAMS="3", KEEPALIVE_SECONDS="0.3")
+
+
+class OpenStream:
+    """A /chat stream held open (the fake upstream is slow) until `close()`."""
+
+    def __init__(self, relay: RelayProcess, headers: dict[str, str]) -> None:
+        body = {"messages": [{"role": "user", "content": '#fake {"first_token_delay": 30}'}]}
+        self.client = httpx2.Client(timeout=30)
+        self.response = self.client.send(
+            self.client.build_request("POST", f"{relay.url}/chat", json=body, headers=headers), stream=True
+        )
+        assert self.response.status_code == 200
+
+    def close(self) -> None:
+        self.response.close()
+        self.client.close()
+
+
+def test_named_keys_authenticate_and_logs_show_only_the_name(named: RelayProcess, fake: FakeUpstream) -> None:
+    """A key from KEYS_FILE works alongside AUTHORIZATION_KEY's; the access log names it, never shows it."""
+    assert chat(named, "alice").status_code == 200
+    assert httpx2.post(f"{named.url}/chat", json=HELLO, headers=named.headers(), timeout=20).status_code == 200
+    time.sleep(0.2)
+    log = named.log_text()
+    assert "key=alice" in log
+    assert KEYS["alice"] not in log and ACCESS_KEY not in log and UPSTREAM_KEY not in log
+
+
+def test_requests_per_minute_per_key(named: RelayProcess, fake: FakeUpstream) -> None:
+    """A key's requests_per_minute is enforced with 429, Retry-After and /chat's error shape; others are unaffected."""
+    away_from_minute_boundary()
+    assert chat(named, "bob").status_code == 200
+    assert chat(named, "bob").status_code == 200
+    error = assert_refused(chat(named, "bob"), "rate_limited")
+    assert "2 per 1 minute" in error["content"]
+    assert chat(named, "alice").status_code == 200
+
+
+def test_concurrent_streams_per_key(named: RelayProcess, fake: FakeUpstream) -> None:
+    """A key's max_streams counts open streams; the slot comes back when the stream ends."""
+    first = OpenStream(named, bearer("carol"))
+    try:
+        assert_refused(chat(named, "carol"), "too_many_streams")
+    finally:
+        first.close()
+    wait_for_free_slot(named, bearer("carol"))
+
+
+def wait_for_free_slot(relay: RelayProcess, headers: dict[str, str]) -> None:
+    """The relay notices a departed client within a second or two and gives its slot back."""
+    deadline = time.monotonic() + 5
+    while httpx2.post(f"{relay.url}/chat", json=HELLO, headers=headers, timeout=20).status_code == 429:
+        assert time.monotonic() < deadline, "the slot of a closed stream was never given back"
+        time.sleep(0.2)
+
+
+def test_global_cap_on_open_streams(named: RelayProcess, fake: FakeUpstream) -> None:
+    """MAX_OPEN_STREAMS caps open streams across all keys."""
+    streams = [OpenStream(named, bearer(name)) for name in ("alice", "alice", "erin")]
+    try:
+        error = assert_refused(
+            httpx2.post(f"{named.url}/chat", json=HELLO, headers=named.headers(), timeout=20), "too_many_streams"
+        )
+        assert "this relay's limit of 3" in error["content"]
+    finally:
+        for stream in streams:
+            stream.close()
+    wait_for_free_slot(named, named.headers())
+
+
+def test_daily_token_budget_counts_reported_usage(named: RelayProcess, fake: FakeUpstream) -> None:
+    """daily_tokens counts the usage the upstream reports; once spent, 429 until 00:00 UTC."""
+    fake.behave(tokens=["one", " two", " three"])
+    ok = chat(named, "dave")
+    assert ok.status_code == 200
+    assert records(ok.text)[-1]["usage"]["total_tokens"] >= 3
+    time.sleep(0.3)  # the tokens are counted when the response closes
+    refused = chat(named, "dave")
+    error = assert_refused(refused, "token_budget_exhausted")
+    assert "3 tokens" in error["content"]
+    assert int(refused.headers["retry-after"]) <= 86400
+
+
+def test_per_key_model_list(named: RelayProcess, fake: FakeUpstream) -> None:
+    """A key's own `models` list refuses other models with 403, in /chat's shape."""
+    assert chat(named, "erin", {**HELLO, "model": "gpt-4o-mini"}).status_code == 200
+    refused = chat(named, "erin", {**HELLO, "model": "gpt-4o"})
+    assert refused.status_code == 403
+    assert records(refused.text)[0]["code"] == "model_not_allowed"
+
+
+def test_keys_file_reloads_without_restart(relay_factory: Callable[..., RelayProcess], tmp_path: Path,
+                                           fake: FakeUpstream) -> None:
+    """Adding and removing a key in KEYS_FILE takes effect within seconds; a broken edit keeps the old keys."""
+    path = tmp_path / "keys.toml"
+    path.write_text(f'[keys.alice]\nkey = "{KEYS["alice"]}"\n')
+    relay = relay_factory(fresh=True, KEYS_FILE=str(path))
+    assert chat(relay, "alice").status_code == 200
+    assert chat(relay, "bob").status_code == 401
+
+    replacement = tmp_path / "keys.new"
+    replacement.write_text(f'[keys.bob]\nkey = "{KEYS["bob"]}"\n')
+    os.replace(replacement, path)  # how config tools swap files in
+    deadline = time.monotonic() + 5
+    while chat(relay, "bob").status_code != 200:
+        assert time.monotonic() < deadline, "the added key was never accepted"
+        time.sleep(0.3)
+    assert chat(relay, "alice").status_code == 401
+    assert relay.process.poll() is None
+
+    path.write_text('[keys.bob]\nkey = "unterminated\n')
+    time.sleep(1.5)
+    assert chat(relay, "bob").status_code == 200
+    assert "keys file not reloaded" in relay.log_text()
+
+
+def test_unusable_keys_file_refuses_start(tmp_path: Path, fake: FakeUpstream) -> None:
+    """A keys file that does not parse stops start-up with one line naming KEYS_FILE, no key shown."""
+    path = tmp_path / "keys.toml"
+    path.write_text(f'[keys.alice]\nkey = "{KEYS["alice"]}"\nrequests_per_minute = "ten"\n')
+    relay = start_relay(tmp_path, relay_env(fake.base_url, KEYS_FILE=str(path)), wait=False)
+    assert relay.process.wait(20) != 0
+    log = relay.log_text()
+    assert "KEYS_FILE" in log and "requests_per_minute" in log
+    assert KEYS["alice"] not in log
+
+
+# ---------------------------------------------------------------- Redis
+
+
+needs_redis = pytest.mark.skipif(find_program("redis-server") is None, reason="redis-server is not installed")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Redis]:
+    with running_redis(tmp_path / "redis") as redis:
+        yield redis
+
+
+def redis_relays(tmp_path: Path, fake: FakeUpstream, redis: Redis, keys_path: Path) -> list[RelayProcess]:
+    return [
+        start_relay(tmp_path / f"relay{index}", relay_env(
+            fake.base_url, KEYS_FILE=str(keys_path), RATE_LIMIT_STORAGE_URI=redis.url, KEEPALIVE_SECONDS="0.3",
+        ))
+        for index in range(2)
+    ]
+
+
+@needs_redis
+def test_two_instances_share_limits_through_redis(tmp_path: Path, fake: FakeUpstream, redis_server: Redis,
+                                                  keys_path: Path) -> None:
+    """Two relay instances on one Redis share a key's per-minute count and its open-stream slots."""
+    first, second = redis_relays(tmp_path, fake, redis_server, keys_path)
+    try:
+        away_from_minute_boundary()
+        assert chat(first, "bob").status_code == 200
+        assert chat(second, "bob").status_code == 200
+        assert_refused(chat(first, "bob"), "rate_limited")
+        assert_refused(chat(second, "bob"), "rate_limited")
+
+        stream = OpenStream(first, bearer("carol"))
+        try:
+            assert_refused(chat(second, "carol"), "too_many_streams")
+        finally:
+            stream.close()
+    finally:
+        first.stop()
+        second.stop()
+
+
+@needs_redis
+def test_redis_restart_does_not_take_the_relay_down(tmp_path: Path, fake: FakeUpstream, redis_server: Redis,
+                                                    keys_path: Path) -> None:
+    """With Redis gone the relay keeps answering promptly (limits per process); when Redis is back it is used again."""
+    first, second = redis_relays(tmp_path, fake, redis_server, keys_path)
+    try:
+        assert chat(first, "alice").status_code == 200
+        redis_server.stop()
+        started = time.monotonic()
+        for relay in (first, second, first):
+            response = chat(relay, "alice")
+            assert response.status_code == 200
+            assert records(response.text)[-1]["content"] == "[DONE]"
+        assert time.monotonic() - started < 6, "requests waited on a dead Redis"
+        # Limits still hold while Redis is down, counted in each process.
+        away_from_minute_boundary()
+        assert chat(first, "bob").status_code == 200
+        assert chat(first, "bob").status_code == 200
+        assert_refused(chat(first, "bob"), "rate_limited")
+        stream = OpenStream(first, bearer("carol"))
+        try:
+            assert_refused(chat(first, "carol"), "too_many_streams")
+        finally:
+            stream.close()
+        assert "rate limit storage unreachable" in first.log_text().lower()
+
+        redis_server.start()
+        time.sleep(6)  # past the relay's retry interval (5 s)
+        threads = [threading.Thread(target=chat, args=(relay, "alice")) for relay in (first, second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # The counters are back in Redis: an open stream on one instance blocks the other.
+        stream = OpenStream(first, bearer("carol"))
+        try:
+            assert_refused(chat(second, "carol"), "too_many_streams")
+        finally:
+            stream.close()
+        assert first.process.poll() is None and second.process.poll() is None
+    finally:
+        first.stop()
+        second.stop()
