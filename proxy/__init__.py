@@ -19,6 +19,7 @@ def create_app(config: Config | None = None) -> Flask:
     # before the gevent worker patches the standard library, and must not pull in ssl (via openai) early.
     from flask import Flask
 
+    from proxy.access import TrustedProxies
     from proxy.errors import register_error_handlers
     from proxy.hooks import install_request_hooks
     from proxy.relay import build_relay
@@ -37,6 +38,8 @@ def create_app(config: Config | None = None) -> Flask:
     relay.limits.init_app(app)  # after the request hooks: preflights are answered before any limit
     app.register_blueprint(chat.bp)
     app.register_blueprint(health.bp)
+    if config.trusted_proxies:
+        app.wsgi_app = TrustedProxies(app.wsgi_app, config.trusted_proxies)  # type: ignore[method-assign]
     return app
 
 

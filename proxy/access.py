@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from flask import Response, g, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from proxy.config import Config
+from proxy.config import Config, IPNetwork
 from proxy.errors import Forbidden, Unauthorized
 from proxy.keys import KeyPolicy
 from proxy.upstream import model_allowed
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 PREFLIGHT_MAX_AGE = "600"
 ALLOWED_METHODS = "GET, POST, OPTIONS"
@@ -81,3 +87,26 @@ def add_cors_headers(config: Config, response: Response) -> None:
 
 def _origin_allowed(allowed: Sequence[str], origin: str) -> bool:
     return origin in allowed or "*" in allowed
+
+
+class TrustedProxies:
+    """WSGI middleware: the client address and scheme come from X-Forwarded-For / X-Forwarded-Proto only
+    when the peer is one of TRUSTED_PROXIES (then werkzeug's ProxyFix takes the last hop the proxy
+    added); from anyone else those headers are ignored, so a client cannot pose as another address."""
+
+    def __init__(self, app: WSGIApplication, trusted: Iterable[IPNetwork]) -> None:
+        self.app = app
+        self.trusted = tuple(trusted)
+        self.behind_proxy = ProxyFix(app, x_for=1, x_proto=1)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self._trusted(environ.get("REMOTE_ADDR", "")):
+            return self.behind_proxy(environ, start_response)
+        return self.app(environ, start_response)
+
+    def _trusted(self, peer: Any) -> bool:
+        try:
+            address = ipaddress.ip_address(str(peer))
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted)
