@@ -34,7 +34,9 @@ def on_starting(server):
     except ConfigError as exc:
         print(f"relay: refusing to start: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
-    keys = ", ".join(f"…{key[-4:]}" for key in config.authorization_keys)
+    keys = ", ".join(f"…{key[-4:]}" for key in config.authorization_keys) or "none"
+    if config.keys_file is not None:
+        keys += f"; keys file {config.keys_file}: " + ", ".join(p.name for p in config.keyring.policies)
     mode = "DEMO (local stand-in model)" if config.demo else config.openai_base_url
     print(f"relay: upstream {mode}, default model {config.default_model}, access keys {keys}",
           file=sys.stderr, flush=True)
