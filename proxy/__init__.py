@@ -23,7 +23,7 @@ def create_app(config: Config | None = None) -> Flask:
     from proxy.errors import register_error_handlers
     from proxy.hooks import install_request_hooks
     from proxy.relay import build_relay
-    from proxy.routes import chat, health
+    from proxy.routes import chat, health, openai_api, sse
 
     if config is None:
         load_env_file()
@@ -38,6 +38,8 @@ def create_app(config: Config | None = None) -> Flask:
     relay.limits.init_app(app)  # after the request hooks: preflights are answered before any limit
     app.register_blueprint(chat.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(openai_api.bp)
+    app.register_blueprint(sse.bp)
     if config.trusted_proxies:
         app.wsgi_app = TrustedProxies(app.wsgi_app, config.trusted_proxies)  # type: ignore[method-assign]
     return app

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
@@ -29,6 +31,17 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable and never shows a secret."""
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One upstream from `UPSTREAMS_FILE`. `api_key` is the secret itself, kept out of every repr."""
+
+    name: str
+    base_url: str
+    api_key_env: str
+    models: tuple[str, ...]  # exact names or globs
+    api_key: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class Config:
     log_format: str = "text"
     # Every valid key and its policy: AUTHORIZATION_KEY's keys plus KEYS_FILE's, built from the above.
     keyring: KeyRing = field(init=False, repr=False, compare=False)
+    upstreams_file: str | None = None
+    upstreams: tuple[UpstreamSpec, ...] = ()  # from UPSTREAMS_FILE; empty: the single OPENAI_* upstream
     # Extra environment the app may need later (e.g. keys named by an upstreams file); never logged.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -85,11 +100,13 @@ class Config:
         keys = _csv(env.get("AUTHORIZATION_KEY", ""))
         keys_file = _parse(env, "KEYS_FILE", Path, None)
         api_key = env.get("OPENAI_API_KEY", "").strip()
+        upstreams_file = env.get("UPSTREAMS_FILE", "").strip() or None
+        upstreams = load_upstreams_file(upstreams_file, env) if upstreams_file else ()
         if not demo:
             if not keys and keys_file is None:
                 raise ConfigError("AUTHORIZATION_KEY is missing or empty (and no KEYS_FILE): "
                                   "refusing to run an open relay")
-            if not api_key:
+            if not api_key and not upstreams:
                 raise ConfigError("OPENAI_API_KEY is missing or empty: the relay has no upstream key")
         elif not keys:
             raise ConfigError("AUTHORIZATION_KEY is missing or empty (demo mode needs an access key too)")
@@ -101,11 +118,15 @@ class Config:
         if not _is_http_url(base_url):
             raise ConfigError(f"OPENAI_BASE_URL: {base_url!r} is not an http(s) URL")
         max_tokens = _parse(env, "MAX_TOKENS", _positive_int, None)
+        default_model = env.get("DEFAULT_MODEL", "").strip() or cls.default_model
+        if upstreams and not any(_matches(spec.models, default_model) for spec in upstreams):
+            raise ConfigError(f"DEFAULT_MODEL: '{default_model}' is not served by any upstream in "
+                              f"UPSTREAMS_FILE {upstreams_file}")
         return cls(
             authorization_keys=keys,
             openai_api_key=api_key,
             openai_base_url=base_url.rstrip("/"),
-            default_model=env.get("DEFAULT_MODEL", "").strip() or cls.default_model,
+            default_model=default_model,
             allowed_models=_csv(env.get("ALLOWED_MODELS", "")),
             system_prompt=env.get("SYSTEM_PROMPT", "").strip() or None,
             cors_origins=origins,
@@ -128,6 +149,8 @@ class Config:
             rate_limit_storage_uri=_storage_uri(env.get("RATE_LIMIT_STORAGE_URI", "").strip()),
             metrics_key=env.get("METRICS_KEY", "").strip() or None,
             log_format=_parse(env, "LOG_FORMAT", _log_format, "text"),
+            upstreams_file=upstreams_file,
+            upstreams=upstreams,
             environ=dict(env),
         )
 
@@ -135,6 +158,67 @@ class Config:
 def load_env_file() -> None:
     """Read `.env` from the working directory (only there), never overriding real environment variables."""
     load_dotenv(Path.cwd() / ".env", override=False)
+
+
+UPSTREAM_FIELDS = frozenset({"name", "base_url", "api_key_env", "models"})
+
+
+def load_upstreams_file(path: str, env: Mapping[str, str]) -> tuple[UpstreamSpec, ...]:
+    """Read `[[upstreams]]` tables from the TOML file at `path` (see the README); each key is looked up in
+    `env` under the variable name the file gives. Every problem is a ConfigError naming the file and entry."""
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"UPSTREAMS_FILE: cannot read {path} ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"UPSTREAMS_FILE {path}: not valid TOML ({exc})") from None
+    unknown = set(document) - {"upstreams"}
+    if unknown:
+        raise ConfigError(f"UPSTREAMS_FILE {path}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
+                          "expected only [[upstreams]] tables")
+    entries = document.get("upstreams")
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise ConfigError(f"UPSTREAMS_FILE {path}: expected one or more [[upstreams]] tables")
+    specs: list[UpstreamSpec] = []
+    for number, entry in enumerate(entries, start=1):
+        spec = _upstream_entry(f"UPSTREAMS_FILE {path}: upstream #{number}", entry, env)
+        if any(spec.name == earlier.name for earlier in specs):
+            raise ConfigError(f"UPSTREAMS_FILE {path}: upstream #{number}: the name '{spec.name}' is used twice")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _upstream_entry(where: str, entry: dict[str, Any], env: Mapping[str, str]) -> UpstreamSpec:
+    name = entry.get("name")
+    if isinstance(name, str) and name.strip():
+        where = f"{where} ('{name.strip()}')"
+    unknown = set(entry) - UPSTREAM_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"expected {', '.join(sorted(UPSTREAM_FIELDS))}")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}: 'name' must be a non-empty string")
+    base_url = entry.get("base_url")
+    if not isinstance(base_url, str) or not _is_http_url(base_url.strip()):
+        raise ConfigError(f"{where}: 'base_url' must be an http(s) URL like https://api.example.com/v1")
+    key_env = entry.get("api_key_env")
+    if not isinstance(key_env, str) or not key_env.strip():
+        raise ConfigError(f"{where}: 'api_key_env' must name the environment variable that holds the key")
+    api_key = env.get(key_env.strip(), "").strip()
+    if not api_key:
+        raise ConfigError(f"{where}: {key_env.strip()} (named by 'api_key_env') is missing or empty")
+    models = entry.get("models")
+    if not isinstance(models, list) or not models or not all(
+            isinstance(model, str) and model.strip() for model in models):
+        raise ConfigError(f"{where}: 'models' must be a non-empty array of model names or globs "
+                          '(["*"] for any model)')
+    return UpstreamSpec(name.strip(), base_url.strip().rstrip("/"), key_env.strip(),
+                        tuple(model.strip() for model in models), api_key)
+
+
+def _matches(patterns: tuple[str, ...], model: str) -> bool:
+    return any(fnmatchcase(model, pattern) for pattern in patterns)
 
 
 def _csv(value: str) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from proxy.errors import SSE_DONE, sse_error_event
 from proxy.upstream import Chunk
 
 NDJSON_DONE = b'{"done":true,"error":false,"content":"[DONE]"}\n'
@@ -60,3 +61,40 @@ class NdjsonEncoder:
         if usage is not None:
             record["usage"] = usage
         return orjson.dumps(record) + b"\n"
+
+
+SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: EventSource and the SDKs skip it
+
+
+class SseEncoder:
+    """OpenAI's streaming format: every upstream chunk forwarded as the upstream wrote it (`data: <JSON>`),
+    so content, reasoning_content, tool calls, finish reasons and the usage chunk arrive byte for byte.
+
+    A failure mid-stream becomes `{"error": {"message", "type", "code"}}`, which the openai SDKs raise as
+    `APIError`, then `data: [DONE]`. With `error_event` (for EventSource pages) the error goes out as a named
+    `event: error` instead, so a page's `onmessage` (which expects chunks) never sees it."""
+
+    def __init__(self, error_event: bool = False) -> None:
+        self.error_event = error_event
+
+    def start(self) -> bytes:
+        return b""
+
+    def chunks(self, chunks: Sequence[Chunk]) -> bytes:
+        return b"".join(sse_data(chunk.raw) for chunk in chunks)
+
+    def keepalive(self) -> bytes:
+        return SSE_KEEPALIVE
+
+    def error(self, code: str, message: str) -> bytes:
+        return sse_error_event(message, "api_error", code, named=self.error_event)
+
+    def end(self, finish_reason: str | None, usage: dict[str, Any] | None) -> bytes:
+        return SSE_DONE
+
+
+def sse_data(payload: bytes) -> bytes:
+    """One SSE event carrying `payload`; a payload spread over several lines gets one `data:` per line."""
+    if b"\n" in payload or b"\r" in payload:
+        payload = b"\ndata: ".join(payload.splitlines())
+    return b"data: " + payload + b"\n\n"

@@ -5,6 +5,7 @@ handler picks the body shape from the view (`@error_shape`) or, for routing erro
 
 - ``ndjson``: one error record then the ``[DONE]`` record, what clients of the old Node relay can show;
 - ``openai``: ``{"error": {"message", "type", "code"}}``, what the official SDKs turn into exceptions;
+- ``sse``: the OpenAI shape as a Server-Sent Event named ``error``, then ``data: [DONE]`` (``GET /chat``);
 - ``json``: the OpenAI shape too, for everything else (health, 404s).
 """
 
@@ -22,6 +23,8 @@ log = logging.getLogger("relay.errors")
 
 NDJSON_MIMETYPE = "application/x-ndjson"
 DONE_RECORD = b'{"done":true,"error":false,"content":"[DONE]"}\n'
+SSE_MIMETYPE = "text/event-stream"
+SSE_DONE = b"data: [DONE]\n\n"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -153,8 +156,17 @@ def error_body(error: RelayError, shape: str) -> tuple[bytes, str]:
     if shape == "ndjson":
         record = {"done": False, "error": True, "content": message, "code": error.kind}
         return orjson.dumps(record) + b"\n" + DONE_RECORD, NDJSON_MIMETYPE
+    if shape == "sse":
+        return sse_error_event(message, error.error_type, error.kind, named=True) + SSE_DONE, SSE_MIMETYPE
     payload = {"error": {"message": message, "type": error.error_type, "code": error.kind}}
     return orjson.dumps(payload), "application/json"
+
+
+def sse_error_event(message: str, error_type: str, code: str, named: bool) -> bytes:
+    """An OpenAI-shaped error as one SSE event; `named` makes it `event: error`, which EventSource pages
+    receive in their error listener instead of `onmessage`."""
+    payload = orjson.dumps({"error": {"message": message, "type": error_type, "code": code}})
+    return (b"event: error\n" if named else b"") + b"data: " + payload + b"\n\n"
 
 
 def _shape_for_request() -> str:

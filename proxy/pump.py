@@ -8,6 +8,7 @@ during silence, enforces the first-token, idle and whole-stream timers, notices 
 
 from __future__ import annotations
 
+import logging
 import queue
 import select
 import socket
@@ -15,14 +16,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.config import Config
 from proxy.encoders import Encoder
+from proxy.errors import RelayError
 from proxy.upstream import Chunk, StreamEnd, StreamFailure, UpstreamStream
+
+log = logging.getLogger("relay.pump")
 
 CLIENT_CHECK_SECONDS = 1.0  # how often a silent stream checks whether its client is still there
 READER_JOIN_SECONDS = 2.0
+# Stream failures before the first token after which the next upstream serving the model may take over.
+FALL_OVER_STREAM_KINDS = frozenset({"upstream_disconnected", "upstream_timeout", "upstream_error",
+                                    "upstream_malformed"})
 
 
 @dataclass(frozen=True)
@@ -92,28 +99,75 @@ def socket_watcher(sock: socket.socket | None) -> Callable[[], bool]:
     return client_gone
 
 
+class _Reopened(NamedTuple):
+    """The outcome of falling over: the next upstream's stream, or why none answered."""
+
+    result: UpstreamStream | RelayError
+
+
+class _FallOver:
+    """Opens the next upstream in its own thread (greenlet), so the pump keeps sending keep-alives and
+    watching the client meanwhile; a stream opened after the pump gave up is closed, never leaked."""
+
+    def __init__(self, failed: UpstreamStream, put: Callable[[object], None]) -> None:
+        self._failed = failed
+        self._put = put
+        self._lock = threading.Lock()
+        self._cancelled = False
+        threading.Thread(target=self._run, daemon=True, name=f"fall-over-from-{failed.upstream.name}").start()
+
+    def _run(self) -> None:
+        result: UpstreamStream | RelayError
+        try:
+            result = self._failed.fall_over()
+        except RelayError as exc:
+            result = exc
+        with self._lock:
+            if not self._cancelled:
+                self._put(_Reopened(result))
+                return
+        if isinstance(result, UpstreamStream):
+            result.close()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+
+
+def _start_reader(stream: UpstreamStream, put: Callable[[object], None]) -> threading.Thread:
+    reader = threading.Thread(target=stream.read_into, args=(put,), daemon=True,
+                              name=f"upstream-reader-{stream.upstream.name}")
+    reader.start()
+    return reader
+
+
 def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: StreamStats,
          client_gone: Callable[[], bool] = never_gone) -> Iterator[bytes]:
-    """Yield the client's bytes for `stream`; every outcome but a departed client ends with `end()`."""
+    """Yield the client's bytes for `stream`; every outcome but a departed client ends with `end()`.
+
+    Until the upstream makes its first progress (content, reasoning or a tool call), what the encoder makes
+    of its chunks is held back and the client sees only keep-alives: if that upstream fails meanwhile, the
+    next upstream serving the model takes over and nothing is sent twice. After it, no fall-over ever."""
     inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-    reader = threading.Thread(target=stream.read_into, args=(inbox.put,), daemon=True,
-                              name=f"upstream-reader-{stream.upstream.name}")
     start = time.monotonic()
     stats.started_at = stats.started_at or start
     stats.upstream = stream.upstream.name
     stats.fallbacks = stream.fallbacks
+    reader: threading.Thread | None = _start_reader(stream, inbox.put)
     reader_done = False
-    reader.start()
+    falling_over: _FallOver | None = None
+    held: list[bytes] = []  # encoder output before the first progress
     try:
         yield encoder.start()
         last_progress = start
+        waiting_since = start  # when the current upstream was opened: its first-token timer starts here
         next_keepalive = start + timers.keepalive
         give_up_at = start + timers.max_stream
         pending: object = None
         while True:
             now = time.monotonic()
             if stats.first_token_at is None:
-                silence_limit, silence_deadline = timers.first_token, start + timers.first_token
+                silence_limit, silence_deadline = timers.first_token, waiting_since + timers.first_token
             else:
                 silence_limit, silence_deadline = timers.idle, last_progress + timers.idle
             wake = min(next_keepalive, silence_deadline, give_up_at, now + CLIENT_CHECK_SECONDS)
@@ -144,26 +198,59 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
                 if stats.record(item, now):
                     last_progress = now
                 out = encoder.chunks(item)
+                if stats.first_token_at is None:
+                    if out:
+                        held.append(out)
+                    continue
+                if held:
+                    out = b"".join(held) + out
+                    held.clear()
                 if out:
                     next_keepalive = now + timers.keepalive
                     yield out
                 continue
+            if isinstance(item, _Reopened):
+                falling_over = None
+                if isinstance(item.result, RelayError):
+                    stats.outcome = item.result.kind
+                    yield encoder.error(item.result.kind, str(item.result.description)) + _end(encoder, stats)
+                    return
+                stream = item.result
+                stats.upstream = stream.upstream.name
+                stats.fallbacks = stream.fallbacks
+                waiting_since = time.monotonic()
+                reader = _start_reader(stream, inbox.put)
+                reader_done = False
+                continue
             reader_done = True
             if isinstance(item, StreamFailure):
+                if stats.first_token_at is None and item.code in FALL_OVER_STREAM_KINDS and stream.can_fall_over():
+                    log.warning("upstream %s failed before the first token (%s); falling over",
+                                stream.upstream.name, item.code)
+                    held.clear()
+                    stats.finish_reason = stats.usage = None
+                    if reader is not None:
+                        reader.join(READER_JOIN_SECONDS)
+                    reader = None
+                    falling_over = _FallOver(stream, inbox.put)
+                    continue
                 stats.outcome = item.code
-                yield encoder.error(item.code, item.message) + _end(encoder, stats)
+                yield b"".join(held) + encoder.error(item.code, item.message) + _end(encoder, stats)
                 return
             assert isinstance(item, StreamEnd)
             stats.outcome = "ok"
-            yield _end(encoder, stats)
+            yield b"".join(held) + _end(encoder, stats)
             return
     except GeneratorExit:
         stats.outcome = "client_gone"
         raise
     finally:
+        if falling_over is not None:
+            falling_over.cancel()
         if not reader_done:
             stream.abort()
-        reader.join(READER_JOIN_SECONDS)
+        if reader is not None:
+            reader.join(READER_JOIN_SECONDS)
         stats.ended_at = time.monotonic()
 
 

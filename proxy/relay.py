@@ -31,22 +31,29 @@ class Relay:
 
 
 def build_relay(config: Config) -> Relay:
-    return Relay(config, (default_upstream(config),), StreamTimers.from_config(config), RequestLimits(config))
+    return Relay(config, configured_upstreams(config), StreamTimers.from_config(config), RequestLimits(config))
 
 
-def default_upstream(config: Config) -> Upstream:
+def configured_upstreams(config: Config) -> tuple[Upstream, ...]:
+    """The upstreams of `UPSTREAMS_FILE` in file order, else the single OPENAI_* one (or the demo model)."""
     if config.demo:
         from proxy.demo import demo_upstream  # the stand-in model exists only when asked for
 
-        return demo_upstream()
-    client = openai.OpenAI(
-        api_key=config.openai_api_key,
-        base_url=config.openai_base_url,
+        return (demo_upstream(),)
+    if config.upstreams:
+        return tuple(Upstream(spec.name, upstream_client(spec.base_url, spec.api_key, config), spec.models)
+                     for spec in config.upstreams)
+    return (Upstream("default", upstream_client(config.openai_base_url, config.openai_api_key, config)),)
+
+
+def upstream_client(base_url: str, api_key: str, config: Config) -> openai.OpenAI:
+    return openai.OpenAI(
+        api_key=api_key,
+        base_url=base_url,
         max_retries=0,  # a failing upstream is reported (or fallen over) at once, not retried with backoff
         timeout=config.upstream_timeout,
         http_client=openai.DefaultHttpx2Client(limits=UPSTREAM_POOL),
     )
-    return Upstream("default", client)
 
 
 def current_relay() -> Relay:

@@ -81,6 +81,41 @@ def shape_chat_request(body: dict[str, Any], config: Config) -> ChatRequest:
     return ChatRequest(model, upstream, include_reasoning)
 
 
+@dataclass(frozen=True)
+class OpenAIRequest:
+    model: str
+    upstream_body: dict[str, Any]
+    stream: bool
+
+
+def shape_openai_request(body: dict[str, Any], config: Config) -> OpenAIRequest:
+    """Validate the fields of a `POST /v1/chat/completions` body the relay itself reads (messages, model,
+    stream, stream_options) and apply the relay's rules (model allow-list, MAX_TOKENS, SYSTEM_PROMPT).
+    Everything else passes upstream untouched, so new API parameters work without a relay release."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' is required: a non-empty array of message objects", kind="invalid_messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"'messages[{index}]' must be an object with a string 'role'",
+                             kind="invalid_messages")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise BadRequest("'stream_options' must be an object like {\"include_usage\": true}")
+        if not isinstance(options.get("include_usage", False), bool):
+            raise BadRequest("'stream_options.include_usage' must be true or false")
+    model = choose_model(body.get("model"), config)
+    upstream = {**body, "model": model, "messages": with_system_prompt(messages, config)}
+    cap_max_tokens(upstream, config)
+    return OpenAIRequest(model, upstream, stream)
+
+
 def validate_messages(messages: Any) -> list[Any]:
     if messages is None:
         raise BadRequest("'messages' is required: a non-empty array of {role, content} objects")

@@ -75,11 +75,27 @@ def model_allowed(patterns: Iterable[str], model: str) -> bool:
 class UpstreamStream:
     """An open streaming response from one upstream: read it with `read_into`, end it with `abort`."""
 
-    def __init__(self, upstream: Upstream, response: Any, fallbacks: int) -> None:
+    def __init__(self, upstream: Upstream, response: Any, fallbacks: int,
+                 candidates: Candidates | None = None) -> None:
         self.upstream = upstream
         self.fallbacks = fallbacks
         self._response = response  # openai APIResponse opened with with_streaming_response
         self._aborted = False
+        self._candidates = candidates
+
+    def can_fall_over(self) -> bool:
+        """Whether another upstream serving this model is left to try."""
+        return self._candidates is not None and self._candidates.remaining() > 0
+
+    def fall_over(self) -> UpstreamStream:
+        """Open the stream on the next upstream serving this model (blocking); RelayError when none answers.
+        Only for a stream that failed before anything of it reached the client."""
+        assert self._candidates is not None
+        return self._candidates.open_stream()
+
+    def close(self) -> None:
+        """Release a stream that will not be read."""
+        self._response.close()
 
     def read_into(self, put: Callable[[object], None]) -> None:
         """Read the SSE body, `put` lists of Chunks, then one StreamEnd or StreamFailure. Closes in finally."""
@@ -192,29 +208,92 @@ def parse_chunk(data: bytes) -> Chunk | StreamFailure:
                  usage if isinstance(usage, dict) else None, progress)
 
 
+class Candidates:
+    """The upstreams serving one request's model, tried in order: at open time on connection errors,
+    timeouts, 5xx and 429, and (through `UpstreamStream.fall_over`) when a stream fails before its first
+    token. `remaining()` tells how many are left; each is tried at most once per request."""
+
+    def __init__(self, upstreams: Iterable[Upstream], body: dict[str, Any], upstream_timeout: float,
+                 body_read_timeout: float) -> None:
+        self.model = str(body["model"])
+        self.body = body
+        self.upstream_timeout = upstream_timeout
+        self.body_read_timeout = body_read_timeout
+        self._candidates = [upstream for upstream in upstreams if upstream.serves(self.model)]
+        if not self._candidates:
+            raise BadRequest(f"model '{self.model}' is not served by this relay", kind="model_not_served")
+        self._next = 0
+
+    def remaining(self) -> int:
+        return len(self._candidates) - self._next
+
+    def _attempts(self) -> Iterator[tuple[int, Upstream]]:
+        while self._next < len(self._candidates):
+            attempt = self._next
+            self._next += 1
+            yield attempt, self._candidates[attempt]
+
+    def open_stream(self) -> UpstreamStream:
+        """Open a streaming chat completion on the next upstream that answers; RelayError when none does."""
+        last_error: RelayError | None = None
+        for attempt, upstream in self._attempts():
+            try:
+                response = _request(upstream, self.body, self.upstream_timeout)
+            except openai.APIError as exc:
+                last_error = self._failed(upstream, map_sdk_error(exc, self.model))
+                continue
+            # From here the relay's own first-token and idle timers govern; this is only a backstop.
+            response.http_response.request.extensions["timeout"]["read"] = self.body_read_timeout
+            return UpstreamStream(upstream, response, fallbacks=attempt, candidates=self)
+        raise last_error or UpstreamFailed("no upstream serving this model is left to try")
+
+    def complete(self, whole_answer_timeout: float) -> Completion:
+        """A non-streaming chat completion from the next upstream that answers: its JSON bytes as sent."""
+        last_error: RelayError | None = None
+        for attempt, upstream in self._attempts():
+            try:
+                raw = _request_whole(upstream, self.body, self.upstream_timeout, whole_answer_timeout)
+            except openai.APIError as exc:
+                last_error = self._failed(upstream, map_sdk_error(exc, self.model))
+                continue
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                data = None
+            if not isinstance(data, dict) or ("error" in data and not data.get("choices")):
+                last_error = self._failed(upstream, UpstreamFailed(
+                    "the upstream API answered with something the relay cannot read"))
+                continue
+            return Completion(upstream, raw, data, attempt)
+        raise last_error or UpstreamFailed("no upstream serving this model is left to try")
+
+    def _failed(self, upstream: Upstream, error: RelayError) -> RelayError:
+        log.warning("upstream %s failed to open (%s)", upstream.name, error.kind)
+        if not _worth_falling_over(error):
+            raise error
+        return error
+
+
+class Completion(NamedTuple):
+    """A whole (non-streaming) answer: the upstream's JSON bytes as sent, and parsed."""
+
+    upstream: Upstream
+    raw: bytes
+    data: dict[str, Any]
+    fallbacks: int
+
+
 def open_stream(upstreams: Iterable[Upstream], body: dict[str, Any], upstream_timeout: float,
                 body_read_timeout: float) -> UpstreamStream:
     """Open a streaming chat completion on the first upstream serving the model, falling over to the
     next one on connection errors, timeouts, 5xx and 429. Raises a RelayError when none answers."""
-    model = str(body["model"])
-    candidates = [upstream for upstream in upstreams if upstream.serves(model)]
-    if not candidates:
-        raise BadRequest(f"model '{model}' is not served by this relay", kind="model_not_served")
-    last_error: RelayError | None = None
-    for attempt, upstream in enumerate(candidates):
-        try:
-            response = _request(upstream, body, upstream_timeout)
-        except openai.APIError as exc:
-            last_error = map_sdk_error(exc, model)
-            log.warning("upstream %s failed to open (%s)", upstream.name, last_error.kind)
-            if not _worth_falling_over(last_error):
-                raise last_error from None
-            continue
-        # From here the relay's own first-token and idle timers govern; this is only a backstop.
-        response.http_response.request.extensions["timeout"]["read"] = body_read_timeout
-        return UpstreamStream(upstream, response, fallbacks=attempt)
-    assert last_error is not None
-    raise last_error
+    return Candidates(upstreams, body, upstream_timeout, body_read_timeout).open_stream()
+
+
+def complete(upstreams: Iterable[Upstream], body: dict[str, Any], upstream_timeout: float,
+             whole_answer_timeout: float) -> Completion:
+    """A non-streaming chat completion, with the same model routing, fallover and error mapping."""
+    return Candidates(upstreams, body, upstream_timeout, whole_answer_timeout).complete(whole_answer_timeout)
 
 
 def _request(upstream: Upstream, body: dict[str, Any], timeout: float) -> Any:
@@ -227,6 +306,19 @@ def _request(upstream: Upstream, body: dict[str, Any], timeout: float) -> Any:
     )
     # The manager's only job is to close on exit; the relay closes the response itself in the pump.
     return manager.__enter__()
+
+
+def _request_whole(upstream: Upstream, body: dict[str, Any], timeout: float, whole_answer_timeout: float
+                   ) -> bytes:
+    # The upstream sends its headers only once the whole answer exists: the read timeout must cover it.
+    # `stream` (false or absent) travels in extra_body so the upstream gets exactly what the client sent.
+    extra = {name: value for name, value in body.items() if name not in {"model", "messages"}}
+    response = upstream.client.chat.completions.with_raw_response.create(
+        model=body["model"], messages=body["messages"], extra_body=extra,
+        timeout=httpx2.Timeout(whole_answer_timeout, connect=timeout),
+    )
+    content: bytes = response.http_response.content
+    return content
 
 
 def _worth_falling_over(error: RelayError) -> bool:

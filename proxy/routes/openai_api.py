@@ -1,0 +1,94 @@
+"""The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`.
+
+Point any OpenAI client at `http://host/v1` with an access key as its API key. Requests go upstream as
+sent, apart from the relay's model allow-list, `MAX_TOKENS` cap and `SYSTEM_PROMPT`; streamed chunks come
+back exactly as the upstream wrote them; errors come in OpenAI's shape, so the SDKs raise their usual
+exception classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from flask import Blueprint, Response, g, request
+
+from proxy.access import authenticate
+from proxy.encoders import SseEncoder
+from proxy.errors import error_shape
+from proxy.pump import StreamStats, pump
+from proxy.relay import Relay, current_relay
+from proxy.routes.chat import client_socket_watcher, last_user_text
+from proxy.shaping import parse_json_object, shape_openai_request
+from proxy.upstream import complete, model_allowed, open_stream
+
+bp = Blueprint("openai_api", __name__)
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer this response
+}
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+@bp.post("/v1/chat/completions")
+@error_shape("openai")
+def chat_completions() -> Response:
+    relay = current_relay()
+    access = g.access
+    access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
+    shaped = shape_openai_request(parse_json_object(request.get_data(cache=False)), relay.config)
+    access.model = shaped.model
+    if relay.config.log_content:
+        access.prompt = last_user_text(shaped.upstream_body["messages"])
+    stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
+    if not shaped.stream:
+        answer = complete(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
+                          relay.config.max_stream_seconds)
+        stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
+        usage = answer.data.get("usage")
+        if isinstance(usage, dict):
+            stats.usage = usage
+            completion_tokens = usage.get("completion_tokens")
+            stats.tokens = completion_tokens if isinstance(completion_tokens, int) else 0
+        access.stats = stats
+        return Response(answer.raw, status=200, mimetype="application/json")
+    stream = open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
+                         relay.body_read_timeout)
+    access.stats = stats
+    body = pump(stream, SseEncoder(), relay.timers, stats, client_socket_watcher(request.environ))
+    return Response(body, status=200, headers=SSE_HEADERS)
+
+
+@bp.get("/v1/models")
+@error_shape("openai")
+def models() -> Response:
+    relay = current_relay()
+    g.access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
+    return Response(_model_list(relay), mimetype="application/json")
+
+
+def served_models(relay: Relay) -> list[tuple[str, str]]:
+    """(model, upstream name) for every exact model name the relay can route and allows, in config order:
+    the default model, the allow-list's exact names, then each upstream's. Globs cannot be listed."""
+    config = relay.config
+    names = [config.default_model, *config.allowed_models]
+    for upstream in relay.upstreams:
+        names.extend(upstream.models)
+    served: dict[str, str] = {}
+    for name in names:
+        if name in served or GLOB_CHARACTERS & set(name) or not model_allowed(config.allowed_models, name):
+            continue
+        first = next((upstream for upstream in relay.upstreams if upstream.serves(name)), None)
+        if first is not None:
+            served[name] = first.name
+    return list(served.items())
+
+
+def _model_list(relay: Relay) -> bytes:
+    data: list[dict[str, Any]] = [
+        {"id": name, "object": "model", "created": 0, "owned_by": upstream}
+        for name, upstream in served_models(relay)
+    ]
+    return orjson.dumps({"object": "list", "data": data})

@@ -1,0 +1,52 @@
+"""`GET /chat?prompt=...`: Server-Sent Events for `EventSource` pages.
+
+The events are OpenAI's streaming chunks (`data: <chunk JSON>`) ending in `data: [DONE]`, what the widely
+copied EventSource tutorial's page reads. `EventSource` cannot send headers, so the access key may come as
+the `key` query parameter (the access log redacts it).
+
+Errors before the stream keep their real status (401, 400, 429, 502...): a browser's EventSource then fails
+the connection for good, firing `error` with `readyState === CLOSED` and never reconnecting, which is what a
+page wants for a wrong key or an unknown model. The body is still SSE (`event: error` with the OpenAI error
+object, then `data: [DONE]`) for curl and fetch-based SSE readers, which can show the message. Errors
+mid-stream arrive the same way, as `event: error`, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g, request
+
+from proxy.access import authenticate
+from proxy.encoders import SseEncoder
+from proxy.errors import BadRequest, error_shape
+from proxy.pump import StreamStats, pump
+from proxy.relay import current_relay
+from proxy.routes.chat import client_socket_watcher
+from proxy.routes.openai_api import SSE_HEADERS
+from proxy.shaping import cap_max_tokens, choose_model, with_system_prompt
+from proxy.upstream import open_stream
+
+bp = Blueprint("sse", __name__)
+
+
+@bp.get("/chat")
+@error_shape("sse")
+def chat_events() -> Response:
+    relay = current_relay()
+    access = g.access
+    authorization = request.headers.get("Authorization") or request.args.get("key")
+    access.key_name = authenticate(relay.config, authorization)
+    prompt = request.args.get("prompt", "")
+    if not prompt.strip():
+        raise BadRequest("the 'prompt' query parameter is required: GET /chat?prompt=Hello", kind="invalid_prompt")
+    model = choose_model(request.args.get("model") or None, relay.config)
+    access.model = model
+    if relay.config.log_content:
+        access.prompt = prompt
+    body = {"model": model, "messages": with_system_prompt([{"role": "user", "content": prompt}], relay.config)}
+    cap_max_tokens(body, relay.config)
+    stream = open_stream(relay.upstreams, body, relay.config.upstream_timeout, relay.body_read_timeout)
+    stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
+    access.stats = stats
+    events = pump(stream, SseEncoder(error_event=True), relay.timers, stats,
+                  client_socket_watcher(request.environ))
+    return Response(events, status=200, headers=SSE_HEADERS)
