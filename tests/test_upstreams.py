@@ -14,7 +14,7 @@ import httpx2
 import openai
 import pytest
 
-from tests.conftest import ACCESS_KEY, SECRETS, RelayProcess, free_port, relay_env, start_relay
+from tests.conftest import ACCESS_KEY, ROOT, SECRETS, RelayProcess, free_port, relay_env, start_relay
 from tests.fake_upstream import FakeUpstream
 
 FIRST_KEY = "sk-first-upstream-key-0a1b2c3d"
@@ -352,3 +352,16 @@ def test_gunicorn_refuses_a_bad_file_in_one_line(tmp_path: Path, fake: FakeUpstr
     relay = start_relay(tmp_path, relay_env(fake.base_url, UPSTREAMS_FILE=str(path)), wait=False)
     assert relay.process.wait(20) != 0
     assert f"relay: refusing to start: UPSTREAMS_FILE {path}: upstream #1 ('kimi')" in relay.log_text()
+
+
+def test_shipped_example_file_is_valid_and_is_the_readme_one() -> None:
+    """deploy/upstreams.example.toml passes start-up validation and is the file the README shows."""
+    from proxy.config import Config
+
+    example = ROOT / "deploy" / "upstreams.example.toml"
+    env = {name: f"sk-{name.lower()}" for name in
+           ("MOONSHOT_API_KEY", "MOONSHOT_INTL_API_KEY", "DEEPSEEK_API_KEY", "OPENAI_API_KEY")}
+    config = Config.from_env({"AUTHORIZATION_KEY": ACCESS_KEY, "UPSTREAMS_FILE": str(example),
+                              "DEFAULT_MODEL": "deepseek-chat", **env})
+    assert [spec.name for spec in config.upstreams] == ["kimi", "kimi-intl", "deepseek", "openai"]
+    assert f"```toml\n{example.read_text()}```" in (ROOT / "README.md").read_text()
