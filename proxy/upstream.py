@@ -311,10 +311,9 @@ def _request(upstream: Upstream, body: dict[str, Any], timeout: float) -> Any:
 def _request_whole(upstream: Upstream, body: dict[str, Any], timeout: float, whole_answer_timeout: float
                    ) -> bytes:
     # The upstream sends its headers only once the whole answer exists: the read timeout must cover it.
-    # `stream` (false or absent) travels in extra_body so the upstream gets exactly what the client sent.
-    extra = {name: value for name, value in body.items() if name not in {"model", "messages"}}
+    # As in `_request`, the body travels in `extra_body`; `stream` (false or absent) stays as the client sent it.
     response = upstream.client.chat.completions.with_raw_response.create(
-        model=body["model"], messages=body["messages"], extra_body=extra,
+        model=body["model"], messages=(), extra_body=body,
         timeout=httpx2.Timeout(whole_answer_timeout, connect=timeout),
     )
     content: bytes = response.http_response.content
