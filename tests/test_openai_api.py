@@ -318,3 +318,32 @@ def test_models_lists_the_served_models(relay_factory: Callable[..., RelayProces
     assert all(model.object == "model" for model in listed.data)
     response = httpx2.get(f"{relay.url}/v1/models")
     assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+
+
+# --- per-key rules (KEYS_FILE) -------------------------------------------------------------------------------------
+
+KEYED = "sk-relay-keyed-client-6a5b4c3d"
+
+
+@pytest.fixture(scope="module")
+def keyed_relay(relay_factory: Callable[..., RelayProcess], tmp_path_factory: pytest.TempPathFactory) -> RelayProcess:
+    """A relay whose KEYS_FILE key 'limited' may use gpt-4o-mini only, three requests a minute."""
+    path = tmp_path_factory.mktemp("keys") / "keys.toml"
+    path.write_text(f'[keys.limited]\nkey = "{KEYED}"\nmodels = ["gpt-4o-mini"]\nrequests_per_minute = 3\n')
+    return relay_factory(KEYS_FILE=str(path), ALLOWED_MODELS="gpt-4o-mini,gpt-4o")
+
+
+def test_key_rules_hold_on_v1_and_get_chat(keyed_relay: RelayProcess, fake: FakeUpstream, sdk: Sdk) -> None:
+    """A key's own model list narrows /v1/models and refuses other models on /v1 and GET /chat (403
+    PermissionDeniedError), and its per-minute limit answers 429 RateLimitError with Retry-After."""
+    client = sdk(keyed_relay, key=KEYED)
+    assert [model.id for model in client.models.list().data] == ["gpt-4o-mini"]
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    refused = httpx2.get(f"{keyed_relay.url}/chat", params={"prompt": "Hi", "model": "gpt-4o", "key": KEYED})
+    assert refused.status_code == 403 and b"event: error" in refused.content
+    assert not fake.requests
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert int(caught.value.response.headers["retry-after"]) > 0
+    assert [model.id for model in sdk(keyed_relay).models.list().data] == ["gpt-4o-mini", "gpt-4o"]

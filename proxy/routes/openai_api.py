@@ -13,13 +13,13 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, g, request
 
-from proxy.access import authenticate
+from proxy.access import authenticate, authorize_model, caller_policy
 from proxy.encoders import SseEncoder
 from proxy.errors import error_shape
 from proxy.pump import StreamStats, pump
 from proxy.relay import Relay, current_relay
 from proxy.routes.chat import client_socket_watcher, last_user_text
-from proxy.shaping import parse_json_object, shape_openai_request
+from proxy.shaping import parse_json_object, read_body, shape_openai_request
 from proxy.upstream import complete, model_allowed, open_stream
 
 bp = Blueprint("openai_api", __name__)
@@ -38,8 +38,10 @@ def chat_completions() -> Response:
     relay = current_relay()
     access = g.access
     access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
-    shaped = shape_openai_request(parse_json_object(request.get_data(cache=False)), relay.config)
+    shaped = shape_openai_request(
+        parse_json_object(read_body(request.stream, relay.config.max_body_bytes)), relay.config)
     access.model = shaped.model
+    authorize_model(relay.config, access.key_name, shaped.model)
     if relay.config.log_content:
         access.prompt = last_user_text(shaped.upstream_body["messages"])
     stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
@@ -66,12 +68,14 @@ def chat_completions() -> Response:
 def models() -> Response:
     relay = current_relay()
     g.access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
-    return Response(_model_list(relay), mimetype="application/json")
+    policy = caller_policy(relay.config)
+    return Response(_model_list(relay, policy.models if policy is not None else ()), mimetype="application/json")
 
 
-def served_models(relay: Relay) -> list[tuple[str, str]]:
-    """(model, upstream name) for every exact model name the relay can route and allows, in config order:
-    the default model, the allow-list's exact names, then each upstream's. Globs cannot be listed."""
+def served_models(relay: Relay, key_models: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(model, upstream name) for every exact model name the relay can route and allows (for this key,
+    when its KEYS_FILE entry lists models), in config order: the default model, the allow-list's exact
+    names, then each upstream's. Globs cannot be listed."""
     config = relay.config
     names = [config.default_model, *config.allowed_models]
     for upstream in relay.upstreams:
@@ -80,15 +84,17 @@ def served_models(relay: Relay) -> list[tuple[str, str]]:
     for name in names:
         if name in served or GLOB_CHARACTERS & set(name) or not model_allowed(config.allowed_models, name):
             continue
+        if not model_allowed(key_models, name):
+            continue
         first = next((upstream for upstream in relay.upstreams if upstream.serves(name)), None)
         if first is not None:
             served[name] = first.name
     return list(served.items())
 
 
-def _model_list(relay: Relay) -> bytes:
+def _model_list(relay: Relay, key_models: tuple[str, ...]) -> bytes:
     data: list[dict[str, Any]] = [
         {"id": name, "object": "model", "created": 0, "owned_by": upstream}
-        for name, upstream in served_models(relay)
+        for name, upstream in served_models(relay, key_models)
     ]
     return orjson.dumps({"object": "list", "data": data})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g, request
 
-from proxy.access import authenticate
+from proxy.access import authenticate, authorize_model
 from proxy.encoders import SseEncoder
 from proxy.errors import BadRequest, error_shape
 from proxy.pump import StreamStats, pump
@@ -40,6 +40,7 @@ def chat_events() -> Response:
         raise BadRequest("the 'prompt' query parameter is required: GET /chat?prompt=Hello", kind="invalid_prompt")
     model = choose_model(request.args.get("model") or None, relay.config)
     access.model = model
+    authorize_model(relay.config, access.key_name, model)
     if relay.config.log_content:
         access.prompt = prompt
     body = {"model": model, "messages": with_system_prompt([{"role": "user", "content": prompt}], relay.config)}
