@@ -26,6 +26,7 @@ Wire details that clients may rely on:
   ``{"role":"assistant","content":"","refusal":null}``; ``first_token_delay`` is the silence between
   that chunk and the first reasoning or content token; ``token_interval`` the silence between tokens.
 - With ``tool_call`` the answer is a function tool call streamed in pieces instead of content tokens.
+- ``stall_after_done`` sends everything up to ``data: [DONE]`` but never ends the HTTP body.
 - ``StreamClosed.tokens_sent`` counts content tokens (and tool-call argument pieces) handed to the
   socket; reasoning tokens are not counted.
 - Every ``stream: true`` chat request gets exactly one ``StreamClosed`` record, however it ends.
@@ -105,6 +106,7 @@ class Behaviour:
     split_lines: bool = False
     never_answer: bool = False
     stall_after_headers: bool = False
+    stall_after_done: bool = False
     raw_body: bytes | str | None = None
     huge_chunk_bytes: int | None = None
     finish_reason: str = "stop"
@@ -574,6 +576,11 @@ class _Connection(asyncio.Protocol):
                     # Sent at its own moment: hand it to the socket now, so tokens_sent stays honest.
                     self._write(b"".join(pending))
                     pending.clear()
+        if behaviour.stall_after_done:
+            # [DONE] sent, but the HTTP body never ends: a client must not wait for its end.
+            self._write(b"".join(pending))
+            await self.closed_event.wait()
+            raise _ClientGone
         pending.append(b"0\r\n\r\n")
         self._write(b"".join(pending))
         stream.completed = True
