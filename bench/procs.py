@@ -125,11 +125,13 @@ def start_fake_upstream(use_uvloop: bool = True, timeout: float = 20.0) -> Serve
     return Server("fake upstream", process, output, "127.0.0.1", int(match.group(1)))
 
 
-def start_relay(env: Mapping[str, str], timeout: float = 30.0) -> Server:
-    """The relay under real gunicorn with the production config, bound to a free loopback port."""
+def start_relay(env: Mapping[str, str], timeout: float = 30.0, checkout: Path = REPO_ROOT) -> Server:
+    """The relay under real gunicorn with the production config, bound to a free loopback port.
+
+    `checkout` is the source tree to run (another checkout makes before/after comparisons easy)."""
     full_env = {**os.environ, **env, "GUNICORN_BIND": "127.0.0.1:0"}
     command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"]
-    process, output = spawn(command, full_env, REPO_ROOT)
+    process, output = spawn(command, full_env, checkout)
     match = output.wait_for(re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)"), timeout)
     booted = output.wait_for(re.compile(r"Booting worker"), timeout) if match else None
     if match is None or booted is None:
