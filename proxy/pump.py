@@ -30,6 +30,7 @@ READER_JOIN_SECONDS = 2.0
 # Stream failures before the first token after which the next upstream serving the model may take over.
 FALL_OVER_STREAM_KINDS = frozenset({"upstream_disconnected", "upstream_timeout", "upstream_error",
                                     "upstream_malformed"})
+DRAIN_GRACE_SECONDS = 0.5  # after the end, how long the reader may finish the upstream body (for reuse)
 
 
 @dataclass(frozen=True)
@@ -247,10 +248,12 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
     finally:
         if falling_over is not None:
             falling_over.cancel()
-        if not reader_done:
-            stream.abort()
         if reader is not None:
-            reader.join(READER_JOIN_SECONDS)
+            if reader_done:
+                reader.join(DRAIN_GRACE_SECONDS)
+            if reader.is_alive():
+                stream.abort()
+                reader.join(READER_JOIN_SECONDS)
         stats.ended_at = time.monotonic()
 
 

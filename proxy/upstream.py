@@ -100,7 +100,11 @@ class UpstreamStream:
     def read_into(self, put: Callable[[object], None]) -> None:
         """Read the SSE body, `put` lists of Chunks, then one StreamEnd or StreamFailure. Closes in finally."""
         try:
-            put(self._read(put))
+            blocks = self._response.http_response.iter_bytes()
+            outcome = self._parse(blocks, put)
+            put(outcome)  # before draining: an upstream that never ends its body must not hold the answer
+            if isinstance(outcome, StreamEnd):
+                self._drain(blocks)
         except httpx2.TimeoutException:
             put(StreamFailure("upstream_timeout", "the upstream stopped sending; the answer is incomplete"))
         except (httpx2.HTTPError, OSError) as exc:
@@ -112,19 +116,15 @@ class UpstreamStream:
         finally:
             self._response.close()
 
-    def _read(self, put: Callable[[object], None]) -> StreamEnd | StreamFailure:
-        blocks = self._response.http_response.iter_bytes()
-        outcome = self._parse(blocks, put)
-        if isinstance(outcome, StreamEnd):
-            # Read the body to its end (after [DONE] only the chunked terminator is left) so that the
-            # connection goes back to the pool instead of being closed: a new TCP (and TLS) handshake for
-            # every request costs more than the whole relay.
-            drained = 0
-            for block in blocks:
-                drained += len(block)
-                if drained > DRAIN_LIMIT_BYTES or self._aborted:
-                    break
-        return outcome
+    def _drain(self, blocks: Iterator[bytes]) -> None:
+        """Read the body to its end (after [DONE] only the chunked terminator is left) so that the
+        connection goes back to the pool instead of being closed: a new TCP (and TLS) handshake for
+        every request costs more than the whole relay. The pump aborts a drain that takes too long."""
+        drained = 0
+        for block in blocks:
+            drained += len(block)
+            if drained > DRAIN_LIMIT_BYTES or self._aborted:
+                break
 
     def _parse(self, blocks: Iterator[bytes], put: Callable[[object], None]) -> StreamEnd | StreamFailure:
         pending = b""
