@@ -38,5 +38,7 @@ def on_starting(server):
     if config.keys_file is not None:
         keys += f"; keys file {config.keys_file}: " + ", ".join(p.name for p in config.keyring.policies)
     mode = "DEMO (local stand-in model)" if config.demo else config.openai_base_url
+    if config.upstreams and not config.demo:
+        mode = f"s from {config.upstreams_file}: " + ", ".join(f"{u.name} {u.base_url}" for u in config.upstreams)
     print(f"relay: upstream {mode}, default model {config.default_model}, access keys {keys}",
           file=sys.stderr, flush=True)

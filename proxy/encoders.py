@@ -72,15 +72,20 @@ class SseEncoder:
 
     A failure mid-stream becomes `{"error": {"message", "type", "code"}}`, which the openai SDKs raise as
     `APIError`, then `data: [DONE]`. With `error_event` (for EventSource pages) the error goes out as a named
-    `event: error` instead, so a page's `onmessage` (which expects chunks) never sees it."""
+    `event: error` instead, so a page's `onmessage` (which expects chunks) never sees it. With `event_id`,
+    every chunk carries `id: <event_id>`, so a browser that reconnects after a dropped connection says so
+    with a `Last-Event-ID` header (and the relay can refuse to ask the model a second time)."""
 
-    def __init__(self, error_event: bool = False) -> None:
+    def __init__(self, error_event: bool = False, event_id: str | None = None) -> None:
         self.error_event = error_event
+        self._id_line = f"id: {event_id}\n".encode() if event_id else b""
 
     def start(self) -> bytes:
         return b""
 
     def chunks(self, chunks: Sequence[Chunk]) -> bytes:
+        if self._id_line:
+            return b"".join(self._id_line + sse_data(chunk.raw) for chunk in chunks)
         return b"".join(sse_data(chunk.raw) for chunk in chunks)
 
     def keepalive(self) -> bytes:

@@ -83,6 +83,15 @@ def test_eventsource_page_reads_the_answer(relay: RelayProcess, fake: FakeUpstre
     sent = fake.requests[-1].json
     assert sent["messages"] == [{"role": "user", "content": "Hi there"}] and sent["model"] == "gpt-4o-mini"
     assert "stream_options" not in sent, "no choices-less usage chunk to trip the page's choices[0]"
+    assert {event.last_event_id for event in events} == {response.headers["x-request-id"]}
+
+
+def test_reconnect_after_a_drop_is_told_to_stop(relay: RelayProcess, fake: FakeUpstream) -> None:
+    """EventSource reconnecting on its own (Last-Event-ID set) gets 204, which stops it, and the model is not
+    asked a second time."""
+    response = get_chat(relay, {"Last-Event-ID": "0123abcd"}, prompt="Hi", key=ACCESS_KEY)
+    assert response.status_code == 204 and not response.content
+    assert not fake.requests
 
 
 def test_model_parameter_and_header_key(relay: RelayProcess, fake: FakeUpstream) -> None:
@@ -109,7 +118,7 @@ def test_error_mid_stream_is_a_named_error_event_then_done(relay: RelayProcess, 
     errors = [event for event in events if event.type == "error"]
     assert len(errors) == 1
     assert json.loads(errors[0].data)["error"]["code"] == "upstream_disconnected"
-    assert events[-1] == Event("message", "[DONE]")
+    assert (events[-1].type, events[-1].data) == ("message", "[DONE]")
 
 
 @pytest.mark.parametrize(("params", "status", "code"), [

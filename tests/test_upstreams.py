@@ -274,11 +274,13 @@ def test_models_list_covers_the_upstreams(pair: RelayProcess) -> None:
                       ("deepseek-chat", "second")]
 
 
-def test_upstream_keys_never_logged(pair: RelayProcess, fake2: FakeUpstream) -> None:
-    """Neither the access keys nor any upstream key from the file appears in the relay's log."""
+def test_upstream_keys_never_logged(pair: RelayProcess, fake: FakeUpstream, fake2: FakeUpstream) -> None:
+    """The start-up line names the upstreams; neither the access keys nor any upstream key from the file
+    appears in the relay's log."""
     fake2.behave(status=401, error_message=f"Incorrect API key provided: {FIRST_KEY}")
     ask(pair, "chat")
     log = pair.log_text()
+    assert f"first {fake2.base_url}, second {fake.base_url}" in log
     for secret in (*SECRETS, FIRST_KEY, SECOND_KEY):
         assert secret not in log
 

@@ -7,10 +7,11 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 
 from proxy.access import authenticate, authorize_model
-from proxy.encoders import NdjsonEncoder
+from proxy.accesslog import AccessRecord
+from proxy.encoders import Encoder, NdjsonEncoder
 from proxy.errors import error_shape
 from proxy.pump import StreamStats, pump, socket_watcher
-from proxy.relay import current_relay
+from proxy.relay import Relay, current_relay
 from proxy.shaping import parse_json_object, read_body, shape_chat_request
 from proxy.upstream import open_stream
 
@@ -35,13 +36,18 @@ def chat() -> Response:
     authorize_model(relay.config, access.key_name, shaped.model)
     if relay.config.log_content:
         access.prompt = last_user_text(shaped.upstream_body["messages"])
-    stream = open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
-                         relay.body_read_timeout)
+    return stream_response(relay, access, shaped.upstream_body, NdjsonEncoder(shaped.include_reasoning),
+                           NDJSON_HEADERS)
+
+
+def stream_response(relay: Relay, access: AccessRecord, upstream_body: dict[str, Any], encoder: Encoder,
+                    headers: dict[str, str]) -> Response:
+    """Open the upstream stream (falling over as needed) and answer with what the pump makes of it."""
+    stream = open_stream(relay.upstreams, upstream_body, relay.config.upstream_timeout, relay.body_read_timeout)
     stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
     access.stats = stats
-    body = pump(stream, NdjsonEncoder(shaped.include_reasoning), relay.timers, stats,
-                client_socket_watcher(request.environ))
-    return Response(body, status=200, headers=NDJSON_HEADERS)
+    body = pump(stream, encoder, relay.timers, stats, client_socket_watcher(request.environ))
+    return Response(body, status=200, headers=headers)
 
 
 def client_socket_watcher(environ: dict[str, Any]) -> Any:

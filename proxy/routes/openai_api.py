@@ -16,11 +16,11 @@ from flask import Blueprint, Response, g, request
 from proxy.access import authenticate, authorize_model, caller_policy
 from proxy.encoders import SseEncoder
 from proxy.errors import error_shape
-from proxy.pump import StreamStats, pump
+from proxy.pump import StreamStats
 from proxy.relay import Relay, current_relay
-from proxy.routes.chat import client_socket_watcher, last_user_text
+from proxy.routes.chat import last_user_text, stream_response
 from proxy.shaping import parse_json_object, read_body, shape_openai_request
-from proxy.upstream import complete, model_allowed, open_stream
+from proxy.upstream import complete, model_allowed
 
 bp = Blueprint("openai_api", __name__)
 
@@ -44,8 +44,8 @@ def chat_completions() -> Response:
     authorize_model(relay.config, access.key_name, shaped.model)
     if relay.config.log_content:
         access.prompt = last_user_text(shaped.upstream_body["messages"])
-    stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
     if not shaped.stream:
+        stats = StreamStats(started_at=access.started)
         answer = complete(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
                           relay.config.max_stream_seconds)
         stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
@@ -56,11 +56,7 @@ def chat_completions() -> Response:
             stats.tokens = completion_tokens if isinstance(completion_tokens, int) else 0
         access.stats = stats
         return Response(answer.raw, status=200, mimetype="application/json")
-    stream = open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
-                         relay.body_read_timeout)
-    access.stats = stats
-    body = pump(stream, SseEncoder(), relay.timers, stats, client_socket_watcher(request.environ))
-    return Response(body, status=200, headers=SSE_HEADERS)
+    return stream_response(relay, access, shaped.upstream_body, SseEncoder(), SSE_HEADERS)
 
 
 @bp.get("/v1/models")

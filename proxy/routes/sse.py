@@ -9,6 +9,10 @@ the connection for good, firing `error` with `readyState === CLOSED` and never r
 page wants for a wrong key or an unknown model. The body is still SSE (`event: error` with the OpenAI error
 object, then `data: [DONE]`) for curl and fetch-based SSE readers, which can show the message. Errors
 mid-stream arrive the same way, as `event: error`, then `data: [DONE]`.
+
+Every chunk carries `id: <request id>`. When the connection drops mid-answer, EventSource reconnects on
+its own with the same URL and a `Last-Event-ID` header; asking the model again would repeat the answer on
+the page (and pay for it twice), so such a request gets 204 No Content, which makes EventSource stop.
 """
 
 from __future__ import annotations
@@ -18,12 +22,10 @@ from flask import Blueprint, Response, g, request
 from proxy.access import authenticate, authorize_model
 from proxy.encoders import SseEncoder
 from proxy.errors import BadRequest, error_shape
-from proxy.pump import StreamStats, pump
 from proxy.relay import current_relay
-from proxy.routes.chat import client_socket_watcher
+from proxy.routes.chat import stream_response
 from proxy.routes.openai_api import SSE_HEADERS
 from proxy.shaping import cap_max_tokens, choose_model, with_system_prompt
-from proxy.upstream import open_stream
 
 bp = Blueprint("sse", __name__)
 
@@ -35,6 +37,8 @@ def chat_events() -> Response:
     access = g.access
     authorization = request.headers.get("Authorization") or request.args.get("key")
     access.key_name = authenticate(relay.config, authorization)
+    if "Last-Event-ID" in request.headers:
+        return Response(status=204)  # EventSource reconnecting after a drop: do not answer twice
     prompt = request.args.get("prompt", "")
     if not prompt.strip():
         raise BadRequest("the 'prompt' query parameter is required: GET /chat?prompt=Hello", kind="invalid_prompt")
@@ -45,9 +49,4 @@ def chat_events() -> Response:
         access.prompt = prompt
     body = {"model": model, "messages": with_system_prompt([{"role": "user", "content": prompt}], relay.config)}
     cap_max_tokens(body, relay.config)
-    stream = open_stream(relay.upstreams, body, relay.config.upstream_timeout, relay.body_read_timeout)
-    stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
-    access.stats = stats
-    events = pump(stream, SseEncoder(error_event=True), relay.timers, stats,
-                  client_socket_watcher(request.environ))
-    return Response(events, status=200, headers=SSE_HEADERS)
+    return stream_response(relay, access, body, SseEncoder(error_event=True, event_id=access.request_id), SSE_HEADERS)
