@@ -13,8 +13,15 @@ workers = int(os.environ.get("GUNICORN_WORKERS", str(os.cpu_count() or 1)))
 worker_class = "gevent"
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "10000"))
 timeout = 30  # worker heartbeat, not a request timeout: gevent workers keep beating while streams wait
+# On SIGTERM (and for old workers on a SIGHUP reload) open streams get this long to finish; any still
+# open STREAM_END_MARGIN seconds before it ends with an error record and the proper end of its protocol.
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
-keepalive = 75  # longer than nginx's and most load balancers' upstream keep-alive
+STREAM_END_MARGIN = 2.0
+# gunicorn waits this long for a request on a connection, the first one included (a burst of new
+# connections on a busy box needs the time), and idle keep-alive connections hold a graceful shutdown open
+# this long. The shipped nginx site closes its idle upstream connections sooner (keepalive_timeout 15s),
+# so nginx never sends a request (a POST it would not retry) on a connection gunicorn has just closed.
+keepalive = 20
 backlog = 4096
 accesslog = None  # the relay writes its own access log, with keys redacted and stream timings
 errorlog = "-"
@@ -22,6 +29,21 @@ loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 proc_name = "relay"
 # gunicorn 27's control socket lives at one path per user: several relays on a host would fight over it.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """Tell the app when this worker is asked to stop, before gunicorn's own SIGTERM handling runs."""
+    import signal
+
+    relay = worker.wsgi.extensions["relay"]
+    grace = max(0.5, worker.cfg.graceful_timeout - STREAM_END_MARGIN)
+    stop = signal.getsignal(signal.SIGTERM)
+
+    def drain_then_stop(signum, frame):
+        relay.draining.begin(grace)
+        stop(signum, frame)
+
+    signal.signal(signal.SIGTERM, drain_then_stop)
 
 
 def on_starting(server):

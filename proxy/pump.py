@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from proxy.config import Config
 from proxy.encoders import Encoder
 from proxy.errors import RelayError
+from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
 from proxy.upstream import Chunk, StreamEnd, StreamFailure, UpstreamStream
 
 log = logging.getLogger("relay.pump")
@@ -143,7 +144,7 @@ def _start_reader(stream: UpstreamStream, put: Callable[[object], None]) -> thre
 
 
 def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: StreamStats,
-         client_gone: Callable[[], bool] = never_gone) -> Iterator[bytes]:
+         client_gone: Callable[[], bool] = never_gone, draining: Draining | None = None) -> Iterator[bytes]:
     """Yield the client's bytes for `stream`; every outcome but a departed client ends with `end()`.
 
     Until the upstream makes its first progress (content, reasoning or a tool call), what the encoder makes
@@ -167,6 +168,10 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
         pending: object = None
         while True:
             now = time.monotonic()
+            if draining is not None and now >= draining.deadline:
+                stats.outcome = SERVER_RESTARTING
+                yield b"".join(held) + encoder.error(SERVER_RESTARTING, RESTART_MESSAGE) + _end(encoder, stats)
+                return
             if stats.first_token_at is None:
                 silence_limit, silence_deadline = timers.first_token, waiting_since + timers.first_token
             else:

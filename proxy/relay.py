@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx2
 import openai
@@ -11,6 +11,7 @@ from flask import current_app
 from proxy.config import Config
 from proxy.limits import RequestLimits
 from proxy.pump import StreamTimers
+from proxy.shutdown import Draining
 from proxy.upstream import Upstream
 
 # Each open stream holds one upstream connection; the SDK's default pool (1,000) would queue the rest.
@@ -23,6 +24,7 @@ class Relay:
     upstreams: tuple[Upstream, ...]
     timers: StreamTimers
     limits: RequestLimits
+    draining: Draining = field(default_factory=Draining)  # set when this worker is asked to stop
 
     @property
     def body_read_timeout(self) -> float:

@@ -46,7 +46,7 @@ def stream_response(relay: Relay, access: AccessRecord, upstream_body: dict[str,
     stream = open_stream(relay.upstreams, upstream_body, relay.config.upstream_timeout, relay.body_read_timeout)
     stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
     access.stats = stats
-    body = pump(stream, encoder, relay.timers, stats, client_socket_watcher(request.environ))
+    body = pump(stream, encoder, relay.timers, stats, client_socket_watcher(request.environ), relay.draining)
     return Response(body, status=200, headers=headers)
 
 
