@@ -42,6 +42,10 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(sse.bp)
     if config.trusted_proxies:
         app.wsgi_app = TrustedProxies(app.wsgi_app, config.trusted_proxies)  # type: ignore[method-assign]
+    if config.debug_stats:
+        from proxy.routes import debug  # leak-test counters; never registered unless asked for
+
+        app.register_blueprint(debug.bp)
     return app
 
 

@@ -61,6 +61,8 @@ class Config:
     max_body_bytes: int = 1024 * 1024
     max_tokens: int | None = None
     log_content: bool = False
+    body_timeout: float = 30.0
+    debug_stats: bool = False
     demo: bool = False
     # Named keys with limits of their own (TOML); reread on change, see proxy/keys.py.
     keys_file: Path | None = None
@@ -138,6 +140,8 @@ class Config:
             max_body_bytes=_parse(env, "MAX_BODY_BYTES", _positive_int, cls.max_body_bytes),
             max_tokens=max_tokens,
             log_content=_parse(env, "LOG_CONTENT", _boolean, False),
+            body_timeout=_parse(env, "BODY_TIMEOUT", _positive_float, cls.body_timeout),
+            debug_stats=_parse(env, "RELAY_DEBUG_STATS", _boolean, False),
             demo=demo,
             keys_file=keys_file,
             trusted_proxies=_parse(env, "TRUSTED_PROXIES", _networks, ()),

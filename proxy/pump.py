@@ -32,6 +32,7 @@ READER_JOIN_SECONDS = 2.0
 FALL_OVER_STREAM_KINDS = frozenset({"upstream_disconnected", "upstream_timeout", "upstream_error",
                                     "upstream_malformed"})
 DRAIN_GRACE_SECONDS = 0.5  # after the end, how long the reader may finish the upstream body (for reuse)
+READER_THREAD_PREFIX = "upstream-reader-"  # /debug/stats counts open streams by this name
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class _FallOver:
 
 def _start_reader(stream: UpstreamStream, put: Callable[[object], None]) -> threading.Thread:
     reader = threading.Thread(target=stream.read_into, args=(put,), daemon=True,
-                              name=f"upstream-reader-{stream.upstream.name}")
+                              name=f"{READER_THREAD_PREFIX}{stream.upstream.name}")
     reader.start()
     return reader
 

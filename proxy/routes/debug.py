@@ -1,0 +1,87 @@
+"""`GET /debug/stats`: what one worker holds right now, for leak tests. Off unless `RELAY_DEBUG_STATS=1`.
+
+The fault, client-fault and soak tests count greenlets, threads, file descriptors and open upstream readers
+in the gunicorn worker before and after each fault. The endpoint exists only when the setting is on, answers
+only loopback callers that present an access key, and reports counts, never configuration or keys.
+"""
+
+from __future__ import annotations
+
+import gc
+import ipaddress
+import os
+import threading
+from pathlib import Path
+
+from flask import Blueprint, Response, jsonify, request
+
+from proxy.access import authenticate
+from proxy.errors import NotFound
+from proxy.pump import READER_THREAD_PREFIX
+from proxy.relay import current_relay
+
+bp = Blueprint("debug", __name__)
+
+PROC_SELF = Path("/proc/self")
+
+
+@bp.get("/debug/stats")
+def debug_stats() -> Response:
+    """Counts of the resources a stream holds, in this worker process."""
+    if not _from_loopback(request.remote_addr):
+        raise NotFound()  # the same answer as when the endpoint is off: nothing to see from outside
+    authenticate(current_relay().config, request.headers.get("Authorization"))
+    threads = threading.enumerate()
+    fds = _fd_targets()
+    return jsonify(
+        pid=os.getpid(),
+        greenlets=_live_greenlets(),
+        threads=len(threads),
+        os_threads=_count_entries(PROC_SELF / "task"),
+        upstream_readers=sum(1 for thread in threads if thread.name.startswith(READER_THREAD_PREFIX)),
+        fds=len(fds),
+        sockets=sum(1 for target in fds if target.startswith("socket:")),
+        rss_kib=_rss_kib(),
+    )
+
+
+def _from_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _live_greenlets() -> int:
+    try:
+        from greenlet import greenlet
+    except ImportError:  # not running under gevent: there are no greenlets to count
+        return 0
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and not obj.dead)
+
+
+def _fd_targets() -> list[str]:
+    targets = []
+    for entry in (PROC_SELF / "fd").iterdir():
+        try:
+            targets.append(os.readlink(entry))
+        except OSError:  # closed between listing and reading (e.g. the listing's own descriptor)
+            continue
+    return targets
+
+
+def _count_entries(path: Path) -> int:
+    try:
+        return sum(1 for _ in path.iterdir())
+    except OSError:
+        return 0
+
+
+def _rss_kib() -> int:
+    try:
+        for line in (PROC_SELF / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0

@@ -1,0 +1,160 @@
+"""Helpers shared by the fault, client-fault, fuzz, soak and security tests.
+
+- `STREAM_ENDPOINTS`: every streaming endpoint the relay has, each knowing how to ask for an answer and how
+  to read its stream back into one neutral `Outcome` (contents, error records, end markers).
+- `worker_stats` / `assert_settles`: the counters of `GET /debug/stats` (RELAY_DEBUG_STATS=1) before and
+  after a fault, so a leaked greenlet, thread, socket or upstream reader fails the test.
+- `assert_no_secrets`: no access key or upstream key in a text (logs, bodies, headers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+
+from tests.conftest import ACCESS_KEY, SECRETS, RelayProcess
+from tests.fake_upstream import FAKE_PREFIX
+
+# Counters that must come back to (or below) their value from before a fault.
+LEAK_COUNTERS = ("greenlets", "threads", "upstream_readers", "sockets", "fds")
+
+# Settings of the relays the hardening tests start: short timers so every fault ends within seconds, and the
+# diagnostics endpoint on.
+FAULT_SETTINGS: dict[str, str] = {
+    "KEEPALIVE_SECONDS": "0.3",
+    "UPSTREAM_TIMEOUT": "1",
+    "FIRST_TOKEN_TIMEOUT": "2.5",
+    "IDLE_TIMEOUT": "1",
+    "MAX_STREAM_SECONDS": "5",
+    "BODY_TIMEOUT": "2",
+    "RELAY_DEBUG_STATS": "1",
+}
+
+
+def fake_says(behaviour: Mapping[str, Any] | None = None, text: str = "hello") -> str:
+    """A user message that tells the fake upstream how to answer this one request."""
+    if not behaviour:
+        return text
+    return FAKE_PREFIX + json.dumps(behaviour)
+
+
+@dataclass
+class Outcome:
+    """One answer from a streaming endpoint, read back into what every protocol has in common."""
+
+    status: int
+    headers: httpx2.Headers
+    raw: bytes
+    elapsed: float
+    contents: list[str] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # {"code", "message"}
+    ends: int = 0  # end-of-stream markers ([DONE] records / events)
+    keepalives: int = 0
+    last_is_end: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.contents)
+
+
+@dataclass(frozen=True)
+class StreamEndpoint:
+    """A streaming endpoint: how to ask it for an answer to one user message, and how to read it."""
+
+    name: str
+    method: str
+    path: str
+    build: Callable[[str], dict[str, Any]]  # user text -> httpx2 request kwargs (json=..., params=...)
+    parse: Callable[[Outcome], None]  # fills contents/errors/ends from outcome.raw
+    error_content_type: str  # the content type of its errors before the stream starts
+
+    def request(self, relay: RelayProcess, text: str, timeout: float = 20.0,
+                headers: Mapping[str, str] | None = None) -> Outcome:
+        """Send one request on a fresh connection and read the whole answer."""
+        started = time.monotonic()
+        all_headers = {"Authorization": f"Bearer {ACCESS_KEY}", **(headers or {})}
+        with httpx2.Client(timeout=timeout) as client, client.stream(
+            self.method, relay.url + self.path, headers=all_headers, **self.build(text)
+        ) as response:
+            raw = response.read()
+        outcome = Outcome(response.status_code, response.headers, raw, time.monotonic() - started)
+        self.parse(outcome)
+        return outcome
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_ndjson(outcome: Outcome) -> None:
+    """`POST /chat`: one JSON record per line; blank lines are keep-alives."""
+    lines = outcome.raw.split(b"\n")
+    assert lines[-1] == b"", f"the stream does not end with a newline: {outcome.raw[-200:]!r}"
+    last = None
+    for line in lines[:-1]:
+        if not line:
+            outcome.keepalives += 1
+            continue
+        record = json.loads(line)
+        assert {"done", "error", "content"} <= set(record), record
+        last = record
+        if record["done"]:
+            outcome.ends += 1
+        elif record["error"]:
+            outcome.errors.append({"code": record.get("code"), "message": record["content"]})
+        else:
+            outcome.contents.append(record["content"])
+    outcome.last_is_end = last is not None and last["done"] is True
+
+
+def _chat_body(text: str) -> dict[str, Any]:
+    return {"json": {"messages": [{"role": "user", "content": text}]}}
+
+
+STREAM_ENDPOINTS: tuple[StreamEndpoint, ...] = (
+    StreamEndpoint("POST /chat", "POST", "/chat", _chat_body, parse_ndjson, "application/x-ndjson"),
+)
+
+
+def worker_stats(relay: RelayProcess) -> dict[str, int]:
+    """The gunicorn worker's counters from `GET /debug/stats`, on a connection of its own."""
+    response = httpx2.get(f"{relay.url}/debug/stats", headers={"Authorization": f"Bearer {ACCESS_KEY}"},
+                          timeout=10)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def assert_settles(relay: RelayProcess, before: Mapping[str, int], timeout: float = 6.0,
+                   counters: Iterable[str] = LEAK_COUNTERS, slack: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Wait until every counter is back to at most its value in `before` (plus `slack`); fail with both."""
+    slack = slack or {}
+    deadline = time.monotonic() + timeout
+    while True:
+        now = worker_stats(relay)
+        over = {name: (before[name], now[name]) for name in counters
+                if now[name] > before[name] + slack.get(name, 0)}
+        if not over:
+            return now
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"resources left behind (before, after): {over}; all now: {now}")
+        time.sleep(0.1)
+
+
+def assert_no_secrets(text: str | bytes, where: str) -> None:
+    """None of the test keys (access keys, upstream key) appears in `text`."""
+    haystack = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    for secret in SECRETS:
+        assert secret not in haystack, f"a key leaked into {where}"
+
+
+def healthy_answer(endpoint: StreamEndpoint, relay: RelayProcess) -> Outcome:
+    """A plain request right after a fault: it must stream the fake's default answer completely."""
+    outcome = endpoint.request(relay, "are you still there?")
+    assert outcome.status == 200, outcome.raw[:500]
+    assert outcome.text == "Hello from the fake upstream.", outcome.raw[:500]
+    assert outcome.errors == [] and outcome.ends == 1 and outcome.last_is_end
+    return outcome
