@@ -33,6 +33,9 @@ FALL_OVER_STREAM_KINDS = frozenset({"upstream_disconnected", "upstream_timeout",
                                     "upstream_malformed"})
 DRAIN_GRACE_SECONDS = 0.5  # after the end, how long the reader may finish the upstream body (for reuse)
 READER_THREAD_PREFIX = "upstream-reader-"  # /debug/stats counts open streams by this name
+# Batches (one per network read) the reader may run ahead of the client: enough to smooth bursts, small
+# enough that a client that does not read costs the relay little memory.
+INBOX_BATCHES = 16
 
 
 @dataclass(frozen=True)
@@ -87,19 +90,78 @@ def never_gone() -> bool:
     return False
 
 
-def socket_watcher(sock: socket.socket | None) -> Callable[[], bool]:
-    """A check that tells whether the client on `sock` has hung up, without consuming its data."""
-    if sock is None:
-        return never_gone
+class ClientSocket:
+    """The client's connection as the pump sees it: calling it tells whether the client has hung up
+    (without consuming its data); `hang_up` ends a connection whose client stopped reading."""
 
-    def client_gone() -> bool:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def __call__(self) -> bool:
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            return bool(readable) and self._sock.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
-    return client_gone
+    def hang_up(self) -> None:
+        """Shut the connection: a write blocked on it fails at once and the server closes the response."""
+        # Shut down through a duplicate descriptor: the kernel wakes the blocked write with EPIPE, which
+        # servers treat as a departed client. (gevent's own shutdown would instead cancel the waiting
+        # greenlet with EBADF, which gunicorn logs as an error with a traceback.)
+        try:
+            with socket.fromfd(self._sock.fileno(), self._sock.family, self._sock.type) as duplicate:
+                duplicate.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            log.debug("client socket was already closed")
+
+
+def socket_watcher(sock: socket.socket | None) -> Callable[[], bool]:
+    """A check that tells whether the client on `sock` has hung up (a `ClientSocket` when there is one)."""
+    return never_gone if sock is None else ClientSocket(sock)
+
+
+class Inbox:
+    """What the reader hands the pump, bounded: a client that reads slowly holds back the upstream (through
+    TCP) instead of making the relay buffer the whole answer in memory. A reader that cannot hand anything
+    over for a whole stall period means the pump is stuck writing to a client that stopped reading:
+    `on_stall` then ends the stream. After `close()` the inbox takes nothing and never blocks."""
+
+    def __init__(self, stall_seconds: float, size: int = INBOX_BATCHES) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=size)
+        self._stall_seconds = stall_seconds
+        self._closed = False
+        self.on_stall: Callable[[], None] = _do_nothing
+
+    def put(self, item: object) -> None:
+        if self._closed:
+            return
+        try:
+            self._queue.put(item, timeout=self._stall_seconds)
+        except queue.Full:
+            self._closed = True
+            self.on_stall()
+
+    def get(self, timeout: float) -> object:
+        """The next item; raises `queue.Empty` after `timeout` seconds without one."""
+        return self._queue.get(timeout=timeout)
+
+    def get_nowait(self) -> object:
+        """The next item if one is waiting; raises `queue.Empty` otherwise."""
+        return self._queue.get_nowait()
+
+    def close(self) -> None:
+        """Take nothing more, and wake a reader blocked on a full inbox."""
+        self._closed = True
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+
+def _do_nothing() -> None:
+    return None
 
 
 class _Reopened(NamedTuple):
@@ -151,7 +213,8 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
     Until the upstream makes its first progress (content, reasoning or a tool call), what the encoder makes
     of its chunks is held back and the client sees only keep-alives: if that upstream fails meanwhile, the
     next upstream serving the model takes over and nothing is sent twice. After it, no fall-over ever."""
-    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+    inbox = Inbox(stall_seconds=timers.idle)
+    inbox.on_stall = lambda: _hang_up_on_stalled_client(stream, stats, client_gone)
     start = time.monotonic()
     stats.started_at = stats.started_at or start
     stats.upstream = stream.upstream.name
@@ -249,11 +312,13 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
             yield b"".join(held) + _end(encoder, stats)
             return
     except GeneratorExit:
-        stats.outcome = "client_gone"
+        if stats.outcome == "open":
+            stats.outcome = "client_gone"
         raise
     finally:
         if falling_over is not None:
             falling_over.cancel()
+        inbox.close()  # a reader still handing over (or draining the body) never blocks on it
         if reader is not None:
             if reader_done:
                 reader.join(DRAIN_GRACE_SECONDS)
@@ -263,14 +328,14 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
         stats.ended_at = time.monotonic()
 
 
-def _next_item(inbox: queue.SimpleQueue[object], timeout: float) -> object:
+def _next_item(inbox: Inbox, timeout: float) -> object:
     try:
         return inbox.get(timeout=timeout)
     except queue.Empty:
         return None
 
 
-def _take_ready(inbox: queue.SimpleQueue[object], batch: list[Chunk]) -> object:
+def _take_ready(inbox: Inbox, batch: list[Chunk]) -> object:
     """Add every batch already waiting to `batch`, so a fast upstream costs one write, not one per token.
     Returns the end-of-stream item if one was reached, to be handled after this batch is written."""
     while True:
@@ -281,6 +346,16 @@ def _take_ready(inbox: queue.SimpleQueue[object], batch: list[Chunk]) -> object:
         if type(item) is not list:
             return item
         batch += item
+
+
+def _hang_up_on_stalled_client(stream: UpstreamStream, stats: StreamStats, client_gone: Callable[[], bool]) -> None:
+    """Runs in the reader: the client took nothing for a whole idle period. Stop reading the upstream and
+    hang up, which fails the pump's blocked write; the server then closes the response and the pump."""
+    stats.outcome = "client_stalled"
+    log.info("client stopped reading for an idle period; ending its stream")
+    stream.abort()
+    if isinstance(client_gone, ClientSocket):
+        client_gone.hang_up()
 
 
 def _end(encoder: Encoder, stats: StreamStats) -> bytes:
