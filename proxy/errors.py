@@ -90,6 +90,13 @@ class PayloadTooLarge(RelayError):
     description = "the request body is too large"
 
 
+class RequestTimeout(RelayError):
+    code = 408
+    kind = "body_timeout"
+    error_type = "invalid_request_error"
+    description = "the request body arrived too slowly"
+
+
 class RateLimited(RelayError):
     code = 429
     kind = "rate_limited"
@@ -114,7 +121,7 @@ class UpstreamTimeout(RelayError):
 _BY_STATUS: dict[int, type[RelayError]] = {
     cls.code: cls
     for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, PayloadTooLarge,
-                RateLimited, UpstreamFailed, UpstreamTimeout)
+                RequestTimeout, RateLimited, UpstreamFailed, UpstreamTimeout)
 }
 
 
