@@ -86,6 +86,14 @@ class StreamEndpoint:
         self.parse(outcome)
         return outcome
 
+    def raw_request(self, relay: RelayProcess, text: str) -> bytes:
+        """The request's bytes, for tests that drive the socket themselves."""
+        request = httpx2.Request(self.method, relay.url + self.path,
+                                 headers={"Authorization": f"Bearer {ACCESS_KEY}"}, **self.build(text))
+        head = f"{request.method} {request.url.raw_path.decode()} HTTP/1.1\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+        return (head + "\r\n").encode("latin-1") + request.read()
+
     def __str__(self) -> str:
         return self.name
 
@@ -118,6 +126,11 @@ def _chat_body(text: str) -> dict[str, Any]:
 STREAM_ENDPOINTS: tuple[StreamEndpoint, ...] = (
     StreamEndpoint("POST /chat", "POST", "/chat", _chat_body, parse_ndjson, "application/x-ndjson"),
 )
+
+
+def relay_address(relay: RelayProcess) -> tuple[str, int]:
+    host, port = relay.url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
 
 
 def worker_stats(relay: RelayProcess) -> dict[str, int]:
