@@ -33,6 +33,10 @@ def debug_stats() -> Response:
     authenticate(current_relay().config, request.headers.get("Authorization"))
     threads = threading.enumerate()
     fds = _fd_targets()
+    tcp_ports = _tcp_local_ports()
+    socket_ports = [tcp_ports.get(target[len("socket:["):-1]) for target in fds if target.startswith("socket:")]
+    served_port = int(request.environ.get("SERVER_PORT") or 0)
+    outbound = sum(1 for port in socket_ports if port is not None and port != served_port)
     return jsonify(
         pid=os.getpid(),
         greenlets=_live_greenlets(),
@@ -40,7 +44,12 @@ def debug_stats() -> Response:
         os_threads=_count_entries(PROC_SELF / "task"),
         upstream_readers=sum(1 for thread in threads if thread.name.startswith(READER_THREAD_PREFIX)),
         fds=len(fds),
-        sockets=sum(1 for target in fds if target.startswith("socket:")),
+        sockets=len(socket_ports),
+        # Connections clients opened to this relay, listener included.
+        client_sockets=sum(1 for port in socket_ports if port == served_port),
+        # Connections the relay opened (upstreams; kept alive in the pool between streams by design).
+        outbound_sockets=outbound,
+        fds_without_outbound=len(fds) - outbound,
         rss_kib=_rss_kib(),
     )
 
@@ -68,6 +77,21 @@ def _fd_targets() -> list[str]:
         except OSError:  # closed between listing and reading (e.g. the listing's own descriptor)
             continue
     return targets
+
+
+def _tcp_local_ports() -> dict[str, int]:
+    """Socket inode -> local TCP port, for this process's network namespace."""
+    ports: dict[str, int] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (PROC_SELF / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9:
+                ports[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+    return ports
 
 
 def _count_entries(path: Path) -> int:
