@@ -122,12 +122,58 @@ def parse_ndjson(outcome: Outcome) -> None:
     outcome.last_is_end = last is not None and last["done"] is True
 
 
+def parse_sse(outcome: Outcome) -> None:
+    """`/v1/chat/completions` and `GET /chat`: SSE events of OpenAI chunks ending in `data: [DONE]`; errors
+    as an `{"error": {...}}` event (named `error` on `GET /chat`). Before the stream, /v1 answers errors as
+    one OpenAI JSON error object, which counts as a complete answer."""
+    if outcome.headers.get("content-type", "").startswith("application/json"):
+        error = json.loads(outcome.raw)["error"]
+        outcome.errors.append({"code": error.get("code"), "message": error["message"]})
+        outcome.ends = 1
+        outcome.last_is_end = True
+        return
+    text = outcome.raw.decode("utf-8")
+    assert text.endswith("\n\n"), f"the stream does not end with a complete event: {text[-200:]!r}"
+    last_data = None
+    for event in text[:-2].split("\n\n"):
+        data_lines = [line[5:].lstrip(" ") for line in event.split("\n") if line.startswith("data:")]
+        if not data_lines:
+            assert all(line.startswith(":") for line in event.split("\n")), event
+            outcome.keepalives += 1
+            continue
+        data = "\n".join(data_lines)
+        last_data = data
+        if data == "[DONE]":
+            outcome.ends += 1
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            outcome.errors.append({"code": chunk["error"].get("code"), "message": chunk["error"]["message"]})
+            continue
+        for choice in chunk.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                outcome.contents.append(content)
+    outcome.last_is_end = last_data == "[DONE]"
+
+
 def _chat_body(text: str) -> dict[str, Any]:
     return {"json": {"messages": [{"role": "user", "content": text}]}}
 
 
+def _openai_body(text: str) -> dict[str, Any]:
+    return {"json": {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": text}]}}
+
+
+def _event_source_query(text: str) -> dict[str, Any]:
+    return {"params": {"prompt": text}}
+
+
 STREAM_ENDPOINTS: tuple[StreamEndpoint, ...] = (
     StreamEndpoint("POST /chat", "POST", "/chat", _chat_body, parse_ndjson, "application/x-ndjson"),
+    StreamEndpoint("POST /v1/chat/completions", "POST", "/v1/chat/completions", _openai_body, parse_sse,
+                   "application/json"),
+    StreamEndpoint("GET /chat", "GET", "/chat", _event_source_query, parse_sse, "text/event-stream"),
 )
 
 

@@ -68,6 +68,16 @@ def body_of(response: bytes) -> bytes:
     return response.partition(b"\r\n\r\n")[2]
 
 
+def fresh_fake(fake: FakeUpstream) -> None:
+    """Wait until the fake has recorded the end of every stream it served, then forget them all."""
+    def all_recorded() -> bool:
+        streamed = sum(1 for request in fake.requests if isinstance(request.json, dict) and request.json.get("stream"))
+        return len(fake.streams_closed) >= streamed
+
+    assert fake.wait_for(all_recorded, timeout=5)
+    fake.reset()
+
+
 def assert_upstream_closed_soon(fake: FakeUpstream, left_at: float, bound: float, total_tokens: int) -> None:
     assert fake.wait_for(lambda: fake.streams_closed, timeout=bound + 3), "the upstream stream never closed"
     closed = fake.streams_closed[-1]
@@ -80,7 +90,7 @@ def test_client_leaves_before_headers(endpoint: StreamEndpoint, client_relay: Re
                                       fake: FakeUpstream) -> None:
     """A client gone while the upstream has not answered yet: the upstream is closed soon after it answers."""
     healthy_answer(endpoint, client_relay)
-    fake.reset()
+    fresh_fake(fake)
     before = worker_stats(client_relay)
     fake.behave(headers_delay=1.0, n_tokens=400, token_interval=0.05)
     sock = connect(client_relay)
@@ -89,7 +99,7 @@ def test_client_leaves_before_headers(endpoint: StreamEndpoint, client_relay: Re
     left_at = time.monotonic()
     abort(sock)
     assert_upstream_closed_soon(fake, left_at, 1.0 + CANCEL_BOUND, 400)
-    fake.reset()
+    fresh_fake(fake)
     healthy_answer(endpoint, client_relay)
     assert_settles(client_relay, before)
 
@@ -98,7 +108,7 @@ def test_client_leaves_before_headers(endpoint: StreamEndpoint, client_relay: Re
 def test_client_leaves_mid_record(endpoint: StreamEndpoint, client_relay: RelayProcess, fake: FakeUpstream) -> None:
     """A client gone halfway through a 100 kB record: the upstream is closed within 2 s, nothing leaks."""
     healthy_answer(endpoint, client_relay)
-    fake.reset()
+    fresh_fake(fake)
     before = worker_stats(client_relay)
     fake.behave(tokens=["x" * 100_000] * 60, token_interval=0.1)
     sock = connect(client_relay)
@@ -108,7 +118,7 @@ def test_client_leaves_mid_record(endpoint: StreamEndpoint, client_relay: RelayP
     left_at = time.monotonic()
     abort(sock)
     assert_upstream_closed_soon(fake, left_at, CANCEL_BOUND, 60)
-    fake.reset()
+    fresh_fake(fake)
     healthy_answer(endpoint, client_relay)
     assert_settles(client_relay, before)
 
@@ -118,7 +128,7 @@ def test_client_leaves_between_records(endpoint: StreamEndpoint, client_relay: R
                                        fake: FakeUpstream) -> None:
     """A client that closes cleanly after three records: the upstream is closed within 2 s, nothing leaks."""
     healthy_answer(endpoint, client_relay)
-    fake.reset()
+    fresh_fake(fake)
     before = worker_stats(client_relay)
     sock = connect(client_relay)
     sock.sendall(endpoint.raw_request(client_relay, fake_says({"n_tokens": 400, "token_interval": 0.05})))
@@ -127,7 +137,7 @@ def test_client_leaves_between_records(endpoint: StreamEndpoint, client_relay: R
     left_at = time.monotonic()
     sock.close()
     assert_upstream_closed_soon(fake, left_at, CANCEL_BOUND, 400)
-    fake.reset()
+    fresh_fake(fake)
     healthy_answer(endpoint, client_relay)
     assert_settles(client_relay, before)
 
