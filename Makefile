@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv dev-venv system-deps lint check bench
+.PHONY: run test venv dev-venv system-deps lint check bench assets
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 venv: $(VENV)/.runtime
 dev-venv: $(VENV)/.dev
 
+# The chat page's bundle (npm packages pinned by proxy/web/package-lock.json, built by esbuild into the
+# gitignored proxy/web/static/dist/); quick when up to date.
+assets:
+	scripts/build-web.sh
+
 run: venv
+	scripts/build-web.sh || echo "make run: the chat page at / is not built (needs npm); the API works without it"
 	$(BIN)/python -m proxy run
 
 system-deps:
@@ -29,7 +35,7 @@ lint: dev-venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: dev-venv system-deps lint
+test: dev-venv system-deps assets lint
 	$(BIN)/pytest
 
 $(VENV)/.bench: $(VENV)/.runtime bench/requirements.txt

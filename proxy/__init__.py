@@ -24,6 +24,8 @@ def create_app(config: Config | None = None) -> Flask:
     from proxy.hooks import install_request_hooks
     from proxy.relay import build_relay
     from proxy.routes import chat, health, openai_api, sse
+    from proxy.routes.websocket import register_websocket
+    from proxy.web import create_web_blueprint
 
     if config is None:
         load_env_file()
@@ -40,6 +42,8 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(sse.bp)
+    register_websocket(app)
+    app.register_blueprint(create_web_blueprint())
     if config.trusted_proxies:
         app.wsgi_app = TrustedProxies(app.wsgi_app, config.trusted_proxies)  # type: ignore[method-assign]
     if config.debug_stats:

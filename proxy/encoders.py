@@ -103,3 +103,44 @@ def sse_data(payload: bytes) -> bytes:
     if b"\n" in payload or b"\r" in payload:
         payload = b"\ndata: ".join(payload.splitlines())
     return b"data: " + payload + b"\n\n"
+
+
+WEBSOCKET_STREAMING = b'{"reply":"","isStreaming":true}\n'
+WEBSOCKET_DONE = b'{"reply":"","done":true}\n'
+_WEBSOCKET_REPLY = b'{"reply":'
+
+
+class WebSocketEncoder:
+    """The tutorials' WebSocket chat: `{"reply":"","isStreaming":true}`, `{"reply":"<delta>"}`...,
+    `{"reply":"","done":true}`; an error is `{"reply":"<message>","error":true,"code":...}` before the end.
+
+    Every record ends in a newline: the `/ws` route sends each record as its own text message. The encoder
+    also keeps the answer's text, which the route adds to the connection's history. Keep-alive is the
+    WebSocket's own ping (`ping_interval`), so silence encodes to nothing.
+    """
+
+    def __init__(self) -> None:
+        self.reply_parts: list[str] = []
+
+    @property
+    def reply(self) -> str:
+        return "".join(self.reply_parts)
+
+    def start(self) -> bytes:
+        return WEBSOCKET_STREAMING
+
+    def chunks(self, chunks: Sequence[Chunk]) -> bytes:
+        parts = [chunk.content for chunk in chunks if chunk.content]
+        if not parts:
+            return b""
+        self.reply_parts.extend(parts)
+        return _WEBSOCKET_REPLY + orjson.dumps("".join(parts)) + b"}\n"
+
+    def keepalive(self) -> bytes:
+        return b""
+
+    def error(self, code: str, message: str) -> bytes:
+        return orjson.dumps({"reply": message, "error": True, "code": code}) + b"\n"
+
+    def end(self, finish_reason: str | None, usage: dict[str, Any] | None) -> bytes:
+        return WEBSOCKET_DONE
