@@ -45,6 +45,7 @@ POLICY_VIOLATION = 1008
 # The kept conversation: the system prompt plus at most this many messages (20 exchanges); older turns
 # are dropped first. Its text is also held under MAX_BODY_BYTES, the size a POST /chat body may have.
 HISTORY_MESSAGES = 40
+CLOSE_HANDSHAKE_SECONDS = 2.0
 INTERNAL_ERROR_MESSAGE = "the relay hit an internal error answering this message; the operator can find it in the logs"
 
 
@@ -124,7 +125,7 @@ def websocket_chat() -> Response:
             connection.key_name = authenticate(relay.config, presented)
         except Unauthorized as refused:
             status = refused.code or 401
-            ws.close(reason=POLICY_VIOLATION, message=str(refused.description))
+            close_with_handshake(ws, POLICY_VIOLATION, str(refused.description))
             return ConversationEnded(ws.mode, status)
         connection.stats = StreamStats(started_at=connection.started)  # all answers: for the log and limits
         conversation = Conversation.starting_with(
@@ -137,6 +138,18 @@ def websocket_chat() -> Response:
     except (ConnectionClosed, OSError):
         log.debug("WebSocket client left")  # the normal end of a conversation, mid-answer or not
     return ConversationEnded(ws.mode, status)
+
+
+def close_with_handshake(ws: Server, code: int, reason: str) -> None:
+    """Send a close frame, then give the client a moment to answer it before the socket is closed.
+
+    Closing a socket with the client's data still unread (its answering close frame, or a message it sent
+    right after connecting) makes the kernel reset the connection, and the client then reports 1006
+    instead of `code`. simple-websocket's reader stops and closes the socket once the client's close
+    frame arrives.
+    """
+    ws.close(reason=code, message=reason)
+    ws.thread.join(CLOSE_HANDSHAKE_SECONDS)
 
 
 def answer_safely(ws: Server, relay: Relay, conversation: Conversation, message: str | bytes,
