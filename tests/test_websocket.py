@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ FAKE_ANSWER = "Hello from the fake upstream."
 
 @pytest.fixture(scope="module")
 def ws_relay(relay_factory: Callable[..., RelayProcess]) -> Iterator[RelayProcess]:
-    relay = relay_factory(SYSTEM_PROMPT=SYSTEM_PROMPT, KEEPALIVE_SECONDS="1", MAX_BODY_BYTES="4096")
+    relay = relay_factory(fresh=True, SYSTEM_PROMPT=SYSTEM_PROMPT, KEEPALIVE_SECONDS="1", MAX_BODY_BYTES="4096")
     yield relay
     relay.stop()
 
@@ -256,7 +257,7 @@ def test_connection_holds_one_stream_slot_and_counts_its_tokens_when_it_closes(
 ) -> None:
     """With MAX_STREAMS_PER_KEY=1 an open connection holds the key's slot (a second handshake gets 429) and frees
     it when it closes; its answers' tokens count against DAILY_TOKEN_BUDGET."""
-    relay = relay_factory(MAX_STREAMS_PER_KEY="1", DAILY_TOKEN_BUDGET="10")
+    relay = relay_factory(fresh=True, MAX_STREAMS_PER_KEY="1", DAILY_TOKEN_BUDGET="10")
     try:
         first = connect(relay)
         try:
@@ -280,3 +281,29 @@ def test_connection_holds_one_stream_slot_and_counts_its_tokens_when_it_closes(
         assert "budget" in over_budget.text
     finally:
         relay.stop()
+
+
+def test_restart_closes_idle_connections_with_1001_and_ends_answers_properly(
+    relay_factory: Callable[..., RelayProcess], fake: FakeUpstream
+) -> None:
+    """On SIGTERM an idle connection is closed at once with 1001 (going away); an answer still streaming when
+    the grace period runs out ends with a server_restarting error record and done, then 1001."""
+    relay = relay_factory(fresh=True, GUNICORN_GRACEFUL_TIMEOUT="4")
+    idle = connect(relay)
+    busy = connect(relay)
+    busy.send(json.dumps({"content": "#fake " + json.dumps({"n_tokens": 300, "token_interval": 0.1})}))
+    assert json.loads(busy.receive(timeout=5))["isStreaming"] is True
+    relay.process.send_signal(signal.SIGTERM)
+    signalled_at = time.monotonic()
+    with pytest.raises(simple_websocket.ConnectionClosed) as idle_closed:
+        idle.receive(timeout=5)
+    assert idle_closed.value.reason == 1001
+    assert time.monotonic() - signalled_at < 2.5
+    records = receive_answer(busy)
+    errors = [record for record in records if record.get("error")]
+    assert len(errors) == 1 and errors[0]["code"] == "server_restarting", records
+    assert replies(records)  # the part streamed during the grace period arrived
+    with pytest.raises(simple_websocket.ConnectionClosed) as busy_closed:
+        busy.receive(timeout=5)
+    assert busy_closed.value.reason == 1001
+    assert relay.process.wait(10) == 0

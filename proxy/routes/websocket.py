@@ -42,6 +42,9 @@ from proxy.upstream import open_stream
 log = logging.getLogger("relay.websocket")
 
 POLICY_VIOLATION = 1008
+GOING_AWAY = 1001
+DRAIN_CHECK_SECONDS = 1.0
+RESTARTING_REASON = "the relay is restarting; reconnect to continue (the conversation starts afresh)"
 # The kept conversation: the system prompt plus at most this many messages (20 exchanges); older turns
 # are dropped first. Its text is also held under MAX_BODY_BYTES, the size a POST /chat body may have.
 HISTORY_MESSAGES = 40
@@ -131,10 +134,14 @@ def websocket_chat() -> Response:
         conversation = Conversation.starting_with(
             relay.config.system_prompt, HISTORY_MESSAGES, relay.config.max_body_bytes
         )
-        while True:
-            message = ws.receive()  # raises ConnectionClosed once the client has gone
+        while not relay.draining.active:
+            # Raises ConnectionClosed once the client has gone; wakes up now and then to notice a restart.
+            message = ws.receive(timeout=DRAIN_CHECK_SECONDS)
             if message is not None:
                 answer_safely(ws, relay, conversation, message, connection)
+        # The worker is stopping: nothing is in progress on this connection, so let the client reconnect
+        # (to the new worker) now rather than be cut when the grace period ends.
+        close_with_handshake(ws, GOING_AWAY, RESTARTING_REASON)
     except (ConnectionClosed, OSError):
         log.debug("WebSocket client left")  # the normal end of a conversation, mid-answer or not
     return ConversationEnded(ws.mode, status)
@@ -198,7 +205,7 @@ def answer(ws: Server, relay: Relay, conversation: Conversation, message: str | 
     try:
         # Closing the pump (a generator) when the client leaves mid-answer closes the upstream at once.
         records = cast(Generator[bytes, None, None],
-                       pump(stream, encoder, relay.timers, stats, lambda: not ws.connected))
+                       pump(stream, encoder, relay.timers, stats, lambda: not ws.connected, relay.draining))
         with closing(records):
             for data in records:
                 send_records(ws, data)
