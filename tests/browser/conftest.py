@@ -1,4 +1,4 @@
-"""Fixtures for the browser tests: one headless Debian Chromium per session, driven by Playwright.
+"""Fixtures for the browser tests: headless Debian Chromium (one per test module), driven by Playwright.
 
 The browser is the system's ``/usr/bin/chromium`` (``scripts/install-test-deps.sh`` installs it; ``make
 test`` runs that script), never a browser downloaded by ``playwright install``. Playwright gives every
@@ -38,6 +38,7 @@ DESKTOP_VIEWPORT = {"width": 1280, "height": 800}
 PHONE_VIEWPORT = {"width": 390, "height": 844}
 PAGES_DIRECTORY = Path(__file__).parent / "pages"
 BROWSER_SYSTEM_PROMPT = "You are the relay's browser-test persona."
+BROWSER_MODELS = ("gpt-4o-mini", "gpt-4o", "fake-model")  # DEFAULT_MODEL first; GET /v1/models lists them
 
 
 class OtherSite:
@@ -93,7 +94,7 @@ def unlisted_site() -> Iterator[OtherSite]:
 def browser_relay(relay_factory: Callable[..., RelayProcess], listed_site: OtherSite) -> RelayProcess:
     """The relay under gunicorn for every browser test; keep-alive lines every 0.5 s exercise the page's reader."""
     return relay_factory(CORS_ORIGINS=listed_site.origin, SYSTEM_PROMPT=BROWSER_SYSTEM_PROMPT,
-                         KEEPALIVE_SECONDS="0.5")
+                         KEEPALIVE_SECONDS="0.5", ALLOWED_MODELS=",".join(BROWSER_MODELS))
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Locator, Page, expect
 
 from tests.browser.conftest import (
+    BROWSER_MODELS,
     BROWSER_SYSTEM_PROMPT,
     PHONE_VIEWPORT,
     DialogWatcher,
@@ -280,23 +281,24 @@ def test_enter_sends_shift_enter_breaks_lines_and_composing_enter_never_sends(
 def test_system_prompt_and_model_apply_to_the_conversation(
     browser_relay: RelayProcess, fake: FakeUpstream, browser_page: Page
 ) -> None:
-    """The conversation's system prompt replaces the relay's persona, and the request names the picked model."""
+    """The picker lists GET /v1/models; the conversation's system prompt replaces the relay's persona and the
+    request names the picked model; both are kept with the conversation across a reload."""
     page = browser_page
     open_chat(page, browser_relay)
     page.get_by_text("Settings").click()
     page.get_by_role("textbox", name="System prompt").fill("Answer like a pirate.")
     model = page.get_by_role("combobox", name="Model")
-    expect(model.locator("option").first).to_be_attached()
-    options = model.locator("option").all_inner_texts()
-    assert "gpt-4o-mini" in options  # the relay's DEFAULT_MODEL, even without GET /v1/models
-    model.select_option(options[-1])
+    expect(model.locator("option")).to_have_text(list(BROWSER_MODELS))  # from GET /v1/models
+    expect(model).to_have_value("gpt-4o-mini")  # DEFAULT_MODEL until the person picks another
+    model.select_option("fake-model")
     send(page, "Ahoy?")
     wait_for_answer(page)
     sent = fake.requests[-1].json
     assert sent["messages"][0] == {"role": "system", "content": "Answer like a pirate."}
-    assert sent["model"] == options[-1]
+    assert sent["model"] == "fake-model"
     page.reload()
     expect(page.get_by_label("System prompt")).to_have_value("Answer like a pirate.")
+    expect(page.get_by_role("combobox", name="Model")).to_have_value("fake-model")
 
 
 def test_phone_width_keeps_every_control_reachable(
