@@ -6,7 +6,9 @@ streams. Sync workers hold one stream each; eventlet workers are gone from gunic
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("GUNICORN_WORKERS", str(os.cpu_count() or 1)))
@@ -51,6 +53,7 @@ def on_starting(server):
     from proxy.config import Config, ConfigError, load_env_file
 
     load_env_file()
+    prepare_metrics_dir()
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
@@ -64,3 +67,35 @@ def on_starting(server):
         mode = f"s from {config.upstreams_file}: " + ", ".join(f"{u.name} {u.base_url}" for u in config.upstreams)
     print(f"relay: upstream {mode}, default model {config.default_model}, access keys {keys}",
           file=sys.stderr, flush=True)
+
+
+# Metrics: every worker writes its values under PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess
+# mode) and a scrape of /metrics, whichever worker answers, adds them all up. systemd's unit points it at
+# /run/relay/metrics; without it, a private temporary directory is made for this run.
+TEMPORARY_METRICS_PREFIX = "relay-metrics-"
+
+
+def prepare_metrics_dir():
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if not directory:
+        directory = tempfile.mkdtemp(prefix=TEMPORARY_METRICS_PREFIX)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # the workers inherit it
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):  # values of a previous run would be added to this one's
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+
+
+def child_exit(server, worker):
+    """A worker is gone (restart, HUP, crash): its open-streams gauge must stop counting."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, directory)
+
+
+def on_exit(server):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(directory).startswith(TEMPORARY_METRICS_PREFIX):
+        shutil.rmtree(directory, ignore_errors=True)

@@ -30,7 +30,7 @@ def create_app(config: Config | None = None) -> Flask:
     if config is None:
         load_env_file()
         config = Config.from_env(os.environ)
-    configure_logging()
+    configure_logging(config.log_format)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     relay = build_relay(config)
@@ -38,6 +38,7 @@ def create_app(config: Config | None = None) -> Flask:
     register_error_handlers(app)
     install_request_hooks(app)
     relay.limits.init_app(app)  # after the request hooks: preflights are answered before any limit
+    relay.metrics.init_app(app)
     app.register_blueprint(chat.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openai_api.bp)
@@ -53,11 +54,14 @@ def create_app(config: Config | None = None) -> Flask:
     return app
 
 
-def configure_logging() -> None:
+def configure_logging(log_format: str = "text") -> None:
+    from proxy.accesslog import JsonLogFormatter
+
     logger = logging.getLogger("relay")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(JsonLogFormatter() if log_format == "json"
+                             else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False

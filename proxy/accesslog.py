@@ -8,7 +8,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlencode
+
+import orjson
 
 from proxy.pump import StreamStats
 
@@ -29,7 +32,7 @@ class AccessRecord:
     stats: StreamStats | None = None
     prompt: str | None = None  # only with LOG_CONTENT=1
 
-    def line(self) -> str:
+    def fields(self) -> list[tuple[str, object]]:
         fields: list[tuple[str, object]] = [
             ("method", self.method), ("path", self.path), ("status", self.status),
             ("duration_ms", _ms(time.monotonic() - self.started)), ("model", self.model),
@@ -37,17 +40,40 @@ class AccessRecord:
         ]
         stats = self.stats
         if stats is not None:
-            ttft = _ms(stats.first_token_at - self.started) if stats.first_token_at is not None else "-"
+            ttft = _ms(stats.first_token_at - self.started) if stats.first_token_at is not None else None
             fields += [("ttft_ms", ttft), ("tokens", stats.tokens), ("upstream", stats.upstream or "-"),
                        ("fallbacks", stats.fallbacks), ("outcome", stats.outcome)]
             if stats.keep_content:
-                fields.append(("answer", repr("".join(stats.content))))
+                fields.append(("answer", "".join(stats.content)))
         if self.prompt is not None:
-            fields.append(("prompt", repr(self.prompt)))
-        return " ".join(f"{name}={value}" for name, value in fields)
+            fields.append(("prompt", self.prompt))
+        return fields
+
+    def line(self) -> str:
+        return " ".join(f"{name}={_text(name, value)}" for name, value in self.fields())
 
     def write(self) -> None:
-        log.info(self.line())
+        # The fields ride along for LOG_FORMAT=json, where JsonLogFormatter writes them as an object.
+        log.info(self.line(), extra={"access_fields": dict(self.fields())})
+
+
+class JsonLogFormatter(logging.Formatter):
+    """LOG_FORMAT=json: every log line one JSON object; access lines carry their fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        fields = getattr(record, "access_fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
 
 
 def redacted_path(path: str, query: str) -> str:
@@ -59,5 +85,15 @@ def redacted_path(path: str, query: str) -> str:
     return f"{path}?{urlencode(cleaned)}"
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f}"
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def _text(name: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if name in ("answer", "prompt"):
+        return repr(value)
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)

@@ -77,6 +77,8 @@ class Config:
     # Where the counters live: memory (one process) or a Redis URL shared by every process and instance.
     rate_limit_storage_uri: str | None = None
     metrics_key: str | None = field(default=None, repr=False)
+    # prometheus_client's multiprocess directory (deploy/gunicorn.conf.py sets one up when unset).
+    prometheus_multiproc_dir: str | None = None
     log_format: str = "text"
     # Every valid key and its policy: AUTHORIZATION_KEY's keys plus KEYS_FILE's, built from the above.
     keyring: KeyRing = field(init=False, repr=False, compare=False)
@@ -152,6 +154,7 @@ class Config:
             max_open_streams=_parse(env, "MAX_OPEN_STREAMS", _positive_int, None),
             rate_limit_storage_uri=_storage_uri(env.get("RATE_LIMIT_STORAGE_URI", "").strip()),
             metrics_key=env.get("METRICS_KEY", "").strip() or None,
+            prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip() or None,
             log_format=_parse(env, "LOG_FORMAT", _log_format, "text"),
             upstreams_file=upstreams_file,
             upstreams=upstreams,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("relay.errors")
@@ -37,6 +37,7 @@ class RelayError(HTTPException):
     error_type: str = "api_error"  # OpenAI's `type` field for this kind of error
     description: str = "the relay could not handle this request"
     retry_after: int | None = None
+    upstream: str | None = None  # the upstream that failed, for upstream errors
 
     def __init__(self, description: str | None = None, *, kind: str | None = None,
                  retry_after: int | None = None) -> None:
@@ -188,6 +189,7 @@ def _shape_for_request() -> str:
 
 def render_error(error: HTTPException) -> Response:
     relay_error = as_relay_error(error)
+    g.relay_error = relay_error  # for the metrics, recorded when the response closes
     body, mimetype = error_body(relay_error, _shape_for_request())
     response = Response(body, status=relay_error.code, mimetype=mimetype)
     if relay_error.retry_after is not None:

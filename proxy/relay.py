@@ -10,6 +10,7 @@ from flask import current_app
 
 from proxy.config import Config
 from proxy.limits import RequestLimits
+from proxy.metrics import Metrics
 from proxy.pump import StreamTimers
 from proxy.shutdown import Draining
 from proxy.upstream import Upstream
@@ -24,6 +25,7 @@ class Relay:
     upstreams: tuple[Upstream, ...]
     timers: StreamTimers
     limits: RequestLimits
+    metrics: Metrics
     draining: Draining = field(default_factory=Draining)  # set when this worker is asked to stop
 
     @property
@@ -33,7 +35,8 @@ class Relay:
 
 
 def build_relay(config: Config) -> Relay:
-    return Relay(config, configured_upstreams(config), StreamTimers.from_config(config), RequestLimits(config))
+    return Relay(config, configured_upstreams(config), StreamTimers.from_config(config), RequestLimits(config),
+                 Metrics(config))
 
 
 def configured_upstreams(config: Config) -> tuple[Upstream, ...]:

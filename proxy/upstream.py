@@ -269,6 +269,7 @@ class Candidates:
 
     def _failed(self, upstream: Upstream, error: RelayError) -> RelayError:
         log.warning("upstream %s failed to open (%s)", upstream.name, error.kind)
+        error.upstream = upstream.name
         if not _worth_falling_over(error):
             raise error
         return error
