@@ -38,7 +38,12 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] == "run":
         run(argv[1:])
         return 0
-    print(f"usage: python -m proxy run [gunicorn options]  (unknown command {argv[0]!r})", file=sys.stderr)
+    if argv[0] == "doctor":
+        from proxy.doctor import main as doctor
+
+        return doctor(argv[1:])
+    print(f"usage: python -m proxy run [gunicorn options] | python -m proxy doctor URL KEY"
+          f"  (unknown command {argv[0]!r})", file=sys.stderr)
     return 2
 
 

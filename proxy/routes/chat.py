@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from flask import Blueprint, Response, g, request
@@ -13,7 +14,7 @@ from proxy.errors import error_shape
 from proxy.pump import StreamStats, pump, socket_watcher
 from proxy.relay import Relay, current_relay
 from proxy.shaping import parse_json_object, read_body, shape_chat_request
-from proxy.upstream import open_stream
+from proxy.upstream import Upstream, open_stream
 
 bp = Blueprint("chat", __name__)
 
@@ -41,9 +42,11 @@ def chat() -> Response:
 
 
 def stream_response(relay: Relay, access: AccessRecord, upstream_body: dict[str, Any], encoder: Encoder,
-                    headers: dict[str, str]) -> Response:
-    """Open the upstream stream (falling over as needed) and answer with what the pump makes of it."""
-    stream = open_stream(relay.upstreams, upstream_body, relay.config.upstream_timeout, relay.body_read_timeout)
+                    headers: dict[str, str], upstreams: Sequence[Upstream] | None = None) -> Response:
+    """Open the upstream stream (falling over as needed) and answer with what the pump makes of it.
+    `upstreams` replaces the configured ones (the stream doctor's stand-in)."""
+    stream = open_stream(relay.upstreams if upstreams is None else upstreams, upstream_body,
+                         relay.config.upstream_timeout, relay.body_read_timeout)
     stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
     access.stats = stats
     body = pump(stream, encoder, relay.timers, stats, client_socket_watcher(request.environ), relay.draining)
