@@ -258,7 +258,11 @@ class RequestLimits:
     # -- requests per minute/day (Flask-Limiter)
 
     def _policy(self) -> KeyPolicy | None:
-        return caller_policy(self.config)
+        policy = caller_policy(self.config)
+        access = g.get("access")
+        if policy is not None and access is not None:
+            access.key_name = policy.name  # refusals below are logged and counted under the key's name
+        return policy
 
     def _bucket(self) -> str:
         policy = self._policy()

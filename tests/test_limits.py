@@ -123,6 +123,9 @@ def test_requests_per_minute_per_key(named: RelayProcess, fake: FakeUpstream) ->
     error = assert_refused(chat(named, "bob"), "rate_limited")
     assert "2 per 1 minute" in error["content"]
     assert chat(named, "alice").status_code == 200
+    time.sleep(0.2)
+    assert any("status=429" in line and "key=bob" in line for line in named.log_text().splitlines()), (
+        "a refusal is logged under the key's name")
 
 
 def test_concurrent_streams_per_key(named: RelayProcess, fake: FakeUpstream) -> None:
