@@ -14,6 +14,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from proxy.config import Config, ConfigError
 from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, RelayProcess, relay_env, start_relay
 from tests.fake_upstream import FakeUpstream
 from tests.servers import Redis, find_program, running_redis
@@ -204,6 +205,32 @@ def test_keys_file_reloads_without_restart(relay_factory: Callable[..., RelayPro
     time.sleep(1.5)
     assert chat(relay, "bob").status_code == 200
     assert "keys file not reloaded" in relay.log_text()
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("RATE_LIMIT_PER_MINUTE", "lots"),
+    ("MAX_STREAMS_PER_KEY", "0"),
+    ("TRUSTED_PROXIES", "127.0.0.1,nginx"),
+    ("LOG_FORMAT", "xml"),
+    ("RATE_LIMIT_STORAGE_URI", "memcached://:s3cret-password@10.0.0.5"),
+    ("KEYS_FILE", "/nonexistent/keys.toml"),
+])
+def test_bad_limit_settings_name_the_variable(setting: str, value: str) -> None:
+    """A malformed limits/proxy/log setting stops start-up naming it; a storage URL's password is never shown."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({"AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": UPSTREAM_KEY, setting: value})
+    assert str(caught.value).startswith(setting)
+    assert "s3cret-password" not in str(caught.value) and ACCESS_KEY not in str(caught.value)
+
+
+def test_keys_file_alone_is_enough(keys_path: Path) -> None:
+    """With KEYS_FILE, AUTHORIZATION_KEY may be empty; names come from the file, limits parse as written."""
+    config = Config.from_env({"KEYS_FILE": str(keys_path), "OPENAI_API_KEY": UPSTREAM_KEY})
+    assert [policy.name for policy in config.keyring.policies] == ["alice", "bob", "carol", "dave", "erin"]
+    bob = config.keyring.identify(KEYS["bob"])
+    assert bob is not None and bob.requests_per_minute == 2 and bob.max_streams is None
+    assert config.keyring.identify("bob") is None
+    assert KEYS["bob"] not in repr(bob) and KEYS["bob"] not in repr(config)
 
 
 def test_unusable_keys_file_refuses_start(tmp_path: Path, fake: FakeUpstream) -> None:
