@@ -17,6 +17,7 @@ from tests.fake_upstream import FakeUpstream
 
 STREAMS = 1000
 TOKENS = 4
+RAMP_SECONDS = 2.0
 
 
 async def _one_stream(host: str, port: int, opened: list[int]) -> str:
@@ -74,7 +75,7 @@ def test_two_workers_hold_a_thousand_open_streams(relay_factory: Callable[..., R
         pytest.skip(f"needs {4 * STREAMS} file descriptors, the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4 * STREAMS), hard))
     relay = relay_factory(GUNICORN_WORKERS="2", KEEPALIVE_SECONDS="5")
-    fake.behave(n_tokens=TOKENS, token_interval=1.0)
+    fake.behave(n_tokens=TOKENS, token_interval=1.5)  # each stream stays open 6 s, past the ramp
     expected = "".join(f" tok{i}" for i in range(TOKENS))
     host, port = relay.url.removeprefix("http://").split(":")
     idle_rss = _worker_rss_kib(relay)
@@ -82,7 +83,10 @@ def test_two_workers_hold_a_thousand_open_streams(relay_factory: Callable[..., R
 
     async def run() -> tuple[list[str], int]:
         opened: list[int] = []
-        tasks = [asyncio.create_task(_one_stream(host, int(port), opened)) for _ in range(STREAMS)]
+        tasks = []
+        for _ in range(STREAMS):  # open them over about 2 s: capacity is streams held, not a connect storm
+            tasks.append(asyncio.create_task(_one_stream(host, int(port), opened)))
+            await asyncio.sleep(RAMP_SECONDS / STREAMS)
         peak_rss = 0
         while not all(task.done() for task in tasks):
             peak_rss = max(peak_rss, _worker_rss_kib(relay))
