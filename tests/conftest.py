@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,13 @@ import httpx2
 import pytest
 
 from tests.fake_upstream import FakeUpstream
+from tests.servers import free_port  # one helper for every test server; re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "test-access-key-7f3a9c"
 SECOND_ACCESS_KEY = "second-access-key-51be02"
 UPSTREAM_KEY = "sk-upstream-secret-for-tests-4d2e8b6a"
 SECRETS = (ACCESS_KEY, SECOND_ACCESS_KEY, UPSTREAM_KEY)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
