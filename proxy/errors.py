@@ -37,7 +37,7 @@ class RelayError(HTTPException):
     error_type: str = "api_error"  # OpenAI's `type` field for this kind of error
     description: str = "the relay could not handle this request"
     retry_after: int | None = None
-    upstream: str | None = None  # the upstream that failed, for upstream errors
+    upstream_failures: tuple[tuple[str, str], ...] = ()  # (upstream, kind) behind an upstream error
 
     def __init__(self, description: str | None = None, *, kind: str | None = None,
                  retry_after: int | None = None) -> None:

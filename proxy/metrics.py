@@ -81,9 +81,11 @@ class Metrics:
 
     def record(self, route: str, access: AccessRecord, error: RelayError | None) -> None:
         self.requests.labels(route, str(access.status), access.key_name).inc()
-        if error is not None and error.kind.startswith("upstream"):
-            self.upstream_errors.labels(error.kind, error.upstream or "-").inc()
         stats = access.stats
+        # Every failed attempt counts, including those another upstream then covered for.
+        failures = stats.upstream_failures if stats is not None else error.upstream_failures if error else ()
+        for upstream, kind in failures:
+            self.upstream_errors.labels(kind, upstream).inc()
         if stats is None:
             return
         if stats.first_token_at is not None:
@@ -93,8 +95,6 @@ class Metrics:
         for kind, count in token_counts(stats.usage, stats.tokens).items():
             if count:
                 self.tokens.labels(access.key_name, kind).inc(count)
-        if stats.outcome.startswith("upstream"):
-            self.upstream_errors.labels(stats.outcome, stats.upstream or "-").inc()
         if stats.fallbacks:
             self.fallbacks.labels(stats.upstream or "-").inc(stats.fallbacks)
 

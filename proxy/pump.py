@@ -57,6 +57,8 @@ class StreamStats:
 
     upstream: str = ""
     fallbacks: int = 0
+    # (upstream, kind) of every upstream failure in this request, fallen over or not; for the metrics.
+    upstream_failures: list[tuple[str, str]] = field(default_factory=list)
     started_at: float = 0.0
     first_token_at: float | None = None
     ended_at: float | None = None
@@ -219,6 +221,7 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
     stats.started_at = stats.started_at or start
     stats.upstream = stream.upstream.name
     stats.fallbacks = stream.fallbacks
+    stats.upstream_failures = stream.failures
     reader: threading.Thread | None = _start_reader(stream, inbox.put)
     reader_done = False
     falling_over: _FallOver | None = None
@@ -253,6 +256,7 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
                     return
                 if now >= silence_deadline:
                     stats.outcome = "upstream_timeout"
+                    stats.upstream_failures.append((stream.upstream.name, stats.outcome))
                     yield encoder.error(stats.outcome, _silence_message(stats, silence_limit)) + _end(encoder, stats)
                     return
                 if client_gone():
@@ -288,12 +292,14 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
                 stream = item.result
                 stats.upstream = stream.upstream.name
                 stats.fallbacks = stream.fallbacks
+                stats.upstream_failures = stream.failures
                 waiting_since = time.monotonic()
                 reader = _start_reader(stream, inbox.put)
                 reader_done = False
                 continue
             reader_done = True
             if isinstance(item, StreamFailure):
+                stats.upstream_failures.append((stream.upstream.name, item.code))
                 if stats.first_token_at is None and item.code in FALL_OVER_STREAM_KINDS and stream.can_fall_over():
                     log.warning("upstream %s failed before the first token (%s); falling over",
                                 stream.upstream.name, item.code)

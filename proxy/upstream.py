@@ -83,6 +83,11 @@ class UpstreamStream:
         self._aborted = False
         self._candidates = candidates
 
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        """(upstream, kind) of this request's upstream failures so far (shared with its candidates)."""
+        return self._candidates.failures if self._candidates is not None else []
+
     def can_fall_over(self) -> bool:
         """Whether another upstream serving this model is left to try."""
         return self._candidates is not None and self._candidates.remaining() > 0
@@ -223,6 +228,7 @@ class Candidates:
         if not self._candidates:
             raise BadRequest(f"model '{self.model}' is not served by this relay", kind="model_not_served")
         self._next = 0
+        self.failures: list[tuple[str, str]] = []  # (upstream, kind) of every attempt that failed
 
     def remaining(self) -> int:
         return len(self._candidates) - self._next
@@ -269,7 +275,8 @@ class Candidates:
 
     def _failed(self, upstream: Upstream, error: RelayError) -> RelayError:
         log.warning("upstream %s failed to open (%s)", upstream.name, error.kind)
-        error.upstream = upstream.name
+        self.failures.append((upstream.name, error.kind))
+        error.upstream_failures = tuple(self.failures)
         if not _worth_falling_over(error):
             raise error
         return error

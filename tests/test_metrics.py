@@ -11,7 +11,7 @@ import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SECRETS, RelayProcess
+from tests.conftest import SECRETS, RelayProcess, free_port
 from tests.fake_upstream import FakeUpstream
 
 HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
@@ -94,6 +94,34 @@ def test_upstream_errors_by_kind_and_upstream(two_workers: RelayProcess, fake: F
         assert value(after, "relay_upstream_errors_total", kind=kind, upstream="default") - value(
             before, "relay_upstream_errors_total", kind=kind, upstream="default") == 1, kind
     assert value(after, "relay_requests_total", route="/chat", status="502", key="key1") >= 1
+
+
+def test_fallbacks_and_the_failures_behind_them(relay_factory: Callable[..., RelayProcess], fake: FakeUpstream,
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A first upstream refusing connections counts as its own upstream error, and the fall-over to the
+    second counts under the second, even though the client got a normal answer."""
+    path = tmp_path_factory.mktemp("upstreams") / "upstreams.toml"
+    path.write_text(f"""
+[[upstreams]]
+name = "first"
+base_url = "http://127.0.0.1:{free_port()}/v1"
+api_key_env = "FIRST_KEY"
+models = ["*"]
+
+[[upstreams]]
+name = "second"
+base_url = "{fake.base_url}"
+api_key_env = "SECOND_KEY"
+models = ["*"]
+""")
+    relay = relay_factory(UPSTREAMS_FILE=str(path), FIRST_KEY="sk-first-for-tests-0a1b2c",
+                          SECOND_KEY="sk-second-for-tests-3d4e5f", OPENAI_API_KEY="")
+    assert httpx2.post(f"{relay.url}/chat", json=HELLO, headers=relay.headers(), timeout=20).status_code == 200
+    time.sleep(0.3)
+    after = scrape(relay)
+    assert value(after, "relay_fallbacks_total", upstream="second") == 1
+    assert value(after, "relay_upstream_errors_total", kind="upstream_unreachable", upstream="first") == 1
+    assert value(after, "relay_requests_total", route="/chat", status="200", key="key1") == 1
 
 
 def test_json_access_log(two_workers: RelayProcess, fake: FakeUpstream) -> None:
