@@ -125,8 +125,17 @@ def relay_factory(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream
         return relay
 
     yield make
-    for relay in [*started.values(), *extra]:
-        relay.stop()
+    stop_all([*started.values(), *extra])
+
+
+def stop_all(relays: list[RelayProcess]) -> None:
+    """Quick shutdown (SIGINT) of every relay at once: graceful stops are tested where they matter, and one
+    after another they would each wait out idle keep-alive connections."""
+    for relay in relays:
+        if relay.process.poll() is None:
+            relay.process.send_signal(signal.SIGINT)
+    for relay in relays:
+        relay.stop(signal.SIGKILL, timeout=10)
 
 
 @pytest.fixture(scope="session")
