@@ -179,6 +179,8 @@ def _number(value: Any, name: str, low: float, high: float) -> float:
 
 
 def _integer(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 256.0 is the whole number 256 (as JSON Schema says)
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"'{name}' must be a whole number")
     if value < minimum:
