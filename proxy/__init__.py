@@ -23,7 +23,7 @@ def create_app(config: Config | None = None) -> Flask:
     from proxy.errors import register_error_handlers
     from proxy.hooks import install_request_hooks
     from proxy.relay import build_relay
-    from proxy.routes import chat, doctor, health, openai_api, sse
+    from proxy.routes import chat, docs, doctor, health, openai_api, sse
     from proxy.routes.websocket import register_websocket
     from proxy.web import create_web_blueprint
 
@@ -42,6 +42,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(chat.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(doctor.bp)
+    app.register_blueprint(docs.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(sse.bp)
     register_websocket(app)
