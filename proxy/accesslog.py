@@ -17,6 +17,8 @@ from proxy.pump import StreamStats
 
 log = logging.getLogger("relay.access")
 SECRET_PARAMS = frozenset({"key", "api_key", "access_key", "token"})
+# Conversation text in a URL (`GET /chat?prompt=...`): logged only as the `prompt` field with LOG_CONTENT=1.
+CONTENT_PARAMS = frozenset({"prompt"})
 
 
 @dataclass
@@ -77,12 +79,21 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def redacted_path(path: str, query: str) -> str:
-    """The path with any secret-looking query parameter replaced, so keys in URLs never reach the log."""
+    """The path with any secret-looking query parameter replaced, so keys in URLs never reach the log, and
+    conversation text (`prompt`) replaced by its length, so conversations stay out of it too."""
     if not query:
         return path
     pairs = parse_qsl(query, keep_blank_values=True)
-    cleaned = [(name, "[redacted]" if name.lower() in SECRET_PARAMS else value) for name, value in pairs]
+    cleaned = [(name, _redacted(name.lower(), value)) for name, value in pairs]
     return f"{path}?{urlencode(cleaned)}"
+
+
+def _redacted(name: str, value: str) -> str:
+    if name in SECRET_PARAMS:
+        return "[redacted]"
+    if name in CONTENT_PARAMS:
+        return f"[{len(value)} chars]"
+    return value
 
 
 def _ms(seconds: float) -> float:
