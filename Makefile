@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv dev-venv system-deps lint check bench assets
+.PHONY: run test venv dev-venv system-deps lint check bench assets soak
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: dev-venv
 
 test: dev-venv system-deps assets lint
 	$(BIN)/pytest
+
+# The long soak (docs/reliability.md): 5 minutes of mixed traffic at 48 clients; CI runs a 30 s version.
+soak: dev-venv
+	SOAK_SECONDS=$${SOAK_SECONDS:-300} SOAK_CONCURRENCY=$${SOAK_CONCURRENCY:-48} $(BIN)/pytest -q -s tests/test_soak.py
 
 $(VENV)/.bench: $(VENV)/.runtime bench/requirements.txt
 	$(BIN)/pip install -q --disable-pip-version-check -r bench/requirements.txt

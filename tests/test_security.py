@@ -43,6 +43,7 @@ def every_kind_of_response(client: httpx2.Client) -> list[httpx2.Response]:
     """One response of each kind the relay gives: streams, every error class, preflights, docs, health."""
     requests: list[tuple[str, str, dict]] = [
         ("GET", "/healthz", {}),
+        ("GET", "/", {}),
         ("GET", "/openapi.yaml", {}),
         ("GET", "/nope", {}),
         ("DELETE", "/chat", {}),
@@ -81,6 +82,17 @@ def test_security_headers_and_request_id_on_every_response(client: httpx2.Client
         logged = f"request_id={request_id}"
         assert wait_until(lambda logged=logged: logged in secure_relay.log_text()), where
         assert response.status_code < 500 or response.request.url.path == "/chat", where
+
+
+def test_page_has_a_strict_content_security_policy(client: httpx2.Client) -> None:
+    """The chat page (it renders model output as HTML) allows no inline script and no other origin."""
+    response = client.get("/")
+    assert response.status_code == 200
+    policy = {part.split()[0]: part.split()[1:] for part in response.headers["content-security-policy"].split("; ")}
+    assert policy["default-src"] == ["'none'"]
+    assert policy["script-src"] == ["'self'"] and policy["connect-src"] == ["'self'"]
+    assert policy["frame-ancestors"] == ["'none'"] and policy["object-src"] == ["'none'"]
+    assert not any("unsafe" in source or source == "*" for sources in policy.values() for source in sources)
 
 
 def test_no_key_in_any_body_header_or_log_line(client: httpx2.Client, secure_relay: RelayProcess) -> None:
