@@ -26,15 +26,17 @@ from tests.fake_upstream import FAKE_PREFIX
 LEAK_COUNTERS = ("greenlets", "threads", "upstream_readers", "client_sockets", "fds_without_outbound")
 UPSTREAM_POOL_IDLE_MAX = UPSTREAM_POOL.max_keepalive_connections or 0
 
-# Settings of the relays the hardening tests start: short timers so every fault ends within seconds, and the
-# diagnostics endpoint on.
+# Settings of the relay the hardening tests share (one gunicorn for faults, fuzzing and security): short timers
+# so every fault ends within seconds, a small body limit, one CORS origin, and the diagnostics endpoint on.
 FAULT_SETTINGS: dict[str, str] = {
     "KEEPALIVE_SECONDS": "0.3",
     "UPSTREAM_TIMEOUT": "1",
     "FIRST_TOKEN_TIMEOUT": "2.5",
     "IDLE_TIMEOUT": "1",
-    "MAX_STREAM_SECONDS": "5",
+    "MAX_STREAM_SECONDS": "3.5",
     "BODY_TIMEOUT": "2",
+    "MAX_BODY_BYTES": "65536",
+    "CORS_ORIGINS": "https://app.example.com",
     "RELAY_DEBUG_STATS": "1",
 }
 

@@ -74,11 +74,11 @@ FAULTS = (
           contents=["x" * HUGE_CHUNK]),
     Fault("first_token_slower_than_upstream_timeout", {"first_token_delay": 1.6}, 200, None, 4.0,
           contents=["Hello", " from", " the", " fake", " upstream", "."]),
-    Fault("first_token_slower_than_first_token_timeout", {"first_token_delay": 6.0}, 200, "upstream_timeout",
+    Fault("first_token_slower_than_first_token_timeout", {"first_token_delay": 4.0}, 200, "upstream_timeout",
           4.5, contents=[], message_has="did not start answering"),
     Fault("silent_mid_stream", {"n_tokens": 3, "token_interval": 4.0}, 200, "upstream_timeout", 3.5,
           contents=[" tok0"], message_has="went silent"),
-    Fault("endless_stream", {"n_tokens": 10_000, "token_interval": 0.2}, 200, "stream_time_limit", 7.5,
+    Fault("endless_stream", {"n_tokens": 10_000, "token_interval": 0.2}, 200, "stream_time_limit", 6.0,
           message_has="ran past"),
 )
 
@@ -118,11 +118,16 @@ def test_upstream_fault(endpoint: StreamEndpoint, fault: Fault, fault_relay: Rel
     assert_settles(fault_relay, before)
 
 
+@pytest.fixture(scope="module")
+def refused_relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
+    """A relay whose upstream is a port nobody listens on."""
+    return relay_factory(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", **FAULT_SETTINGS)
+
+
 @pytest.mark.parametrize("endpoint", STREAM_ENDPOINTS, ids=str)
-def test_upstream_refuses_connections(endpoint: StreamEndpoint,
-                                      relay_factory: Callable[..., RelayProcess]) -> None:
+def test_upstream_refuses_connections(endpoint: StreamEndpoint, refused_relay: RelayProcess) -> None:
     """An upstream port nobody listens on: 502 upstream_unreachable at once, every time, no leaks."""
-    relay = relay_factory(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", **FAULT_SETTINGS)
+    relay = refused_relay
     assert httpx2.get(f"{relay.url}/healthz", timeout=5).status_code == 200
     before = worker_stats(relay)
     for _ in range(3):

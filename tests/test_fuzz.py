@@ -30,7 +30,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 AUTH = {"Authorization": f"Bearer {ACCESS_KEY}"}
 TIMEOUT = httpx2.Timeout(15.0)
-FUZZ_SETTINGS = {**FAULT_SETTINGS, "MAX_BODY_BYTES": "65536"}
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
@@ -61,7 +60,7 @@ def latin1(headers: dict[str, str]) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def fuzz_relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
-    return relay_factory(**FUZZ_SETTINGS)
+    return relay_factory(**FAULT_SETTINGS)
 
 
 @pytest.fixture(scope="module")

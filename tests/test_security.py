@@ -21,7 +21,7 @@ CHAT = {"messages": [{"role": "user", "content": "hello"}]}
 
 @pytest.fixture(scope="module")
 def secure_relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
-    return relay_factory(**{**FAULT_SETTINGS, "CORS_ORIGINS": "https://app.example.com"})
+    return relay_factory(**FAULT_SETTINGS)
 
 
 @pytest.fixture(scope="module")
