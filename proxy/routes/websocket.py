@@ -19,6 +19,7 @@ its answers' tokens count against the key's daily budget when it closes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Generator
 from contextlib import closing
@@ -115,11 +116,31 @@ class ConversationEnded(Response):
         return super().__call__(environ, start_response)  # the dev server closes the response itself
 
 
+class WholeFrameSocket:
+    """The connection as simple-websocket writes to it. It sends each frame with one `socket.send()`, which
+    writes only part of a large frame when the kernel buffer is full, corrupting the stream (simple-websocket
+    issue #45, still in 1.1.0), and its ping thread writes concurrently: here every frame goes out whole, one
+    frame at a time."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._sending = threading.Lock()
+
+    def send(self, data: bytes) -> int:
+        with self._sending:
+            self._sock.sendall(data)
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 def websocket_chat() -> Response:
     """Serve one WebSocket connection: authenticate, then answer each message in turn until it closes."""
     relay = current_relay()
     ws = Server.accept(request.environ, ping_interval=relay.config.keepalive_seconds,
                        max_message_size=relay.config.max_body_bytes)
+    ws.sock = WholeFrameSocket(ws.sock)
     connection: AccessRecord = g.access
     status = 101
     try:
