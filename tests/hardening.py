@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
+import simple_websocket
 
 from proxy.relay import UPSTREAM_POOL
 from tests.conftest import ACCESS_KEY, SECRETS, RelayProcess
@@ -77,6 +78,7 @@ class StreamEndpoint:
     build: Callable[[str], dict[str, Any]]  # user text -> httpx2 request kwargs (json=..., params=...)
     parse: Callable[[Outcome], None]  # fills contents/errors/ends from outcome.raw
     error_content_type: str  # the content type of its errors before the stream starts
+    ok_status: int = 200  # the status of an answer that streams (101 for a WebSocket)
 
     def request(self, relay: RelayProcess, text: str, timeout: float = 20.0,
                 headers: Mapping[str, str] | None = None) -> Outcome:
@@ -184,6 +186,56 @@ def relay_address(relay: RelayProcess) -> tuple[str, int]:
     return host, int(port)
 
 
+class WebSocketEndpoint(StreamEndpoint):
+    """`/ws`: one connection per request here; every outcome, errors included, comes inside the answer's
+    frame (`isStreaming` ... `done`), so there is no error status before the stream."""
+
+    def request(self, relay: RelayProcess, text: str, timeout: float = 20.0,
+                headers: Mapping[str, str] | None = None) -> Outcome:
+        started = time.monotonic()
+        url = relay.url.replace("http://", "ws://", 1) + "/ws"
+        key = (headers or {}).get("Authorization", f"Bearer {ACCESS_KEY}")
+        ws = simple_websocket.Client.connect(url, headers={"Authorization": key})
+        records: list[bytes] = []
+        try:
+            ws.send(json.dumps({"content": text}))
+            while True:
+                raw = ws.receive(timeout=timeout)
+                if raw is None:
+                    break
+                records.append(raw.encode() if isinstance(raw, str) else raw)
+                if json.loads(raw).get("done"):
+                    break
+        except simple_websocket.ConnectionClosed:
+            pass
+        finally:
+            ws.close()
+        outcome = Outcome(101, httpx2.Headers(), b"\n".join(records) + b"\n", time.monotonic() - started)
+        self.parse(outcome)
+        return outcome
+
+
+def parse_websocket(outcome: Outcome) -> None:
+    """`/ws` records: `{"reply":"","isStreaming":true}`, `{"reply":delta}`..., errors as
+    `{"reply":message,"error":true,"code":kind}`, then `{"reply":"","done":true}`."""
+    last = None
+    for line in outcome.raw.split(b"\n")[:-1]:
+        record = json.loads(line)
+        last = record
+        if record.get("done"):
+            outcome.ends += 1
+        elif record.get("error"):
+            outcome.errors.append({"code": record.get("code"), "message": record["reply"]})
+        elif not record.get("isStreaming") and record.get("reply"):
+            outcome.contents.append(record["reply"])
+    outcome.last_is_end = last is not None and last.get("done") is True
+
+
+WEBSOCKET_ENDPOINT = WebSocketEndpoint("WS /ws", "GET", "/ws", _chat_body, parse_websocket, "", ok_status=101)
+# The fault matrix runs on every streaming endpoint; tests that drive HTTP sockets use STREAM_ENDPOINTS.
+ALL_STREAM_ENDPOINTS = (*STREAM_ENDPOINTS, WEBSOCKET_ENDPOINT)
+
+
 def worker_stats(relay: RelayProcess) -> dict[str, int]:
     """The gunicorn worker's counters from `GET /debug/stats`, on a connection of its own."""
     response = httpx2.get(f"{relay.url}/debug/stats", headers={"Authorization": f"Bearer {ACCESS_KEY}"},
@@ -219,7 +271,7 @@ def assert_no_secrets(text: str | bytes, where: str) -> None:
 def healthy_answer(endpoint: StreamEndpoint, relay: RelayProcess) -> Outcome:
     """A plain request right after a fault: it must stream the fake's default answer completely."""
     outcome = endpoint.request(relay, "are you still there?")
-    assert outcome.status == 200, outcome.raw[:500]
+    assert outcome.status == endpoint.ok_status, outcome.raw[:500]
     assert outcome.text == "Hello from the fake upstream.", outcome.raw[:500]
     assert outcome.errors == [] and outcome.ends == 1 and outcome.last_is_end
     return outcome
