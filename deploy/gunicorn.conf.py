@@ -67,6 +67,10 @@ def on_starting(server):
         mode = f"s from {config.upstreams_file}: " + ", ".join(f"{u.name} {u.base_url}" for u in config.upstreams)
     print(f"relay: upstream {mode}, default model {config.default_model}, access keys {keys}",
           file=sys.stderr, flush=True)
+    if config.limits_configured and not config.rate_limit_storage_uri and server.cfg.workers > 1:
+        print(f"relay: note: limits count in each of the {server.cfg.workers} worker processes on its own, so a "
+              "key gets up to that many times its limits; set RATE_LIMIT_STORAGE_URI=redis://... (or "
+              "GUNICORN_WORKERS=1) for exact limits", file=sys.stderr, flush=True)
 
 
 # Metrics: every worker writes its values under PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess

@@ -94,6 +94,14 @@ class Config:
             raise ConfigError(f"KEYS_FILE: {exc}") from None
         object.__setattr__(self, "keyring", keyring)
 
+    @property
+    def limits_configured(self) -> bool:
+        """Whether any limit can apply: relay-wide settings, or a keys file whose entries may set some."""
+        return self.keys_file is not None or any((
+            self.rate_limit_per_minute, self.rate_limit_per_day, self.daily_token_budget,
+            self.max_streams_per_key, self.max_open_streams,
+        ))
+
     def __repr__(self) -> str:  # keys must never reach a log through a stray repr()
         return f"Config(base_url={self.openai_base_url!r}, default_model={self.default_model!r}, demo={self.demo})"
 

@@ -238,17 +238,8 @@ class RequestLimits:
         )
         self.limiter.logger = log  # its storage warnings belong in the relay's log
 
-    @property
-    def configured(self) -> bool:
-        """Whether any limit can apply: relay-wide settings, or a keys file whose entries may set some."""
-        config = self.config
-        return config.keys_file is not None or any((
-            config.rate_limit_per_minute, config.rate_limit_per_day, config.daily_token_budget,
-            config.max_streams_per_key, config.max_open_streams,
-        ))
-
     def init_app(self, app: Flask) -> None:
-        if not self.configured:
+        if not self.config.limits_configured:
             return  # nothing to count: no per-request cost at all
         self.limiter.init_app(app)
         app.before_request(self._admit)

@@ -233,6 +233,14 @@ def test_keys_file_alone_is_enough(keys_path: Path) -> None:
     assert KEYS["bob"] not in repr(bob) and KEYS["bob"] not in repr(config)
 
 
+def test_start_up_says_when_memory_limits_are_per_worker(relay_factory: Callable[..., RelayProcess],
+                                                         keys_path: Path) -> None:
+    """With limits, in-memory counting and several workers, the start-up log says limits are per worker."""
+    relay = relay_factory(KEYS_FILE=str(keys_path), GUNICORN_WORKERS="2")
+    assert "limits count in each of the 2 worker processes" in relay.log_text()
+    assert "RATE_LIMIT_STORAGE_URI=redis://" in relay.log_text()
+
+
 def test_unusable_keys_file_refuses_start(tmp_path: Path, fake: FakeUpstream) -> None:
     """A keys file that does not parse stops start-up with one line naming KEYS_FILE, no key shown."""
     path = tmp_path / "keys.toml"
