@@ -10,7 +10,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -78,6 +79,18 @@ def fresh_fake(fake: FakeUpstream) -> None:
     fake.reset()
 
 
+@contextmanager
+def nothing_left_behind(endpoint: StreamEndpoint, relay: RelayProcess, fake: FakeUpstream) -> Iterator[None]:
+    """Around a client fault: a normal answer before and after it, and the worker's counters back after."""
+    healthy_answer(endpoint, relay)
+    fresh_fake(fake)
+    before = worker_stats(relay)
+    yield
+    fresh_fake(fake)
+    healthy_answer(endpoint, relay)
+    assert_settles(relay, before)
+
+
 def assert_upstream_closed_soon(fake: FakeUpstream, left_at: float, bound: float, total_tokens: int) -> None:
     assert fake.wait_for(lambda: fake.streams_closed, timeout=bound + 3), "the upstream stream never closed"
     closed = fake.streams_closed[-1]
@@ -89,57 +102,42 @@ def assert_upstream_closed_soon(fake: FakeUpstream, left_at: float, bound: float
 def test_client_leaves_before_headers(endpoint: StreamEndpoint, client_relay: RelayProcess,
                                       fake: FakeUpstream) -> None:
     """A client gone while the upstream has not answered yet: the upstream is closed soon after it answers."""
-    healthy_answer(endpoint, client_relay)
-    fresh_fake(fake)
-    before = worker_stats(client_relay)
-    fake.behave(headers_delay=1.0, n_tokens=400, token_interval=0.05)
-    sock = connect(client_relay)
-    sock.sendall(endpoint.raw_request(client_relay, "hello"))
-    assert fake.wait_for(lambda: fake.requests, timeout=5)
-    left_at = time.monotonic()
-    abort(sock)
-    assert_upstream_closed_soon(fake, left_at, 1.0 + CANCEL_BOUND, 400)
-    fresh_fake(fake)
-    healthy_answer(endpoint, client_relay)
-    assert_settles(client_relay, before)
+    with nothing_left_behind(endpoint, client_relay, fake):
+        fake.behave(headers_delay=1.0, n_tokens=400, token_interval=0.05)
+        sock = connect(client_relay)
+        sock.sendall(endpoint.raw_request(client_relay, "hello"))
+        assert fake.wait_for(lambda: fake.requests, timeout=5)
+        left_at = time.monotonic()
+        abort(sock)
+        assert_upstream_closed_soon(fake, left_at, 1.0 + CANCEL_BOUND, 400)
 
 
 @pytest.mark.parametrize("endpoint", STREAM_ENDPOINTS, ids=str)
 def test_client_leaves_mid_record(endpoint: StreamEndpoint, client_relay: RelayProcess, fake: FakeUpstream) -> None:
     """A client gone halfway through a 100 kB record: the upstream is closed within 2 s, nothing leaks."""
-    healthy_answer(endpoint, client_relay)
-    fresh_fake(fake)
-    before = worker_stats(client_relay)
-    fake.behave(tokens=["x" * 100_000] * 60, token_interval=0.1)
-    sock = connect(client_relay)
-    sock.sendall(endpoint.raw_request(client_relay, "hello"))
-    received = read_until(sock, lambda data: len(body_of(data)) > 150_000)
-    assert b"xxxx" in received
-    left_at = time.monotonic()
-    abort(sock)
-    assert_upstream_closed_soon(fake, left_at, CANCEL_BOUND, 60)
-    fresh_fake(fake)
-    healthy_answer(endpoint, client_relay)
-    assert_settles(client_relay, before)
+    with nothing_left_behind(endpoint, client_relay, fake):
+        fake.behave(tokens=["x" * 100_000] * 60, token_interval=0.1)
+        sock = connect(client_relay)
+        sock.sendall(endpoint.raw_request(client_relay, "hello"))
+        received = read_until(sock, lambda data: len(body_of(data)) > 150_000)
+        assert b"xxxx" in received
+        left_at = time.monotonic()
+        abort(sock)
+        assert_upstream_closed_soon(fake, left_at, CANCEL_BOUND, 60)
 
 
 @pytest.mark.parametrize("endpoint", STREAM_ENDPOINTS, ids=str)
 def test_client_leaves_between_records(endpoint: StreamEndpoint, client_relay: RelayProcess,
                                        fake: FakeUpstream) -> None:
     """A client that closes cleanly after three records: the upstream is closed within 2 s, nothing leaks."""
-    healthy_answer(endpoint, client_relay)
-    fresh_fake(fake)
-    before = worker_stats(client_relay)
-    sock = connect(client_relay)
-    sock.sendall(endpoint.raw_request(client_relay, fake_says({"n_tokens": 400, "token_interval": 0.05})))
-    received = read_until(sock, lambda data: data.count(b"tok") >= 3)
-    assert b" tok2" in received
-    left_at = time.monotonic()
-    sock.close()
-    assert_upstream_closed_soon(fake, left_at, CANCEL_BOUND, 400)
-    fresh_fake(fake)
-    healthy_answer(endpoint, client_relay)
-    assert_settles(client_relay, before)
+    with nothing_left_behind(endpoint, client_relay, fake):
+        sock = connect(client_relay)
+        sock.sendall(endpoint.raw_request(client_relay, fake_says({"n_tokens": 400, "token_interval": 0.05})))
+        received = read_until(sock, lambda data: data.count(b"tok") >= 3)
+        assert b" tok2" in received
+        left_at = time.monotonic()
+        sock.close()
+        assert_upstream_closed_soon(fake, left_at, CANCEL_BOUND, 400)
 
 
 @pytest.mark.parametrize("endpoint", STREAM_ENDPOINTS, ids=str)
