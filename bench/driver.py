@@ -287,6 +287,8 @@ class Benchmark:
             samples = []
         row = _summary(load)
         row.pop("ttft_ms")
+        if sampler is not None:
+            row["process_pid"] = sampler.root_pid  # targets sharing a process share its memory history
         # "Every token in order" is checked per stream by the load generator (wrong_text otherwise).
         if baseline is not None and samples:
             plateau = [s for s in samples if s.at >= began + profile.capacity_ramp]
@@ -519,7 +521,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument(
+        "--rewrite-report",
+        metavar="RESULTS_JSON",
+        help="only rewrite benchmarks.md and the charts from an earlier run's results.json",
+    )
     args = parser.parse_args(argv)
+    if args.rewrite_report:
+        from bench import report
+
+        document = json.loads(Path(args.rewrite_report).read_text())
+        report.write(document, Path(args.out).resolve(), charts=not args.no_charts)
+        return 0
     if not args.no_uvloop:
         try:
             import uvloop

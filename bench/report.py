@@ -86,11 +86,41 @@ def _throughput_table(document: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _process_baselines(document: dict[str, Any]) -> dict[str, float]:
+    """Per process, the PSS before its first capacity run: targets that share a process (the relay's
+    /chat and /v1) otherwise hide each other's heap growth, so per-stream memory is also given against it."""
+    baselines: dict[str, float] = {}
+    for name, levels in document["capacity"].items():
+        for row in levels.values():
+            memory = row.get("memory")
+            if not memory:
+                continue
+            key = _process_key(name, row)
+            baselines[key] = min(baselines.get(key, memory["baseline_pss_mib"]), memory["baseline_pss_mib"])
+    return baselines
+
+
+def _process_key(name: str, row: dict[str, Any]) -> str:
+    if "process_pid" in row:
+        return str(row["process_pid"])
+    return "relay" if name.startswith("relay") else name  # results from before process_pid was recorded
+
+
+def _kib_per_stream_conservative(document: dict[str, Any], name: str, level: str) -> float | None:
+    row = document["capacity"][name][level]
+    memory = row.get("memory")
+    if not memory:
+        return None
+    baseline = _process_baselines(document)[_process_key(name, row)]
+    return round((memory["peak_pss_mib"] - baseline) * 1024 / int(level), 1)
+
+
 def _capacity_table(document: dict[str, Any]) -> list[str]:
     lines = [
         "| target | concurrent streams | completed in order | errors | peak open | PSS before → peak MiB "
-        "| KiB per open stream | CPU % of one core |",
-        "|---|---:|---:|---|---:|---|---:|---:|",
+        "| KiB per open stream (vs. before this run) | KiB per open stream (vs. process before any "
+        "capacity run) | CPU % of one core |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|",
     ]
     for name, levels in document["capacity"].items():
         for level, row in levels.items():
@@ -100,6 +130,7 @@ def _capacity_table(document: dict[str, Any]) -> list[str]:
                 f"| {name} | {int(level):,} | {row['ok']:,} | {_errors(row['errors'])} "
                 f"| {row['peak_open_streams']:,} | {pss} "
                 f"| {_fmt(memory['pss_kib_per_stream'], 1) if memory else '–'} "
+                f"| {_fmt(_kib_per_stream_conservative(document, name, level), 1)} "
                 f"| {_fmt(row.get('target_cpu_percent_of_one_core'), 1)} |"
             )
     return lines
@@ -148,11 +179,13 @@ def _verdicts(document: dict[str, Any]) -> list[str]:
                 f"| {name}: ≥ 2,000 slow streams, zero errors, all tokens in order | {int(top):,} streams, "
                 f"{row['ok']:,} complete, errors {_errors(row['errors'])} | {'**met**' if held else '**not met**'} |"
             )
-            per_stream = memory.get("pss_kib_per_stream")
-            small = per_stream is not None and per_stream < 50
+            per_run = memory.get("pss_kib_per_stream")
+            conservative = _kib_per_stream_conservative(document, name, top)
+            small = conservative is not None and conservative < 50
             lines.append(
-                f"| {name}: < 50 KiB resident memory per open stream | {_fmt(per_stream, 1)} KiB "
-                f"| {'**met**' if small else '**not met**'} |"
+                f"| {name}: < 50 KiB resident memory per open stream | {_fmt(conservative, 1)} KiB against the "
+                f"process before any capacity run ({_fmt(per_run, 1)} KiB against the PSS right before "
+                f"this run) | {'**met**' if small else '**not met**'} |"
             )
     return lines
 
@@ -222,7 +255,9 @@ def write(document: dict[str, Any], out_dir: Path, charts: bool = True) -> None:
         f"Each stream: {settings['capacity_spec']['n_tokens']} tokens, one every "
         f"{settings['capacity_spec']['token_interval']:g} s; all streams opened over "
         f"{settings['capacity_ramp']:g} s and held together. Memory is the proportional set size (PSS) of the "
-        "target's process tree, peak during the plateau minus before the run, per stream. A target that "
+        "target's process tree at the plateau's peak minus before the run, per stream; the second memory column "
+        "measures against the process before its first capacity run, since /chat and /v1 share the relay's "
+        "processes and the first run's heap growth would otherwise be hidden from the second. A target that "
         "fails a level is not tried at higher levels.",
         "",
         *_capacity_table(document),
