@@ -339,6 +339,7 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
     finally:
         if falling_over is not None:
             falling_over.cancel()
+            _close_reopened(inbox)  # before close(), which would drop a stream handed over just now
         inbox.close()  # a reader still handing over (or draining the body) never blocks on it
         if reader is not None:
             if reader_done:
@@ -347,6 +348,17 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
                 stream.abort()
                 reader.join(READER_JOIN_SECONDS)
         stats.ended_at = time.monotonic()
+
+
+def _close_reopened(inbox: Inbox) -> None:
+    """Close a stream the fall-over opened and put in the inbox just before the pump ended."""
+    while True:
+        try:
+            item = inbox.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(item, _Reopened) and isinstance(item.result, UpstreamStream):
+            item.result.close()
 
 
 def _next_item(inbox: Inbox, timeout: float) -> object:

@@ -86,6 +86,14 @@ def test_eventsource_page_reads_the_answer(relay: RelayProcess, fake: FakeUpstre
     assert {event.last_event_id for event in events} == {response.headers["x-request-id"]}
 
 
+def test_head_never_asks_the_model(relay: RelayProcess, fake: FakeUpstream) -> None:
+    """HEAD /chat (which Flask routes to the GET view) checks the request but never calls the upstream."""
+    response = httpx2.head(f"{relay.url}/chat", params={"prompt": "Hi", "key": ACCESS_KEY})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    assert httpx2.head(f"{relay.url}/chat", params={"prompt": "Hi"}).status_code == 401
+    assert not fake.requests
+
+
 def test_reconnect_after_a_drop_is_told_to_stop(relay: RelayProcess, fake: FakeUpstream) -> None:
     """EventSource reconnecting on its own (Last-Event-ID set) gets 204, which stops it, and the model is not
     asked a second time."""

@@ -240,6 +240,20 @@ def test_both_failing_after_headers_ends_with_an_error(pair: RelayProcess, fake:
     assert "upstream=second" in line and "fallbacks=1" in line
 
 
+def test_client_leaving_during_fallover_closes_the_next_upstream(pair: RelayProcess, fake: FakeUpstream,
+                                                                fake2: FakeUpstream) -> None:
+    """A client that leaves while the relay is still opening the next upstream leaves nothing behind: that
+    upstream's stream is closed as soon as it opens, unread."""
+    fake2.behave(disconnect_after=0)
+    fake.behave(headers_delay=1.5, n_tokens=50, token_interval=0.1)
+    with httpx2.stream("POST", f"{pair.url}/chat", json={"messages": HELLO}, headers=pair.headers(),
+                       timeout=20) as response:
+        assert response.status_code == 200
+        assert fake.wait_for(lambda: len(fake.requests) == 1, timeout=5), "the fall-over began"
+    assert fake.wait_for(lambda: fake.streams_closed, timeout=6)
+    assert fake.streams_closed[0].completed is False and fake.streams_closed[0].tokens_sent < 50
+
+
 # --- never after the first token ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("endpoint", ["chat", "sse", "v1-stream"])

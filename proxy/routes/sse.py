@@ -45,6 +45,8 @@ def chat_events() -> Response:
     model = choose_model(request.args.get("model") or None, relay.config)
     access.model = model
     authorize_model(relay.config, access.key_name, model)
+    if request.method == "HEAD":
+        return Response(status=200, headers=SSE_HEADERS)  # Flask routes HEAD here: never ask the model for it
     if relay.config.log_content:
         access.prompt = prompt
     body = {"model": model, "messages": with_system_prompt([{"role": "user", "content": prompt}], relay.config)}
