@@ -10,7 +10,7 @@ need nginx nginx                 # tests/test_deploy.py, tests/test_proxies.py: 
 need redis-server redis-server   # shared limits across relay instances
 need caddy caddy                 # the shipped Caddyfile
 need openssl openssl             # a throwaway certificate for the TLS half of the nginx site
-need chromium chromium           # the chat page's browser tests (driven by Playwright, never `playwright install`)
+need chromium chromium           # the chat page's browser tests (Playwright, never `playwright install`) and tests/test_sse_browser.py
 need npm npm                     # builds the chat page's bundle (scripts/build-web.sh)
 if ((${#packages[@]})); then
   sudo_cmd=""
