@@ -146,6 +146,27 @@ def test_failure_mid_stream_is_an_error_event_then_done(relay: RelayProcess, fak
     assert "".join(seen) == "Hello from"
 
 
+@pytest.mark.parametrize(("behaviour", "code", "text"), [
+    ({"malformed_after": 2}, "upstream_malformed", "Hello from"),
+    ({"raw_body": "<html><body>502 Bad Gateway</body></html>"}, "upstream_disconnected", ""),
+    ({"raw_body": 'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n'}, "upstream_error", ""),
+    ({"reset_after": 1}, "upstream_disconnected", "Hello"),
+], ids=["malformed-chunk", "html-in-200-stream", "error-event", "reset"])
+def test_broken_upstream_streams_end_properly(relay: RelayProcess, fake: FakeUpstream, behaviour: dict[str, Any],
+                                              code: str, text: str) -> None:
+    """Garbage, HTML instead of SSE, an in-stream error or a reset: the client gets what arrived intact, one
+    OpenAI error event it can show, then data: [DONE]."""
+    fake.behave(**behaviour)
+    response, body = raw_events(relay, {"model": "gpt-4o-mini", "messages": HELLO, "stream": True})
+    assert response.status_code == 200
+    payloads = data_payloads(body)
+    assert payloads[-1] == b"[DONE]" and payloads.count(b"[DONE]") == 1
+    error = json.loads(payloads[-2])["error"]
+    assert error["code"] == code and error["message"]
+    chunks = [json.loads(payload) for payload in payloads[:-2]]
+    assert "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks) == text
+
+
 def test_client_leaving_closes_the_upstream(relay: RelayProcess, fake: FakeUpstream) -> None:
     """A /v1 client that goes away mid-stream gets its upstream request closed within 2 seconds."""
     fake.behave(n_tokens=200, token_interval=0.1)
