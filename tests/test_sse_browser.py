@@ -148,7 +148,8 @@ def test_browser_eventsource_against_get_chat(relay_factory: Callable[..., Relay
         assert refused["errors"] == [{"data": None, "readyState": 2}], "failed for good: CLOSED, no retry"
         assert not refused["done"] and not refused["text"]
     log = relay.log_text()
-    assert log.count("path=/chat?prompt=probe-wrong-key") == 1, "the browser did not reconnect after a 401"
+    refusals = [line for line in log.splitlines() if "method=GET path=/chat?" in line and "status=401" in line]
+    assert len(refusals) == 1, "the browser did not reconnect after a 401"
     assert ACCESS_KEY not in log
 
     broken = seen["midStream"]
