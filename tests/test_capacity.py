@@ -99,8 +99,6 @@ def test_two_workers_hold_a_thousand_open_streams(relay_factory: Callable[..., R
     relay_cpu = _worker_cpu_seconds(relay) - idle_cpu
     assert texts == [expected] * STREAMS
     per_stream = (peak_rss - idle_rss) / STREAMS
-    # Wall time depends on the test process (fake upstream + 1,000 clients share one GIL) and on the
-    # machine's load; what the relay must show is that it was not the bottleneck.
-    assert relay_cpu < 0.5 * elapsed * 2, f"relay used {relay_cpu:.1f} s CPU in {elapsed:.1f} s"
+    # Figures only: performance claims come from bench/ (docs/benchmarks.md), not from a timed test.
     print(f"\n{STREAMS} streams in {elapsed:.1f} s; worker RSS {idle_rss} -> {peak_rss} KiB "
           f"({per_stream:.1f} KiB per open stream); relay CPU {relay_cpu:.1f} s")
