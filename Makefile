@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv dev-venv system-deps lint check bench assets soak
+.PHONY: run install test venv dev-venv system-deps lint check bench assets soak
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ dev-venv: $(VENV)/.dev
 # gitignored proxy/web/static/dist/); quick when up to date.
 assets:
 	scripts/build-web.sh
+
+# The relay ready to serve, as a server installs it (README, "From a fresh VPS"): .venv with the pinned
+# requirements and the chat page's bundle (needs npm). Run it again after `git pull`.
+install: venv assets
 
 run: venv
 	scripts/build-web.sh || echo "make run: the chat page at / is not built (needs npm); the API works without it"

@@ -9,15 +9,35 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
+from typing import NoReturn
 
-bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("GUNICORN_WORKERS", str(os.cpu_count() or 1)))
+# The checkout this file belongs to, importable whatever the working directory (systemd, Docker, make run).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from proxy.config import Config, ConfigError, ServerSettings, load_env_file
+
+
+def _refuse(exc: ConfigError) -> NoReturn:
+    print(f"relay: refusing to start: {exc}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+# `.env` first (real variables win), so that GUNICORN_* set there count too; an empty value means the default.
+load_env_file()
+try:
+    settings = ServerSettings.from_env(os.environ)
+except ConfigError as exc:
+    _refuse(exc)
+
+bind = settings.bind
+workers = settings.workers
 worker_class = "gevent"
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "10000"))
+worker_connections = settings.worker_connections
 timeout = 30  # worker heartbeat, not a request timeout: gevent workers keep beating while streams wait
 # On SIGTERM (and for old workers on a SIGHUP reload) open streams get this long to finish; any still
 # open STREAM_END_MARGIN seconds before it ends with an error record and the proper end of its protocol.
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+graceful_timeout = settings.graceful_timeout
 STREAM_END_MARGIN = 2.0
 # gunicorn waits this long for a request on a connection, the first one included (a burst of new
 # connections on a busy box needs the time), and idle keep-alive connections hold a graceful shutdown open
@@ -27,7 +47,7 @@ keepalive = 20
 backlog = 4096
 accesslog = None  # the relay writes its own access log, with keys redacted and stream timings
 errorlog = "-"
-loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+loglevel = settings.log_level
 proc_name = "relay"
 # gunicorn 27's control socket lives at one path per user: several relays on a host would fight over it.
 control_socket_disable = True
@@ -50,15 +70,11 @@ def post_worker_init(worker):
 
 def on_starting(server):
     """Refuse to start, in one line, when the configuration is unusable (before any worker forks)."""
-    from proxy.config import Config, ConfigError, load_env_file
-
-    load_env_file()
     prepare_metrics_dir()
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
-        print(f"relay: refusing to start: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _refuse(exc)
     keys = ", ".join(f"…{key[-4:]}" for key in config.authorization_keys) or "none"
     if config.keys_file is not None:
         keys += f"; keys file {config.keys_file}: " + ", ".join(p.name for p in config.keyring.policies)
@@ -67,6 +83,7 @@ def on_starting(server):
         mode = f"s from {config.upstreams_file}: " + ", ".join(f"{u.name} {u.base_url}" for u in config.upstreams)
     print(f"relay: upstream {mode}, default model {config.default_model}, access keys {keys}",
           file=sys.stderr, flush=True)
+    print(f"relay: listening on {settings.bind}; the chat page is at {settings.url}", file=sys.stderr, flush=True)
     if config.limits_configured and not config.rate_limit_storage_uri and server.cfg.workers > 1:
         print(f"relay: note: limits count in each of the {server.cfg.workers} worker processes on its own, so a "
               "key gets up to that many times its limits; set RATE_LIMIT_STORAGE_URI=redis://... (or "

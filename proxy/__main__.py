@@ -9,29 +9,53 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+
+from dotenv import dotenv_values
+
+from proxy.config import ConfigError, ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_environment(environ: Mapping[str, str], env_file: Path) -> dict[str, str]:
+    """The environment gunicorn starts with: the real variables, and `.env`'s settings under them (real
+    variables win), so that every documented setting, GUNICORN_* included, counts when set in `.env`."""
+    from_file = dotenv_values(env_file) if env_file.is_file() else {}
+    env = {name: value for name, value in from_file.items() if value is not None}
+    env.update(environ)
+    return env
+
+
 def run(extra_args: list[str]) -> None:
-    env = dict(os.environ)
-    if not (ROOT / ".env").exists() and not env.get("AUTHORIZATION_KEY") and not env.get("OPENAI_API_KEY"):
+    env_file = ROOT / ".env"
+    env = run_environment(os.environ, env_file)
+    try:
+        settings = ServerSettings.from_env(env)
+    except ConfigError as exc:
+        print(f"relay: refusing to start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if not env_file.exists() and not env.get("AUTHORIZATION_KEY") and not env.get("OPENAI_API_KEY"):
         key = secrets.token_urlsafe(24)
         env.update(RELAY_DEMO="1", AUTHORIZATION_KEY=key)
-        bind = env.get("GUNICORN_BIND", "127.0.0.1:8000")
-        print(
-            "\n  DEMO MODE: no .env and no OPENAI_API_KEY found, so answers come from a local stand-in model.\n"
-            f"  Access key for this run: {key}\n"
-            "  Try it:\n"
-            f"    curl -N http://{bind}/chat -H 'Authorization: Bearer {key}' \\\n"
-            "      -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}]}'\n"
-            "  To chat for real: cp .env.example .env, fill in the keys, run again.\n",
-            flush=True,
-        )
+        print(demo_banner(settings, key), flush=True)
     command = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
                "--chdir", str(ROOT), "wsgi:app", *extra_args]
     os.execvpe(command[0], command, env)  # noqa: S606 - replaces this process with gunicorn
+
+
+def demo_banner(settings: ServerSettings, key: str) -> str:
+    url = settings.url
+    return (
+        "\n  DEMO MODE: no .env and no OPENAI_API_KEY found, so answers come from a local stand-in model.\n"
+        f"  Listening on {settings.bind}. Access key for this run: {key}\n"
+        f"  Chat page: open {url} in a browser and enter the access key.\n"
+        "  Or with curl:\n"
+        f"    curl -N {url}chat -H 'Authorization: Bearer {key}' \\\n"
+        "      -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}]}'\n"
+        "  To chat for real: cp .env.example .env, fill in the keys, run again.\n"
+    )
 
 
 def main(argv: list[str]) -> int:

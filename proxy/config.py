@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from proxy.keys import KeyRing, KeysFileError
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 LOG_FORMATS = ("text", "json")
+GUNICORN_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -170,6 +172,39 @@ class Config:
         )
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """gunicorn's settings for `deploy/gunicorn.conf.py`, read with the same rules as `Config`: a variable
+    set to the empty string (as systemd's `EnvironmentFile` and Docker's `env_file` pass a blank line of
+    `.env.example`) means its default, and a bad value is a one-line `ConfigError` naming the variable."""
+
+    bind: str = "127.0.0.1:8000"
+    workers: int = 0  # 0: one per CPU core, resolved by from_env
+    worker_connections: int = 10000
+    graceful_timeout: int = 30
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ServerSettings:
+        return cls(
+            bind=_parse(env, "GUNICORN_BIND", _bind_address, cls.bind),
+            workers=_parse(env, "GUNICORN_WORKERS", _positive_int, os.cpu_count() or 1),
+            worker_connections=_parse(env, "GUNICORN_WORKER_CONNECTIONS", _positive_int, cls.worker_connections),
+            graceful_timeout=_parse(env, "GUNICORN_GRACEFUL_TIMEOUT", _positive_int, cls.graceful_timeout),
+            log_level=_parse(env, "GUNICORN_LOG_LEVEL", _log_level, cls.log_level),
+        )
+
+    @property
+    def url(self) -> str:
+        """Where a browser on this host reaches the relay (its chat page is at `/`)."""
+        if self.bind.startswith(("unix:", "fd://")):
+            return self.bind
+        host, _, port = self.bind.rpartition(":")
+        if host in ("0.0.0.0", "[::]", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{port}/"
+
+
 def load_env_file() -> None:
     """Read `.env` from the working directory (only there), never overriding real environment variables."""
     load_dotenv(Path.cwd() / ".env", override=False)
@@ -288,6 +323,21 @@ def _storage_uri(raw: str) -> str | None:
         schemes = ", ".join(f"{scheme}://" for scheme in RATE_LIMIT_STORAGE_SCHEMES)
         raise ConfigError(f"RATE_LIMIT_STORAGE_URI: expected a URL starting with one of {schemes}")
     return raw
+
+
+def _bind_address(raw: str) -> str:
+    if raw.startswith(("unix:", "fd://")):
+        return raw
+    host, colon, port = raw.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:  # port 0: any free port
+        raise ValueError("expected HOST:PORT (127.0.0.1:8000, 0.0.0.0:8000, [::]:8000) or unix:/path/to.sock")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    if raw.lower() not in GUNICORN_LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(GUNICORN_LOG_LEVELS)}")
+    return raw.lower()
 
 
 def _log_format(raw: str) -> str:

@@ -249,11 +249,15 @@ def _suspects(reading: Reading) -> str:
             "caching rules on this path")
 
 
-def report(url: str, findings: list[Finding], records: int, interval: float, gap: float, after: int) -> str:
+def report(url: str, findings: list[Finding], records: int, interval: float, gap: float, after: int,
+           tested: bool = True) -> str:
+    """The findings and a verdict; `tested` is false when no stream came back to judge the path by."""
     lines = [f"relay doctor: {url} ({records} records {interval:g} s apart, {gap:g} s of silence, "
              f"{after} more)"]
     lines += [f"{'OK     ' if finding.ok else 'PROBLEM'} {finding.text}" for finding in findings]
-    if all(finding.ok for finding in findings):
+    if not tested:
+        lines.append(f"verdict: could not test this path: {findings[0].text}.")
+    elif all(finding.ok for finding in findings):
         lines.append("verdict: this path streams the relay's answers properly.")
     else:
         lines.append("verdict: this path does not stream properly; see PROBLEM above.")
@@ -272,7 +276,8 @@ def main(argv: list[str]) -> int:
     print(f"testing {args.url}: this takes about {args.records * args.interval + args.gap:.0f} s ...", flush=True)
     reading = read_doctor(args.url, args.key, args.records, args.interval, args.gap, args.after)
     findings = diagnose(reading, args.records, args.interval, args.gap, args.after)
-    print(report(args.url, findings, args.records, args.interval, args.gap, args.after))
-    if reading.ending in ("unreachable", "refused"):
+    tested = reading.ending not in ("unreachable", "refused")
+    print(report(args.url, findings, args.records, args.interval, args.gap, args.after, tested))
+    if not tested:
         return 2
     return 0 if all(finding.ok for finding in findings) else 1

@@ -43,6 +43,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def wait_until(condition: Callable[[], object], timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """Poll `condition` until it is true or `timeout` seconds pass; whether it became true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.settimeout(0.2)

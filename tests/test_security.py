@@ -5,7 +5,6 @@ security headers and request IDs on every response, and no client can steer the 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterator
 
 import httpx2
@@ -14,6 +13,7 @@ import pytest
 from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, SECRETS, UPSTREAM_KEY, RelayProcess
 from tests.fake_upstream import FakeUpstream
 from tests.hardening import FAULT_SETTINGS, STREAM_ENDPOINTS, StreamEndpoint, assert_no_secrets, fake_says
+from tests.servers import wait_until
 
 AUTH = {"Authorization": f"Bearer {ACCESS_KEY}"}
 CHAT = {"messages": [{"role": "user", "content": "hello"}]}
@@ -28,15 +28,6 @@ def secure_relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
 def client(secure_relay: RelayProcess) -> Iterator[httpx2.Client]:
     with httpx2.Client(base_url=secure_relay.url, timeout=20) as http:
         yield http
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def every_kind_of_response(client: httpx2.Client) -> list[httpx2.Response]:

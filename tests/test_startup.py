@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from proxy.config import Config, ConfigError
+from proxy.__main__ import demo_banner, run_environment
+from proxy.config import Config, ConfigError, ServerSettings
 from tests.conftest import ACCESS_KEY, ROOT, UPSTREAM_KEY, free_port, relay_env, start_relay
 
 BASE = {"AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": UPSTREAM_KEY}
@@ -55,6 +56,69 @@ def test_settings_are_parsed() -> None:
     assert UPSTREAM_KEY not in repr(config)
 
 
+def blank_settings_of_env_example() -> dict[str, str]:
+    """Every `NAME=` line of .env.example as systemd's EnvironmentFile and Docker's env_file pass it: set, empty."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return {name: value for name, _, value in (line.partition("=") for line in lines
+                                               if line and not line.startswith("#"))}
+
+
+def test_env_example_copied_with_only_the_keys_filled_gives_every_default() -> None:
+    """An empty setting means its default, for the app's settings and gunicorn's alike."""
+    blanks = blank_settings_of_env_example()
+    assert len(blanks) > 30 and set(blanks.values()) == {""}
+    assert {"GUNICORN_BIND", "GUNICORN_WORKERS", "GUNICORN_LOG_LEVEL"} <= set(blanks)
+    env = {**blanks, **BASE}
+    assert Config.from_env(env) == Config.from_env(BASE)
+    assert ServerSettings.from_env(env) == ServerSettings.from_env({})
+    assert ServerSettings.from_env(env).bind == "127.0.0.1:8000"
+    assert ServerSettings.from_env(env).workers == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("GUNICORN_BIND", "8000"), ("GUNICORN_BIND", "127.0.0.1:http"), ("GUNICORN_BIND", ":8000"),
+    ("GUNICORN_WORKERS", "two"), ("GUNICORN_WORKERS", "0"), ("GUNICORN_WORKER_CONNECTIONS", "-5"),
+    ("GUNICORN_GRACEFUL_TIMEOUT", "1.5"), ("GUNICORN_LOG_LEVEL", "loud"),
+])
+def test_bad_server_settings_name_the_variable(variable: str, value: str) -> None:
+    """gunicorn's settings are validated like the app's: one line naming the variable."""
+    with pytest.raises(ConfigError) as caught:
+        ServerSettings.from_env({variable: value})
+    assert str(caught.value).startswith(f"{variable}: ") and "\n" not in str(caught.value)
+
+
+def test_server_settings_are_parsed() -> None:
+    """Set values are used as given; the banner's URL is one a browser on this host can open."""
+    settings = ServerSettings.from_env({"GUNICORN_BIND": "0.0.0.0:9001", "GUNICORN_WORKERS": "3",
+                                        "GUNICORN_LOG_LEVEL": "WARNING"})
+    assert (settings.bind, settings.workers, settings.log_level) == ("0.0.0.0:9001", 3, "warning")
+    assert settings.url == "http://127.0.0.1:9001/"
+    banner = demo_banner(settings, "the-key")
+    assert "http://127.0.0.1:9001/" in banner and "the-key" in banner
+
+
+def test_run_command_reads_dotenv_under_real_variables(tmp_path: Path) -> None:
+    """`make run` passes .env's settings (GUNICORN_* included) to gunicorn; a real variable wins."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("GUNICORN_BIND=127.0.0.1:9123\nGUNICORN_WORKERS=3\nDEFAULT_MODEL=from-file\n")
+    env = run_environment({"DEFAULT_MODEL": "from-environment", "PATH": "/bin"}, env_file)
+    assert ServerSettings.from_env(env).bind == "127.0.0.1:9123"
+    assert ServerSettings.from_env(env).workers == 3
+    assert env["DEFAULT_MODEL"] == "from-environment"
+    assert run_environment({"PATH": "/bin"}, tmp_path / "missing") == {"PATH": "/bin"}
+
+
+@pytest.mark.parametrize(("variable", "value"), [("GUNICORN_WORKERS", "two"), ("GUNICORN_LOG_LEVEL", "loud")])
+def test_gunicorn_refuses_a_bad_server_setting_in_one_line(tmp_path: Path, variable: str, value: str) -> None:
+    """A malformed GUNICORN_* value stops gunicorn with the relay's one-line reason, not a traceback."""
+    relay = start_relay(tmp_path, relay_env("http://127.0.0.1:9/v1", **{variable: value}), wait=False)
+    assert relay.process.wait(20) != 0
+    log = relay.log_text()
+    reason = [line for line in log.splitlines() if line.startswith("relay: refusing to start")]
+    assert len(reason) == 1 and variable in reason[0], log
+    assert "Traceback" not in log
+
+
 @pytest.mark.parametrize(("drop", "variable"), [("AUTHORIZATION_KEY", "AUTHORIZATION_KEY"),
                                                 ("OPENAI_API_KEY", "OPENAI_API_KEY")])
 def test_gunicorn_refuses_to_start_in_one_line(tmp_path: Path, drop: str, variable: str) -> None:
@@ -70,18 +134,35 @@ def test_gunicorn_refuses_to_start_in_one_line(tmp_path: Path, drop: str, variab
 
 
 def test_demo_mode_serves_the_stand_in_model(tmp_path: Path) -> None:
-    """RELAY_DEMO=1 needs no upstream key and streams a clearly labelled stand-in answer."""
+    """RELAY_DEMO=1 needs no upstream key and answers every endpoint family with a labelled stand-in answer."""
     env = relay_env("http://127.0.0.1:9/v1", RELAY_DEMO="1")
     del env["OPENAI_API_KEY"]
     relay = start_relay(tmp_path, env)
+    question = {"messages": [{"role": "user", "content": "ping"}]}
     try:
-        response = httpx2.post(f"{relay.url}/chat", headers=relay.headers(), timeout=20,
-                               json={"messages": [{"role": "user", "content": "ping"}]})
+        response = httpx2.post(f"{relay.url}/chat", headers=relay.headers(), timeout=20, json=question)
         records = [json.loads(line) for line in response.text.splitlines() if line]
         text = "".join(r["content"] for r in records if not r["done"])
         assert "Demo mode" in text and "ping" in text
-        assert records[-1]["done"] is True
+        assert records[-1]["done"] is True and records[-1]["usage"]["completion_tokens"] > 0
+        whole = httpx2.post(f"{relay.url}/v1/chat/completions", headers=relay.headers(), timeout=20,
+                            json=question)
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["choices"][0]["message"]["content"] == text
+        assert whole.json()["usage"]["total_tokens"] > 0
+        streamed = httpx2.post(f"{relay.url}/v1/chat/completions", headers=relay.headers(), timeout=20,
+                               json={**question, "stream": True, "stream_options": {"include_usage": True}})
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == text
+        assert events[-1]["usage"]["completion_tokens"] > 0
+        sse = httpx2.get(f"{relay.url}/chat", params={"prompt": "ping"}, headers=relay.headers(), timeout=20)
+        assert sse.status_code == 200 and "Demo" in sse.text
+        models = httpx2.get(f"{relay.url}/v1/models", headers=relay.headers(), timeout=5).json()
+        assert [model["id"] for model in models["data"]] == ["gpt-4o-mini"]
         assert httpx2.get(f"{relay.url}/healthz", timeout=5).json()["demo"] is True
+        page = httpx2.get(f"{relay.url}/", timeout=5)  # the bundle is built by make test
+        assert page.status_code == 200 and 'id="demo-notice"' in page.text
     finally:
         relay.stop()
 

@@ -81,4 +81,13 @@ def test_missing_bundle_gives_a_503_that_names_the_fix(tmp_path: Path) -> None:
     app.register_blueprint(create_web_blueprint(tmp_path))
     response = app.test_client().get("/")
     assert response.status_code == 503
-    assert "make assets" in response.get_data(as_text=True)
+    assert "make install" in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("demo", [True, False])
+def test_page_says_when_it_is_a_demo(built_bundle: Path, demo: bool) -> None:
+    """In demo mode the page says so before any answer arrives; a real relay's page never does."""
+    config = Config(authorization_keys=(ACCESS_KEY,), openai_api_key=UPSTREAM_KEY,
+                    openai_base_url="http://127.0.0.1:9/v1", demo=demo)
+    page = create_app(config).test_client().get("/").get_data(as_text=True)
+    assert ('id="demo-notice"' in page) is demo

@@ -18,6 +18,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Request
 from proxy.routes.websocket import Conversation
 from tests.conftest import ACCESS_KEY, SECRETS, RelayProcess
 from tests.fake_upstream import FakeUpstream
+from tests.servers import wait_until
 
 SYSTEM_PROMPT = "You are the relay's WebSocket test persona."
 FAKE_ANSWER = "Hello from the fake upstream."
@@ -140,6 +141,9 @@ def test_wrong_or_missing_key_is_accepted_then_closed_with_1008(
     assert len(closes) == 1 and closes[0].code == 1008
     assert "access key" in closes[0].reason
     assert fake.requests == []
+    # The access log says what the client saw: 1008, not an HTTP 401 that never went out.
+    assert wait_until(lambda: any("path=/ws" in line and "status=1008" in line
+                                  for line in ws_relay.log_text().splitlines()))
 
 
 def test_authorization_header_works_for_non_browser_clients(ws_relay: RelayProcess) -> None:

@@ -148,7 +148,7 @@ def websocket_chat() -> Response:
         try:
             connection.key_name = authenticate(relay.config, presented)
         except Unauthorized as refused:
-            status = refused.code or 401
+            status = POLICY_VIOLATION  # what the client sees, so also what the access log and metrics say
             close_with_handshake(ws, POLICY_VIOLATION, str(refused.description))
             return ConversationEnded(ws.mode, status)
         connection.stats = StreamStats(started_at=connection.started)  # all answers: for the log and limits

@@ -47,8 +47,9 @@ PAGE_SECURITY_HEADERS = {
 }
 
 ASSETS_MISSING_MESSAGE = (
-    "The chat page's assets are not built yet. Run `make assets` (or `make run`, which builds them) "
-    "and reload. The API (POST /chat) works without them."
+    "The chat page's assets are not built yet. In the relay's directory run `make install` (needs npm: "
+    "apt install nodejs npm), or `make run`, which builds them, and reload. The API (POST /chat, /v1) "
+    "works without them."
 )
 
 
@@ -83,6 +84,7 @@ def create_web_blueprint(static_directory: Path = STATIC_DIRECTORY) -> Blueprint
                 style_url=bundle_url("app.css"),
                 icon_url=url_for("web.static", filename="icon.svg"),
                 default_model=current_relay().config.default_model,
+                demo=current_relay().config.demo,
             )
             response = Response(html, mimetype="text/html")
         response.headers.update(PAGE_SECURITY_HEADERS)
