@@ -21,9 +21,9 @@ def create_app(config: Config | None = None) -> Flask:
 
     from proxy.access import TrustedProxies
     from proxy.errors import register_error_handlers
-    from proxy.hooks import install_request_hooks
+    from proxy.pipeline import check_every_view_declared, install_pipeline
     from proxy.relay import build_relay
-    from proxy.routes import chat, docs, doctor, health, openai_api, sse
+    from proxy.routes import chat, docs, doctor, health, metrics, openai_api, sse
     from proxy.routes.websocket import register_websocket
     from proxy.web import create_web_blueprint
 
@@ -36,10 +36,10 @@ def create_app(config: Config | None = None) -> Flask:
     relay = build_relay(config)
     app.extensions["relay"] = relay
     register_error_handlers(app)
-    install_request_hooks(app)
-    relay.limits.init_app(app)  # after the request hooks: preflights are answered before any limit
-    relay.metrics.init_app(app)
+    install_pipeline(app)
+    relay.limits.init_app(app)  # after the pipeline's first step: preflights first, the caller decided once
     app.register_blueprint(chat.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(doctor.bp)
     app.register_blueprint(docs.bp)
@@ -53,17 +53,22 @@ def create_app(config: Config | None = None) -> Flask:
         from proxy.routes import debug  # leak-test counters; never registered unless asked for
 
         app.register_blueprint(debug.bp)
+    check_every_view_declared(app)
     return app
 
 
 def configure_logging(log_format: str = "text") -> None:
+    """Point the `relay` loggers at stderr in `log_format`. Logging is the process's, so each app applies
+    its own setting when it is built (the handler of an earlier app is replaced, not kept)."""
     from proxy.accesslog import JsonLogFormatter
 
     logger = logging.getLogger("relay")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonLogFormatter() if log_format == "json"
-                             else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    for handler in [h for h in logger.handlers if getattr(h, "relay_handler", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.relay_handler = True  # type: ignore[attr-defined]
+    handler.setFormatter(JsonLogFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

@@ -1,4 +1,7 @@
-"""Who may call the relay: access keys (constant-time) and the CORS allow-list."""
+"""Who may call the relay: the presented access key, per-key models, the CORS allow-list, trusted proxies.
+
+The caller itself is decided once per request by the pipeline (`proxy/pipeline.py`, `decide_caller`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,11 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from flask import Response, g, request
+from flask import Response, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from proxy.config import Config, IPNetwork
-from proxy.errors import Forbidden, Unauthorized
+from proxy.errors import Forbidden
 from proxy.keys import KeyPolicy
 from proxy.upstream import model_allowed
 
@@ -31,29 +34,10 @@ def presented_key(authorization: str | None) -> str:
     return value
 
 
-def authenticate(config: Config, authorization: str | None) -> str:
-    """Check the caller's key; return the key's name (never the key) or raise `Unauthorized`."""
-    presented = presented_key(authorization)
-    policy = config.keyring.identify(presented) if presented else None
-    if policy is None:
-        raise Unauthorized()
-    return policy.name
-
-
-def caller_policy(config: Config) -> KeyPolicy | None:
-    """The policy of the key this request presents (Authorization header, else a `key` query parameter
-    as EventSource clients must send it), or None. Cached for the request; limits and metrics use it."""
-    if "caller_policy" not in g:
-        presented = presented_key(request.headers.get("Authorization")) or request.args.get("key", "")
-        g.caller_policy = config.keyring.identify(presented) if presented else None
-    policy: KeyPolicy | None = g.caller_policy
-    return policy
-
-
-def authorize_model(config: Config, key_name: str, model: str) -> None:
-    """Refuse a model outside the calling key's own `models` list (KEYS_FILE), after ALLOWED_MODELS."""
-    policy = next((p for p in config.keyring.policies if p.name == key_name), None)
-    if policy is not None and not model_allowed(policy.models, model):
+def authorize_model(caller: KeyPolicy | None, model: str) -> None:
+    """Refuse a model outside the calling key's own `models` list (KEYS_FILE); ALLOWED_MODELS is checked
+    by the shaping (proxy/shaping.py) before this."""
+    if caller is not None and not model_allowed(caller.models, model):
         raise Forbidden(f"model '{model}' is not allowed for this key", kind="model_not_allowed")
 
 

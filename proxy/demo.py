@@ -6,15 +6,11 @@ SDK, SSE parsing and pump as real ones.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx2
-import openai
-import orjson
-
+from proxy.standin import SSE_END, Timed, sse_chunk, stand_in_upstream
 from proxy.upstream import Upstream
 
 DEMO_MODEL = "relay-demo"
@@ -40,33 +36,26 @@ def demo_usage(prompt: str, words: list[str]) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-class DemoAnswer(httpx2.SyncByteStream):
-    """A streamed chat completion in OpenAI's SSE shape, with the usage chunk when it was asked for."""
+def demo_answer(body: dict[str, Any]) -> dict[str, Any] | Iterator[Timed]:
+    """The stand-in's answer to a chat completion request: whole, or streamed a word at a time."""
+    model = str(body.get("model"))
+    prompt = str(next((m.get("content") for m in reversed(body.get("messages", []))
+                       if isinstance(m, dict) and m.get("role") == "user"), ""))
+    if body.get("stream") is not True:
+        return demo_completion(model, prompt)
+    options = body.get("stream_options")
+    return streamed_words(model, prompt, isinstance(options, dict) and options.get("include_usage") is True)
 
-    def __init__(self, model: str, prompt: str, include_usage: bool) -> None:
-        self.model = model
-        self.prompt = prompt
-        self.words = demo_words(prompt)
-        self.include_usage = include_usage
-        self.closed = threading.Event()
 
-    def __iter__(self) -> Iterator[bytes]:
-        base = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": self.model}
-        for text in self.words:
-            if self.closed.wait(WORD_INTERVAL_SECONDS):
-                return
-            chunk = {**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-        last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        yield b"data: " + orjson.dumps(last) + b"\n\n"
-        if self.include_usage:
-            usage = {**base, "choices": [], "usage": demo_usage(self.prompt, self.words)}
-            yield b"data: " + orjson.dumps(usage) + b"\n\n"
-        yield b"data: [DONE]\n\n"
-
-    def close(self) -> None:
-        self.closed.set()
+def streamed_words(model: str, prompt: str, include_usage: bool) -> Iterator[Timed]:
+    """OpenAI's streaming chunks, one word each, then the finish, the usage chunk when asked for, [DONE]."""
+    words = demo_words(prompt)
+    for text in words:
+        yield WORD_INTERVAL_SECONDS, sse_chunk(model, {"content": text}, completion_id="chatcmpl-demo")
+    yield 0.0, sse_chunk(model, {}, "stop", completion_id="chatcmpl-demo")
+    if include_usage:
+        yield 0.0, sse_chunk(model, None, completion_id="chatcmpl-demo", usage=demo_usage(prompt, words))
+    yield 0.0, SSE_END
 
 
 def demo_completion(model: str, prompt: str) -> dict[str, Any]:
@@ -80,23 +69,5 @@ def demo_completion(model: str, prompt: str) -> dict[str, Any]:
     }
 
 
-class DemoTransport(httpx2.BaseTransport):
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        if request.method == "POST" and request.url.path.endswith("/chat/completions"):
-            body = orjson.loads(request.read())
-            model = str(body.get("model"))
-            prompt = str(next((m.get("content") for m in reversed(body.get("messages", []))
-                               if isinstance(m, dict) and m.get("role") == "user"), ""))
-            if body.get("stream") is not True:
-                return httpx2.Response(200, json=demo_completion(model, prompt))
-            options = body.get("stream_options")
-            include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            return httpx2.Response(200, headers={"content-type": "text/event-stream"},
-                                   stream=DemoAnswer(model, prompt, include_usage))
-        return httpx2.Response(404, json={"error": {"message": "not found", "type": "invalid_request_error"}})
-
-
 def demo_upstream() -> Upstream:
-    client = openai.OpenAI(api_key="demo", base_url="http://demo.invalid/v1", max_retries=0,
-                           http_client=httpx2.Client(transport=DemoTransport()))
-    return Upstream("demo", client)
+    return stand_in_upstream("demo", demo_answer, models=())

@@ -111,7 +111,7 @@ def _note_line(reading: Reading, line: bytes, now: float) -> None:
 
 
 def diagnose(reading: Reading, records: int = DEFAULT_RECORDS, interval: float = DEFAULT_INTERVAL,
-             gap: float = DEFAULT_GAP, after: int = DEFAULT_AFTER) -> list[Finding]:
+             gap: float = DEFAULT_GAP) -> list[Finding]:
     """Plain-words findings about one reading."""
     if reading.ending == "unreachable":
         return [Finding(False, f"could not reach the relay: {reading.detail}")]
@@ -275,7 +275,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     print(f"testing {args.url}: this takes about {args.records * args.interval + args.gap:.0f} s ...", flush=True)
     reading = read_doctor(args.url, args.key, args.records, args.interval, args.gap, args.after)
-    findings = diagnose(reading, args.records, args.interval, args.gap, args.after)
+    findings = diagnose(reading, args.records, args.interval, args.gap)
     tested = reading.ending not in ("unreachable", "refused")
     print(report(args.url, findings, args.records, args.interval, args.gap, args.after, tested))
     if not tested:

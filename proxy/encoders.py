@@ -8,14 +8,27 @@ batch read from the upstream, `keepalive()` during silence, and ends every strea
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from proxy.errors import SSE_DONE, sse_error_event
-from proxy.upstream import Chunk
+if TYPE_CHECKING:  # a type only: proxy.errors renders its error bodies with this module's records
+    from proxy.upstream import Chunk
 
 NDJSON_DONE = b'{"done":true,"error":false,"content":"[DONE]"}\n'
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def ndjson_error_record(kind: str, message: str) -> bytes:
+    """The old relay's error record; `code` carries the machine-readable kind."""
+    return orjson.dumps({"done": False, "error": True, "content": message, "code": kind}) + b"\n"
+
+
+def sse_error_event(message: str, error_type: str, kind: str, named: bool) -> bytes:
+    """An OpenAI-shaped error as one SSE event; `named` makes it `event: error`, which EventSource pages
+    receive in their error listener instead of `onmessage`."""
+    payload = orjson.dumps({"error": {"message": message, "type": error_type, "code": kind}})
+    return (b"event: error\n" if named else b"") + b"data: " + payload + b"\n\n"
 _NDJSON_CONTENT = b'{"done":false,"error":false,"content":'
 _NDJSON_REASONING = b'{"done":false,"error":false,"content":"","reasoning":'
 
@@ -24,7 +37,7 @@ class Encoder(Protocol):
     def start(self) -> bytes: ...
     def chunks(self, chunks: Sequence[Chunk]) -> bytes: ...
     def keepalive(self) -> bytes: ...
-    def error(self, code: str, message: str) -> bytes: ...
+    def error(self, kind: str, message: str) -> bytes: ...
     def end(self, finish_reason: str | None, usage: dict[str, Any] | None) -> bytes: ...
 
 
@@ -49,8 +62,8 @@ class NdjsonEncoder:
     def keepalive(self) -> bytes:
         return b"\n"  # a blank line: the old relay's clients skip it
 
-    def error(self, code: str, message: str) -> bytes:
-        return orjson.dumps({"done": False, "error": True, "content": message, "code": code}) + b"\n"
+    def error(self, kind: str, message: str) -> bytes:
+        return ndjson_error_record(kind, message)
 
     def end(self, finish_reason: str | None, usage: dict[str, Any] | None) -> bytes:
         if finish_reason is None and usage is None:
@@ -91,8 +104,8 @@ class SseEncoder:
     def keepalive(self) -> bytes:
         return SSE_KEEPALIVE
 
-    def error(self, code: str, message: str) -> bytes:
-        return sse_error_event(message, "api_error", code, named=self.error_event)
+    def error(self, kind: str, message: str) -> bytes:
+        return sse_error_event(message, "api_error", kind, named=self.error_event)
 
     def end(self, finish_reason: str | None, usage: dict[str, Any] | None) -> bytes:
         return SSE_DONE
@@ -139,8 +152,8 @@ class WebSocketEncoder:
     def keepalive(self) -> bytes:
         return b""
 
-    def error(self, code: str, message: str) -> bytes:
-        return orjson.dumps({"reply": message, "error": True, "code": code}) + b"\n"
+    def error(self, kind: str, message: str) -> bytes:
+        return orjson.dumps({"reply": message, "error": True, "code": kind}) + b"\n"
 
     def end(self, finish_reason: str | None, usage: dict[str, Any] | None) -> bytes:
         return WEBSOCKET_DONE

@@ -1,7 +1,11 @@
 """Errors a client can cause or meet, and the one handler that renders them in each endpoint's shape.
 
-Every error is a small `RelayError` (a werkzeug `HTTPException`) with a machine-readable `code`. The
-handler picks the body shape from the view (`@error_shape`) or, for routing errors, from the path:
+Every error is a small `RelayError` (a werkzeug `HTTPException`, subclassing werkzeug's class of the same
+name where there is one): `status` is its HTTP status (werkzeug calls it `code`), `kind` its
+machine-readable name, which the bodies carry in their `"code"` field as the old relay's clients and
+OpenAI's SDKs expect. The handler picks the body shape from the view's declared protocol
+(`proxy/pipeline.py`) or, for routing errors, from the path; the records themselves come from
+`proxy/encoders.py`, the one place that builds them:
 
 - ``ndjson``: one error record then the ``[DONE]`` record, what clients of the old Node relay can show;
 - ``openai``: ``{"error": {"message", "type", "code"}}``, what the official SDKs turn into exceptions;
@@ -12,27 +16,26 @@ handler picks the body shape from the view (`@error_shape`) or, for routing erro
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, request
+from werkzeug import exceptions as werkzeug_errors
 from werkzeug.exceptions import HTTPException
+
+from proxy.encoders import NDJSON_DONE, SSE_DONE, ndjson_error_record, sse_error_event
+from proxy.request_state import PUBLIC, current_request_state
 
 log = logging.getLogger("relay.errors")
 
 NDJSON_MIMETYPE = "application/x-ndjson"
-DONE_RECORD = b'{"done":true,"error":false,"content":"[DONE]"}\n'
 SSE_MIMETYPE = "text/event-stream"
-SSE_DONE = b"data: [DONE]\n\n"
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class RelayError(HTTPException):
-    """Base of every error the relay answers with; `code` is the machine-readable kind."""
+    """Base of every error the relay answers with: `status` (HTTP) and `kind` (machine-readable)."""
 
-    code: int = 500  # the HTTP status, as werkzeug names it
+    code: int = 500  # the HTTP status, as werkzeug names it; read it as `status`
     kind: str = "internal_error"
     error_type: str = "api_error"  # OpenAI's `type` field for this kind of error
     description: str = "the relay could not handle this request"
@@ -47,30 +50,35 @@ class RelayError(HTTPException):
         if retry_after is not None:
             self.retry_after = retry_after
 
+    @property
+    def status(self) -> int:
+        return self.code
 
-class BadRequest(RelayError):
+
+class BadRequest(RelayError, werkzeug_errors.BadRequest):
     code = 400
     kind = "invalid_request"
     error_type = "invalid_request_error"
     description = "the request is not valid"
 
 
-class Unauthorized(RelayError):
+class Unauthorized(RelayError, werkzeug_errors.Unauthorized):
     code = 401
+    www_authenticate: list[Any] = []  # noqa: RUF012 - werkzeug's; never set: no WWW-Authenticate challenge
     kind = "unauthorized"
     error_type = "authentication_error"
     # The same words for a missing and a wrong key: they must not tell which keys exist.
     description = "missing or invalid access key: send it as 'Authorization: Bearer <key>'"
 
 
-class Forbidden(RelayError):
+class Forbidden(RelayError, werkzeug_errors.Forbidden):
     code = 403
     kind = "forbidden"
     error_type = "permission_error"
     description = "this request is not allowed"
 
 
-class NotFound(RelayError):
+class NotFound(RelayError, werkzeug_errors.NotFound):
     code = 404
     kind = "not_found"
     error_type = "invalid_request_error"
@@ -91,7 +99,7 @@ class PayloadTooLarge(RelayError):
     description = "the request body is too large"
 
 
-class RequestTimeout(RelayError):
+class RequestTimeout(RelayError, werkzeug_errors.RequestTimeout):
     code = 408
     kind = "body_timeout"
     error_type = "invalid_request_error"
@@ -126,16 +134,6 @@ _BY_STATUS: dict[int, type[RelayError]] = {
 }
 
 
-def error_shape(shape: str) -> Callable[[F], F]:
-    """Declare the body shape ("ndjson", "openai", "json") errors of this view are rendered in."""
-
-    def mark(view: F) -> F:
-        view.error_shape = shape  # type: ignore[attr-defined]
-        return view
-
-    return mark
-
-
 def as_relay_error(error: HTTPException) -> RelayError:
     """Turn werkzeug's own errors (404, 405, 413 from the body limit...) into relay errors."""
     if isinstance(error, RelayError):
@@ -162,26 +160,18 @@ def error_body(error: RelayError, shape: str) -> tuple[bytes, str]:
     """The body and mimetype of `error` in the given shape."""
     message = str(error.description)
     if shape == "ndjson":
-        record = {"done": False, "error": True, "content": message, "code": error.kind}
-        return orjson.dumps(record) + b"\n" + DONE_RECORD, NDJSON_MIMETYPE
+        return ndjson_error_record(error.kind, message) + NDJSON_DONE, NDJSON_MIMETYPE
     if shape == "sse":
         return sse_error_event(message, error.error_type, error.kind, named=True) + SSE_DONE, SSE_MIMETYPE
     payload = {"error": {"message": message, "type": error.error_type, "code": error.kind}}
     return orjson.dumps(payload), "application/json"
 
 
-def sse_error_event(message: str, error_type: str, code: str, named: bool) -> bytes:
-    """An OpenAI-shaped error as one SSE event; `named` makes it `event: error`, which EventSource pages
-    receive in their error listener instead of `onmessage`."""
-    payload = orjson.dumps({"error": {"message": message, "type": error_type, "code": code}})
-    return (b"event: error\n" if named else b"") + b"data: " + payload + b"\n\n"
-
-
 def _shape_for_request() -> str:
-    view = current_app.view_functions.get(request.endpoint or "")
-    shape = getattr(view, "error_shape", None)
-    if shape:
-        return str(shape)
+    """The declared view's protocol; for routing errors and static files, the path's family."""
+    state = current_request_state()
+    if state is not None and state.declaration is not PUBLIC:
+        return state.declaration.protocol
     if request.path == "/chat":
         return "ndjson"
     return "openai" if request.path.startswith("/v1/") else "json"
@@ -189,17 +179,24 @@ def _shape_for_request() -> str:
 
 def render_error(error: HTTPException) -> Response:
     relay_error = as_relay_error(error)
-    g.relay_error = relay_error  # for the metrics, recorded when the response closes
+    note_error(relay_error)
     body, mimetype = error_body(relay_error, _shape_for_request())
-    response = Response(body, status=relay_error.code, mimetype=mimetype)
+    response = Response(body, status=relay_error.status, mimetype=mimetype)
     if relay_error.retry_after is not None:
         response.headers["Retry-After"] = str(relay_error.retry_after)
-    if relay_error.code == 405 and isinstance(error, HTTPException):
+    if relay_error.status == 405 and isinstance(error, HTTPException):
         allowed = error.get_headers()
         for name, value in allowed:
             if name.lower() == "allow":
                 response.headers["Allow"] = value
     return response
+
+
+def note_error(error: RelayError) -> None:
+    """Keep the error on the request's state, for the metrics recorded when the request closes."""
+    state = current_request_state()
+    if state is not None:
+        state.error = error
 
 
 def render_unexpected(error: Exception) -> Response:

@@ -30,14 +30,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from flask import Flask, Response, g
+from flask import Flask, Response
 from flask_limiter import Limit, Limiter, RequestLimit
 from flask_limiter.errors import RateLimitExceeded
 
-from proxy.access import caller_policy
 from proxy.config import Config
 from proxy.errors import RateLimited, render_error
 from proxy.keys import KeyPolicy
+from proxy.request_state import RequestState, current_request_state
+from proxy.usage import TokenUsage
 
 log = logging.getLogger("relay.limits")
 
@@ -212,7 +213,8 @@ def seconds_to_utc_midnight(now: datetime | None = None) -> int:
 
 
 class RequestLimits:
-    """The per-app limits: installed on the app by `init_app`, after the request hooks."""
+    """The per-app limits: installed on the app by `init_app`, after the pipeline's first step (which decides
+    the caller); released and charged by `settle` when the request closes (the pipeline's last step)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -242,26 +244,27 @@ class RequestLimits:
         if not self.config.limits_configured:
             return  # nothing to count: no per-request cost at all
         self.limiter.init_app(app)
+        self.limiter.request_filter(self._exempt)
         app.before_request(self._admit)
-        app.after_request(self._account)
         app.register_error_handler(RateLimitExceeded, self._render_breach)
 
     # -- requests per minute/day (Flask-Limiter)
 
+    def _exempt(self) -> bool:
+        """Only requests of a known caller to a keyed endpoint count; static files and health never do."""
+        state = current_request_state()
+        return state is None or state.caller is None or state.declaration.access == "public"
+
     def _policy(self) -> KeyPolicy | None:
-        policy = caller_policy(self.config)
-        access = g.get("access")
-        if policy is not None and access is not None:
-            access.key_name = policy.name  # refusals below are logged and counted under the key's name
-        return policy
+        state = current_request_state()
+        return state.caller if state is not None else None
 
     def _bucket(self) -> str:
         policy = self._policy()
         return f"key:{policy.name}" if policy is not None else "anonymous"
 
     def _rate_limits(self) -> str:
-        """The calling key's limits in Flask-Limiter's notation; empty (no limit) for unknown callers,
-        whom the endpoint itself turns away with 401."""
+        """The calling key's limits in Flask-Limiter's notation; empty (no limit) for unknown callers."""
         policy = self._policy()
         if policy is None:
             return ""
@@ -271,23 +274,33 @@ class RequestLimits:
                         if count)
 
     def _remember_breach(self, limit: RequestLimit) -> None:
-        g.limit_breach = (str(limit.limit), max(1, math.ceil(limit.reset_at - time.time())))
+        state = current_request_state()
+        if state is not None:
+            state.breach = (str(limit.limit), max(1, math.ceil(limit.reset_at - time.time())))
 
     def _render_breach(self, error: RateLimitExceeded) -> Response:
-        description, retry_after = g.get("limit_breach", (str(error.description), 60))
+        state = current_request_state()
+        breach = state.breach if state is not None else None
+        description, retry_after = breach or (str(error.description), 60)
         return render_error(RateLimited(f"this key's limit of {description} is used up; retry in {retry_after} s",
                                         retry_after=retry_after))
 
     # -- requests in flight and daily tokens
 
     def _admit(self) -> None:
-        policy = self._policy()
-        if policy is None:
+        state = current_request_state()
+        if state is None or self._exempt():
             return
+        policy = state.caller
+        assert policy is not None  # not exempt: a known caller
         budget = policy.daily_tokens or self.config.daily_token_budget
         if budget and self.counters.tokens(policy.name, utc_day()) >= budget:
             raise RateLimited(f"this key's daily budget of {budget} tokens is used up; it renews at 00:00 UTC",
                               kind="token_budget_exhausted", retry_after=seconds_to_utc_midnight())
+        if state.declaration.streams:
+            state.lease = self._lease_stream_slot(policy)
+
+    def _lease_stream_slot(self, policy: KeyPolicy) -> Lease | None:
         buckets: list[tuple[str, int]] = []
         per_key = policy.max_streams or self.config.max_streams_per_key
         if per_key:
@@ -295,45 +308,24 @@ class RequestLimits:
         if self.config.max_open_streams:
             buckets.append((GLOBAL_BUCKET, self.config.max_open_streams))
         if not buckets:
-            return
+            return None
         lease = self.counters.acquire(buckets, self.config.max_stream_seconds)
         if isinstance(lease, str):
             whose = "this relay's" if lease == GLOBAL_BUCKET else "this key's"
             limit = dict(buckets)[lease]
             raise RateLimited(f"{whose} limit of {limit} streams open at once is reached; retry when one ends",
                               kind="too_many_streams", retry_after=STREAM_RETRY_AFTER_SECONDS)
-        g.stream_lease = lease
+        return lease
 
-    def _account(self, response: Response) -> Response:
-        """Release the stream slot and count the tokens when the response is closed (stream ended)."""
-        lease: Lease | None = g.get("stream_lease")
-        policy = g.get("caller_policy")
-        access = g.get("access")
-        counts_tokens = policy is not None and bool(policy.daily_tokens or self.config.daily_token_budget)
-        if lease is None and not counts_tokens:
-            return response
-        counters = self.counters
-
-        def on_close() -> None:
-            if lease is not None:
-                counters.release(lease)
-            stats = getattr(access, "stats", None)
-            if counts_tokens and stats is not None:
-                used = tokens_used(stats.usage, stats.tokens)
-                if used:
-                    counters.add_tokens(policy.name, utc_day(), used)
-
-        response.call_on_close(on_close)
-        return response
-
-
-def tokens_used(usage: dict[str, Any] | None, deltas: int) -> int:
-    """Tokens an answer cost: the upstream's reported total, else prompt + completion, else the deltas."""
-    if usage:
-        total = usage.get("total_tokens")
-        if isinstance(total, int):
-            return total
-        parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
-        if all(isinstance(part, int) for part in parts):
-            return sum(parts)  # type: ignore[arg-type]
-    return deltas
+    def settle(self, state: RequestState) -> None:
+        """When the request closes: give back its stream slot and charge its tokens to the key's budget."""
+        if state.lease is not None:
+            self.counters.release(state.lease)
+            state.lease = None
+        policy = state.caller
+        stats = state.access.stats
+        if policy is None or stats is None or not (policy.daily_tokens or self.config.daily_token_budget):
+            return
+        used = TokenUsage.of_answer(stats.usage, stats.tokens).total
+        if used:
+            self.counters.add_tokens(policy.name, utc_day(), used)

@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Any
 
-from flask import Blueprint, Flask, Response, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from flask import request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.access import presented_key
-from proxy.accesslog import AccessRecord
 from proxy.config import Config
-from proxy.errors import Forbidden, RelayError, Unauthorized
+from proxy.errors import Forbidden, Unauthorized
+from proxy.request_state import RequestState
+from proxy.usage import TokenUsage
 
 TTFT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
-
-bp = Blueprint("metrics", __name__)
 
 
 class Metrics:
@@ -57,31 +55,21 @@ class Metrics:
         self.fallbacks = Counter("relay_fallbacks", "Fall-overs to another upstream, by the upstream that "
                                  "answered in the end", ["upstream"], registry=registry)
 
-    def init_app(self, app: Flask) -> None:
-        app.after_request(self._observe)
-        app.register_blueprint(bp)
-
-    def _observe(self, response: Response) -> Response:
-        access: AccessRecord | None = g.get("access")
-        if access is None or request.method == "OPTIONS":
-            return response
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        error: RelayError | None = g.get("relay_error")
-        streamed = response.is_streamed
-        if streamed:
+    def stream_opened(self, state: RequestState) -> None:
+        """A streaming response is going out (the pipeline's finish step): one more open stream."""
+        if state.streamed:
             self.open_streams.inc()
 
-        def on_close() -> None:
-            if streamed:
-                self.open_streams.dec()
-            self.record(route, access, error)
-
-        response.call_on_close(on_close)
-        return response
-
-    def record(self, route: str, access: AccessRecord, error: RelayError | None) -> None:
-        self.requests.labels(route, str(access.status), access.key_name).inc()
+    def record(self, state: RequestState) -> None:
+        """Once per request, when it closes (the pipeline's last step)."""
+        if state.streamed:
+            self.open_streams.dec()
+        access = state.access
+        if access.method == "OPTIONS":
+            return
+        self.requests.labels(state.route, str(access.status), access.key_name).inc()
         stats = access.stats
+        error = state.error
         # Every failed attempt counts, including those another upstream then covered for.
         failures = stats.upstream_failures if stats is not None else error.upstream_failures if error else ()
         for upstream, kind in failures:
@@ -89,10 +77,11 @@ class Metrics:
         if stats is None:
             return
         if stats.first_token_at is not None:
-            self.first_token.labels(route).observe(max(0.0, stats.first_token_at - access.started))
+            self.first_token.labels(state.route).observe(max(0.0, stats.first_token_at - access.started))
         if stats.ended_at is not None:
-            self.duration.labels(route).observe(max(0.0, stats.ended_at - access.started))
-        for kind, count in token_counts(stats.usage, stats.tokens).items():
+            self.duration.labels(state.route).observe(max(0.0, stats.ended_at - access.started))
+        used = TokenUsage.of_answer(stats.usage, stats.tokens)
+        for kind, count in (("prompt", used.prompt), ("completion", used.completion)):
             if count:
                 self.tokens.labels(access.key_name, kind).inc(count)
         if stats.fallbacks:
@@ -104,15 +93,6 @@ class Metrics:
             MultiProcessCollector(registry, path=self.config.prometheus_multiproc_dir)
             return generate_latest(registry)
         return generate_latest(self.registry)
-
-
-def token_counts(usage: dict[str, Any] | None, deltas: int) -> dict[str, int]:
-    """Prompt and completion tokens from the upstream's usage; the content deltas when it sent none."""
-    if usage:
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int) and isinstance(completion, int):
-            return {"prompt": prompt, "completion": completion}
-    return {"completion": deltas}
 
 
 def check_metrics_access(config: Config) -> None:
@@ -131,13 +111,3 @@ def check_metrics_access(config: Config) -> None:
     if not loopback or forwarded:
         raise Forbidden("metrics are readable only from this host, or with METRICS_KEY set",
                         kind="metrics_forbidden")
-
-
-@bp.get("/metrics")
-def metrics() -> Response:
-    from proxy.relay import current_relay  # proxy.relay builds Metrics: import at call time
-
-    relay = current_relay()
-    check_metrics_access(relay.config)
-    return Response(relay.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST,
-                                                         "Cache-Control": "no-store"})

@@ -30,7 +30,7 @@ def address(relay: RelayProcess) -> str:
 
 def run_doctor(url: str) -> tuple[bool, str]:
     reading = read_doctor(url, ACCESS_KEY, **PLAN)
-    findings = diagnose(reading, **PLAN)
+    findings = diagnose(reading, PLAN["records"], PLAN["interval"], PLAN["gap"])
     text = report(url, findings, **PLAN)
     print(text)  # shown with pytest -s: the doctor's own words for each path
     return all(finding.ok for finding in findings), text

@@ -10,6 +10,7 @@ from flask import Flask
 
 from proxy import create_app
 from proxy.config import Config
+from proxy.pipeline import install_pipeline
 from proxy.relay import build_relay
 from proxy.web import STATIC_DIRECTORY, create_web_blueprint
 from tests.conftest import ACCESS_KEY, ROOT, UPSTREAM_KEY
@@ -78,6 +79,7 @@ def test_missing_bundle_gives_a_503_that_names_the_fix(tmp_path: Path) -> None:
     app.extensions["relay"] = build_relay(
         Config(authorization_keys=(ACCESS_KEY,), openai_api_key=UPSTREAM_KEY, openai_base_url="http://127.0.0.1:9/v1")
     )
+    install_pipeline(app)
     app.register_blueprint(create_web_blueprint(tmp_path))
     response = app.test_client().get("/")
     assert response.status_code == 503

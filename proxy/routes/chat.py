@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, request
 
-from proxy.access import authenticate, authorize_model
-from proxy.accesslog import AccessRecord
 from proxy.encoders import Encoder, NdjsonEncoder
-from proxy.errors import error_shape
+from proxy.pipeline import endpoint
 from proxy.pump import StreamStats, pump, socket_watcher
 from proxy.relay import Relay, current_relay
-from proxy.shaping import parse_json_object, read_body, shape_chat_request
+from proxy.request_state import request_state
+from proxy.shaping import ChatRequest, shape_chat_request
 from proxy.upstream import Upstream, open_stream
 
 bp = Blueprint("chat", __name__)
@@ -26,25 +25,17 @@ NDJSON_HEADERS = {
 
 
 @bp.post("/chat")
-@error_shape("ndjson")
-def chat() -> Response:
-    relay = current_relay()
-    access = g.access
-    access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
-    shaped = shape_chat_request(
-        parse_json_object(read_body(request.stream, relay.config.max_body_bytes)), relay.config)
-    access.model = shaped.model
-    authorize_model(relay.config, access.key_name, shaped.model)
-    if relay.config.log_content:
-        access.prompt = last_user_text(shaped.upstream_body["messages"])
-    return stream_response(relay, access, shaped.upstream_body, NdjsonEncoder(shaped.include_reasoning),
+@endpoint("ndjson", streams=True, body=shape_chat_request)
+def chat(shaped: ChatRequest) -> Response:
+    return stream_response(current_relay(), shaped.upstream_body, NdjsonEncoder(shaped.include_reasoning),
                            NDJSON_HEADERS)
 
 
-def stream_response(relay: Relay, access: AccessRecord, upstream_body: dict[str, Any], encoder: Encoder,
-                    headers: dict[str, str], upstreams: Sequence[Upstream] | None = None) -> Response:
+def stream_response(relay: Relay, upstream_body: dict[str, Any], encoder: Encoder, headers: dict[str, str],
+                    upstreams: Sequence[Upstream] | None = None) -> Response:
     """Open the upstream stream (falling over as needed) and answer with what the pump makes of it.
     `upstreams` replaces the configured ones (the stream doctor's stand-in)."""
+    access = request_state().access
     stream = open_stream(relay.upstreams if upstreams is None else upstreams, upstream_body,
                          relay.config.upstream_timeout, relay.body_read_timeout)
     stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
@@ -55,10 +46,3 @@ def stream_response(relay: Relay, access: AccessRecord, upstream_body: dict[str,
 
 def client_socket_watcher(environ: dict[str, Any]) -> Any:
     return socket_watcher(environ.get("gunicorn.socket") or environ.get("werkzeug.socket"))
-
-
-def last_user_text(messages: list[Any]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return str(message["content"])
-    return ""

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request
 
-from proxy.access import authenticate
-from proxy.errors import NotFound
+from proxy.errors import NotFound, Unauthorized
+from proxy.pipeline import endpoint
 from proxy.pump import READER_THREAD_PREFIX
-from proxy.relay import current_relay
+from proxy.request_state import request_state
 
 bp = Blueprint("debug", __name__)
 
@@ -26,11 +26,13 @@ PROC_SELF = Path("/proc/self")
 
 
 @bp.get("/debug/stats")
+@endpoint("json", access="own")  # loopback first: from elsewhere it must look like it does not exist
 def debug_stats() -> Response:
     """Counts of the resources a stream holds, in this worker process."""
     if not _from_loopback(request.remote_addr):
         raise NotFound()  # the same answer as when the endpoint is off: nothing to see from outside
-    authenticate(current_relay().config, request.headers.get("Authorization"))
+    if request_state().caller is None:
+        raise Unauthorized()
     threads = threading.enumerate()
     fds = _fd_targets()
     tcp_ports = _tcp_local_ports()

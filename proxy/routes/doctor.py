@@ -14,21 +14,22 @@ the plan and what the relay saw of the proxies on the way in.
 
 from __future__ import annotations
 
-import threading
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import httpx2
-import openai
 import orjson
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, request
 
-from proxy.access import authenticate
+from proxy.config import Config
 from proxy.encoders import NdjsonEncoder
-from proxy.errors import BadRequest, error_shape
+from proxy.errors import BadRequest
+from proxy.pipeline import endpoint
 from proxy.relay import current_relay
 from proxy.routes.chat import NDJSON_HEADERS, stream_response
+from proxy.standin import SSE_END, Timed, sse_chunk, stand_in_upstream
 from proxy.upstream import Upstream
 
 bp = Blueprint("doctor", __name__)
@@ -41,22 +42,34 @@ LIMITS = {"records": (1, 50), "interval": (0.05, 5.0), "gap": (0.0, 600.0), "aft
 DEFAULTS = {"records": 8, "interval": 0.5, "gap": 75.0, "after": 3}
 
 
+@dataclass(frozen=True)
+class DoctorPlan:
+    """The test stream asked for; its `model` is the stand-in's, which no key's model list needs to allow."""
+
+    plan: dict[str, Any]
+    model: str = DOCTOR_MODEL
+
+    @property
+    def upstream_body(self) -> dict[str, Any]:
+        return {"model": DOCTOR_MODEL, "messages": [{"role": "user", "content": "doctor"}]}
+
+
+def shape_doctor_query(args: Mapping[str, str], config: Config) -> DoctorPlan:
+    return DoctorPlan(read_plan(args, config.idle_timeout))
+
+
 @bp.get("/doctor")
-@error_shape("ndjson")
-def doctor() -> Response:
+@endpoint("ndjson", streams=True, query=shape_doctor_query, checks_model=False)
+def doctor(shaped: DoctorPlan) -> Response:
     relay = current_relay()
-    access = g.access
-    access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
-    plan = read_plan(request.args, relay.timers.idle)
-    access.model = DOCTOR_MODEL
     seen = {name: request.headers[name] for name in PROXY_HEADERS if name in request.headers}
-    plan_record = {**plan, "keepalive_seconds": relay.timers.keepalive, "seen_headers": seen,
+    plan_record = {**shaped.plan, "keepalive_seconds": relay.timers.keepalive, "seen_headers": seen,
                    "peer": request.environ.get("werkzeug.proxy_fix.orig_remote_addr", request.remote_addr)}
-    body = {"model": DOCTOR_MODEL, "messages": [{"role": "user", "content": "doctor"}], "doctor": plan_record}
-    return stream_response(relay, access, body, NdjsonEncoder(), NDJSON_HEADERS, upstreams=(doctor_upstream(),))
+    body = {**shaped.upstream_body, "doctor": plan_record}
+    return stream_response(relay, body, NdjsonEncoder(), NDJSON_HEADERS, upstreams=(doctor_upstream(),))
 
 
-def read_plan(args: Any, idle_timeout: float) -> dict[str, Any]:
+def read_plan(args: Mapping[str, str], idle_timeout: float) -> dict[str, Any]:
     plan: dict[str, Any] = {}
     for name, (low, high) in LIMITS.items():
         raw = args.get(name)
@@ -76,49 +89,23 @@ def read_plan(args: Any, idle_timeout: float) -> dict[str, Any]:
     return plan
 
 
-class DoctorRhythm(httpx2.SyncByteStream):
+def doctor_rhythm(body: dict[str, Any]) -> Iterator[Timed]:
     """The stand-in upstream's SSE body: the rhythm, the silent gap, the last records, [DONE]."""
-
-    def __init__(self, plan: dict[str, Any]) -> None:
-        self.plan = plan
-        self.closed = threading.Event()
-
-    def __iter__(self) -> Iterator[bytes]:
-        plan = self.plan
-        schedule = ([("rhythm", 0.0)] + [("rhythm", plan["interval"])] * (plan["records"] - 1)
-                    + [("after_gap", plan["gap"])] + [("after_gap", plan["interval"])] * (plan["after"] - 1))
-        for seq, (phase, wait) in enumerate(schedule):
-            if wait and self.closed.wait(wait):
-                return  # the relay closed the stream: the client left
-            record: dict[str, Any] = {"seq": seq, "phase": phase, "sent": time.time()}
-            if seq == 0:
-                record["plan"] = plan
-            yield _sse_content(orjson.dumps(record).decode())
-        yield _sse_finish() + b"data: [DONE]\n\n"
-
-    def close(self) -> None:
-        self.closed.set()
+    plan = body.get("doctor", {})
+    schedule = ([("rhythm", 0.0)] + [("rhythm", plan["interval"])] * (plan["records"] - 1)
+                + [("after_gap", plan["gap"])] + [("after_gap", plan["interval"])] * (plan["after"] - 1))
+    for seq, (phase, wait) in enumerate(schedule):
+        yield wait, functools.partial(_record, seq, phase, plan if seq == 0 else None)
+    yield 0.0, sse_chunk(DOCTOR_MODEL, {}, "stop", completion_id="chatcmpl-doctor") + SSE_END
 
 
-def _sse_content(text: str) -> bytes:
-    chunk = {"id": "chatcmpl-doctor", "object": "chat.completion.chunk", "model": DOCTOR_MODEL,
-             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-
-def _sse_finish() -> bytes:
-    chunk = {"id": "chatcmpl-doctor", "object": "chat.completion.chunk", "model": DOCTOR_MODEL,
-             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-
-class DoctorTransport(httpx2.BaseTransport):
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        plan = orjson.loads(request.read()).get("doctor", {})
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=DoctorRhythm(plan))
+def _record(seq: int, phase: str, plan: dict[str, Any] | None) -> bytes:
+    """A doctor record, stamped when it is due (`sent`: the relay's clock, Unix seconds)."""
+    record: dict[str, Any] = {"seq": seq, "phase": phase, "sent": time.time()}
+    if plan is not None:
+        record["plan"] = plan
+    return sse_chunk(DOCTOR_MODEL, {"content": orjson.dumps(record).decode()}, completion_id="chatcmpl-doctor")
 
 
 def doctor_upstream() -> Upstream:
-    client = openai.OpenAI(api_key="doctor", base_url="http://doctor.invalid/v1", max_retries=0,
-                           http_client=httpx2.Client(transport=DoctorTransport()))
-    return Upstream("doctor", client)
+    return stand_in_upstream("doctor", doctor_rhythm)

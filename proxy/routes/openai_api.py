@@ -11,15 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response
 
-from proxy.access import authenticate, authorize_model, caller_policy
 from proxy.encoders import SseEncoder
-from proxy.errors import error_shape
+from proxy.pipeline import endpoint
 from proxy.pump import StreamStats
 from proxy.relay import Relay, current_relay
-from proxy.routes.chat import last_user_text, stream_response
-from proxy.shaping import parse_json_object, read_body, shape_openai_request
+from proxy.request_state import request_state
+from proxy.routes.chat import stream_response
+from proxy.shaping import OpenAIRequest, shape_openai_request
 from proxy.upstream import complete, model_allowed
 
 bp = Blueprint("openai_api", __name__)
@@ -33,39 +33,31 @@ GLOB_CHARACTERS = frozenset("*?[")
 
 
 @bp.post("/v1/chat/completions")
-@error_shape("openai")
-def chat_completions() -> Response:
+@endpoint("openai", streams=True, body=shape_openai_request)
+def chat_completions(shaped: OpenAIRequest) -> Response:
     relay = current_relay()
-    access = g.access
-    access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
-    shaped = shape_openai_request(
-        parse_json_object(read_body(request.stream, relay.config.max_body_bytes)), relay.config)
-    access.model = shaped.model
-    authorize_model(relay.config, access.key_name, shaped.model)
-    if relay.config.log_content:
-        access.prompt = last_user_text(shaped.upstream_body["messages"])
-    if not shaped.stream:
-        stats = StreamStats(started_at=access.started)
-        answer = complete(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
-                          relay.config.max_stream_seconds)
-        stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
-        usage = answer.data.get("usage")
-        if isinstance(usage, dict):
-            stats.usage = usage
-            completion_tokens = usage.get("completion_tokens")
-            stats.tokens = completion_tokens if isinstance(completion_tokens, int) else 0
-        access.stats = stats
-        return Response(answer.raw, status=200, mimetype="application/json")
-    return stream_response(relay, access, shaped.upstream_body, SseEncoder(), SSE_HEADERS)
+    if shaped.stream:
+        return stream_response(relay, shaped.upstream_body, SseEncoder(), SSE_HEADERS)
+    access = request_state().access
+    stats = StreamStats(started_at=access.started)
+    answer = complete(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
+                      relay.config.max_stream_seconds)
+    stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
+    usage = answer.data.get("usage")
+    if isinstance(usage, dict):
+        stats.usage = usage
+        completion_tokens = usage.get("completion_tokens")
+        stats.tokens = completion_tokens if isinstance(completion_tokens, int) else 0
+    access.stats = stats
+    return Response(answer.raw, status=200, mimetype="application/json")
 
 
 @bp.get("/v1/models")
-@error_shape("openai")
+@endpoint("openai")
 def models() -> Response:
-    relay = current_relay()
-    g.access.key_name = authenticate(relay.config, request.headers.get("Authorization"))
-    policy = caller_policy(relay.config)
-    return Response(_model_list(relay, policy.models if policy is not None else ()), mimetype="application/json")
+    caller = request_state().caller
+    return Response(_model_list(current_relay(), caller.models if caller is not None else ()),
+                    mimetype="application/json")
 
 
 def served_models(relay: Relay, key_models: tuple[str, ...] = ()) -> list[tuple[str, str]]:

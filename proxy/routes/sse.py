@@ -17,12 +17,18 @@ the page (and pay for it twice), so such a request gets 204 No Content, which ma
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from proxy.access import authenticate, authorize_model
+from flask import Blueprint, Response, request
+
+from proxy.config import Config
 from proxy.encoders import SseEncoder
-from proxy.errors import BadRequest, error_shape
+from proxy.errors import BadRequest
+from proxy.pipeline import endpoint
 from proxy.relay import current_relay
+from proxy.request_state import request_state
 from proxy.routes.chat import stream_response
 from proxy.routes.openai_api import SSE_HEADERS
 from proxy.shaping import cap_max_tokens, choose_model, with_system_prompt
@@ -30,25 +36,30 @@ from proxy.shaping import cap_max_tokens, choose_model, with_system_prompt
 bp = Blueprint("sse", __name__)
 
 
-@bp.get("/chat")
-@error_shape("sse")
-def chat_events() -> Response:
-    relay = current_relay()
-    access = g.access
-    authorization = request.headers.get("Authorization") or request.args.get("key")
-    access.key_name = authenticate(relay.config, authorization)
-    if "Last-Event-ID" in request.headers:
-        return Response(status=204)  # EventSource reconnecting after a drop: do not answer twice
-    prompt = request.args.get("prompt", "")
+@dataclass(frozen=True)
+class PromptRequest:
+    """`GET /chat?prompt=...&model=...` as the upstream will see it."""
+
+    model: str
+    upstream_body: dict[str, Any]
+
+
+def shape_prompt_query(args: Mapping[str, str], config: Config) -> PromptRequest:
+    prompt = args.get("prompt", "")
     if not prompt.strip():
         raise BadRequest("the 'prompt' query parameter is required: GET /chat?prompt=Hello", kind="invalid_prompt")
-    model = choose_model(request.args.get("model") or None, relay.config)
-    access.model = model
-    authorize_model(relay.config, access.key_name, model)
+    model = choose_model(args.get("model") or None, config)
+    body = {"model": model, "messages": with_system_prompt([{"role": "user", "content": prompt}], config)}
+    cap_max_tokens(body, config)
+    return PromptRequest(model, body)
+
+
+@bp.get("/chat")
+@endpoint("sse", streams=True, query=shape_prompt_query)
+def chat_events(shaped: PromptRequest) -> Response:
+    if "Last-Event-ID" in request.headers:
+        return Response(status=204)  # EventSource reconnecting after a drop: do not answer twice
     if request.method == "HEAD":
         return Response(status=200, headers=SSE_HEADERS)  # Flask routes HEAD here: never ask the model for it
-    if relay.config.log_content:
-        access.prompt = prompt
-    body = {"model": model, "messages": with_system_prompt([{"role": "user", "content": prompt}], relay.config)}
-    cap_max_tokens(body, relay.config)
-    return stream_response(relay, access, body, SseEncoder(error_event=True, event_id=access.request_id), SSE_HEADERS)
+    encoder = SseEncoder(error_event=True, event_id=request_state().access.request_id)
+    return stream_response(current_relay(), shaped.upstream_body, encoder, SSE_HEADERS)

@@ -27,18 +27,20 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
-from flask import Blueprint, Flask, Response, g, request
+from flask import Blueprint, Flask, Response, request
 from simple_websocket import ConnectionClosed, Server
 
-from proxy.access import authenticate, authorize_model
 from proxy.accesslog import AccessRecord
 from proxy.encoders import WebSocketEncoder
 from proxy.errors import BadRequest, RelayError, Unauthorized
-from proxy.limits import tokens_used
+from proxy.keys import KeyPolicy
+from proxy.pipeline import admit_shaped, endpoint
 from proxy.pump import StreamStats, pump
 from proxy.relay import Relay, current_relay
+from proxy.request_state import request_state
 from proxy.shaping import shape_chat_request
 from proxy.upstream import open_stream
+from proxy.usage import TokenUsage
 
 log = logging.getLogger("relay.websocket")
 
@@ -93,7 +95,8 @@ class Conversation:
 def register_websocket(app: Flask) -> None:
     """Route `/ws` (WebSocket upgrade requests only) on `app`."""
     blueprint = Blueprint("websocket", __name__)
-    blueprint.add_url_rule("/ws", "chat", websocket_chat, websocket=True)
+    blueprint.add_url_rule("/ws", "chat", endpoint("ndjson", access="own", streams=True)(websocket_chat),
+                           websocket=True)
     app.register_blueprint(blueprint)
 
 
@@ -141,15 +144,13 @@ def websocket_chat() -> Response:
     ws = Server.accept(request.environ, ping_interval=relay.config.keepalive_seconds,
                        max_message_size=relay.config.max_body_bytes)
     ws.sock = WholeFrameSocket(ws.sock)
-    connection: AccessRecord = g.access
+    state = request_state()
+    connection = state.access
     status = 101
     try:
-        presented = request.args.get("key") or request.headers.get("Authorization")
-        try:
-            connection.key_name = authenticate(relay.config, presented)
-        except Unauthorized as refused:
+        if state.caller is None:  # decided by the pipeline, from the `key` parameter or the header
             status = POLICY_VIOLATION  # what the client sees, so also what the access log and metrics say
-            close_with_handshake(ws, POLICY_VIOLATION, str(refused.description))
+            close_with_handshake(ws, POLICY_VIOLATION, str(Unauthorized().description))
             return ConversationEnded(ws.mode, status)
         connection.stats = StreamStats(started_at=connection.started)  # all answers: for the log and limits
         conversation = Conversation.starting_with(
@@ -159,7 +160,7 @@ def websocket_chat() -> Response:
             # Raises ConnectionClosed once the client has gone; wakes up now and then to notice a restart.
             message = ws.receive(timeout=DRAIN_CHECK_SECONDS)
             if message is not None:
-                answer_safely(ws, relay, conversation, message, connection)
+                answer_safely(ws, relay, conversation, message, connection, state.caller)
         # The worker is stopping: nothing is in progress on this connection, so let the client reconnect
         # (to the new worker) now rather than be cut when the grace period ends.
         close_with_handshake(ws, GOING_AWAY, RESTARTING_REASON)
@@ -181,10 +182,10 @@ def close_with_handshake(ws: Server, code: int, reason: str) -> None:
 
 
 def answer_safely(ws: Server, relay: Relay, conversation: Conversation, message: str | bytes,
-                  connection: AccessRecord) -> None:
+                  connection: AccessRecord, caller: KeyPolicy) -> None:
     """Answer one message; a bug answering it must not end the conversation or reach the client."""
     try:
-        answer(ws, relay, conversation, message, connection)
+        answer(ws, relay, conversation, message, connection, caller)
     except (ConnectionClosed, OSError):
         raise  # the client went away: the connection ends, nothing to answer
     except Exception:  # logged with its traceback (BLE allows it); the client gets a plain error record
@@ -195,7 +196,7 @@ def answer_safely(ws: Server, relay: Relay, conversation: Conversation, message:
 
 
 def answer(ws: Server, relay: Relay, conversation: Conversation, message: str | bytes,
-           connection: AccessRecord) -> None:
+           connection: AccessRecord, caller: KeyPolicy) -> None:
     """Stream the answer to one client message and remember the exchange."""
     encoder = WebSocketEncoder()
     record = AccessRecord(method="WS", path=connection.path, client=connection.client,
@@ -208,15 +209,12 @@ def answer(ws: Server, relay: Relay, conversation: Conversation, message: str | 
         if model is not None:
             body["model"] = model
         shaped = shape_chat_request(body, relay.config)
-        record.model = shaped.model
-        authorize_model(relay.config, connection.key_name, shaped.model)
-        if relay.config.log_content:
-            record.prompt = content
+        admit_shaped(record, caller, shaped, relay.config)
         stream = open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
                              relay.body_read_timeout)
     except RelayError as refused:
         conversation.drop_unanswered_question()
-        record.status = refused.code or 400
+        record.status = refused.status
         send_records(ws, encoder.start() + encoder.error(refused.kind, str(refused.description))
                      + encoder.end(None, None))
         record.write()
@@ -248,8 +246,8 @@ def add_answer(total: StreamStats, answer: StreamStats) -> None:
     total.tokens += answer.tokens
     total.outcome = answer.outcome
     total.finish_reason = answer.finish_reason
-    used = (total.usage or {}).get("total_tokens", 0) + tokens_used(answer.usage, answer.tokens)
-    total.usage = {"total_tokens": used}
+    so_far = TokenUsage.of_answer(total.usage, 0)
+    total.usage = (so_far + TokenUsage.of_answer(answer.usage, answer.tokens)).as_upstream_usage()
 
 
 def parse_client_message(message: str | bytes) -> tuple[str, str | None]:

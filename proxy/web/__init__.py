@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, render_template, url_for
 
+from proxy.pipeline import endpoint
 from proxy.relay import current_relay
 
 STATIC_DIRECTORY = Path(__file__).resolve().parent / "static"
@@ -73,6 +74,7 @@ def create_web_blueprint(static_directory: Path = STATIC_DIRECTORY) -> Blueprint
         return url_for("web.static", filename=f"dist/{filename}", v=version)
 
     @blueprint.get("/")
+    @endpoint("json", access="public")
     def chat_page() -> Response:
         """Serve the chat page, or a plain 503 naming the fix when the bundle has not been built."""
         if not all((dist_directory / name).is_file() for name in BUNDLE_FILES):

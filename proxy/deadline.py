@@ -1,45 +1,18 @@
-"""Per-request plumbing shared by every endpoint: request IDs, preflights, security headers, CORS, access log."""
+"""The request body's deadline: the whole body must arrive within BODY_TIMEOUT, whichever endpoint reads it.
+
+A client trickling its body (slowloris) gets a 408 instead of holding a connection for as long as it likes.
+"""
 
 from __future__ import annotations
 
-import re
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Flask, Response, g, request
-
-from proxy.access import add_cors_headers, preflight_response
-from proxy.accesslog import AccessRecord, redacted_path
 from proxy.errors import RequestTimeout
-from proxy.relay import current_relay
 
 T = TypeVar("T")
-
-_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
-
-
-def install_request_hooks(app: Flask) -> None:
-    app.before_request(_begin)
-    app.after_request(_finish)
-
-
-def _begin() -> Response | None:
-    supplied = request.headers.get("X-Request-ID", "")
-    request_id = supplied if _SAFE_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
-    g.access = AccessRecord(
-        method=request.method,
-        path=redacted_path(request.path, request.query_string.decode("latin-1")),
-        client=request.remote_addr or "-",
-        request_id=request_id,
-        started=time.monotonic(),
-    )
-    if request.method == "OPTIONS":
-        return preflight_response(current_relay().config)
-    limit_body_time(request.environ, current_relay().config.body_timeout)
-    return None
 
 
 def limit_body_time(environ: dict[str, Any], seconds: float) -> None:
@@ -91,18 +64,3 @@ class DeadlineInput:
                 duplicate.shutdown(socket.SHUT_RD)
         except OSError:
             return
-
-
-def _finish(response: Response) -> Response:
-    access: AccessRecord | None = g.get("access")
-    headers = response.headers
-    headers.setdefault("X-Content-Type-Options", "nosniff")
-    headers.setdefault("Referrer-Policy", "no-referrer")
-    headers.setdefault("X-Frame-Options", "DENY")
-    add_cors_headers(current_relay().config, response)
-    if access is not None:
-        headers["X-Request-ID"] = access.request_id
-        access.status = response.status_code
-        # Runs when the server closes the response: after the last byte of a stream, or a departed client.
-        response.call_on_close(access.write)
-    return response

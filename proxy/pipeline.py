@@ -1,0 +1,209 @@
+"""The one request pipeline every endpoint goes through. Read this first, then `proxy/pump.py`.
+
+A view states what it is with `@endpoint(...)` (its protocol, who may call it, whether it streams, how its
+input is shaped) and nothing else. For every request, in this order:
+
+1. **begin** (`before_request`): the request id, the access record and the request's `RequestState`, the
+   one typed object that carries everything about this request between the steps below;
+2. **preflight**: `OPTIONS` is answered before any key is asked for (browsers never send one on it);
+3. **caller**: the presented key is decided once (the `Authorization` header, or the `key` query parameter
+   that EventSource and WebSocket pages must use; both present and different is refused) and every later
+   step (authentication, per-key models, limits, budgets, logs, metrics) reads that one decision;
+4. **authentication**, as the declaration says: an access key, nothing (public), or the view's own check
+   (a WebSocket refuses with a close frame; `/metrics` has its own key);
+5. **limits** (`proxy/limits.py`, after this hook): requests per minute/day and the token budget for
+   keyed endpoints, a stream slot for streaming ones;
+6. **input** (in the `@endpoint` wrapper): the body read within MAX_BODY_BYTES (and BODY_TIMEOUT), parsed,
+   shaped into a typed request, the model authorized for the caller, the access record filled in;
+7. **close**, once, whichever way the request ends (`close_request`): the stream slot released, tokens
+   counted against the budget, the metrics recorded, the access-log line written.
+
+`install_pipeline` refuses to build an app with a view that declares nothing, so a new endpoint cannot
+skip a step by forgetting it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Flask, Response, current_app, g, request
+
+from proxy.access import add_cors_headers, authorize_model, preflight_response, presented_key
+from proxy.accesslog import AccessRecord, redacted_path
+from proxy.config import Config
+from proxy.deadline import limit_body_time
+from proxy.errors import Unauthorized
+from proxy.keys import KeyPolicy
+from proxy.relay import Relay, current_relay
+from proxy.request_state import (
+    PUBLIC,
+    STATE_ATTRIBUTE,
+    Access,
+    BodyShaper,
+    Declaration,
+    QueryShaper,
+    RequestState,
+    Shaped,
+    WireProtocol,
+    current_request_state,
+    request_state,
+)
+from proxy.shaping import parse_json_object, read_body
+
+F = TypeVar("F", bound=Callable[..., Response])
+
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+
+
+def endpoint(protocol: WireProtocol, *, access: Access = "key", streams: bool = False,
+             body: BodyShaper | None = None, query: QueryShaper | None = None,
+             checks_model: bool = True) -> Callable[[F], F]:
+    """Declare a view to the pipeline. A view with `body` or `query` is called with the shaped request."""
+    declaration = Declaration(protocol, access, streams, body, query, checks_model)
+
+    def wrap(view: F) -> F:
+        @functools.wraps(view)
+        def run(**url_values: Any) -> Response:
+            shaped = shape_input(request_state(), current_relay().config)
+            return view(shaped, **url_values) if shaped is not None else view(**url_values)
+
+        run.declaration = declaration  # type: ignore[attr-defined]
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+def declaration_of(app: Flask, endpoint_name: str | None) -> Declaration:
+    view = app.view_functions.get(endpoint_name or "")
+    declared = getattr(view, "declaration", None)
+    return declared if isinstance(declared, Declaration) else PUBLIC
+
+
+def install_pipeline(app: Flask) -> None:
+    """Steps 1-4 before every request, and the close step after; refuse undeclared views."""
+    app.before_request(_begin)
+    app.after_request(_finish)
+    app.teardown_request(_teardown)
+
+
+def check_every_view_declared(app: Flask) -> None:
+    """Called once the app is wired: a view without a declaration would skip the pipeline's checks."""
+    undeclared = sorted(name for name, view in app.view_functions.items()
+                        if not name.endswith("static") and not isinstance(getattr(view, "declaration", None),
+                                                                           Declaration))
+    if undeclared:
+        raise RuntimeError(f"views without an @endpoint declaration: {', '.join(undeclared)}")
+
+
+def decide_caller(config: Config) -> KeyPolicy | None:
+    """The caller, from the Authorization header or the `key` query parameter; refused when they differ."""
+    from_header = presented_key(request.headers.get("Authorization"))
+    from_query = request.args.get("key", "")
+    if from_header and from_query and from_header != from_query:
+        raise Unauthorized("the Authorization header and the 'key' query parameter name different keys")
+    presented = from_header or from_query
+    return config.keyring.identify(presented) if presented else None
+
+
+def _begin() -> Response | None:
+    relay = current_relay()
+    supplied = request.headers.get("X-Request-ID", "")
+    record = AccessRecord(
+        method=request.method,
+        path=redacted_path(request.path, request.query_string.decode("latin-1")),
+        client=request.remote_addr or "-",
+        request_id=supplied if _SAFE_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex,
+        started=time.monotonic(),
+    )
+    declaration = declaration_of(current_app, request.endpoint)
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    state = RequestState(record, declaration, route)
+    setattr(g, STATE_ATTRIBUTE, state)
+    if request.method == "OPTIONS":
+        return preflight_response(relay.config)
+    limit_body_time(request.environ, relay.config.body_timeout)
+    if declaration.access == "public":
+        return None
+    state.caller = decide_caller(relay.config)
+    if state.caller is not None:
+        record.key_name = state.caller.name
+    elif declaration.access == "key":
+        raise Unauthorized()
+    return None
+
+
+def shape_input(state: RequestState, config: Config) -> Shaped | None:
+    """Step 6: the declared input read and shaped, then admitted (`admit_shaped`)."""
+    declaration = state.declaration
+    if declaration.body is not None:
+        shaped = declaration.body(parse_json_object(read_body(request.stream, config.max_body_bytes)), config)
+    elif declaration.query is not None:
+        shaped = declaration.query(request.args, config)
+    else:
+        return None
+    admit_shaped(state.access, state.caller, shaped, config, declaration.checks_model)
+    return shaped
+
+
+def admit_shaped(record: AccessRecord, caller: KeyPolicy | None, shaped: Shaped, config: Config,
+                 checks_model: bool = True) -> None:
+    """The model authorized for the caller, and the access record told what was asked. A WebSocket runs
+    this for each message, the pipeline for every other request."""
+    record.model = shaped.model
+    if checks_model:
+        authorize_model(caller, shaped.model)
+    if config.log_content:
+        record.prompt = last_user_text(shaped.upstream_body.get("messages", []))
+
+
+def last_user_text(messages: list[Any]) -> str:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
+            return str(message["content"])
+    return ""
+
+
+def _finish(response: Response) -> Response:
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("X-Frame-Options", "DENY")
+    relay = current_relay()
+    add_cors_headers(relay.config, response)
+    state = current_request_state()
+    if state is not None:
+        headers["X-Request-ID"] = state.access.request_id
+        state.access.status = response.status_code
+        state.streamed = state.declaration.streams and response.is_streamed
+        relay.metrics.stream_opened(state)
+        if response.direct_passthrough:
+            # A file (send_file): werkzeug hands the server the file itself and never runs close callbacks.
+            close_request(relay, state)
+        else:
+            # Runs when the server closes the response: after a stream's last byte, or a departed client.
+            response.call_on_close(functools.partial(close_request, relay, state))
+    return response
+
+
+def _teardown(_error: BaseException | None) -> None:
+    """A request whose response never reached `_finish` (an error in another hook) still closes."""
+    state = current_request_state()
+    if state is not None and not state.closed and state.access.status == 0:
+        close_request(current_relay(), state)
+
+
+def close_request(relay: Relay, state: RequestState) -> None:
+    """Step 7, exactly once: the stream slot and token count, the metrics, then the access-log line."""
+    if state.closed:
+        return
+    state.closed = True
+    try:
+        relay.limits.settle(state)
+        relay.metrics.record(state)
+    finally:
+        state.access.write()

@@ -1,0 +1,75 @@
+"""In-process stand-in upstreams: an HTTP transport for the SDK's client that answers from Python code.
+
+Demo mode (`proxy/demo.py`) and the stream doctor (`proxy/routes/doctor.py`) answer through one, so their
+answers travel exactly as a real upstream's do: the same SDK, SSE parsing, pump and encoders.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+
+from proxy.upstream import Upstream
+
+# One timed piece of an answer: seconds to wait before it, and its bytes (or what makes them when it is due).
+Timed = tuple[float, "bytes | Callable[[], bytes]"]
+# What a stand-in answers to a chat completion request body: a whole JSON answer or timed SSE pieces.
+Answer = Callable[[dict[str, Any]], "dict[str, Any] | Iterable[Timed]"]
+
+
+class TimedStream(httpx2.SyncByteStream):
+    """A response body written piece by piece on a schedule; closing it (the client left) stops it at once."""
+
+    def __init__(self, pieces: Iterable[Timed]) -> None:
+        self.pieces = pieces
+        self.closed = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        for wait, data in self.pieces:
+            if wait and self.closed.wait(wait):
+                return
+            yield data() if callable(data) else data
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def sse_chunk(model: str, delta: dict[str, Any] | None, finish_reason: str | None = None,
+              completion_id: str = "chatcmpl-standin", usage: dict[str, int] | None = None) -> bytes:
+    """One `chat.completion.chunk` as an SSE event; no `delta`: the usage-only chunk (empty `choices`)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+    chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                             "model": model, "choices": choices}
+    if usage is not None:
+        chunk["usage"] = usage
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+SSE_END = b"data: [DONE]\n\n"
+
+
+class StandInTransport(httpx2.BaseTransport):
+    """POST .../chat/completions goes to `answer`; anything else is a 404 in OpenAI's shape."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        if request.method != "POST" or not request.url.path.endswith("/chat/completions"):
+            return httpx2.Response(404, json={"error": {"message": "not found", "type": "invalid_request_error"}})
+        answer = self.answer(orjson.loads(request.read()))
+        if isinstance(answer, dict):
+            return httpx2.Response(200, json=answer)
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=TimedStream(answer))
+
+
+def stand_in_upstream(name: str, answer: Answer, models: tuple[str, ...] = ("*",)) -> Upstream:
+    client = openai.OpenAI(api_key=name, base_url=f"http://{name}.invalid/v1", max_retries=0,
+                           http_client=httpx2.Client(transport=StandInTransport(answer)))
+    return Upstream(name, client, models)

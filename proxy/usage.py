@@ -1,0 +1,36 @@
+"""What an answer cost in tokens: read once from the upstream's reported usage, for the budgets (limits),
+the metrics and a WebSocket connection's running total."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    prompt: int = 0
+    completion: int = 0
+    total: int = 0
+    reported: bool = False  # from the upstream's usage; otherwise the content deltas counted as completion
+
+    @classmethod
+    def of_answer(cls, usage: dict[str, Any] | None, deltas: int) -> TokenUsage:
+        """The upstream's usage (`prompt_tokens`, `completion_tokens`, `total_tokens`); the number of
+        content deltas as completion tokens when it reported none."""
+        if usage:
+            prompt, completion, total = (usage.get(name) for name in
+                                         ("prompt_tokens", "completion_tokens", "total_tokens"))
+            if isinstance(prompt, int) and isinstance(completion, int):
+                return cls(prompt, completion, total if isinstance(total, int) else prompt + completion, True)
+            if isinstance(total, int):
+                return cls(0, total, total, True)
+        return cls(0, deltas, deltas, False)
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(self.prompt + other.prompt, self.completion + other.completion,
+                          self.total + other.total, self.reported or other.reported)
+
+    def as_upstream_usage(self) -> dict[str, int]:
+        """In the upstream's own shape, as a connection's running total is kept."""
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion, "total_tokens": self.total}

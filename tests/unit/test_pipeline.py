@@ -1,0 +1,174 @@
+"""The request pipeline in-process (`app.test_client()`): every rule it applies, without servers."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask, Response
+
+from proxy import create_app
+from proxy.config import Config
+from proxy.pipeline import check_every_view_declared
+from proxy.usage import TokenUsage
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "pipeline-test-key-0123456789"
+OTHER_KEY = "pipeline-other-key-9876543210"
+UNREACHABLE = "http://127.0.0.1:9/v1"  # refused at once: requests that reach the upstream get 502
+
+
+def make_app(**settings: object) -> Flask:
+    config = Config(authorization_keys=(KEY, OTHER_KEY), openai_api_key="sk-test", openai_base_url=UNREACHABLE,
+                    **settings)  # type: ignore[arg-type]
+    return create_app(config)
+
+
+@pytest.fixture
+def access_lines() -> Iterator[list[str]]:
+    """The access-log lines written while the test runs."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("relay.access")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def bearer(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/chat"), ("GET", "/chat?prompt=hi"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+    ("GET", "/doctor"),
+])
+def test_keyed_endpoints_refuse_a_missing_key_in_their_own_shape(method: str, path: str) -> None:
+    """Authentication is the pipeline's: every keyed endpoint answers 401 with its protocol's error body."""
+    response = make_app().test_client().open(path, method=method, json={})
+    assert response.status_code == 401
+    assert b"unauthorized" in response.data
+
+
+def test_header_and_query_key_that_disagree_are_refused() -> None:
+    """One caller per request: a valid `key` parameter beside another key in the header is a 401."""
+    client = make_app().test_client()
+    refused = client.get(f"/chat?prompt=hi&key={KEY}", headers={"Authorization": "Bearer junk"})
+    assert refused.status_code == 401
+    assert b"different keys" in refused.data
+    agreeing = client.get(f"/v1/models?key={KEY}", headers=bearer())
+    assert agreeing.status_code == 200
+
+
+def test_query_key_alone_identifies_the_caller() -> None:
+    """EventSource pages can only send the key as a parameter; the pipeline accepts it there."""
+    response = make_app().test_client().get(f"/v1/models?key={OTHER_KEY}")
+    assert response.status_code == 200
+
+
+def test_public_endpoints_need_no_key() -> None:
+    """Health, the API description and the page are public; a wrong key there changes nothing."""
+    client = make_app().test_client()
+    assert client.get("/healthz", headers=bearer("wrong")).status_code == 200
+    assert client.get("/openapi.yaml").status_code == 200
+
+
+def test_requests_that_do_not_stream_take_no_stream_slot() -> None:
+    """Only streaming endpoints take a slot: model lists, health and static files never lock a key out."""
+    client = make_app(max_streams_per_key=1, max_open_streams=1).test_client()
+    for _ in range(3):
+        assert client.get("/v1/models", headers=bearer()).status_code == 200
+        assert client.get("/healthz", headers=bearer()).status_code == 200
+        client.get("/static/web/icon.svg", headers=bearer()).close()
+    answered = client.post("/chat", headers=bearer(), json={"messages": [{"role": "user", "content": "hi"}]})
+    assert answered.status_code == 502  # it reached the (refusing) upstream: not 429 too_many_streams
+    answered.close()  # as the server does when the response is sent
+    again = client.post("/chat", headers=bearer(), json={"messages": [{"role": "user", "content": "hi"}]})
+    assert again.status_code == 502, "the first request's slot was not given back"
+
+
+def test_each_request_writes_one_access_line(access_lines: list[str]) -> None:
+    """The close step runs exactly once per request, errors and refusals included."""
+    client = make_app().test_client()
+    client.get("/healthz").close()
+    client.post("/chat", json={}).close()
+    client.post("/chat", headers=bearer(), data=b"not json").close()
+    client.get("/no/such/path").close()
+    client.get("/static/web/icon.svg").close()  # a file: werkzeug runs no close callbacks for it
+    assert len(access_lines) == 5
+    assert [line.split(" status=")[1].split(" ")[0] for line in access_lines] == ["200", "401", "400", "404", "200"]
+    assert "key=default" not in access_lines[1] and KEY not in "".join(access_lines)
+
+
+def test_a_model_outside_the_keys_list_is_refused(tmp_path: Path) -> None:
+    """Per-key model lists apply through the pipeline on every shaped endpoint."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[keys.limited]\nkey = "{"k" * 24}"\nmodels = ["allowed-*"]\n')
+    client = make_app(keys_file=keys).test_client()
+    headers = bearer("k" * 24)
+    for method, path, body in [("POST", "/chat", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-x"}),
+                               ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                                 "model": "gpt-x"}),
+                               ("GET", "/chat?prompt=x&model=gpt-x", None)]:
+        response = client.open(path, method=method, json=body, headers=headers)
+        assert response.status_code == 403, (path, response.data)
+        assert b"model_not_allowed" in response.data
+
+
+def test_a_view_without_a_declaration_is_refused_at_start() -> None:
+    """A new endpoint cannot skip the pipeline by forgetting to declare itself."""
+    app = make_app()
+
+    @app.get("/forgot")
+    def forgot() -> Response:
+        return Response("open")
+
+    with pytest.raises(RuntimeError, match="forgot"):
+        check_every_view_declared(app)
+
+
+def _proxy_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in tree.body:  # module level only: imports inside functions run later
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("proxy"):
+            found.add(node.module)
+    return found
+
+
+def test_no_import_cycles_inside_proxy() -> None:
+    """The modules form a hierarchy: no module imports one that (indirectly) imports it back."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (ROOT / "proxy").rglob("*.py") if "node_modules" not in p.parts}
+    graph = {name: _proxy_imports(path) & set(modules) for name, path in modules.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in graph[start])
+
+    assert [name for name in graph if reaches(name, name, {name})] == []
+
+
+@pytest.mark.parametrize(("usage", "deltas", "expected"), [
+    ({"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}, 9, (12, 2, 14, True)),
+    ({"prompt_tokens": 12, "completion_tokens": 2}, 9, (12, 2, 14, True)),
+    ({"total_tokens": 30}, 9, (0, 30, 30, True)),
+    ({"prompt_tokens": "12", "completion_tokens": 2}, 9, (0, 9, 9, False)),
+    (None, 9, (0, 9, 9, False)),
+])
+def test_token_usage_is_read_once_from_the_upstream(usage: dict | None, deltas: int, expected: tuple) -> None:
+    """Budgets, metrics and WebSocket totals all read an answer's cost through one rule."""
+    used = TokenUsage.of_answer(usage, deltas)
+    assert (used.prompt, used.completion, used.total, used.reported) == expected
+    assert (used + used).total == 2 * used.total
