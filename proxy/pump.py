@@ -225,8 +225,8 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
             stats.outcome = "client_gone"
         raise
     finally:
-        wiring.close()
         stats.take(machine.outcome)
+        wiring.close()
         stats.ended_at = time.monotonic()  # after the cleanup: the duration includes closing the upstream
 
 
@@ -244,7 +244,7 @@ def _drive(machine: StreamMachine, wiring: _Wiring, client_gone: Callable[[], bo
             if type(item) is list:
                 pending = wiring.take_ready(item)
             now = time.monotonic()
-            action = machine.feed(wiring.event(item), now)
+            action = machine.feed(wiring.received(item), now)
             if action.check_client and client_gone():
                 action = machine.feed(CLIENT_GONE, now)
         if action.outcome is not None:
@@ -293,8 +293,9 @@ class _Wiring:
                 return item
             batch += item
 
-    def event(self, item: object) -> Event:
-        """The machine's event for an inbox item (None: the wait ran out), noting what it means here."""
+    def received(self, item: object) -> Event:
+        """The machine's event for an inbox item (None: the wait ran out). Also acts on it here: an end
+        means the reader is only finishing the body; a reopened stream gets its reader at once."""
         if item is None:
             return TICK
         if type(item) is list:

@@ -205,8 +205,8 @@ class StreamMachine:
         return Action(write=out)
 
     def _on_tick(self, now: float) -> Action:
-        # Bytes held back before the first progress are dropped here, as the pump always did: they are the
-        # upstream's preamble (a role chunk), and the error record says why there is nothing more.
+        # Unlike a failure's or the drain's end, a timer's end does not send bytes held back before the first
+        # progress (a role or usage chunk): kept as the pump has always done it, so clients see no change.
         if now >= self._give_up_at:
             message = f"the answer ran past this relay's limit of {self._timers.max_stream:g} s; it is incomplete"
             return self._finish("stream_time_limit", now,
