@@ -1,9 +1,10 @@
-"""The one streaming loop behind every endpoint.
+"""The one streaming loop behind every endpoint: its I/O.
 
 A reader thread (a greenlet under gunicorn's gevent worker) reads the upstream and hands batches of
-parsed chunks over a queue; the pump, running in the response iterator, encodes them, writes keep-alives
-during silence, enforces the first-token, idle and whole-stream timers, notices a departed client, and in
-`finally` closes the upstream whatever happened. It takes plain arguments, never the request.
+parsed chunks over a queue; the pump, running in the response iterator, feeds what arrives to a
+`StreamMachine` (proxy/stream_machine.py), which decides about keep-alives, timers, hold-back and
+fall-over, and writes what it says. The pump notices a departed client, runs the fall-over in its own
+thread, and in `finally` closes the upstream whatever happened. It takes plain arguments, never the request.
 """
 
 from __future__ import annotations
@@ -14,41 +15,34 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-from proxy.config import Config
 from proxy.encoders import Encoder
 from proxy.errors import RelayError
-from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
+from proxy.shutdown import Draining
+from proxy.stream_machine import (
+    CLIENT_GONE,
+    OPEN,
+    TICK,
+    Batch,
+    Event,
+    Outcome,
+    Reopened,
+    StreamMachine,
+    StreamTimers,
+)
 from proxy.upstream import Chunk, StreamEnd, StreamFailure, UpstreamStream
 
 log = logging.getLogger("relay.pump")
 
-CLIENT_CHECK_SECONDS = 1.0  # how often a silent stream checks whether its client is still there
 READER_JOIN_SECONDS = 2.0
-# Stream failures before the first token after which the next upstream serving the model may take over.
-FALL_OVER_STREAM_KINDS = frozenset({"upstream_disconnected", "upstream_timeout", "upstream_error",
-                                    "upstream_malformed"})
 DRAIN_GRACE_SECONDS = 0.5  # after the end, how long the reader may finish the upstream body (for reuse)
 READER_THREAD_PREFIX = "upstream-reader-"  # /debug/stats counts open streams by this name
 # Batches (one per network read) the reader may run ahead of the client: enough to smooth bursts, small
 # enough that a client that does not read costs the relay little memory.
 INBOX_BATCHES = 16
-
-
-@dataclass(frozen=True)
-class StreamTimers:
-    keepalive: float
-    first_token: float
-    idle: float
-    max_stream: float
-
-    @classmethod
-    def from_config(cls, config: Config) -> StreamTimers:
-        return cls(config.keepalive_seconds, config.first_token_timeout, config.idle_timeout,
-                   config.max_stream_seconds)
 
 
 @dataclass
@@ -65,27 +59,21 @@ class StreamStats:
     tokens: int = 0
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
-    outcome: str = "open"  # "ok", an error code, or "client_gone"
+    outcome: str = OPEN  # "ok", an error code, or "client_gone"
     keep_content: bool = False
     content: list[str] = field(default_factory=list)
 
-    def record(self, chunks: Sequence[Chunk], now: float) -> bool:
-        """Account for a batch of chunks; True when the model made progress."""
-        progress = False
-        for chunk in chunks:
-            if chunk.progress:
-                progress = True
-            if chunk.content:
-                self.tokens += 1
-                if self.keep_content:
-                    self.content.append(chunk.content)
-            if chunk.finish_reason is not None:
-                self.finish_reason = chunk.finish_reason
-            if chunk.usage is not None:
-                self.usage = chunk.usage
-        if progress and self.first_token_at is None:
-            self.first_token_at = now
-        return progress
+    def take(self, outcome: Outcome) -> None:
+        """Copy the machine's account of the stream. Not its `kind`: the pump sets `outcome` when it is
+        decided, and a stalled client (noticed by the reader thread) may override it meanwhile."""
+        self.upstream = outcome.upstream
+        self.fallbacks = outcome.fallbacks
+        self.upstream_failures = outcome.upstream_failures
+        self.first_token_at = outcome.first_token_at
+        self.tokens = outcome.tokens
+        self.finish_reason = outcome.finish_reason
+        self.usage = outcome.usage
+        self.content = outcome.content
 
 
 def never_gone() -> bool:
@@ -181,12 +169,6 @@ def _do_nothing() -> None:
     return None
 
 
-class _Reopened(NamedTuple):
-    """The outcome of falling over: the next upstream's stream, or why none answered."""
-
-    result: UpstreamStream | RelayError
-
-
 class _FallOver:
     """Opens the next upstream in its own thread (greenlet), so the pump keeps sending keep-alives and
     watching the client meanwhile; a stream opened after the pump gave up is closed, never leaked."""
@@ -206,7 +188,7 @@ class _FallOver:
             result = exc
         with self._lock:
             if not self._cancelled:
-                self._put(_Reopened(result))
+                self._put(Reopened(result))
                 return
         if isinstance(result, UpstreamStream):
             result.close()
@@ -229,125 +211,128 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
 
     Until the upstream makes its first progress (content, reasoning or a tool call), what the encoder makes
     of its chunks is held back and the client sees only keep-alives: if that upstream fails meanwhile, the
-    next upstream serving the model takes over and nothing is sent twice. After it, no fall-over ever."""
-    inbox = Inbox(stall_seconds=timers.idle)
-    inbox.on_stall = lambda: _hang_up_on_stalled_client(stream, stats, client_gone)
+    next upstream serving the model takes over and nothing is sent twice. After it, no fall-over ever.
+    The decisions are the `StreamMachine`'s; this function does the I/O they call for."""
     start = time.monotonic()
     stats.started_at = stats.started_at or start
-    stats.upstream = stream.upstream.name
-    stats.fallbacks = stream.fallbacks
-    stats.upstream_failures = stream.failures
-    reader: threading.Thread | None = _start_reader(stream, inbox.put)
-    reader_done = False
-    falling_over: _FallOver | None = None
-    held: list[bytes] = []  # encoder output before the first progress
+    machine = StreamMachine(stream, encoder, timers, start, draining, keep_content=stats.keep_content)
+    wiring = _Wiring(stream, timers.idle, stats, client_gone)
     try:
-        yield encoder.start()
-        last_progress = start
-        waiting_since = start  # when the current upstream was opened: its first-token timer starts here
-        next_keepalive = start + timers.keepalive
-        give_up_at = start + timers.max_stream
-        pending: object = None
-        while True:
-            now = time.monotonic()
-            if draining is not None and now >= draining.deadline:
-                stats.outcome = SERVER_RESTARTING
-                yield b"".join(held) + encoder.error(SERVER_RESTARTING, RESTART_MESSAGE) + _end(encoder, stats)
-                return
-            if stats.first_token_at is None:
-                silence_limit, silence_deadline = timers.first_token, waiting_since + timers.first_token
-            else:
-                silence_limit, silence_deadline = timers.idle, last_progress + timers.idle
-            wake = min(next_keepalive, silence_deadline, give_up_at, now + CLIENT_CHECK_SECONDS)
-            item, pending = pending, None  # an end-of-stream item that came with the last batch goes first
-            if item is None:
-                item = _next_item(inbox, max(0.0, wake - now))
-            if item is None:
-                now = time.monotonic()
-                if now >= give_up_at:
-                    stats.outcome = "stream_time_limit"
-                    yield encoder.error(stats.outcome, f"the answer ran past this relay's limit of "
-                                        f"{timers.max_stream:g} s; it is incomplete") + _end(encoder, stats)
-                    return
-                if now >= silence_deadline:
-                    stats.outcome = "upstream_timeout"
-                    stats.upstream_failures.append((stream.upstream.name, stats.outcome))
-                    yield encoder.error(stats.outcome, _silence_message(stats, silence_limit)) + _end(encoder, stats)
-                    return
-                if client_gone():
-                    stats.outcome = "client_gone"
-                    return
-                if now >= next_keepalive:
-                    next_keepalive = now + timers.keepalive
-                    yield encoder.keepalive()
-                continue
-            if type(item) is list:
-                pending = _take_ready(inbox, item)
-                now = time.monotonic()
-                if stats.record(item, now):
-                    last_progress = now
-                out = encoder.chunks(item)
-                if stats.first_token_at is None:
-                    if out:
-                        held.append(out)
-                    continue
-                if held:
-                    out = b"".join(held) + out
-                    held.clear()
-                if out:
-                    next_keepalive = now + timers.keepalive
-                    yield out
-                continue
-            if isinstance(item, _Reopened):
-                falling_over = None
-                if isinstance(item.result, RelayError):
-                    stats.outcome = item.result.kind
-                    yield encoder.error(item.result.kind, str(item.result.description)) + _end(encoder, stats)
-                    return
-                stream = item.result
-                stats.upstream = stream.upstream.name
-                stats.fallbacks = stream.fallbacks
-                stats.upstream_failures = stream.failures
-                waiting_since = time.monotonic()
-                reader = _start_reader(stream, inbox.put)
-                reader_done = False
-                continue
-            reader_done = True
-            if isinstance(item, StreamFailure):
-                stats.upstream_failures.append((stream.upstream.name, item.code))
-                if stats.first_token_at is None and item.code in FALL_OVER_STREAM_KINDS and stream.can_fall_over():
-                    log.warning("upstream %s failed before the first token (%s); falling over",
-                                stream.upstream.name, item.code)
-                    held.clear()
-                    stats.finish_reason = stats.usage = None
-                    if reader is not None:
-                        reader.join(READER_JOIN_SECONDS)
-                    reader = None
-                    falling_over = _FallOver(stream, inbox.put)
-                    continue
-                stats.outcome = item.code
-                yield b"".join(held) + encoder.error(item.code, item.message) + _end(encoder, stats)
-                return
-            assert isinstance(item, StreamEnd)
-            stats.outcome = "ok"
-            yield b"".join(held) + _end(encoder, stats)
-            return
+        yield machine.start()
+        yield from _drive(machine, wiring, client_gone, stats)
     except GeneratorExit:
-        if stats.outcome == "open":
+        if stats.outcome == OPEN:  # a stalled client (seen by the reader) keeps that outcome
             stats.outcome = "client_gone"
         raise
     finally:
-        if falling_over is not None:
-            falling_over.cancel()
-            _close_reopened(inbox)  # before close(), which would drop a stream handed over just now
-        inbox.close()  # a reader still handing over (or draining the body) never blocks on it
-        if reader is not None:
-            if reader_done:
-                reader.join(DRAIN_GRACE_SECONDS)
-            if reader.is_alive():
-                stream.abort()
-                reader.join(READER_JOIN_SECONDS)
-        stats.ended_at = time.monotonic()
+        stats.take(machine.outcome)
+        wiring.close()
+        stats.ended_at = time.monotonic()  # after the cleanup: the duration includes closing the upstream
+
+
+def _drive(machine: StreamMachine, wiring: _Wiring, client_gone: Callable[[], bool],
+           stats: StreamStats) -> Iterator[bytes]:
+    """Feed the machine what arrives (or a Tick when nothing does) and carry out its actions until it
+    ends the stream."""
+    pending: object = None  # an end-of-stream item that came with the last batch goes after that batch
+    while True:
+        action = machine.poll(time.monotonic())
+        if action.outcome is None:
+            item, pending = pending, None
+            if item is None:
+                item = wiring.next_item(action.wait)
+            if type(item) is list:
+                pending = wiring.take_ready(item)
+            now = time.monotonic()
+            action = machine.feed(wiring.received(item), now)
+            if action.check_client and client_gone():
+                action = machine.feed(CLIENT_GONE, now)
+        if action.outcome is not None:
+            # Set before the last write, which may block: a stall the reader notices meanwhile overrides it.
+            stats.outcome = action.outcome.kind
+            if action.write:
+                yield action.write
+            return
+        if action.write:
+            yield action.write
+        if action.fall_over:
+            wiring.fall_over()
+
+
+class _Wiring:
+    """The I/O side of one stream: the inbox, the reader thread of the current upstream and a fall-over
+    in progress; `close()` leaves no thread or upstream connection behind, whatever happened."""
+
+    def __init__(self, stream: UpstreamStream, stall_seconds: float, stats: StreamStats,
+                 client_gone: Callable[[], bool]) -> None:
+        self.stream = stream  # the current upstream's: a fall-over replaces it
+        self._stats = stats
+        self._client_gone = client_gone
+        self.inbox = Inbox(stall_seconds=stall_seconds)
+        self.inbox.on_stall = self._on_stall
+        self._reader: threading.Thread | None = _start_reader(stream, self.inbox.put)
+        self._reader_done = False  # the reader handed over its end: it is only finishing the body now
+        self._falling_over: _FallOver | None = None
+
+    def next_item(self, timeout: float) -> object:
+        """The next item the reader or a fall-over handed over, or None after `timeout` seconds."""
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def take_ready(self, batch: list[Chunk]) -> object:
+        """Add every batch already waiting to `batch`, so a fast upstream costs one write, not one per
+        token. Returns the end-of-stream item if one was reached, to be handled after this batch."""
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return None
+            if type(item) is not list:
+                return item
+            batch += item
+
+    def received(self, item: object) -> Event:
+        """The machine's event for an inbox item (None: the wait ran out). Also acts on it here: an end
+        means the reader is only finishing the body; a reopened stream gets its reader at once."""
+        if item is None:
+            return TICK
+        if type(item) is list:
+            return Batch(item)
+        if isinstance(item, StreamEnd | StreamFailure):
+            self._reader_done = True
+            return item
+        if isinstance(item, Reopened):
+            self._falling_over = None
+            if isinstance(item.result, UpstreamStream):
+                self.stream = item.result
+                self._reader = _start_reader(item.result, self.inbox.put)
+                self._reader_done = False
+            return item
+        raise TypeError(f"unexpected item in the inbox: {item!r}")
+
+    def fall_over(self) -> None:
+        """Open the next upstream in the background; its stream (or error) arrives as a Reopened item."""
+        if self._reader is not None:
+            self._reader.join(READER_JOIN_SECONDS)
+        self._reader = None
+        self._falling_over = _FallOver(self.stream, self.inbox.put)
+
+    def close(self) -> None:
+        if self._falling_over is not None:
+            self._falling_over.cancel()
+            _close_reopened(self.inbox)  # before close(), which would drop a stream handed over just now
+        self.inbox.close()  # a reader still handing over (or draining the body) never blocks on it
+        if self._reader is not None:
+            if self._reader_done:
+                self._reader.join(DRAIN_GRACE_SECONDS)
+            if self._reader.is_alive():
+                self.stream.abort()
+                self._reader.join(READER_JOIN_SECONDS)
+
+    def _on_stall(self) -> None:
+        _hang_up_on_stalled_client(self.stream, self._stats, self._client_gone)
 
 
 def _close_reopened(inbox: Inbox) -> None:
@@ -357,28 +342,8 @@ def _close_reopened(inbox: Inbox) -> None:
             item = inbox.get_nowait()
         except queue.Empty:
             return
-        if isinstance(item, _Reopened) and isinstance(item.result, UpstreamStream):
+        if isinstance(item, Reopened) and isinstance(item.result, UpstreamStream):
             item.result.close()
-
-
-def _next_item(inbox: Inbox, timeout: float) -> object:
-    try:
-        return inbox.get(timeout=timeout)
-    except queue.Empty:
-        return None
-
-
-def _take_ready(inbox: Inbox, batch: list[Chunk]) -> object:
-    """Add every batch already waiting to `batch`, so a fast upstream costs one write, not one per token.
-    Returns the end-of-stream item if one was reached, to be handled after this batch is written."""
-    while True:
-        try:
-            item = inbox.get_nowait()
-        except queue.Empty:
-            return None
-        if type(item) is not list:
-            return item
-        batch += item
 
 
 def _hang_up_on_stalled_client(stream: UpstreamStream, stats: StreamStats, client_gone: Callable[[], bool]) -> None:
@@ -389,13 +354,3 @@ def _hang_up_on_stalled_client(stream: UpstreamStream, stats: StreamStats, clien
     stream.abort()
     if isinstance(client_gone, ClientSocket):
         client_gone.hang_up()
-
-
-def _end(encoder: Encoder, stats: StreamStats) -> bytes:
-    return encoder.end(stats.finish_reason, stats.usage)
-
-
-def _silence_message(stats: StreamStats, limit: float) -> str:
-    if stats.first_token_at is None:
-        return f"the model did not start answering within {limit:g} s; try again or pick another model"
-    return f"the upstream went silent for {limit:g} s mid-answer; the answer is incomplete"
