@@ -221,16 +221,16 @@ class StreamMachine:
         return Action(write=self._encoder.keepalive(), check_client=True)
 
     def _on_failure(self, failure: StreamFailure, now: float) -> Action:
-        self._failures.append((self._stream.upstream.name, failure.code))
-        if (self._first_token_at is None and failure.code in FALL_OVER_STREAM_KINDS
+        self._failures.append((self._stream.upstream.name, failure.kind))
+        if (self._first_token_at is None and failure.kind in FALL_OVER_STREAM_KINDS
                 and self._stream.can_fall_over()):
             log.warning("upstream %s failed before the first token (%s); falling over",
-                        self._stream.upstream.name, failure.code)
+                        self._stream.upstream.name, failure.kind)
             self._held.clear()  # the client never saw them; the next upstream starts its answer afresh
             self._finish_reason = self._usage = None
             return Action(fall_over=True)
-        return self._finish(failure.code, now, self._release_held()
-                            + self._encoder.error(failure.code, failure.message) + self._end())
+        return self._finish(failure.kind, now, self._release_held()
+                            + self._encoder.error(failure.kind, failure.message) + self._end())
 
     def _on_reopened(self, result: StreamSource | RelayError, now: float) -> Action:
         if isinstance(result, RelayError):

@@ -42,9 +42,9 @@ class Chunk(NamedTuple):
 
 
 class StreamFailure(NamedTuple):
-    """The upstream stream broke after it began; `code` is the machine-readable kind."""
+    """The upstream stream broke after it began; `kind` is the machine-readable name."""
 
-    code: str
+    kind: str
     message: str
 
 

@@ -217,7 +217,7 @@ def test_no_fall_over_after_progress() -> None:
     assert m.feed(Batch([content("Hel")]), 1.0).write
     action = m.feed(DISCONNECTED, 2.0)
     assert not action.fall_over
-    assert action.write == ndjson_error(DISCONNECTED.code, DISCONNECTED.message) + NDJSON_DONE
+    assert action.write == ndjson_error(DISCONNECTED.kind, DISCONNECTED.message) + NDJSON_DONE
     assert action.outcome is not None and action.outcome.kind == "upstream_disconnected"
 
 
