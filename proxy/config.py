@@ -1,7 +1,15 @@
 """Every setting of the relay, named once, read from the environment once, validated.
 
-`Config.from_env` is the only place that reads environment variables for the app. A bad value stops
-start-up with a `ConfigError` whose message names the variable; no message ever includes a key.
+`Config.from_env` is the only place that reads environment variables for the app. Each variable is one row
+of `SETTINGS` (gunicorn's: `SERVER_SETTINGS`) naming the dataclass field it sets and its parser; the field's
+type and default stay on the dataclass. `UPSTREAMS_FILE` entries are a declared pydantic model
+(`UpstreamEntry`). A bad value stops start-up with a one-line `ConfigError` whose message names the variable;
+no message ever includes a key, nor the value of a setting that may carry one.
+
+The environment is read through a table rather than a pydantic model because every value is a string that
+needs a parser of the relay's own (its words for booleans, "positive number of seconds", origins, bind
+addresses) with its own wording, and a model would declare each field's type and default a second time
+beside `Config`, which stays a plain dataclass (built directly by tests, `dataclasses.replace`d elsewhere).
 """
 
 from __future__ import annotations
@@ -14,12 +22,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
+from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo
 
 from proxy.keys import KeyRing, KeysFileError
+from proxy.validation import EntryError, FileEntry, Says
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
@@ -27,8 +37,6 @@ LOG_FORMATS = ("text", "json")
 GUNICORN_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -86,8 +94,6 @@ class Config:
     keyring: KeyRing = field(init=False, repr=False, compare=False)
     upstreams_file: str | None = None
     upstreams: tuple[UpstreamSpec, ...] = ()  # from UPSTREAMS_FILE; empty: the single OPENAI_* upstream
-    # Extra environment the app may need later (e.g. keys named by an upstreams file); never logged.
-    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
@@ -109,67 +115,29 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
-        """Build and validate the configuration from environment variables."""
-        demo = _parse(env, "RELAY_DEMO", _boolean, False)
-        keys = _csv(env.get("AUTHORIZATION_KEY", ""))
-        keys_file = _parse(env, "KEYS_FILE", Path, None)
-        api_key = env.get("OPENAI_API_KEY", "").strip()
-        upstreams_file = env.get("UPSTREAMS_FILE", "").strip() or None
+        """Build and validate the configuration from environment variables (the table is `SETTINGS`)."""
+        values: dict[str, Any] = {"authorization_keys": (), "openai_api_key": "", **read_settings(SETTINGS, env)}
+        upstreams_file = values.get("upstreams_file")
         upstreams = load_upstreams_file(upstreams_file, env) if upstreams_file else ()
-        if not demo:
-            if not keys and keys_file is None:
-                raise ConfigError("AUTHORIZATION_KEY is missing or empty (and no KEYS_FILE): "
-                                  "refusing to run an open relay")
-            if not api_key and not upstreams:
-                raise ConfigError("OPENAI_API_KEY is missing or empty: the relay has no upstream key")
-        elif not keys:
-            raise ConfigError("AUTHORIZATION_KEY is missing or empty (demo mode needs an access key too)")
-        origins = _csv(env.get("CORS_ORIGINS", ""))
-        for origin in origins:
-            if origin != "*" and not _is_origin(origin):
-                raise ConfigError(f"CORS_ORIGINS: {origin!r} is not an origin like https://example.com")
-        base_url = env.get("OPENAI_BASE_URL", "").strip() or OPENAI_DEFAULT_BASE_URL
-        if not _is_http_url(base_url):
-            raise ConfigError(f"OPENAI_BASE_URL: {base_url!r} is not an http(s) URL")
-        max_tokens = _parse(env, "MAX_TOKENS", _positive_int, None)
-        default_model = env.get("DEFAULT_MODEL", "").strip() or cls.default_model
+        _require_keys(values, bool(upstreams))
+        default_model = values.get("default_model", cls.default_model)
         if upstreams and not any(_matches(spec.models, default_model) for spec in upstreams):
             raise ConfigError(f"DEFAULT_MODEL: '{default_model}' is not served by any upstream in "
                               f"UPSTREAMS_FILE {upstreams_file}")
-        return cls(
-            authorization_keys=keys,
-            openai_api_key=api_key,
-            openai_base_url=base_url.rstrip("/"),
-            default_model=default_model,
-            allowed_models=_csv(env.get("ALLOWED_MODELS", "")),
-            system_prompt=env.get("SYSTEM_PROMPT", "").strip() or None,
-            cors_origins=origins,
-            keepalive_seconds=_parse(env, "KEEPALIVE_SECONDS", _positive_float, cls.keepalive_seconds),
-            upstream_timeout=_parse(env, "UPSTREAM_TIMEOUT", _positive_float, cls.upstream_timeout),
-            first_token_timeout=_parse(env, "FIRST_TOKEN_TIMEOUT", _positive_float, cls.first_token_timeout),
-            idle_timeout=_parse(env, "IDLE_TIMEOUT", _positive_float, cls.idle_timeout),
-            max_stream_seconds=_parse(env, "MAX_STREAM_SECONDS", _positive_float, cls.max_stream_seconds),
-            max_body_bytes=_parse(env, "MAX_BODY_BYTES", _positive_int, cls.max_body_bytes),
-            max_tokens=max_tokens,
-            log_content=_parse(env, "LOG_CONTENT", _boolean, False),
-            body_timeout=_parse(env, "BODY_TIMEOUT", _positive_float, cls.body_timeout),
-            debug_stats=_parse(env, "RELAY_DEBUG_STATS", _boolean, False),
-            demo=demo,
-            keys_file=keys_file,
-            trusted_proxies=_parse(env, "TRUSTED_PROXIES", _networks, ()),
-            rate_limit_per_minute=_parse(env, "RATE_LIMIT_PER_MINUTE", _positive_int, None),
-            rate_limit_per_day=_parse(env, "RATE_LIMIT_PER_DAY", _positive_int, None),
-            daily_token_budget=_parse(env, "DAILY_TOKEN_BUDGET", _positive_int, None),
-            max_streams_per_key=_parse(env, "MAX_STREAMS_PER_KEY", _positive_int, None),
-            max_open_streams=_parse(env, "MAX_OPEN_STREAMS", _positive_int, None),
-            rate_limit_storage_uri=_storage_uri(env.get("RATE_LIMIT_STORAGE_URI", "").strip()),
-            metrics_key=env.get("METRICS_KEY", "").strip() or None,
-            prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip() or None,
-            log_format=_parse(env, "LOG_FORMAT", _log_format, "text"),
-            upstreams_file=upstreams_file,
-            upstreams=upstreams,
-            environ=dict(env),
-        )
+        return cls(**values, upstreams=upstreams)
+
+
+def _require_keys(values: Mapping[str, Any], has_upstreams: bool) -> None:
+    """Refuse to run open, or with no upstream key (the demo's stand-in model needs none)."""
+    keys, keys_file = values["authorization_keys"], values.get("keys_file")
+    if values.get("demo"):
+        if not keys:
+            raise ConfigError("AUTHORIZATION_KEY is missing or empty (demo mode needs an access key too)")
+        return
+    if not keys and keys_file is None:
+        raise ConfigError("AUTHORIZATION_KEY is missing or empty (and no KEYS_FILE): refusing to run an open relay")
+    if not values["openai_api_key"] and not has_upstreams:
+        raise ConfigError("OPENAI_API_KEY is missing or empty: the relay has no upstream key")
 
 
 @dataclass(frozen=True)
@@ -186,13 +154,7 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServerSettings:
-        return cls(
-            bind=_parse(env, "GUNICORN_BIND", _bind_address, cls.bind),
-            workers=_parse(env, "GUNICORN_WORKERS", _positive_int, os.cpu_count() or 1),
-            worker_connections=_parse(env, "GUNICORN_WORKER_CONNECTIONS", _positive_int, cls.worker_connections),
-            graceful_timeout=_parse(env, "GUNICORN_GRACEFUL_TIMEOUT", _positive_int, cls.graceful_timeout),
-            log_level=_parse(env, "GUNICORN_LOG_LEVEL", _log_level, cls.log_level),
-        )
+        return cls(**{"workers": os.cpu_count() or 1, **read_settings(SERVER_SETTINGS, env)})
 
     @property
     def url(self) -> str:
@@ -210,79 +172,50 @@ def load_env_file() -> None:
     load_dotenv(Path.cwd() / ".env", override=False)
 
 
-UPSTREAM_FIELDS = frozenset({"name", "base_url", "api_key_env", "models"})
+# --- the environment: one row per variable --------------------------------------------------------------------
+
+class SettingError(ValueError):
+    """A parser's complete reason, shown as `NAME: <reason>` (used where the value itself must not be shown)."""
 
 
-def load_upstreams_file(path: str, env: Mapping[str, str]) -> tuple[UpstreamSpec, ...]:
-    """Read `[[upstreams]]` tables from the TOML file at `path` (see the README); each key is looked up in
-    `env` under the variable name the file gives. Every problem is a ConfigError naming the file and entry."""
-    try:
-        with open(path, "rb") as handle:
-            document = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"UPSTREAMS_FILE: cannot read {path} ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"UPSTREAMS_FILE {path}: not valid TOML ({exc})") from None
-    unknown = set(document) - {"upstreams"}
-    if unknown:
-        raise ConfigError(f"UPSTREAMS_FILE {path}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
-                          "expected only [[upstreams]] tables")
-    entries = document.get("upstreams")
-    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
-        raise ConfigError(f"UPSTREAMS_FILE {path}: expected one or more [[upstreams]] tables")
-    specs: list[UpstreamSpec] = []
-    for number, entry in enumerate(entries, start=1):
-        spec = _upstream_entry(f"UPSTREAMS_FILE {path}: upstream #{number}", entry, env)
-        if any(spec.name == earlier.name for earlier in specs):
-            raise ConfigError(f"UPSTREAMS_FILE {path}: upstream #{number}: the name '{spec.name}' is used twice")
-        specs.append(spec)
-    return tuple(specs)
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: the field of `Config`/`ServerSettings` it sets and how its text is read.
+    The field's type and default are the dataclass's own; an empty (or blank) variable means that default.
+    `secret`: the value may be or carry a credential, so no message ever shows it."""
+
+    env: str
+    field: str
+    parse: Callable[[str], Any]
+    secret: bool = False
+
+    def read(self, raw: str) -> Any:
+        try:
+            return self.parse(raw)
+        except SettingError as exc:
+            raise ConfigError(f"{self.env}: {exc}") from None
+        except ValueError as exc:
+            if self.secret:  # float()'s and int()'s own messages quote the value
+                raise ConfigError(f"{self.env}: the value is not valid") from None
+            raise ConfigError(f"{self.env}: {raw!r} is not valid ({exc})") from None
 
 
-def _upstream_entry(where: str, entry: dict[str, Any], env: Mapping[str, str]) -> UpstreamSpec:
-    name = entry.get("name")
-    if isinstance(name, str) and name.strip():
-        where = f"{where} ('{name.strip()}')"
-    unknown = set(entry) - UPSTREAM_FIELDS
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
-                          f"expected {', '.join(sorted(UPSTREAM_FIELDS))}")
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"{where}: 'name' must be a non-empty string")
-    base_url = entry.get("base_url")
-    if not isinstance(base_url, str) or not _is_http_url(base_url.strip()):
-        raise ConfigError(f"{where}: 'base_url' must be an http(s) URL like https://api.example.com/v1")
-    key_env = entry.get("api_key_env")
-    if not isinstance(key_env, str) or not key_env.strip():
-        raise ConfigError(f"{where}: 'api_key_env' must name the environment variable that holds the key")
-    api_key = env.get(key_env.strip(), "").strip()
-    if not api_key:
-        raise ConfigError(f"{where}: {key_env.strip()} (named by 'api_key_env') is missing or empty")
-    models = entry.get("models")
-    if not isinstance(models, list) or not models or not all(
-            isinstance(model, str) and model.strip() for model in models):
-        raise ConfigError(f"{where}: 'models' must be a non-empty array of model names or globs "
-                          '(["*"] for any model)')
-    return UpstreamSpec(name.strip(), base_url.strip().rstrip("/"), key_env.strip(),
-                        tuple(model.strip() for model in models), api_key)
-
-
-def _matches(patterns: tuple[str, ...], model: str) -> bool:
-    return any(fnmatchcase(model, pattern) for pattern in patterns)
+def read_settings(table: tuple[Setting, ...], env: Mapping[str, str]) -> dict[str, Any]:
+    """The fields the set variables give, checked in table order; unset and empty ones are left out."""
+    values: dict[str, Any] = {}
+    for setting in table:
+        raw = env.get(setting.env, "").strip()
+        if raw:
+            values[setting.field] = setting.read(raw)
+    return values
 
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
-def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return convert(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {raw!r} is not valid ({exc})") from None
+def _text(raw: str) -> str:
+    return raw
 
 
 def _positive_float(raw: str) -> float:
@@ -315,13 +248,24 @@ def _networks(raw: str) -> tuple[IPNetwork, ...]:
         raise ValueError("expected IP addresses or networks (127.0.0.1, 10.0.0.0/8, ::1)") from None
 
 
-def _storage_uri(raw: str) -> str | None:
-    """RATE_LIMIT_STORAGE_URI, checked without ever echoing it: a Redis URL may carry a password."""
-    if not raw:
-        return None
-    if urlsplit(raw).scheme not in RATE_LIMIT_STORAGE_SCHEMES:
+def _base_url(raw: str) -> str:
+    if not _is_http_url(raw):  # the value is not echoed: a URL may carry user:password@
+        raise SettingError(f"not an http(s) URL like {OPENAI_DEFAULT_BASE_URL}")
+    return raw.rstrip("/")
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = _csv(raw)
+    for origin in origins:
+        if origin != "*" and not _is_origin(origin):
+            raise SettingError(f"{origin!r} is not an origin like https://example.com")
+    return origins
+
+
+def _storage_uri(raw: str) -> str:
+    if urlsplit(raw).scheme not in RATE_LIMIT_STORAGE_SCHEMES:  # never echoed: a Redis URL may carry a password
         schemes = ", ".join(f"{scheme}://" for scheme in RATE_LIMIT_STORAGE_SCHEMES)
-        raise ConfigError(f"RATE_LIMIT_STORAGE_URI: expected a URL starting with one of {schemes}")
+        raise SettingError(f"expected a URL starting with one of {schemes}")
     return raw
 
 
@@ -334,16 +278,138 @@ def _bind_address(raw: str) -> str:
     return raw
 
 
-def _log_level(raw: str) -> str:
-    if raw.lower() not in GUNICORN_LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(GUNICORN_LOG_LEVELS)}")
-    return raw.lower()
+def _one_of(choices: tuple[str, ...], hint: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(hint)
+        return raw.lower()
+    return parse
 
 
-def _log_format(raw: str) -> str:
-    if raw.lower() not in LOG_FORMATS:
-        raise ValueError("expected text or json")
-    return raw.lower()
+# Order matters only for which of several bad values is reported first.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("RELAY_DEMO", "demo", _boolean),
+    Setting("AUTHORIZATION_KEY", "authorization_keys", _csv, secret=True),
+    Setting("KEYS_FILE", "keys_file", Path),
+    Setting("OPENAI_API_KEY", "openai_api_key", _text, secret=True),
+    Setting("UPSTREAMS_FILE", "upstreams_file", _text),
+    Setting("CORS_ORIGINS", "cors_origins", _origins),
+    Setting("OPENAI_BASE_URL", "openai_base_url", _base_url, secret=True),
+    Setting("MAX_TOKENS", "max_tokens", _positive_int),
+    Setting("DEFAULT_MODEL", "default_model", _text),
+    Setting("ALLOWED_MODELS", "allowed_models", _csv),
+    Setting("SYSTEM_PROMPT", "system_prompt", _text),
+    Setting("KEEPALIVE_SECONDS", "keepalive_seconds", _positive_float),
+    Setting("UPSTREAM_TIMEOUT", "upstream_timeout", _positive_float),
+    Setting("FIRST_TOKEN_TIMEOUT", "first_token_timeout", _positive_float),
+    Setting("IDLE_TIMEOUT", "idle_timeout", _positive_float),
+    Setting("MAX_STREAM_SECONDS", "max_stream_seconds", _positive_float),
+    Setting("MAX_BODY_BYTES", "max_body_bytes", _positive_int),
+    Setting("LOG_CONTENT", "log_content", _boolean),
+    Setting("BODY_TIMEOUT", "body_timeout", _positive_float),
+    Setting("RELAY_DEBUG_STATS", "debug_stats", _boolean),
+    Setting("TRUSTED_PROXIES", "trusted_proxies", _networks),
+    Setting("RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute", _positive_int),
+    Setting("RATE_LIMIT_PER_DAY", "rate_limit_per_day", _positive_int),
+    Setting("DAILY_TOKEN_BUDGET", "daily_token_budget", _positive_int),
+    Setting("MAX_STREAMS_PER_KEY", "max_streams_per_key", _positive_int),
+    Setting("MAX_OPEN_STREAMS", "max_open_streams", _positive_int),
+    Setting("RATE_LIMIT_STORAGE_URI", "rate_limit_storage_uri", _storage_uri, secret=True),
+    Setting("METRICS_KEY", "metrics_key", _text, secret=True),
+    Setting("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", _text),
+    Setting("LOG_FORMAT", "log_format", _one_of(LOG_FORMATS, "expected text or json")),
+)
+
+SERVER_SETTINGS: tuple[Setting, ...] = (
+    Setting("GUNICORN_BIND", "bind", _bind_address),
+    Setting("GUNICORN_WORKERS", "workers", _positive_int),
+    Setting("GUNICORN_WORKER_CONNECTIONS", "worker_connections", _positive_int),
+    Setting("GUNICORN_GRACEFUL_TIMEOUT", "graceful_timeout", _positive_int),
+    Setting("GUNICORN_LOG_LEVEL", "log_level", _one_of(GUNICORN_LOG_LEVELS,
+                                                        f"expected one of {', '.join(GUNICORN_LOG_LEVELS)}")),
+)
+
+
+# --- UPSTREAMS_FILE ----------------------------------------------------------------------------------------------
+
+def _stripped(value: str) -> str:
+    return value.strip()
+
+
+def _http_url(value: str) -> str:
+    if not _is_http_url(value.strip()):
+        raise ValueError("'base_url' must be an http(s) URL like https://api.example.com/v1")
+    return value.strip().rstrip("/")
+
+
+def _key_in_env(name: str, info: ValidationInfo) -> str:
+    # Checked here, in field order, so a missing key is reported before a bad 'models' as it always was.
+    env: Mapping[str, str] = (info.context or {}).get("env", {})
+    if not env.get(name.strip(), "").strip():
+        raise ValueError(f"{name.strip()} (named by 'api_key_env') is missing or empty")
+    return name.strip()
+
+
+_Named = Annotated[str, StringConstraints(pattern=r"\S")]
+
+
+class UpstreamEntry(FileEntry):
+    """One `[[upstreams]]` table of UPSTREAMS_FILE (the key itself stays in the environment)."""
+
+    name: Annotated[_Named, Says("'name' must be a non-empty string"), AfterValidator(_stripped)]
+    base_url: Annotated[str, Says("'base_url' must be an http(s) URL like https://api.example.com/v1"),
+                        AfterValidator(_http_url)]
+    api_key_env: Annotated[_Named, Says("'api_key_env' must name the environment variable that holds the key"),
+                           AfterValidator(_key_in_env)]
+    models: Annotated[list[_Named], Field(min_length=1),
+                      Says("'models' must be a non-empty array of model names or globs "
+                           '(["*"] for any model)')]
+
+    @classmethod
+    def unknown_fields(cls, names: list[str]) -> str:
+        return f"unknown field(s) {', '.join(names)}; expected {', '.join(sorted(cls.model_fields))}"
+
+
+def load_upstreams_file(path: str, env: Mapping[str, str]) -> tuple[UpstreamSpec, ...]:
+    """Read `[[upstreams]]` tables from the TOML file at `path` (see the README); each key is looked up in
+    `env` under the variable name the file gives. Every problem is a ConfigError naming the file and entry."""
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"UPSTREAMS_FILE: cannot read {path} ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"UPSTREAMS_FILE {path}: not valid TOML ({exc})") from None
+    unknown = set(document) - {"upstreams"}
+    if unknown:
+        raise ConfigError(f"UPSTREAMS_FILE {path}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
+                          "expected only [[upstreams]] tables")
+    entries = document.get("upstreams")
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise ConfigError(f"UPSTREAMS_FILE {path}: expected one or more [[upstreams]] tables")
+    specs: list[UpstreamSpec] = []
+    for number, entry in enumerate(entries, start=1):
+        spec = _upstream_entry(f"UPSTREAMS_FILE {path}: upstream #{number}", entry, env)
+        if any(spec.name == earlier.name for earlier in specs):
+            raise ConfigError(f"UPSTREAMS_FILE {path}: upstream #{number}: the name '{spec.name}' is used twice")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _upstream_entry(where: str, entry: dict[str, Any], env: Mapping[str, str]) -> UpstreamSpec:
+    name = entry.get("name")
+    if isinstance(name, str) and name.strip():
+        where = f"{where} ('{name.strip()}')"
+    try:
+        checked = UpstreamEntry.check(entry, where, context={"env": env})
+    except EntryError as exc:
+        raise ConfigError(str(exc)) from None
+    return UpstreamSpec(checked.name, checked.base_url, checked.api_key_env,
+                        tuple(model.strip() for model in checked.models), env[checked.api_key_env].strip())
+
+
+def _matches(patterns: tuple[str, ...], model: str) -> bool:
+    return any(fnmatchcase(model, pattern) for pattern in patterns)
 
 
 def _is_http_url(url: str) -> bool:

@@ -26,13 +26,16 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, Field, PositiveInt, StringConstraints
+
+from proxy.validation import EntryError, FileEntry, Says
 
 log = logging.getLogger("relay.keys")
 
 RELOAD_CHECK_SECONDS = 1.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-_LIMIT_FIELDS = ("requests_per_minute", "requests_per_day", "daily_tokens", "max_streams")
 
 
 class KeysFileError(ValueError):
@@ -82,30 +85,44 @@ def load_keys_file(path: Path) -> tuple[KeyPolicy, ...]:
     return policies
 
 
+_WHOLE = "must be a positive whole number"
+
+
+def _bare_key(key: str) -> str:
+    # A comma would split the key when it is also listed in AUTHORIZATION_KEY; spaces are a paste slip.
+    if key != key.strip() or "," in key:
+        raise ValueError("'key' must not contain commas or surrounding spaces")
+    return key
+
+
+class KeyEntry(FileEntry):
+    """One `[keys.<name>]` table of KEYS_FILE; its fields are KeyPolicy's."""
+
+    NOT_A_TABLE: ClassVar[str] = "{where} must be a table with at least key = \"...\""
+
+    key: Annotated[str, StringConstraints(pattern=r"\S"), Says("'key' must be a non-empty string"),
+                   AfterValidator(_bare_key), Field(repr=False)]
+    requests_per_minute: Annotated[PositiveInt | None, Says(f"'requests_per_minute' {_WHOLE}")] = None
+    requests_per_day: Annotated[PositiveInt | None, Says(f"'requests_per_day' {_WHOLE}")] = None
+    daily_tokens: Annotated[PositiveInt | None, Says(f"'daily_tokens' {_WHOLE}")] = None
+    max_streams: Annotated[PositiveInt | None, Says(f"'max_streams' {_WHOLE}")] = None
+    models: Annotated[list[Annotated[str, StringConstraints(min_length=1)]],
+                      Says("'models' must be a list of model names or globs")] = Field(default_factory=list)
+
+    @classmethod
+    def unknown_fields(cls, names: list[str]) -> str:
+        return f"unknown settings {names}"
+
+
 def _policy(path: Path, name: str, entry: Any) -> KeyPolicy:
     where = f"{path}: keys.{name}"
     if not _NAME.fullmatch(name):
         raise KeysFileError(f"{where}: a name is 1-64 letters, digits, '.', '_' or '-'")
-    if not isinstance(entry, dict):
-        raise KeysFileError(f"{where} must be a table with at least key = \"...\"")
-    unknown = set(entry) - {"key", "models", *_LIMIT_FIELDS}
-    if unknown:
-        raise KeysFileError(f"{where}: unknown settings {sorted(unknown)}")
-    key = entry.get("key")
-    if not isinstance(key, str) or not key.strip():
-        raise KeysFileError(f"{where}: 'key' must be a non-empty string")
-    if key != key.strip() or "," in key:
-        raise KeysFileError(f"{where}: 'key' must not contain commas or surrounding spaces")
-    limits: dict[str, int | None] = {}
-    for setting in _LIMIT_FIELDS:
-        value = entry.get(setting)
-        if value is not None and (type(value) is not int or value <= 0):
-            raise KeysFileError(f"{where}: '{setting}' must be a positive whole number")
-        limits[setting] = value
-    models = entry.get("models", [])
-    if not isinstance(models, list) or not all(isinstance(model, str) and model for model in models):
-        raise KeysFileError(f"{where}: 'models' must be a list of model names or globs")
-    return KeyPolicy(name=name, key=key, models=tuple(models), **limits)
+    try:
+        checked = KeyEntry.check(entry, where)
+    except EntryError as exc:
+        raise KeysFileError(str(exc)) from None
+    return KeyPolicy(name=name, models=tuple(checked.models), **checked.model_dump(exclude={"models"}))
 
 
 class KeyRing:
