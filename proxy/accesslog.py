@@ -9,11 +9,13 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
-from proxy.pump import StreamStats
+if TYPE_CHECKING:  # the log reads a stream's account; it has no business importing the stream's machinery
+    from proxy.pump import StreamStats
 
 log = logging.getLogger("relay.access")
 SECRET_PARAMS = frozenset({"key", "api_key", "access_key", "token"})

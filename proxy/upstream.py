@@ -33,7 +33,6 @@ class Chunk(NamedTuple):
     """One upstream SSE event, parsed once. `raw` is the JSON exactly as the upstream sent it."""
 
     raw: bytes
-    data: dict[str, Any]
     content: str | None
     reasoning: str | None
     finish_reason: str | None
@@ -209,7 +208,7 @@ def parse_chunk(data: bytes) -> Chunk | StreamFailure:
             progress = bool(content or reasoning or delta.get("tool_calls"))
         finish = choice.get("finish_reason")
     usage = obj.get("usage")
-    return Chunk(data, obj, content, reasoning, finish if isinstance(finish, str) else None,
+    return Chunk(data, content, reasoning, finish if isinstance(finish, str) else None,
                  usage if isinstance(usage, dict) else None, progress)
 
 
