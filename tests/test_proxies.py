@@ -60,7 +60,7 @@ def caddy(tmp_path_factory: pytest.TempPathFactory, proxied_relay: RelayProcess)
 def assert_flushed(lines: list[tuple[float, bytes]]) -> None:
     records = [(at, line) for at, line in lines if line]
     first_at, last_at = records[0][0], records[-1][0]
-    assert first_at < 0.45, f"first record after {first_at:.2f}s"
+    assert first_at < 1.0, f"first record after {first_at:.2f}s"  # the upstream's last token comes at 1.5 s
     assert last_at - first_at > 1.3, "the records came together at the end: something buffered them"
     assert json.loads(records[-1][1])["content"] == "[DONE]"
 
