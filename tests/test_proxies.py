@@ -81,11 +81,11 @@ def short_read_timeout_site() -> str:
 
 
 def test_keepalive_carries_a_stream_past_nginx_read_timeout(tmp_path: Path, relay_factory: Callable[..., RelayProcess],
-                                                            fake: FakeUpstream) -> None:
+                                                            proxied_relay: RelayProcess, fake: FakeUpstream) -> None:
     """With nginx's read timeout cut to 1 s, a 2.5 s silent first token still arrives: keep-alive lines
     keep the connection busy. With keep-alives rarer than the timeout, nginx cuts the same stream."""
     fake.behave(tokens=["late"], first_token_delay=2.5)
-    with_keepalive = relay_factory(KEEPALIVE_SECONDS="0.3")
+    with_keepalive = proxied_relay  # KEEPALIVE_SECONDS=0.3
     with running_nginx(tmp_path / "kept", address(with_keepalive), short_read_timeout_site()) as nginx:
         lines = timed_records(nginx.url, with_keepalive.headers())
     contents = [json.loads(line)["content"] for _, line in lines if line]

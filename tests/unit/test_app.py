@@ -176,6 +176,30 @@ def test_security_headers_and_request_id(client: FlaskClient) -> None:
     assert refused.headers["X-Request-ID"] != "bad id;x" and len(refused.headers["X-Request-ID"]) == 32
 
 
+def test_chat_caps_persona_and_default_model(make_client: Callable[..., FlaskClient], transport: FakeTransport) -> None:
+    """/chat: allow-listed sampling fields pass, unknown ones are dropped, max_tokens is capped (and sent when the
+    client sets none), SYSTEM_PROMPT is prepended unless the client brings its own, DEFAULT_MODEL is used."""
+    client = make_client(max_tokens=100, system_prompt="You are a pirate.", default_model="kimi-k2")
+    client.post("/chat", json={**HELLO, "temperature": 0.2, "max_tokens": 5000, "stop": ["\n"], "seed": 7,
+                               "foo": "bar"}, headers=bearer())
+    sent = transport.requests[-1].body
+    assert sent["model"] == "kimi-k2"
+    assert sent["messages"] == [{"role": "system", "content": "You are a pirate."}, *HELLO["messages"]]
+    assert (sent["temperature"], sent["max_tokens"], sent["stop"], sent["seed"]) == (0.2, 100, ["\n"], 7)
+    assert "foo" not in sent
+    own_system = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    client.post("/chat", json=own_system, headers=bearer())
+    assert transport.requests[-1].body["messages"] == own_system["messages"]
+    assert transport.requests[-1].body["max_tokens"] == 100
+
+
+def test_unreachable_upstream_message(client: FlaskClient, transport: FakeTransport) -> None:
+    """A refused connection says the relay could not reach the upstream (a real refused port: test_faults.py)."""
+    transport.reply(raise_=httpx2.ConnectError)
+    error, _ = records(client.post("/chat", json=HELLO, headers=bearer()).data)
+    assert error["code"] == "upstream_unreachable" and "could not reach the upstream" in error["content"]
+
+
 def test_cors_preflight_and_origins(make_client: Callable[..., FlaskClient]) -> None:
     """A preflight from a listed origin is 204 before auth; an unlisted one is 403; answers to listed origins
     carry Allow-Origin with credentials."""
@@ -189,6 +213,35 @@ def test_cors_preflight_and_origins(make_client: Callable[..., FlaskClient]) -> 
     assert answer.headers["Access-Control-Allow-Credentials"] == "true"
     other = client.post("/chat", json=HELLO, headers={**bearer(), "Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+@pytest.mark.parametrize(("origins", "allow_origin", "credentials"), [
+    (("*",), "*", None),
+    ((), None, None),
+    (("https://app.example.com",), "https://app.example.com", "true"),
+])
+def test_cors_answer_headers(make_client: Callable[..., FlaskClient], origins: tuple[str, ...],
+                             allow_origin: str | None, credentials: str | None) -> None:
+    """CORS_ORIGINS=* answers any origin with `*` and never with credentials; none set allows no origin."""
+    client = make_client(cors_origins=origins)
+    origin = "https://app.example.com"
+    response = client.post("/chat", json=HELLO, headers={**bearer(), "Origin": origin})
+    assert response.headers.get("Access-Control-Allow-Origin") == allow_origin
+    assert response.headers.get("Access-Control-Allow-Credentials") == credentials
+
+
+def test_log_content_opt_in(make_client: Callable[..., FlaskClient], transport: FakeTransport,
+                            access_lines: list[str]) -> None:
+    """Without LOG_CONTENT no conversation text is logged; with LOG_CONTENT=1 the prompt and answer are, never a key."""
+    body = {"messages": [{"role": "user", "content": "loggable question"}]}
+    for log_content in (False, True):
+        response = make_client(log_content=log_content).post("/chat", json=body, headers=bearer())
+        assert response.get_data()
+        response.close()
+    quiet, loud = access_lines
+    assert "loggable" not in quiet and "Hello" not in quiet
+    assert "prompt='loggable question'" in loud and "answer='Hello'" in loud
+    assert ACCESS_KEY not in loud and UPSTREAM_KEY not in loud
 
 
 def test_access_log_line_names_the_key_never_shows_it(client: FlaskClient, access_lines: list[str]) -> None:
@@ -295,13 +348,18 @@ def test_v1_models_lists_default_and_exact_allowed_names(make_client: Callable[.
 
 
 def test_model_outside_the_allow_list_is_400(make_client: Callable[..., FlaskClient], transport: FakeTransport) -> None:
-    """ALLOWED_MODELS refuses other models on every endpoint, kind model_not_allowed."""
-    client = make_client(allowed_models=("gpt-4o*",))
+    """ALLOWED_MODELS (globs) lets matching models through and refuses others on every endpoint before any
+    upstream call, kind model_not_allowed."""
+    client = make_client(allowed_models=("gpt-4o*", "kimi-*"))
+    assert client.post("/chat", json={**HELLO, "model": "kimi-k2"}, headers=bearer()).status_code == 200
+    assert [seen.body["model"] for seen in transport.requests] == ["kimi-k2"]
+    transport.requests.clear()
     chat = client.post("/chat", json={**HELLO, "model": "o1"}, headers=bearer())
     v1 = client.post("/v1/chat/completions", json={**HELLO, "model": "o1"}, headers=bearer())
     sse = client.get(f"/chat?prompt=hi&model=o1&key={ACCESS_KEY}")
     assert (chat.status_code, v1.status_code, sse.status_code) == (400, 400, 400)
     assert records(chat.data)[0]["code"] == v1.json["error"]["code"] == "model_not_allowed"
+    assert "'o1'" in records(chat.data)[0]["content"]
     assert transport.requests == []
 
 
