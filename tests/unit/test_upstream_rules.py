@@ -225,6 +225,7 @@ def test_map_sdk_error_messages() -> None:
 @pytest.mark.parametrize(("header", "seconds"), [
     ("20", 20), ("0.2", 1), ("1.5", 2), ("0", 1), (" 7 ", 7), ("-3", None), ("soon", None),
     ("Wed, 21 Oct 2026 07:28:00 GMT", None), ("", None),
+    ("inf", None), ("Infinity", None), ("1e400", None), ("nan", None),  # int(inf) raised: a 500 instead of a 429
 ])
 def test_retry_after(header: str, seconds: int | None) -> None:
     """Retry-After in seconds is rounded up to a whole second, at least 1; dates, garbage and negatives are dropped."""
