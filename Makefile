@@ -1,6 +1,7 @@
 # make run   installs everything and runs the relay (demo mode when there is no .env)
 # make bench runs the benchmark (docs/benchmarks.md); about 15 minutes, installs LiteLLM into bench/.venv-litellm
 # make test  installs everything the tests need (venv, system packages) and runs lint, types and tests
+# make check lint, types and the fast in-process tests (tests/unit, no servers): under a minute
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -41,6 +42,9 @@ lint: dev-venv
 
 test: dev-venv system-deps assets lint
 	$(BIN)/pytest
+
+check: lint
+	$(BIN)/pytest -q tests/unit
 
 # The long soak (docs/reliability.md): 5 minutes of mixed traffic at 48 clients; CI runs a 30 s version.
 soak: dev-venv

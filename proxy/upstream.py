@@ -8,6 +8,7 @@ objects for every chunk costs two orders of magnitude more CPU per token than th
 from __future__ import annotations
 
 import logging
+import math
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -373,6 +374,8 @@ def _retry_after(response: httpx2.Response) -> int | None:
     try:
         seconds = float(value)
     except ValueError:
+        return None
+    if not math.isfinite(seconds):  # "inf", "1e400": int() of them raised and turned a 429 into a 500
         return None
     return max(1, int(seconds + 0.999)) if seconds >= 0 else None
 

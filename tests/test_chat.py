@@ -11,7 +11,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, SECRETS, UPSTREAM_KEY, RelayProcess, free_port
+from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, SECRETS, UPSTREAM_KEY, RelayProcess
 from tests.fake_upstream import FakeUpstream
 
 HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
@@ -98,7 +98,8 @@ def test_each_record_is_flushed_as_it_arrives(relay: RelayProcess, fake: FakeUps
     fake.behave(tokens=["a", "b", "c", "d"], token_interval=0.5)
     lines = [(at, line) for at, line in timed_lines(relay) if line]
     first_at, last_at = lines[0][0], lines[-1][0]
-    assert first_at < 0.45, f"first record after {first_at:.2f}s"
+    # The first record is out well before the upstream writes the last token (1.5 s in), whatever the load.
+    assert first_at < 1.0, f"first record after {first_at:.2f}s"
     assert last_at - first_at > 1.3, "records were spread over time, not buffered to the end"
 
 
@@ -240,13 +241,8 @@ def test_upstream_errors_before_first_token_map_to_statuses(
         assert response.headers["retry-after"] == "7"
 
 
-def test_unreachable_upstream_is_502(relay_factory: Callable[..., RelayProcess]) -> None:
-    """Connection refused at the upstream maps to 502 with a plain message."""
-    relay = relay_factory(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
-    response = post(relay)
-    assert response.status_code == 502
-    assert "could not reach the upstream" in assert_error_then_done(response.text, "upstream_unreachable")["content"]
-
+# Refused connections at the upstream: tests/test_faults.py (every endpoint); the allow-list, MAX_TOKENS,
+# SYSTEM_PROMPT, CORS_ORIGINS=* and LOG_CONTENT=1 are settings of the app alone: tests/unit/test_app.py.
 
 # --- access ------------------------------------------------------------------------------------------------
 
@@ -338,32 +334,6 @@ def test_wrong_method_and_unknown_path(relay: RelayProcess) -> None:
 
 # --- request shaping ---------------------------------------------------------------------------------------
 
-def test_model_outside_allow_list_is_400(relay_factory: Callable[..., RelayProcess], fake: FakeUpstream) -> None:
-    """ALLOWED_MODELS (globs) refuses other models with 400 before any upstream call."""
-    relay = relay_factory(ALLOWED_MODELS="gpt-4o*,kimi-*")
-    assert post(relay, {**HELLO, "model": "kimi-k2"}).status_code == 200
-    refused = post(relay, {**HELLO, "model": "o1-pro"})
-    assert refused.status_code == 400
-    assert "o1-pro" in assert_error_then_done(refused.text, "model_not_allowed")["content"]
-    assert [r.json["model"] for r in fake.requests] == ["kimi-k2"]
-
-
-def test_upstream_body_fields_caps_and_persona(relay_factory: Callable[..., RelayProcess], fake: FakeUpstream) -> None:
-    """Allow-listed sampling fields pass, unknown fields are dropped, max_tokens is capped, persona prepended."""
-    relay = relay_factory(MAX_TOKENS="100", SYSTEM_PROMPT="You are a pirate.", DEFAULT_MODEL="kimi-k2")
-    post(relay, {**HELLO, "temperature": 0.2, "max_tokens": 5000, "stop": ["\n"], "seed": 7, "foo": "bar"})
-    sent = fake.requests[-1].json
-    assert sent["model"] == "kimi-k2"
-    assert sent["messages"] == [{"role": "system", "content": "You are a pirate."}, *HELLO["messages"]]
-    assert (sent["temperature"], sent["max_tokens"], sent["stop"], sent["seed"]) == (0.2, 100, ["\n"], 7)
-    assert "foo" not in sent
-    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
-    own_system = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
-    post(relay, own_system)
-    assert fake.requests[-1].json["messages"] == own_system["messages"]
-    assert fake.requests[-1].json["max_tokens"] == 100, "cap applies when the client sets none"
-
-
 def test_content_parts_and_tool_messages_pass_upstream_as_is(relay: RelayProcess, fake: FakeUpstream) -> None:
     """Arrays of content parts, tool messages and reasoning_content on assistant turns reach the upstream intact."""
     messages = [
@@ -403,15 +373,6 @@ def test_unlisted_origin_gets_no_cors_headers(relay: RelayProcess, fake: FakeUps
     assert listed.headers["access-control-allow-origin"] == "https://app.example.com"
 
 
-def test_wildcard_origin_never_allows_credentials(relay_factory: Callable[..., RelayProcess],
-                                                  fake: FakeUpstream) -> None:
-    """CORS_ORIGINS=* answers any origin with `*` and without Allow-Credentials."""
-    relay = relay_factory(CORS_ORIGINS="*")
-    response = post(relay, headers={**relay.headers(), "Origin": "https://anywhere.example"})
-    assert response.headers["access-control-allow-origin"] == "*"
-    assert "access-control-allow-credentials" not in response.headers
-
-
 def test_no_cors_by_default(relay_factory: Callable[..., RelayProcess], fake: FakeUpstream) -> None:
     """With no CORS_ORIGINS, no origin is allowed."""
     relay = relay_factory()
@@ -448,19 +409,6 @@ def test_access_log_line_and_no_key_anywhere(relay: RelayProcess, fake: FakeUpst
         assert secret not in log
     assert "my private question" not in log and "secret answer" not in log
     assert "…" + ACCESS_KEY[-4:] in log, "the start-up line may show a key's last 4 characters"
-
-
-def test_log_content_opt_in(relay_factory: Callable[..., RelayProcess], fake: FakeUpstream) -> None:
-    """LOG_CONTENT=1 adds the prompt and the answer to the access log, and still no key."""
-    relay = relay_factory(LOG_CONTENT="1")
-    fake.behave(tokens=["visible", " answer"])
-    post(relay, {"messages": [{"role": "user", "content": "loggable question"}]})
-    deadline = time.monotonic() + 3
-    while "loggable question" not in relay.log_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    log = relay.log_text()
-    assert "loggable question" in log and "visible answer" in log
-    assert not any(secret in log for secret in SECRETS)
 
 
 def test_many_concurrent_streams_on_one_worker(relay_factory: Callable[..., RelayProcess],

@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import httpx2
 import pytest
@@ -36,22 +37,6 @@ def run_doctor(url: str) -> tuple[bool, str]:
     return all(finding.ok for finding in findings), text
 
 
-def test_doctor_direct_is_clean(doctor_relay: RelayProcess) -> None:
-    """Read straight from the relay, the doctor finds records on time, keep-alive through the gap and [DONE]."""
-    ok, text = run_doctor(doctor_relay.url)
-    assert ok, text
-    assert "records arrive as they are written" in text
-    assert "keep-alive carried the stream through 2.5 s of silence" in text
-
-
-def test_doctor_through_shipped_nginx_is_clean(tmp_path: Path, doctor_relay: RelayProcess) -> None:
-    """Through the shipped nginx site the path streams properly, in the doctor's words."""
-    with running_nginx(tmp_path / "nginx", address(doctor_relay)) as nginx:
-        ok, text = run_doctor(nginx.url)
-    assert ok, text
-    assert "verdict: this path streams the relay's answers properly" in text
-
-
 def buffering_site() -> str:
     """A common real-world mistake: gzip for JSON-ish types, buffering on, the relay's header ignored."""
     text = NGINX_SITE.read_text()
@@ -64,21 +49,56 @@ def buffering_site() -> str:
     return text
 
 
-def test_doctor_catches_a_buffering_nginx(tmp_path: Path, doctor_relay: RelayProcess) -> None:
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory: pytest.TempPathFactory, doctor_relay: RelayProcess,
+             relay_factory: Callable[..., RelayProcess]) -> dict[str, tuple[bool, str]]:
+    """The doctor's verdict on each path, read side by side (each reading is mostly waiting: its records'
+    rhythm and a 2.5 s silence): straight from the relay, through the shipped nginx site, through a
+    buffering nginx, and through an nginx whose read timeout (1 s) is shorter than the relay's keep-alive
+    interval (5 s)."""
+    rare_keepalive = relay_factory(KEEPALIVE_SECONDS="5")
+    cut_site = NGINX_SITE.read_text().replace("proxy_read_timeout 600s;", "proxy_read_timeout 1s;")
+    with ExitStack() as servers:
+        urls = {
+            "direct": doctor_relay.url,
+            "shipped": servers.enter_context(
+                running_nginx(tmp_path_factory.mktemp("shipped"), address(doctor_relay))).url,
+            "buffering": servers.enter_context(
+                running_nginx(tmp_path_factory.mktemp("buffering"), address(doctor_relay), buffering_site())).url,
+            "cut": servers.enter_context(
+                running_nginx(tmp_path_factory.mktemp("cut"), address(rare_keepalive), cut_site)).url,
+        }
+        with ThreadPoolExecutor(len(urls)) as pool:
+            readings = {path: pool.submit(run_doctor, url) for path, url in urls.items()}
+        return {path: reading.result() for path, reading in readings.items()}
+
+
+def test_doctor_direct_is_clean(verdicts: dict[str, tuple[bool, str]]) -> None:
+    """Read straight from the relay, the doctor finds records on time, keep-alive through the gap and [DONE]."""
+    ok, text = verdicts["direct"]
+    assert ok, text
+    assert "records arrive as they are written" in text
+    assert "keep-alive carried the stream through 2.5 s of silence" in text
+
+
+def test_doctor_through_shipped_nginx_is_clean(verdicts: dict[str, tuple[bool, str]]) -> None:
+    """Through the shipped nginx site the path streams properly, in the doctor's words."""
+    ok, text = verdicts["shipped"]
+    assert ok, text
+    assert "verdict: this path streams the relay's answers properly" in text
+
+
+def test_doctor_catches_a_buffering_nginx(verdicts: dict[str, tuple[bool, str]]) -> None:
     """Through an nginx that compresses and buffers, the doctor reports records held back and names compression."""
-    with running_nginx(tmp_path / "nginx", address(doctor_relay), buffering_site()) as nginx:
-        ok, text = run_doctor(nginx.url)
+    ok, text = verdicts["buffering"]
     assert not ok, text
     assert "PROBLEM records are held back" in text
     assert "Content-Encoding: gzip" in text
 
 
-def test_doctor_catches_a_cut_during_silence(tmp_path: Path, relay_factory: Callable[..., RelayProcess]) -> None:
+def test_doctor_catches_a_cut_during_silence(verdicts: dict[str, tuple[bool, str]]) -> None:
     """When nginx's read timeout (1 s) is shorter than the keep-alive interval (5 s), the doctor reports the cut."""
-    relay = relay_factory(KEEPALIVE_SECONDS="5")
-    site = NGINX_SITE.read_text().replace("proxy_read_timeout 600s;", "proxy_read_timeout 1s;")
-    with running_nginx(tmp_path / "nginx", address(relay), site) as nginx:
-        ok, text = run_doctor(nginx.url)
+    ok, text = verdicts["cut"]
     assert not ok, text
     assert "PROBLEM the stream was cut 1 s into a 2.5 s silence" in text
 

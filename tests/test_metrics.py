@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SECRETS, RelayProcess, free_port
 from tests.fake_upstream import FakeUpstream
+from tests.servers import wait_until
 
 HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
 METRICS_KEY = "metrics-key-for-tests-8b1f"
@@ -53,7 +54,9 @@ def test_metrics_add_up_across_workers(two_workers: RelayProcess, fake: FakeUpst
     for _ in range(8):  # a new connection each: gunicorn spreads them over both workers
         response = httpx2.post(f"{two_workers.url}/chat", json=HELLO, headers=two_workers.headers(), timeout=20)
         assert response.status_code == 200
-    time.sleep(0.3)
+    # Recorded when each response closes, a moment after the client has its last byte.
+    assert wait_until(lambda: value(scrape(two_workers), "relay_stream_duration_seconds_count", route="/chat")
+                      - value(before, "relay_stream_duration_seconds_count", route="/chat") >= 8)
     for _ in range(4):  # every scrape, whichever worker answers it, sees the same sums
         after = scrape(two_workers)
         assert value(after, "relay_requests_total", route="/chat", status="200", key="key1") - value(
@@ -88,7 +91,9 @@ def test_upstream_errors_by_kind_and_upstream(two_workers: RelayProcess, fake: F
     fake.behave(n_tokens=5, disconnect_after=2)
     assert httpx2.post(f"{two_workers.url}/chat", json=HELLO, headers=two_workers.headers(),
                        timeout=20).status_code == 200
-    time.sleep(0.3)
+    assert wait_until(lambda: value(scrape(two_workers), "relay_upstream_errors_total", kind="upstream_disconnected",
+                                    upstream="default")
+                      > value(before, "relay_upstream_errors_total", kind="upstream_disconnected", upstream="default"))
     after = scrape(two_workers)
     for kind in ("upstream_error", "upstream_disconnected"):
         assert value(after, "relay_upstream_errors_total", kind=kind, upstream="default") - value(
@@ -117,7 +122,7 @@ models = ["*"]
     relay = relay_factory(UPSTREAMS_FILE=str(path), FIRST_KEY="sk-first-for-tests-0a1b2c",
                           SECOND_KEY="sk-second-for-tests-3d4e5f", OPENAI_API_KEY="")
     assert httpx2.post(f"{relay.url}/chat", json=HELLO, headers=relay.headers(), timeout=20).status_code == 200
-    time.sleep(0.3)
+    assert wait_until(lambda: value(scrape(relay), "relay_fallbacks_total", upstream="second") >= 1)
     after = scrape(relay)
     assert value(after, "relay_fallbacks_total", upstream="second") == 1
     assert value(after, "relay_upstream_errors_total", kind="upstream_unreachable", upstream="first") == 1

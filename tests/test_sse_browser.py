@@ -55,11 +55,14 @@ function scenario(prompt, keyToUse) {
   });
 }
 (async () => {
-  const results = {};
-  results.ok = await scenario("Hello", key);
-  results.wrongKey = await scenario("probe-wrong-key", key + "-wrong");
-  results.midStream = await scenario('#fake {"disconnect_after": 2}', key);
-  results.rateLimited = await scenario('#fake {"status": 429, "retry_after": "30"}', key);
+  // Side by side (each its own connection): the refusals' 4 s watches for a reconnection overlap.
+  const [ok, wrongKey, midStream, rateLimited] = await Promise.all([
+    scenario("Hello", key),
+    scenario("probe-wrong-key", key + "-wrong"),
+    scenario('#fake {"disconnect_after": 2}', key),
+    scenario('#fake {"status": 429, "retry_after": "30"}', key),
+  ]);
+  const results = {ok, wrongKey, midStream, rateLimited};
   await fetch("/result", {method: "POST", body: JSON.stringify(results)});
 })();
 </script></body></html>"""

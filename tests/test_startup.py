@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
@@ -140,7 +141,16 @@ def test_demo_mode_serves_the_stand_in_model(tmp_path: Path) -> None:
     relay = start_relay(tmp_path, env)
     question = {"messages": [{"role": "user", "content": "ping"}]}
     try:
-        response = httpx2.post(f"{relay.url}/chat", headers=relay.headers(), timeout=20, json=question)
+        # The stand-in answers at its own pace (a word every 30 ms): the three streams are asked side by side.
+        with ThreadPoolExecutor(3) as pool:
+            asked = [
+                pool.submit(httpx2.post, f"{relay.url}/chat", headers=relay.headers(), timeout=20, json=question),
+                pool.submit(httpx2.post, f"{relay.url}/v1/chat/completions", headers=relay.headers(), timeout=20,
+                            json={**question, "stream": True, "stream_options": {"include_usage": True}}),
+                pool.submit(httpx2.get, f"{relay.url}/chat", params={"prompt": "ping"}, headers=relay.headers(),
+                            timeout=20),
+            ]
+            response, streamed, sse = (future.result() for future in asked)
         records = [json.loads(line) for line in response.text.splitlines() if line]
         text = "".join(r["content"] for r in records if not r["done"])
         assert "Demo mode" in text and "ping" in text
@@ -150,13 +160,10 @@ def test_demo_mode_serves_the_stand_in_model(tmp_path: Path) -> None:
         assert whole.status_code == 200, whole.text
         assert whole.json()["choices"][0]["message"]["content"] == text
         assert whole.json()["usage"]["total_tokens"] > 0
-        streamed = httpx2.post(f"{relay.url}/v1/chat/completions", headers=relay.headers(), timeout=20,
-                               json={**question, "stream": True, "stream_options": {"include_usage": True}})
         events = [json.loads(line[6:]) for line in streamed.text.splitlines()
                   if line.startswith("data: {")]
         assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == text
         assert events[-1]["usage"]["completion_tokens"] > 0
-        sse = httpx2.get(f"{relay.url}/chat", params={"prompt": "ping"}, headers=relay.headers(), timeout=20)
         assert sse.status_code == 200 and "Demo" in sse.text
         models = httpx2.get(f"{relay.url}/v1/models", headers=relay.headers(), timeout=5).json()
         assert [model["id"] for model in models["data"]] == ["gpt-4o-mini"]

@@ -1,0 +1,173 @@
+"""proxy/shaping.py: what a client may send, the words it gets back when it breaks a rule, and the upstream body."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+
+from proxy.errors import BadRequest
+from proxy.shaping import parse_json_object, read_body, shape_chat_request, shape_openai_request
+from tests.unit.conftest import unit_config
+
+USER = {"role": "user", "content": "Hi"}
+CONFIG = unit_config()
+
+
+def refusal(call: Any, *args: Any) -> BadRequest:
+    with pytest.raises(BadRequest) as caught:
+        call(*args)
+    assert caught.value.code == 400
+    return caught.value
+
+
+@pytest.mark.parametrize(("raw", "kind", "words"), [
+    (b"", "invalid_request", "the request body is empty"),
+    (b"  \n", "invalid_request", "the request body is empty"),
+    (b"{", "invalid_json", "the request body is not valid JSON (unexpected end of data"),
+    (b"[]", "invalid_request", "the request body must be a JSON object"),
+    (b'"messages"', "invalid_request", "the request body must be a JSON object"),
+])
+def test_parse_json_object_refusals(raw: bytes, kind: str, words: str) -> None:
+    """An empty, unparsable or non-object body is a 400 of its own kind, with short words."""
+    error = refusal(parse_json_object, raw)
+    assert error.kind == kind and str(error.description).startswith(words)
+
+
+def test_read_body_reads_once_more_at_the_limit() -> None:
+    """A body that fills the limit is read once more, so werkzeug's limited stream can raise its 413."""
+    reads: list[int] = []
+
+    class Stream(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            reads.append(-1 if size is None else size)
+            return super().read(size)
+
+    assert read_body(Stream(b"12345"), 5) == b"12345" and reads == [-1, 1]
+    reads.clear()
+    assert read_body(Stream(b"1234"), 5) == b"1234" and reads == [-1]
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({}, "'messages' is required"),
+    ({"messages": "Hi"}, "'messages' must be a non-empty array"),
+    ({"messages": []}, "'messages' must be a non-empty array"),
+    ({"messages": ["Hi"]}, "'messages[0]' must be an object with 'role' and 'content'"),
+    ({"messages": [USER, {"role": "robot", "content": "x"}]}, "'messages[1].role' must be one of"),
+    ({"messages": [{"role": 1, "content": "x"}]}, "'messages[0].role' must be one of"),
+    ({"messages": [{"role": "user"}]}, "'messages[0].content' must be a string or an array"),
+    ({"messages": [{"role": "user", "content": 5}]}, "'messages[0].content' must be a string or an array"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "'messages[0].content' must be a string"),
+    ({"messages": [USER], "model": ""}, "'model' must be a non-empty string"),
+    ({"messages": [USER], "model": 4}, "'model' must be a non-empty string"),
+    ({"messages": [USER], "temperature": "hot"}, "'temperature' must be a number"),
+    ({"messages": [USER], "temperature": True}, "'temperature' must be a number"),
+    ({"messages": [USER], "temperature": 2.5}, "'temperature' must be between 0 and 2"),
+    ({"messages": [USER], "top_p": -0.1}, "'top_p' must be between 0 and 1"),
+    ({"messages": [USER], "presence_penalty": 3}, "'presence_penalty' must be between -2 and 2"),
+    ({"messages": [USER], "frequency_penalty": -2.5}, "'frequency_penalty' must be between -2 and 2"),
+    ({"messages": [USER], "max_tokens": 0}, "'max_tokens' must be at least 1"),
+    ({"messages": [USER], "max_tokens": 1.5}, "'max_tokens' must be a whole number"),
+    ({"messages": [USER], "max_tokens": "10"}, "'max_tokens' must be a whole number"),
+    ({"messages": [USER], "max_completion_tokens": False}, "'max_completion_tokens' must be a whole number"),
+    ({"messages": [USER], "seed": -1}, "'seed' must be at least 0"),
+    ({"messages": [USER], "stop": 3}, "'stop' must be a string or an array of up to 4 strings"),
+    ({"messages": [USER], "stop": ["a", "b", "c", "d", "e"]}, "'stop' must be a string or an array of up to 4"),
+    ({"messages": [USER], "stop": ["a", 1]}, "'stop' must be a string or an array of up to 4 strings"),
+    ({"messages": [USER], "include_reasoning": "yes"}, "'include_reasoning' must be true or false"),
+])
+def test_chat_request_refusals(body: dict[str, Any], words: str) -> None:
+    """Every rule of a POST /chat body names the field and what is wrong with it."""
+    error = refusal(shape_chat_request, body, CONFIG)
+    assert str(error.description).startswith(words), error.description
+
+
+def test_chat_request_shape() -> None:
+    """The upstream body: the model, messages, known sampling fields, usage asked; other fields dropped."""
+    body = {"messages": [USER], "model": "m", "temperature": 0, "top_p": 1, "max_tokens": 256.0, "seed": 0,
+            "stop": "END", "response_format": {"type": "json_object"}, "user": "u1", "tools": [1], "n": 3,
+            "temperature_extra": 1, "include_reasoning": True}
+    shaped = shape_chat_request(body, CONFIG)
+    assert shaped.model == "m" and shaped.include_reasoning is True
+    assert shaped.upstream_body == {
+        "model": "m", "messages": [USER], "temperature": 0, "top_p": 1, "max_tokens": 256, "seed": 0,
+        "stop": "END", "response_format": {"type": "json_object"}, "user": "u1",
+        "stream_options": {"include_usage": True},
+    }
+    assert isinstance(shaped.upstream_body["max_tokens"], int)
+
+
+def test_chat_request_nulls_and_tool_turns_pass() -> None:
+    """null optional fields are ignored; an assistant tool-call turn may have no content; content parts pass."""
+    messages = [USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]},
+                {"role": "tool", "content": "42", "tool_call_id": "c"},
+                {"role": "user", "content": [{"type": "text", "text": "and?"}]}]
+    shaped = shape_chat_request({"messages": messages, "temperature": None, "stop": None, "model": None}, CONFIG)
+    assert shaped.upstream_body["messages"] == messages
+    assert shaped.model == CONFIG.default_model and "temperature" not in shaped.upstream_body
+
+
+@pytest.mark.parametrize(("settings", "body", "expected"), [
+    ({"max_tokens": 100}, {}, {"max_tokens": 100}),
+    ({"max_tokens": 100}, {"max_tokens": 500}, {"max_tokens": 100}),
+    ({"max_tokens": 100}, {"max_tokens": 50}, {"max_tokens": 50}),
+    ({"max_tokens": 100}, {"max_completion_tokens": 500}, {"max_completion_tokens": 100}),
+    ({}, {"max_tokens": 500}, {"max_tokens": 500}),
+])
+def test_max_tokens_cap(settings: dict[str, Any], body: dict[str, Any], expected: dict[str, int]) -> None:
+    """MAX_TOKENS caps what the client asks for, and is sent when the client asks for nothing."""
+    for shape in (shape_chat_request, shape_openai_request):
+        upstream = shape({"messages": [USER], **body}, unit_config(**settings)).upstream_body
+        capped = {name: upstream[name] for name in ("max_tokens", "max_completion_tokens") if name in upstream}
+        assert capped == expected
+
+
+@pytest.mark.parametrize(("messages", "prepended"), [
+    ([USER], True),
+    ([{"role": "system", "content": "mine"}, USER], False),
+    ([{"role": "developer", "content": "mine"}, USER], False),
+])
+def test_system_prompt_only_when_the_conversation_has_none(messages: list[dict[str, Any]], prepended: bool) -> None:
+    """SYSTEM_PROMPT is prepended unless the client brings a system (or developer) message of its own."""
+    config = unit_config(system_prompt="Be brief.")
+    for shape in (shape_chat_request, shape_openai_request):
+        sent = shape({"messages": messages}, config).upstream_body["messages"]
+        assert sent == ([{"role": "system", "content": "Be brief."}, *messages] if prepended else messages)
+
+
+@pytest.mark.parametrize(("allowed", "model", "ok"), [
+    (("gpt-4o*",), "gpt-4o", True), (("gpt-4o*",), "o1", False), ((), "o1", True),
+])
+def test_allow_list(allowed: tuple[str, ...], model: str, ok: bool) -> None:
+    """ALLOWED_MODELS refuses other models naming the allowed ones, kind model_not_allowed."""
+    config = unit_config(allowed_models=allowed)
+    if ok:
+        assert shape_openai_request({"messages": [USER], "model": model}, config).model == model
+        return
+    error = refusal(shape_openai_request, {"messages": [USER], "model": model}, config)
+    assert error.kind == "model_not_allowed" and str(error.description).endswith("(allowed: gpt-4o*)")
+
+
+@pytest.mark.parametrize(("body", "kind", "words"), [
+    ({}, "invalid_messages", "'messages' is required"),
+    ({"messages": []}, "invalid_messages", "'messages' is required"),
+    ({"messages": [USER, "x"]}, "invalid_messages", "'messages[1]' must be an object with a string 'role'"),
+    ({"messages": [USER], "stream": 1}, "invalid_request", "'stream' must be true or false"),
+    ({"messages": [USER], "stream_options": "usage"}, "invalid_request", "'stream_options' must be an object"),
+    ({"messages": [USER], "stream_options": {"include_usage": 1}}, "invalid_request",
+     "'stream_options.include_usage' must be true or false"),
+    ({"messages": [USER], "model": " "}, "invalid_request", "'model' must be a non-empty string"),
+])
+def test_openai_request_refusals(body: dict[str, Any], kind: str, words: str) -> None:
+    """POST /v1/chat/completions checks only the fields the relay reads, each with its own words."""
+    error = refusal(shape_openai_request, body, CONFIG)
+    assert error.kind == kind and str(error.description).startswith(words)
+
+
+def test_openai_request_passes_everything_else() -> None:
+    """Unknown fields and roles pass upstream untouched; stream null means false."""
+    body = {"messages": [{"role": "critic", "content": 5}], "stream": None, "tools": [{"x": 1}], "n": 2}
+    shaped = shape_openai_request(body, CONFIG)
+    assert shaped.stream is False
+    assert shaped.upstream_body == {**body, "model": CONFIG.default_model}
