@@ -70,6 +70,8 @@ class Config:
     max_stream_seconds: float = 1800.0
     max_body_bytes: int = 1024 * 1024
     max_tokens: int | None = None
+    # Answers (`n`) one request may ask for; None: 1 when MAX_TOKENS is set (n would multiply the cap), else any.
+    max_choices: int | None = None
     log_content: bool = False
     body_timeout: float = 30.0
     debug_stats: bool = False
@@ -109,6 +111,13 @@ class Config:
             self.rate_limit_per_minute, self.rate_limit_per_day, self.daily_token_budget,
             self.max_streams_per_key, self.max_open_streams,
         ))
+
+    @property
+    def choices_cap(self) -> int | None:
+        """The most answers (`n`) one request may ask for; None: no cap."""
+        if self.max_choices is not None:
+            return self.max_choices
+        return 1 if self.max_tokens is not None else None
 
     def __repr__(self) -> str:  # keys must never reach a log through a stray repr()
         return f"Config(base_url={self.openai_base_url!r}, default_model={self.default_model!r}, demo={self.demo})"
@@ -296,6 +305,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CORS_ORIGINS", "cors_origins", _origins),
     Setting("OPENAI_BASE_URL", "openai_base_url", _base_url, secret=True),
     Setting("MAX_TOKENS", "max_tokens", _positive_int),
+    Setting("MAX_CHOICES", "max_choices", _positive_int),
     Setting("DEFAULT_MODEL", "default_model", _text),
     Setting("ALLOWED_MODELS", "allowed_models", _csv),
     Setting("SYSTEM_PROMPT", "system_prompt", _text),

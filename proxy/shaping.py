@@ -282,18 +282,28 @@ def with_system_prompt(messages: list[Any], config: Config) -> list[Any]:
     return [{"role": "system", "content": config.system_prompt}, *messages]
 
 
+# Every field an upstream reads as an answer's token budget: each one present is checked and capped, so a
+# large value in one cannot slip past the cap beside a small value in another.
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+TOKEN_COUNT = WholeNumber(1)
+CHOICES = WholeNumber(1)
+
+
 def cap_max_tokens(body: dict[str, Any], config: Config) -> None:
-    """Hold `max_tokens` (and `max_completion_tokens`) to `MAX_TOKENS` when it is set."""
-    if config.max_tokens is None:
-        return
-    capped = False
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            body[name] = min(value, config.max_tokens)
-            capped = True
-    if not capped:
+    """Hold every token-budget field to `MAX_TOKENS` (sending `max_tokens` when the client set none), and
+    `n` to the choices cap; each read as a whole number (100000.0 is 100000; "100000" is refused)."""
+    present = [name for name in TOKEN_FIELDS if body.get(name) is not None]
+    for name in present:
+        value = TOKEN_COUNT.check(name, body[name])
+        body[name] = value if config.max_tokens is None else min(value, config.max_tokens)
+    if config.max_tokens is not None and not present:
         body["max_tokens"] = config.max_tokens
+    cap = config.choices_cap
+    if body.get("n") is not None:
+        choices = CHOICES.check("n", body["n"])
+        if cap is not None and choices > cap:
+            raise BadRequest(f"'n' may be at most {cap} on this relay (MAX_CHOICES)", kind="too_many_choices")
+        body["n"] = choices
 
 
 def _short(exc: Exception) -> str:

@@ -8,8 +8,8 @@ import pytest
 from flask import Flask
 from werkzeug.exceptions import BadGateway, Conflict, NotFound, RequestEntityTooLarge
 
+from proxy.encoders import NDJSON_DONE
 from proxy.errors import (
-    DONE_RECORD,
     BadRequest,
     RateLimited,
     RelayError,
@@ -27,7 +27,7 @@ def test_ndjson_shape() -> None:
     body, mimetype = error_body(ERROR, "ndjson")
     assert mimetype == "application/x-ndjson"
     assert body == (b'{"done":false,"error":true,"content":"\'model\' must be a non-empty string",'
-                    b'"code":"invalid_request"}\n' + DONE_RECORD)
+                    b'"code":"invalid_request"}\n' + NDJSON_DONE)
 
 
 @pytest.mark.parametrize("shape", ["openai", "json"])
@@ -55,7 +55,7 @@ def test_sse_shape() -> None:
 ])
 def test_error_classes(error: RelayError, status: int, kind: str, error_type: str) -> None:
     """Each error class carries its status, kind and OpenAI type; `kind` and `retry_after` can be overridden."""
-    assert (error.code, error.kind, error.error_type) == (status, kind, error_type)
+    assert (error.status, error.kind, error.error_type) == (status, kind, error_type)
     assert str(error.description)
 
 
@@ -64,10 +64,10 @@ def test_werkzeug_errors_become_relay_errors() -> None:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 1234
     with app.app_context():
-        assert (as_relay_error(NotFound()).code, as_relay_error(NotFound()).kind) == (404, "not_found")
+        assert (as_relay_error(NotFound()).status, as_relay_error(NotFound()).kind) == (404, "not_found")
         assert as_relay_error(BadGateway()).kind == "upstream_error"
         too_large = as_relay_error(RequestEntityTooLarge())
-        assert too_large.code == 413 and "1234 bytes" in str(too_large.description)
+        assert too_large.status == 413 and "1234 bytes" in str(too_large.description)
         other = as_relay_error(Conflict())
-        assert other.code == 409 and other.kind == "internal_error" and not str(other.description).endswith(".")
+        assert other.status == 409 and other.kind == "internal_error" and not str(other.description).endswith(".")
     assert as_relay_error(ERROR) is ERROR

@@ -8,7 +8,8 @@ import pytest
 import redis
 
 from proxy import limits
-from proxy.limits import Counters, Lease, MemoryCounters, seconds_to_utc_midnight, tokens_used, utc_day
+from proxy.limits import Counters, Lease, MemoryCounters, seconds_to_utc_midnight, utc_day
+from proxy.usage import TokenUsage
 
 
 def test_memory_leases() -> None:
@@ -43,7 +44,7 @@ def test_memory_tokens_forget_past_days() -> None:
 ])
 def test_tokens_used(usage: dict[str, object] | None, deltas: int, used: int) -> None:
     """The upstream's total, else prompt + completion, else the number of content deltas."""
-    assert tokens_used(usage, deltas) == used
+    assert TokenUsage.of_answer(usage, deltas).total == used
 
 
 @pytest.mark.parametrize(("now", "seconds"), [

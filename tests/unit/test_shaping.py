@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from proxy.config import Config
 from proxy.errors import BadRequest
 from proxy.shaping import parse_json_object, read_body, shape_chat_request, shape_openai_request
 from tests.unit.conftest import unit_config
@@ -18,7 +19,7 @@ CONFIG = unit_config()
 def refusal(call: Any, *args: Any) -> BadRequest:
     with pytest.raises(BadRequest) as caught:
         call(*args)
-    assert caught.value.code == 400
+    assert caught.value.status == 400
     return caught.value
 
 
@@ -171,3 +172,38 @@ def test_openai_request_passes_everything_else() -> None:
     shaped = shape_openai_request(body, CONFIG)
     assert shaped.stream is False
     assert shaped.upstream_body == {**body, "model": CONFIG.default_model}
+
+
+CAPPED = Config(authorization_keys=("k" * 20,), openai_api_key="x", max_tokens=256)
+ONE_MESSAGE = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"max_tokens": 10, "max_completion_tokens": 100000.0}, {"max_tokens": 10, "max_completion_tokens": 256}),
+    ({"max_completion_tokens": 100000}, {"max_completion_tokens": 256}),
+    ({"max_tokens": 300.0}, {"max_tokens": 256}),
+    ({}, {"max_tokens": 256}),
+])
+def test_every_token_field_is_capped_on_v1(fields: dict, expected: dict) -> None:
+    """MAX_TOKENS holds on /v1 whichever token field carries the large value, floats included."""
+    body = shape_openai_request({"messages": ONE_MESSAGE, **fields}, CAPPED).upstream_body
+    assert {name: body[name] for name in ("max_tokens", "max_completion_tokens") if name in body} == expected
+
+
+@pytest.mark.parametrize("fields", [{"max_completion_tokens": "100000"}, {"max_tokens": 12.5},
+                                    {"max_tokens": True}, {"n": 64}, {"n": "2"}])
+def test_token_fields_and_n_that_would_dodge_the_cap_are_refused(fields: dict) -> None:
+    """A string, fraction or boolean token count, or `n` above the choices cap, is a 400 naming the field."""
+    with pytest.raises(BadRequest) as caught:
+        shape_openai_request({"messages": ONE_MESSAGE, **fields}, CAPPED)
+    assert next(iter(fields)) in str(caught.value.description)
+
+
+def test_n_is_free_without_caps_and_held_by_max_choices() -> None:
+    """Without MAX_TOKENS `n` is the upstream's business; MAX_CHOICES sets its own cap."""
+    free = Config(authorization_keys=("k" * 20,), openai_api_key="x")
+    assert shape_openai_request({"messages": ONE_MESSAGE, "n": 64}, free).upstream_body["n"] == 64
+    four = Config(authorization_keys=("k" * 20,), openai_api_key="x", max_tokens=256, max_choices=4)
+    assert shape_openai_request({"messages": ONE_MESSAGE, "n": 4}, four).upstream_body["n"] == 4
+    with pytest.raises(BadRequest, match="at most 4"):
+        shape_openai_request({"messages": ONE_MESSAGE, "n": 5}, four)

@@ -140,7 +140,7 @@ def test_parser_maps_read_errors(error: Exception, code: str) -> None:
     """A timeout or a broken connection mid-body ends the stream with a failure of that kind."""
     out, response = read([chunk_event({"content": "a"})], error)
     assert contents(out) == ["a"]
-    assert isinstance(out[-1], StreamFailure) and out[-1].code == code
+    assert isinstance(out[-1], StreamFailure) and out[-1].kind == code
     assert response.closed
 
 
@@ -211,7 +211,7 @@ def test_map_sdk_error(error: openai.APIError, status: int, kind: str) -> None:
     """Each SDK failure before the first token becomes one relay status and kind."""
     mapped = map_sdk_error(error, "m")
     assert isinstance(mapped, RelayError)
-    assert (mapped.code, mapped.kind) == (status, kind)
+    assert (mapped.status, mapped.kind) == (status, kind)
 
 
 def test_map_sdk_error_messages() -> None:
