@@ -7,6 +7,7 @@ batch read from the upstream, `keepalive()` during silence, and ends every strea
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -89,14 +90,18 @@ class SseEncoder:
     every chunk carries `id: <event_id>`, so a browser that reconnects after a dropped connection says so
     with a `Last-Event-ID` header (and the relay can refuse to ask the model a second time)."""
 
-    def __init__(self, error_event: bool = False, event_id: str | None = None) -> None:
+    def __init__(self, error_event: bool = False, event_id: str | None = None, hide_usage: bool = False) -> None:
         self.error_event = error_event
         self._id_line = f"id: {event_id}\n".encode() if event_id else b""
+        self.hide_usage = hide_usage
 
     def start(self) -> bytes:
         return b""
 
     def chunks(self, chunks: Sequence[Chunk]) -> bytes:
+        if self.hide_usage:
+            return b"".join(self._id_line + sse_data(without_usage(chunk.raw)) for chunk in chunks
+                            if not chunk.usage_only)
         if self._id_line:
             return b"".join(self._id_line + sse_data(chunk.raw) for chunk in chunks)
         return b"".join(sse_data(chunk.raw) for chunk in chunks)
@@ -109,6 +114,16 @@ class SseEncoder:
 
     def end(self, finish_reason: str | None, usage: dict[str, Any] | None) -> bytes:
         return SSE_DONE
+
+
+# What an upstream adds to every chunk once it is asked for usage; a quote inside a JSON string is escaped,
+# so this can only match the chunk's own top-level field.
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null')
+
+
+def without_usage(raw: bytes) -> bytes:
+    """A chunk as the upstream would have written it had the relay not asked for usage."""
+    return _NULL_USAGE.sub(b"", raw, count=1) if b'"usage"' in raw else raw
 
 
 def sse_data(payload: bytes) -> bytes:

@@ -190,7 +190,7 @@ def shape_chat_request(body: dict[str, Any], config: Config) -> ChatRequest:
             upstream[name] = rule.check(name, value)
     include_reasoning = INCLUDE_REASONING.check("include_reasoning", body.get("include_reasoning", False))
     cap_max_tokens(upstream, config)
-    upstream["stream_options"] = {"include_usage": True}
+    ask_for_usage(upstream)  # the done record carries it
     return ChatRequest(model, upstream, include_reasoning)
 
 
@@ -199,6 +199,9 @@ class OpenAIRequest:
     model: str
     upstream_body: dict[str, Any]
     stream: bool
+    # The relay asked the upstream for usage the client did not ask for (budgets count what is billed):
+    # the answer must then come back without it, as the client would have seen it.
+    hide_usage: bool = False
 
 
 def shape_openai_request(body: dict[str, Any], config: Config) -> OpenAIRequest:
@@ -217,7 +220,18 @@ def shape_openai_request(body: dict[str, Any], config: Config) -> OpenAIRequest:
     model = choose_model(body.get("model"), config)
     upstream = {**body, "model": model, "messages": with_system_prompt(messages, config)}
     cap_max_tokens(upstream, config)
-    return OpenAIRequest(model, upstream, stream)
+    hide_usage = stream and ask_for_usage(upstream)
+    return OpenAIRequest(model, upstream, stream, hide_usage)
+
+
+def ask_for_usage(upstream: dict[str, Any]) -> bool:
+    """Make a streaming upstream request report its usage, which token budgets and metrics count; whether
+    the client had not asked for it itself (its answer must then come back without it)."""
+    options = upstream.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    upstream["stream_options"] = {**(options or {}), "include_usage": True}
+    return True
 
 
 def validate_messages(messages: Any) -> list[Any]:

@@ -39,6 +39,7 @@ class Chunk(NamedTuple):
     finish_reason: str | None
     usage: dict[str, Any] | None
     progress: bool  # content, reasoning or a tool call: the model is making headway
+    usage_only: bool = False  # the usage chunk OpenAI sends last when asked (`choices` empty)
 
 
 class StreamFailure(NamedTuple):
@@ -209,8 +210,9 @@ def parse_chunk(data: bytes) -> Chunk | StreamFailure:
             progress = bool(content or reasoning or delta.get("tool_calls"))
         finish = choice.get("finish_reason")
     usage = obj.get("usage")
-    return Chunk(data, content, reasoning, finish if isinstance(finish, str) else None,
-                 usage if isinstance(usage, dict) else None, progress)
+    usage = usage if isinstance(usage, dict) else None
+    return Chunk(data, content, reasoning, finish if isinstance(finish, str) else None, usage, progress,
+                 usage is not None and not choices)
 
 
 class Candidates:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import ACCESS_KEY, SECRETS, RelayProcess
 from tests.fake_upstream import FakeUpstream
+from tests.servers import wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
 Sdk = Callable[..., openai.OpenAI]
@@ -68,11 +69,43 @@ def test_streamed_chunks_are_forwarded_byte_for_byte(relay: RelayProcess, fake: 
         b'"usage":{"prompt_tokens":3,"completion_tokens":9,"total_tokens":12}}',
     ]
     fake.behave(raw_body=b"".join(b"data: " + chunk + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n")
-    response, body = raw_events(relay, {"model": "gpt-4o-mini", "messages": HELLO, "stream": True})
+    response, body = raw_events(relay, {"model": "gpt-4o-mini", "messages": HELLO, "stream": True,
+                                        "stream_options": {"include_usage": True}})
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.headers["cache-control"] == "no-cache"
     assert body == b"".join(b"data: " + chunk + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n"
+
+
+def test_usage_the_relay_asked_for_is_taken_out_byte_for_byte(relay: RelayProcess, fake: FakeUpstream) -> None:
+    """A client that did not ask for usage gets the chunks as the upstream writes them for such a client: no
+    usage-only chunk, no `"usage":null` in each chunk, though the relay asked the upstream for usage."""
+    unasked = [
+        b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+        b'"delta":{"content":"Hi \\",\\"usage\\":null"},"finish_reason":null}]}',
+        b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+        b'"delta":{},"finish_reason":"stop"}]}',
+    ]
+    asked = [chunk[:-1] + b',"usage":null}' for chunk in unasked] + [
+        b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}']
+    fake.behave(raw_body=b"".join(b"data: " + chunk + b"\n\n" for chunk in asked) + b"data: [DONE]\n\n")
+    response, body = raw_events(relay, {"model": "gpt-4o-mini", "messages": HELLO, "stream": True})
+    assert response.status_code == 200
+    assert fake.requests[-1].json["stream_options"] == {"include_usage": True}
+    assert body == b"".join(b"data: " + chunk + b"\n\n" for chunk in unasked) + b"data: [DONE]\n\n"
+
+
+def test_token_budget_counts_usage_the_client_did_not_ask_for(relay_factory: Callable[..., RelayProcess],
+                                                             fake: FakeUpstream) -> None:
+    """A long prompt streamed without stream_options is charged its prompt tokens, as the upstream bills it:
+    a 40-token budget is used up by one 60-word prompt, not by the 6 content deltas."""
+    relay = relay_factory(DAILY_TOKEN_BUDGET="40")
+    long_prompt = [{"role": "user", "content": " ".join(["word"] * 60)}]
+    first, _ = raw_events(relay, {"model": "gpt-4o-mini", "messages": long_prompt, "stream": True})
+    assert first.status_code == 200
+    assert wait_until(lambda: raw_events(relay, {"model": "gpt-4o-mini", "messages": HELLO,
+                                                 "stream": True})[0].status_code == 429, timeout=5)
 
 
 def test_sdk_streams_content_with_usage_when_asked(relay: RelayProcess, fake: FakeUpstream, sdk: Sdk) -> None:
@@ -89,10 +122,12 @@ def test_sdk_streams_content_with_usage_when_asked(relay: RelayProcess, fake: Fa
 
 
 def test_usage_is_not_forced_on_clients_that_did_not_ask(relay: RelayProcess, fake: FakeUpstream, sdk: Sdk) -> None:
-    """Without stream_options the upstream is not asked for usage and no choices-less chunk arrives."""
+    """Without stream_options the relay asks the upstream for usage (for the budgets) but the client gets no
+    choices-less chunk and no usage field, as from the upstream directly."""
     chunks = list(sdk(relay).chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True))
     assert all(chunk.choices for chunk in chunks)
-    assert "stream_options" not in fake.requests[-1].json
+    assert all(chunk.usage is None and "usage" not in chunk.model_dump(exclude_unset=True) for chunk in chunks)
+    assert fake.requests[-1].json["stream_options"] == {"include_usage": True}
 
 
 def test_sdk_streams_reasoning_content(relay: RelayProcess, fake: FakeUpstream, sdk: Sdk) -> None:
@@ -225,7 +260,8 @@ def test_body_passes_upstream_unchanged(relay: RelayProcess, fake: FakeUpstream)
     }
     response, _body = raw_events(relay, body)
     assert response.status_code == 200
-    assert fake.requests[-1].json == body
+    # The one addition: the relay asks for usage, which budgets count (the client gets the answer without it).
+    assert fake.requests[-1].json == {**body, "stream_options": {"include_usage": True}}
 
 
 def test_relay_rules_applied(relay_factory: Callable[..., RelayProcess], fake: FakeUpstream, sdk: Sdk) -> None:
@@ -236,7 +272,7 @@ def test_relay_rules_applied(relay_factory: Callable[..., RelayProcess], fake: F
     assert response.status_code == 200
     sent = fake.requests[-1].json
     assert sent == {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "You are terse."}, *HELLO],
-                    "max_tokens": 50, "stream": True, "seed": 7}
+                    "max_tokens": 50, "stream": True, "seed": 7, "stream_options": {"include_usage": True}}
     own_system = [{"role": "system", "content": "Be kind."}, *HELLO]
     sdk(relay).chat.completions.create(model="gpt-4o", messages=own_system, max_completion_tokens=20)
     assert fake.requests[-1].json["messages"] == own_system

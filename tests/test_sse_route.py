@@ -82,7 +82,10 @@ def test_eventsource_page_reads_the_answer(relay: RelayProcess, fake: FakeUpstre
     assert all(json.loads(e.data)["object"] == "chat.completion.chunk" for e in events[:-1])
     sent = fake.requests[-1].json
     assert sent["messages"] == [{"role": "user", "content": "Hi there"}] and sent["model"] == "gpt-4o-mini"
-    assert "stream_options" not in sent, "no choices-less usage chunk to trip the page's choices[0]"
+    # The relay asks for usage (the token budget counts it) but the page never sees a choices-less chunk
+    # that would trip its choices[0]: tutorial_page above read every event.
+    assert sent["stream_options"] == {"include_usage": True}
+    assert all(json.loads(e.data)["choices"] and "usage" not in json.loads(e.data) for e in events[:-1])
     assert {event.last_event_id for event in events} == {response.headers["x-request-id"]}
 
 

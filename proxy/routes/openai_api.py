@@ -37,7 +37,7 @@ GLOB_CHARACTERS = frozenset("*?[")
 def chat_completions(shaped: OpenAIRequest) -> Response:
     relay = current_relay()
     if shaped.stream:
-        return stream_response(relay, shaped.upstream_body, SseEncoder(), SSE_HEADERS)
+        return stream_response(relay, shaped.upstream_body, SseEncoder(hide_usage=shaped.hide_usage), SSE_HEADERS)
     access = request_state().access
     stats = StreamStats(started_at=access.started)
     answer = complete(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,

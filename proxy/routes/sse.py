@@ -31,7 +31,7 @@ from proxy.relay import current_relay
 from proxy.request_state import request_state
 from proxy.routes.chat import stream_response
 from proxy.routes.openai_api import SSE_HEADERS
-from proxy.shaping import cap_max_tokens, choose_model, with_system_prompt
+from proxy.shaping import ask_for_usage, cap_max_tokens, choose_model, with_system_prompt
 
 bp = Blueprint("sse", __name__)
 
@@ -51,6 +51,7 @@ def shape_prompt_query(args: Mapping[str, str], config: Config) -> PromptRequest
     model = choose_model(args.get("model") or None, config)
     body = {"model": model, "messages": with_system_prompt([{"role": "user", "content": prompt}], config)}
     cap_max_tokens(body, config)
+    ask_for_usage(body)  # for the token budget; the page gets the chunks without it
     return PromptRequest(model, body)
 
 
@@ -61,5 +62,5 @@ def chat_events(shaped: PromptRequest) -> Response:
         return Response(status=204)  # EventSource reconnecting after a drop: do not answer twice
     if request.method == "HEAD":
         return Response(status=200, headers=SSE_HEADERS)  # Flask routes HEAD here: never ask the model for it
-    encoder = SseEncoder(error_event=True, event_id=request_state().access.request_id)
+    encoder = SseEncoder(error_event=True, event_id=request_state().access.request_id, hide_usage=True)
     return stream_response(current_relay(), shaped.upstream_body, encoder, SSE_HEADERS)

@@ -281,7 +281,8 @@ def test_v1_body_passes_upstream_unchanged(make_client: Callable[..., FlaskClien
     sent = transport.requests[0].body
     assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
     assert (sent["max_tokens"], sent["tools"], sent["new_param"]) == (50, [{"type": "function"}], {"a": 1})
-    assert "stream_options" not in sent
+    # The one addition: usage, which budgets count; the client gets the answer without it.
+    assert sent["stream_options"] == {"include_usage": True}
 
 
 def test_v1_non_streaming_answer_is_the_upstream_json(client: FlaskClient, transport: FakeTransport,
@@ -374,7 +375,8 @@ def test_sse_route_streams_chunks_with_event_ids(client: FlaskClient, transport:
     parameter."""
     response = client.get(f"/chat?prompt=hi&key={ACCESS_KEY}", headers={"X-Request-ID": "req-1"})
     assert response.status_code == 200
-    assert response.data.count(b"id: req-1\ndata: ") == 4
+    assert response.data.count(b"id: req-1\ndata: ") == 3  # the usage-only chunk is the relay's, not the page's
+    assert b'"usage"' not in response.data
     assert sse_payloads(response.data)[-1] == "[DONE]"
     assert transport.requests[0].body["messages"] == [{"role": "user", "content": "hi"}]
 

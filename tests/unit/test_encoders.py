@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.encoders import NdjsonEncoder, SseEncoder, WebSocketEncoder, sse_data
+from proxy.encoders import NdjsonEncoder, SseEncoder, WebSocketEncoder, sse_data, without_usage
 from proxy.upstream import Chunk, parse_chunk
 
 
@@ -94,3 +94,26 @@ def test_websocket_records_and_reply() -> None:
     assert encoder.error("upstream_error", "no") == b'{"reply":"no","error":true,"code":"upstream_error"}\n'
     assert encoder.end("stop", None) == b'{"reply":"","done":true}\n'
     assert encoder.reply == 'Hé "x"\nc'
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b'{"id":"c","choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}',
+     b'{"id":"c","choices":[{"index":0,"delta":{"content":"a"}}]}'),
+    (b'{"id": "c", "choices": [], "usage" : null, "x": 1}', b'{"id": "c", "choices": [], "x": 1}'),
+    (b'{"choices":[{"delta":{"content":"\\",\\"usage\\":null"}}]}',
+     b'{"choices":[{"delta":{"content":"\\",\\"usage\\":null"}}]}'),
+    (b'{"choices":[],"usage":{"total_tokens":3}}', b'{"choices":[],"usage":{"total_tokens":3}}'),
+])
+def test_usage_the_relay_added_is_taken_out_of_a_chunk(raw: bytes, expected: bytes) -> None:
+    """Only the chunk's own `"usage":null` field goes; text that merely looks like it inside a string stays."""
+    assert without_usage(raw) == expected
+
+
+def test_sse_encoder_hides_the_usage_only_chunk_when_asked() -> None:
+    """hide_usage drops the choices-less usage chunk and strips the null usage from the others."""
+    content = parse_chunk(b'{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}')
+    usage = parse_chunk(b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}')
+    assert isinstance(content, Chunk) and isinstance(usage, Chunk) and usage.usage_only
+    assert SseEncoder(hide_usage=True).chunks([content, usage]) == (
+        b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n')
+    assert SseEncoder().chunks([content, usage]).count(b"data: ") == 2
