@@ -15,7 +15,13 @@ from typing import NoReturn
 # The checkout this file belongs to, importable whatever the working directory (systemd, Docker, make run).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gunicorn import util
+
 from proxy.config import Config, ConfigError, ServerSettings, load_env_file
+from proxy.server_errors import write_server_error
+
+# Requests gunicorn refuses itself (400, 414, 431...) get JSON with the relay's security headers, not HTML.
+util.write_error = write_server_error
 
 
 def _refuse(exc: ConfigError) -> NoReturn:

@@ -53,6 +53,7 @@ from proxy.request_state import (
     current_request_state,
     request_state,
 )
+from proxy.server_errors import SECURITY_HEADERS
 from proxy.shaping import parse_json_object, read_body
 
 F = TypeVar("F", bound=Callable[..., Response])
@@ -170,9 +171,8 @@ def last_user_text(messages: list[Any]) -> str:
 
 def _finish(response: Response) -> Response:
     headers = response.headers
-    headers.setdefault("X-Content-Type-Options", "nosniff")
-    headers.setdefault("Referrer-Policy", "no-referrer")
-    headers.setdefault("X-Frame-Options", "DENY")
+    for name, value in SECURITY_HEADERS:
+        headers.setdefault(name, value)
     relay = current_relay()
     add_cors_headers(relay.config, response)
     state = current_request_state()
