@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import ast
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from flask import Flask, Response
+from flask.testing import FlaskClient
 
 from proxy import create_app
 from proxy.config import Config
 from proxy.pipeline import check_every_view_declared
 from proxy.usage import TokenUsage
+from tests.unit.conftest import FakeTransport
+from tests.unit.conftest import bearer as unit_bearer
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "pipeline-test-key-0123456789"
@@ -172,3 +175,37 @@ def test_token_usage_is_read_once_from_the_upstream(usage: dict | None, deltas: 
     used = TokenUsage.of_answer(usage, deltas)
     assert (used.prompt, used.completion, used.total, used.reported) == expected
     assert (used + used).total == 2 * used.total
+
+
+def test_every_way_out_of_a_request_gives_its_stream_slot_back(make_client: Callable[..., FlaskClient],
+                                                                transport: FakeTransport) -> None:
+    """With one slot per key, each kind of request (a whole stream, a client leaving mid-stream, a bad body,
+    a wrong key, an upstream 500, a non-streaming answer, an SSE page) leaves the slot free for the next."""
+    client = make_client(max_streams_per_key=1)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+
+    def whole_stream() -> None:
+        client.post("/chat", headers=unit_bearer(), json=chat).close()
+
+    def client_leaves() -> None:
+        response = client.post("/chat", headers=unit_bearer(), json=chat, buffered=False)
+        next(response.response)  # the first bytes, then the client is gone
+        response.close()
+
+    def upstream_fails() -> None:
+        transport.reply(status=500, json={"error": {"message": "boom"}})
+        client.post("/chat", headers=unit_bearer(), json=chat).close()
+
+    def non_streaming() -> None:
+        transport.reply(json={"id": "c", "object": "chat.completion", "choices": [], "usage": {}})
+        client.post("/v1/chat/completions", headers=unit_bearer(), json=chat).close()
+
+    ways_out = [whole_stream, client_leaves, upstream_fails, non_streaming,
+                lambda: client.post("/chat", headers=unit_bearer(), data=b"{").close(),
+                lambda: client.post("/chat", headers=unit_bearer("wrong-key"), json=chat).close(),
+                lambda: client.get("/chat?prompt=hi", headers=unit_bearer()).close()]
+    for way_out in ways_out:
+        way_out()
+        answer = client.post("/chat", headers=unit_bearer(), json=chat)
+        assert answer.status_code == 200, f"the slot was still held after {getattr(way_out, '__name__', way_out)}"
+        answer.close()
