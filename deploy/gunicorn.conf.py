@@ -15,7 +15,7 @@ from typing import NoReturn
 # The checkout this file belongs to, importable whatever the working directory (systemd, Docker, make run).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.config import Config, ConfigError, ServerSettings, load_env_file
+from proxy.config import Config, ConfigError, ServerSettings, load_env_file, loggable_url
 
 
 def _refuse(exc: ConfigError) -> NoReturn:
@@ -78,9 +78,11 @@ def on_starting(server):
     keys = ", ".join(f"…{key[-4:]}" for key in config.authorization_keys) or "none"
     if config.keys_file is not None:
         keys += f"; keys file {config.keys_file}: " + ", ".join(p.name for p in config.keyring.policies)
-    mode = "DEMO (local stand-in model)" if config.demo else config.openai_base_url
+    # URLs without user:password@ and query: either may hold a credential, and this line goes to the journal.
+    mode = "DEMO (local stand-in model)" if config.demo else loggable_url(config.openai_base_url)
     if config.upstreams and not config.demo:
-        mode = f"s from {config.upstreams_file}: " + ", ".join(f"{u.name} {u.base_url}" for u in config.upstreams)
+        mode = f"s from {config.upstreams_file}: " + ", ".join(f"{u.name} {loggable_url(u.base_url)}"
+                                                                 for u in config.upstreams)
     print(f"relay: upstream {mode}, default model {config.default_model}, access keys {keys}",
           file=sys.stderr, flush=True)
     print(f"relay: listening on {settings.bind}; the chat page is at {settings.url}", file=sys.stderr, flush=True)
