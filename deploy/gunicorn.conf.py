@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gunicorn import util
 
-from proxy.config import Config, ConfigError, ServerSettings, load_env_file
+from proxy.config import Config, ConfigError, ServerSettings, load_env_file, loggable_url
 from proxy.server_errors import write_server_error
 
 # Requests gunicorn refuses itself (400, 414, 431...) get JSON with the relay's security headers, not HTML.
@@ -84,9 +84,11 @@ def on_starting(server):
     keys = ", ".join(f"…{key[-4:]}" for key in config.authorization_keys) or "none"
     if config.keys_file is not None:
         keys += f"; keys file {config.keys_file}: " + ", ".join(p.name for p in config.keyring.policies)
-    mode = "DEMO (local stand-in model)" if config.demo else config.openai_base_url
+    # URLs without user:password@ and query: either may hold a credential, and this line goes to the journal.
+    mode = "DEMO (local stand-in model)" if config.demo else loggable_url(config.openai_base_url)
     if config.upstreams and not config.demo:
-        mode = f"s from {config.upstreams_file}: " + ", ".join(f"{u.name} {u.base_url}" for u in config.upstreams)
+        mode = f"s from {config.upstreams_file}: " + ", ".join(f"{u.name} {loggable_url(u.base_url)}"
+                                                                 for u in config.upstreams)
     print(f"relay: upstream {mode}, default model {config.default_model}, access keys {keys}",
           file=sys.stderr, flush=True)
     print(f"relay: listening on {settings.bind}; the chat page is at {settings.url}", file=sys.stderr, flush=True)

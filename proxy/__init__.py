@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from proxy.config import Config, load_env_file
@@ -30,10 +31,10 @@ def create_app(config: Config | None = None) -> Flask:
     if config is None:
         load_env_file()
         config = Config.from_env(os.environ)
-    configure_logging(config.log_format)
+    relay = build_relay(config)
+    configure_logging(config.log_format, relay.redact)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    relay = build_relay(config)
     app.extensions["relay"] = relay
     register_error_handlers(app)
     install_pipeline(app)
@@ -57,10 +58,12 @@ def create_app(config: Config | None = None) -> Flask:
     return app
 
 
-def configure_logging(log_format: str = "text") -> None:
-    """Point the `relay` loggers at stderr in `log_format`. Logging is the process's, so each app applies
-    its own setting when it is built (the handler of an earlier app is replaced, not kept)."""
+def configure_logging(log_format: str = "text", redact: Callable[[str], str] | None = None) -> None:
+    """Point the `relay` loggers at stderr in `log_format`, every record redacted by `redact` (the
+    configuration's secrets) and on one line. Logging is the process's, so each app applies its own setting
+    when it is built (the handler of an earlier app is replaced, not kept)."""
     from proxy.accesslog import JsonLogFormatter
+    from proxy.redaction import RedactingFilter, redact_secret_like
 
     logger = logging.getLogger("relay")
     for handler in [h for h in logger.handlers if getattr(h, "relay_handler", False)]:
@@ -69,6 +72,7 @@ def configure_logging(log_format: str = "text") -> None:
     handler.relay_handler = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonLogFormatter() if log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(RedactingFilter(redact or redact_secret_like))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False

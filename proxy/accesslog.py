@@ -1,11 +1,15 @@
 """One access-log line per request, written when the response is finished (streams included).
 
 Never a key: the Authorization header is not logged and a `key` query parameter is redacted.
+One request, one line: the text format writes each field as `name=value`, the value bare when it is printable
+ASCII without spaces or quotes and otherwise as a double-quoted JSON string (`model="a b\\n"`), so neither a
+percent-encoded newline in the path nor one in a `model` can start a line of its own.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +23,10 @@ if TYPE_CHECKING:  # the log reads a stream's account; it has no business import
 
 log = logging.getLogger("relay.access")
 SECRET_PARAMS = frozenset({"key", "api_key", "access_key", "token"})
+# A value written without quotes: printable ASCII except space, '"' and '\\' (what quoting would escape).
+_BARE = re.compile(r'[!#-\[\]-~]+')
+_ESCAPED = re.compile(r'["\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Conversation text in a URL (`GET /chat?prompt=...`): logged only as the `prompt` field with LOG_CONTENT=1.
 CONTENT_PARAMS = frozenset({"prompt"})
 
@@ -54,7 +62,7 @@ class AccessRecord:
         return fields
 
     def line(self) -> str:
-        return " ".join(f"{name}={_text(name, value)}" for name, value in self.fields())
+        return " ".join(f"{name}={_text(value)}" for name, value in self.fields())
 
     def write(self) -> None:
         # The fields ride along for LOG_FORMAT=json, where JsonLogFormatter writes them as an object.
@@ -76,7 +84,7 @@ class JsonLogFormatter(logging.Formatter):
         else:
             entry["message"] = record.getMessage()
         if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
+            entry["traceback"] = record.exc_text or self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
 
 
@@ -102,11 +110,17 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
-def _text(name: str, value: object) -> str:
+def _text(value: object) -> str:
     if value is None:
         return "-"
-    if name in ("answer", "prompt"):
-        return repr(value)
     if isinstance(value, float):
         return f"{value:.1f}"
-    return str(value)
+    return quoted(str(value))
+
+
+def quoted(text: str) -> str:
+    """`text` bare when nothing in it could split or confuse the line, else a JSON string literal (non-ASCII
+    letters kept readable; quotes, backslashes and every control or line-separator character escaped)."""
+    if _BARE.fullmatch(text):
+        return text
+    return '"' + _ESCAPED.sub(lambda match: _ESCAPES.get(match.group(), f"\\u{ord(match.group()):04x}"), text) + '"'

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from dotenv import load_dotenv
 from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo
 
-from proxy.keys import KeyRing, KeysFileError
+from proxy.keys import MIN_ACCESS_KEY_LENGTH, KeyRing, KeysFileError
 from proxy.validation import EntryError, FileEntry, Says
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -119,8 +119,17 @@ class Config:
             return self.max_choices
         return 1 if self.max_tokens is not None else None
 
+    def secrets(self) -> tuple[str, ...]:
+        """Every credential the relay holds, read now: the keys file's keys change while it runs."""
+        urls = (self.openai_base_url, self.rate_limit_storage_uri or "", *(spec.base_url for spec in self.upstreams))
+        return tuple(secret for secret in (
+            self.openai_api_key, self.metrics_key or "", *(spec.api_key for spec in self.upstreams),
+            *(policy.key for policy in self.keyring.policies), *(_url_password(url) for url in urls),
+        ) if secret)
+
     def __repr__(self) -> str:  # keys must never reach a log through a stray repr()
-        return f"Config(base_url={self.openai_base_url!r}, default_model={self.default_model!r}, demo={self.demo})"
+        return (f"Config(base_url={loggable_url(self.openai_base_url)!r}, default_model={self.default_model!r}, "
+                f"demo={self.demo})")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -145,6 +154,10 @@ def _require_keys(values: Mapping[str, Any], has_upstreams: bool) -> None:
         return
     if not keys and keys_file is None:
         raise ConfigError("AUTHORIZATION_KEY is missing or empty (and no KEYS_FILE): refusing to run an open relay")
+    for number, key in enumerate(keys, start=1):
+        if len(key) < MIN_ACCESS_KEY_LENGTH:  # a short key can be guessed, and would be shown whole at start-up
+            raise ConfigError(f"AUTHORIZATION_KEY: key {number} is shorter than {MIN_ACCESS_KEY_LENGTH} characters; "
+                              "use a long random string (openssl rand -hex 24)")
     if not values["openai_api_key"] and not has_upstreams:
         raise ConfigError("OPENAI_API_KEY is missing or empty: the relay has no upstream key")
 
@@ -184,14 +197,14 @@ def load_env_file() -> None:
 # --- the environment: one row per variable --------------------------------------------------------------------
 
 class SettingError(ValueError):
-    """A parser's complete reason, shown as `NAME: <reason>` (used where the value itself must not be shown)."""
+    """A parser's complete reason, shown as `NAME: <reason>`; it never includes the value."""
 
 
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: the field of `Config`/`ServerSettings` it sets and how its text is read.
     The field's type and default are the dataclass's own; an empty (or blank) variable means that default.
-    `secret`: the value may be or carry a credential, so no message ever shows it."""
+    No message ever shows a value; `secret` marks those that are or may carry a credential."""
 
     env: str
     field: str
@@ -199,14 +212,13 @@ class Setting:
     secret: bool = False
 
     def read(self, raw: str) -> Any:
+        # Never the value: a key pasted into the wrong variable would be printed to the journal.
         try:
             return self.parse(raw)
         except SettingError as exc:
             raise ConfigError(f"{self.env}: {exc}") from None
-        except ValueError as exc:
-            if self.secret:  # float()'s and int()'s own messages quote the value
-                raise ConfigError(f"{self.env}: the value is not valid") from None
-            raise ConfigError(f"{self.env}: {raw!r} is not valid ({exc})") from None
+        except ValueError:  # a library's own message (int(), float(), ...) may quote the value
+            raise ConfigError(f"{self.env}: the value is not valid") from None
 
 
 def read_settings(table: tuple[Setting, ...], env: Mapping[str, str]) -> dict[str, Any]:
@@ -228,16 +240,22 @@ def _text(raw: str) -> str:
 
 
 def _positive_float(raw: str) -> float:
-    value = float(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan  # float()'s own message quotes the value
     if not math.isfinite(value) or value <= 0:
-        raise ValueError("expected a positive number of seconds")
+        raise SettingError("expected a positive number of seconds")
     return value
 
 
 def _positive_int(raw: str) -> int:
-    value = int(raw)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0  # int()'s own message quotes the value
     if value <= 0:
-        raise ValueError("expected a positive whole number")
+        raise SettingError("expected a positive whole number")
     return value
 
 
@@ -247,14 +265,14 @@ def _boolean(raw: str) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+    raise SettingError("expected 1/0, true/false, yes/no or on/off")
 
 
 def _networks(raw: str) -> tuple[IPNetwork, ...]:
     try:
         return tuple(ipaddress.ip_network(part, strict=False) for part in _csv(raw))
     except ValueError:
-        raise ValueError("expected IP addresses or networks (127.0.0.1, 10.0.0.0/8, ::1)") from None
+        raise SettingError("expected IP addresses or networks (127.0.0.1, 10.0.0.0/8, ::1)") from None
 
 
 def _base_url(raw: str) -> str:
@@ -265,9 +283,9 @@ def _base_url(raw: str) -> str:
 
 def _origins(raw: str) -> tuple[str, ...]:
     origins = _csv(raw)
-    for origin in origins:
+    for number, origin in enumerate(origins, start=1):
         if origin != "*" and not _is_origin(origin):
-            raise SettingError(f"{origin!r} is not an origin like https://example.com")
+            raise SettingError(f"entry {number} is not an origin like https://example.com")
     return origins
 
 
@@ -283,14 +301,14 @@ def _bind_address(raw: str) -> str:
         return raw
     host, colon, port = raw.rpartition(":")
     if not colon or not host or not port.isdigit() or int(port) > 65535:  # port 0: any free port
-        raise ValueError("expected HOST:PORT (127.0.0.1:8000, 0.0.0.0:8000, [::]:8000) or unix:/path/to.sock")
+        raise SettingError("expected HOST:PORT (127.0.0.1:8000, 0.0.0.0:8000, [::]:8000) or unix:/path/to.sock")
     return raw
 
 
 def _one_of(choices: tuple[str, ...], hint: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw.lower() not in choices:
-            raise ValueError(hint)
+            raise SettingError(hint)
         return raw.lower()
     return parse
 
@@ -387,7 +405,9 @@ def load_upstreams_file(path: str, env: Mapping[str, str]) -> tuple[UpstreamSpec
         with open(path, "rb") as handle:
             document = tomllib.load(handle)
     except OSError as exc:
-        raise ConfigError(f"UPSTREAMS_FILE: cannot read {path} ({exc.strerror or exc})") from None
+        # Not the path: whatever was pasted into the variable (a key, say) would be echoed.
+        raise ConfigError(f"UPSTREAMS_FILE: cannot read the file it names ({exc.strerror or type(exc).__name__})"
+                          ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"UPSTREAMS_FILE {path}: not valid TOML ({exc})") from None
     unknown = set(document) - {"upstreams"}
@@ -429,6 +449,26 @@ def _is_http_url(url: str) -> bool:
     except ValueError:
         return False
     return parts.scheme in {"http", "https"} and bool(parts.hostname)
+
+
+def _url_password(url: str) -> str:
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def loggable_url(url: str) -> str:
+    """A URL as the start-up line shows it: scheme, host, port and path; userinfo and query may be credentials."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "(unreadable URL)"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _is_origin(origin: str) -> bool:

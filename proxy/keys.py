@@ -35,6 +35,8 @@ from proxy.validation import EntryError, FileEntry, Says
 log = logging.getLogger("relay.keys")
 
 RELOAD_CHECK_SECONDS = 1.0
+# Access keys shorter than this are refused (AUTHORIZATION_KEY at start-up outside demo mode, KEYS_FILE always).
+MIN_ACCESS_KEY_LENGTH = 16
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
@@ -67,7 +69,8 @@ def load_keys_file(path: Path) -> tuple[KeyPolicy, ...]:
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise KeysFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        # Not the path: whatever was pasted into KEYS_FILE (a key, say) would be echoed.
+        raise KeysFileError(f"cannot read the file it names ({exc.strerror or type(exc).__name__})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise KeysFileError(f"{path} is not valid TOML: {exc}") from None
     unknown = set(document) - {"keys"}
@@ -92,6 +95,8 @@ def _bare_key(key: str) -> str:
     # A comma would split the key when it is also listed in AUTHORIZATION_KEY; spaces are a paste slip.
     if key != key.strip() or "," in key:
         raise ValueError("'key' must not contain commas or surrounding spaces")
+    if len(key) < MIN_ACCESS_KEY_LENGTH:
+        raise ValueError(f"'key' must be at least {MIN_ACCESS_KEY_LENGTH} characters (a long random string)")
     return key
 
 

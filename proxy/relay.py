@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx2
@@ -12,6 +13,7 @@ from proxy.config import Config
 from proxy.limits import RequestLimits
 from proxy.metrics import Metrics
 from proxy.pump import StreamTimers
+from proxy.redaction import Redactor
 from proxy.shutdown import Draining
 from proxy.upstream import Upstream
 
@@ -26,6 +28,7 @@ class Relay:
     timers: StreamTimers
     limits: RequestLimits
     metrics: Metrics
+    redact: Callable[[str], str]  # the configuration's secrets out of upstream text and log lines
     draining: Draining = field(default_factory=Draining)  # set when this worker is asked to stop
 
     @property
@@ -35,20 +38,22 @@ class Relay:
 
 
 def build_relay(config: Config) -> Relay:
-    return Relay(config, configured_upstreams(config), StreamTimers.from_config(config), RequestLimits(config),
-                 Metrics(config))
+    redact = Redactor(config.secrets)
+    return Relay(config, configured_upstreams(config, redact), StreamTimers.from_config(config),
+                 RequestLimits(config), Metrics(config), redact)
 
 
-def configured_upstreams(config: Config) -> tuple[Upstream, ...]:
+def configured_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[Upstream, ...]:
     """The upstreams of `UPSTREAMS_FILE` in file order, else the single OPENAI_* one (or the demo model)."""
     if config.demo:
         from proxy.demo import demo_upstream  # the stand-in model exists only when asked for
 
         return (demo_upstream(),)
     if config.upstreams:
-        return tuple(Upstream(spec.name, upstream_client(spec.base_url, spec.api_key, config), spec.models)
-                     for spec in config.upstreams)
-    return (Upstream("default", upstream_client(config.openai_base_url, config.openai_api_key, config)),)
+        return tuple(Upstream(spec.name, upstream_client(spec.base_url, spec.api_key, config), spec.models,
+                              redact) for spec in config.upstreams)
+    return (Upstream("default", upstream_client(config.openai_base_url, config.openai_api_key, config),
+                     redact=redact),)
 
 
 def upstream_client(base_url: str, api_key: str, config: Config) -> openai.OpenAI:

@@ -8,11 +8,12 @@ objects for every chunk costs two orders of magnitude more CPU per token than th
 from __future__ import annotations
 
 import logging
-import math
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
@@ -21,13 +22,17 @@ import openai
 import orjson
 
 from proxy.errors import BadRequest, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
+from proxy.redaction import redact_secret_like
 
 log = logging.getLogger("relay.upstream")
 
 _CONTEXT_TOO_LONG = re.compile(
     r"context.length|maximum context|token limit|too many tokens|context window|prompt is too long", re.I
 )
-_SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-*.]{6,}", re.I)
+# An upstream's Retry-After is passed on only when sane: longer than a day is nonsense, more than an hour is
+# more than any client should be told to wait for a relay that may fall over or recover sooner.
+RETRY_AFTER_ABSURD_SECONDS = 86400
+RETRY_AFTER_CAP_SECONDS = 3600
 
 
 class Chunk(NamedTuple):
@@ -63,6 +68,8 @@ class Upstream:
     name: str
     client: openai.OpenAI
     models: tuple[str, ...] = ()  # globs; empty means any model
+    # The configuration's redaction (proxy/redaction.py), applied to every upstream text a client or log sees.
+    redact: Callable[[str], str] = field(default=redact_secret_like, repr=False, compare=False)
 
     def serves(self, model: str) -> bool:
         return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
@@ -157,7 +164,7 @@ class UpstreamStream:
                     if chunks:
                         put(chunks)
                     return StreamEnd()
-                parsed = parse_chunk(data)
+                parsed = parse_chunk(data, self.upstream.redact)
                 if isinstance(parsed, StreamFailure):
                     if chunks:
                         put(chunks)
@@ -184,8 +191,9 @@ class UpstreamStream:
             log.debug("upstream socket was already closed")
 
 
-def parse_chunk(data: bytes) -> Chunk | StreamFailure:
-    """Parse one SSE data payload into a Chunk, or a StreamFailure for garbage and in-stream errors."""
+def parse_chunk(data: bytes, redact: Callable[[str], str] = redact_secret_like) -> Chunk | StreamFailure:
+    """Parse one SSE data payload into a Chunk, or a StreamFailure for garbage and in-stream errors (their
+    upstream text passed through `redact`)."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -193,7 +201,7 @@ def parse_chunk(data: bytes) -> Chunk | StreamFailure:
     if not isinstance(obj, dict):
         return MALFORMED
     if "error" in obj and not obj.get("choices"):
-        return StreamFailure("upstream_error", f"the upstream reported an error: {_upstream_message(obj)}")
+        return StreamFailure("upstream_error", f"the upstream reported an error: {_upstream_message(obj, redact)}")
     content = reasoning = finish = None
     progress = False
     choices = obj.get("choices")
@@ -248,7 +256,7 @@ class Candidates:
             try:
                 response = _request(upstream, self.body, self.upstream_timeout)
             except openai.APIError as exc:
-                last_error = self._failed(upstream, map_sdk_error(exc, self.model))
+                last_error = self._failed(upstream, map_sdk_error(exc, self.model, upstream.redact))
                 continue
             # From here the relay's own first-token and idle timers govern; this is only a backstop.
             response.http_response.request.extensions["timeout"]["read"] = self.body_read_timeout
@@ -262,7 +270,7 @@ class Candidates:
             try:
                 raw = _request_whole(upstream, self.body, self.upstream_timeout, whole_answer_timeout)
             except openai.APIError as exc:
-                last_error = self._failed(upstream, map_sdk_error(exc, self.model))
+                last_error = self._failed(upstream, map_sdk_error(exc, self.model, upstream.redact))
                 continue
             try:
                 data = orjson.loads(raw)
@@ -334,8 +342,10 @@ def _worth_falling_over(error: RelayError) -> bool:
     return error.kind in FALL_OVER_KINDS
 
 
-def map_sdk_error(exc: openai.APIError, model: str) -> RelayError:
-    """A failure before the first token, in words a person can act on, never the upstream's key."""
+def map_sdk_error(exc: openai.APIError, model: str, redact: Callable[[str], str] = redact_secret_like
+                  ) -> RelayError:
+    """A failure before the first token, in words a person can act on; the upstream's own text only after
+    `redact` (the configuration's secrets out)."""
     if isinstance(exc, openai.APITimeoutError):
         return UpstreamTimeout("the upstream API did not answer in time; try again in a moment")
     if isinstance(exc, openai.APIConnectionError):
@@ -344,7 +354,7 @@ def map_sdk_error(exc: openai.APIError, model: str) -> RelayError:
     if not isinstance(exc, openai.APIStatusError):
         return UpstreamFailed("the upstream API answered with something the relay cannot read")
     status = exc.status_code
-    detail = _upstream_message(exc.body)
+    detail = _upstream_message(exc.body, redact)
     if status in (401, 403):
         return UpstreamFailed("upstream rejected this server's API key; the operator must check it",
                               kind="upstream_auth")
@@ -361,23 +371,36 @@ def map_sdk_error(exc: openai.APIError, model: str) -> RelayError:
     return UpstreamFailed(f"the upstream API failed (HTTP {status}); try again in a moment")
 
 
-def _upstream_message(body: object) -> str:
+def _upstream_message(body: object, redact: Callable[[str], str]) -> str:
     message: object = body
     if isinstance(body, dict):
         inner = body.get("error", body)
         message = inner.get("message", inner) if isinstance(inner, dict) else inner
     text = message if isinstance(message, str) else "no details"
-    text = text.strip()[:300] or "no details"
-    return _SECRET_LIKE.sub("[redacted]", text)
+    # Redacted before it is cut: a key straddling the cut would otherwise survive as a prefix.
+    text = redact(text.strip())[:300] or "no details"
+    return text
 
 
 def _retry_after(response: httpx2.Response) -> int | None:
-    value = response.headers.get("retry-after", "").strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    if not math.isfinite(seconds):  # "inf", "1e400": int() of them raised and turned a 429 into a 500
-        return None
-    return max(1, int(seconds + 0.999)) if seconds >= 0 else None
+    return retry_after_seconds(response.headers.get("retry-after", ""))
 
+
+def retry_after_seconds(value: str, now: datetime | None = None) -> int | None:
+    """Seconds to wait from a Retry-After value (RFC 9110: delta-seconds or an HTTP-date), at least 1 and at
+    most RETRY_AFTER_CAP_SECONDS; None for a malformed, negative or absurd (over a day) value."""
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        # Digits only, so no float() overflow ('1e999') and no sign; a huge count is absurd before int().
+        seconds = int(value) if len(value) <= 6 else RETRY_AFTER_ABSURD_SECONDS + 1
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC by RFC 5322; HTTP-dates are always GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = int((when - (now or datetime.now(UTC))).total_seconds() + 0.999)
+    if seconds > RETRY_AFTER_ABSURD_SECONDS:
+        return None
+    return min(max(1, seconds), RETRY_AFTER_CAP_SECONDS)

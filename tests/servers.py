@@ -120,17 +120,24 @@ def _start_on_free_port(
 # ---------------------------------------------------------------- nginx
 
 
-def nginx_site_for_loopback(site_text: str, listen_port: int, relay_address: str, redirect_port: int) -> str:
+def nginx_site_for_loopback(site_text: str, listen_port: int, relay_address: str, redirect_port: int,
+                            log_directory: Path | None = None) -> str:
     """The shipped nginx site rewritten for plain HTTP on loopback, exactly as its header documents.
 
     Each rewrite must match, so an edit of the shipped file that the tests no longer understand fails
-    loudly instead of silently testing something else.
+    loudly instead of silently testing something else. Its access logs go to `log_directory`/access.log
+    (the file `nginx_main_config` names) when given.
     """
+    access_log = "access_log /var/log/nginx/access.log relay_noquery;"
     rewrites = {
         "listen 443 ssl http2;": f"listen 127.0.0.1:{listen_port};",
         "listen 80;": f"listen 127.0.0.1:{redirect_port};",
         "server 127.0.0.1:8000;": f"server {relay_address};",
     }
+    expected = dict.fromkeys(rewrites, 1)
+    if log_directory is not None:
+        rewrites[access_log] = f"access_log {log_directory}/access.log relay_noquery;"
+        expected[access_log] = 2  # one per server block
     seen = dict.fromkeys(rewrites, 0)
     out: list[str] = []
     for line in site_text.splitlines():
@@ -142,7 +149,7 @@ def nginx_site_for_loopback(site_text: str, listen_port: int, relay_address: str
             continue  # IPv6 listeners and TLS settings have no place on a plain loopback port
         else:
             out.append(line)
-    if any(count != 1 for count in seen.values()):
+    if seen != expected:
         raise AssertionError(f"deploy/nginx/relay.conf no longer has the lines the tests rewrite: {seen}")
     return "\n".join(out) + "\n"
 
@@ -206,7 +213,8 @@ def running_nginx(prefix: Path, relay_address: str, site_text: str | None = None
     HTTP in front of `relay_address` ("127.0.0.1:PORT")."""
     text = site_text if site_text is not None else NGINX_SITE.read_text()
     with running_nginx_site(
-        prefix, lambda port: nginx_site_for_loopback(text, port, relay_address, redirect_port=free_port())
+        prefix, lambda port: nginx_site_for_loopback(text, port, relay_address, redirect_port=free_port(),
+                                                     log_directory=prefix)
     ) as nginx:
         yield nginx
 

@@ -193,9 +193,11 @@ def start_nginx_site(machine: Machine, namespace: Namespace, step: str, certific
     # certbot's files (step 4) are a throwaway certificate here.
     text = text.replace(f"/etc/letsencrypt/live/{DOMAIN}/fullchain.pem", str(certificate[0]))
     text = text.replace(f"/etc/letsencrypt/live/{DOMAIN}/privkey.pem", str(certificate[1]))
-    site.write_text(text)
     prefix = machine.path("/var/lib/nginx-test")
     prefix.mkdir(parents=True, exist_ok=True)
+    # Debian's /var/log/nginx, as nginx's own files here, in the stand-in's directory.
+    text = text.replace("access_log /var/log/nginx/", f"access_log {prefix}/")
+    site.write_text(text)
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_main_config(prefix, site))
     nginx = find_program("nginx")

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
 
 import httpx2
 import pytest
 
-from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, SECRETS, UPSTREAM_KEY, RelayProcess
+from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, SECRETS, UPSTREAM_KEY, RelayProcess, relay_env, start_relay
 from tests.fake_upstream import FakeUpstream
 from tests.hardening import FAULT_SETTINGS, STREAM_ENDPOINTS, StreamEndpoint, assert_no_secrets, fake_says
-from tests.servers import wait_until
+from tests.servers import running_nginx, wait_until
 
 AUTH = {"Authorization": f"Bearer {ACCESS_KEY}"}
 CHAT = {"messages": [{"role": "user", "content": "hello"}]}
@@ -215,3 +218,127 @@ def test_request_id_cannot_inject_log_lines(client: httpx2.Client, secure_relay:
 def test_secrets_are_the_ones_configured() -> None:
     """Guard for the scans above: they look for the very keys the relays under test were started with."""
     assert {ACCESS_KEY, SECOND_ACCESS_KEY, UPSTREAM_KEY} == set(SECRETS)
+
+
+# --- the configured secrets, start-up, nginx, forged lines and Retry-After, attacked on the real servers ---------
+
+GROQ_KEY = "gsk_Zq81bNw4TTt0gYh3mKeY5pQ2rL9vXc7aTest"
+GLUED = "sk-glued-0a1b2c3d4e5f6a7b"
+
+
+@pytest.fixture(scope="module")
+def groq_relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
+    return relay_factory(OPENAI_API_KEY=GROQ_KEY, **FAULT_SETTINGS)
+
+
+@pytest.mark.parametrize("endpoint", STREAM_ENDPOINTS, ids=str)
+@pytest.mark.parametrize("behaviour", [
+    {"status": 400, "error_message": f"Invalid API Key {GROQ_KEY}"},
+    {"status": 400, "error_message": f"header x_api_key_{GLUED} and Bearer%20{GLUED} refused"},
+    {"raw_body": f'data: {{"error":{{"message":"quota exceeded for {GROQ_KEY} (x_api_key_{GLUED})"}}}}\n\n'},
+], ids=["400-gsk", "400-glued", "in-stream"])
+def test_a_gsk_upstream_key_quoted_by_the_upstream_is_redacted(endpoint: StreamEndpoint, behaviour: dict,
+                                                               groq_relay: RelayProcess, fake: FakeUpstream) -> None:
+    """With a gsk_ upstream key, an upstream error quoting it (or a glued sk- key) reaches neither the
+    client (/chat 400, mid-stream error records) nor the log."""
+    outcome = endpoint.request(groq_relay, fake_says(behaviour))
+    assert outcome.errors, outcome.raw[:300]
+    for text in (outcome.raw.decode(errors="replace"), groq_relay.log_text()):
+        assert GROQ_KEY not in text and GLUED not in text and GROQ_KEY[:16] not in text
+
+
+def _refusal(tmp_path: Path, fake: FakeUpstream, **settings: str) -> str:
+    relay = start_relay(tmp_path, relay_env(fake.base_url, **settings), wait=False)
+    relay.process.wait(30)
+    assert relay.process.returncode != 0
+    return relay.log_text()
+
+
+PASTED = "sk-pasted-into-the-wrong-place-4f2a9c"
+
+
+@pytest.mark.parametrize(("settings", "variable"), [
+    ({"MAX_TOKENS": PASTED}, "MAX_TOKENS"),
+    ({"GUNICORN_WORKERS": PASTED}, "GUNICORN_WORKERS"),
+    ({"CORS_ORIGINS": PASTED}, "CORS_ORIGINS"),
+    ({"KEYS_FILE": PASTED}, "KEYS_FILE"),
+    ({"AUTHORIZATION_KEY": "ab"}, "AUTHORIZATION_KEY"),
+    ({"AUTHORIZATION_KEY": f"{ACCESS_KEY},tooShort1234"}, "AUTHORIZATION_KEY"),
+], ids=["MAX_TOKENS", "GUNICORN_WORKERS", "CORS_ORIGINS", "KEYS_FILE", "2-char-key", "short-second-key"])
+def test_gunicorn_refusal_never_echoes_the_value(tmp_path: Path, fake: FakeUpstream, settings: dict[str, str],
+                                                 variable: str) -> None:
+    """gunicorn refuses to start naming the variable; the rejected value (a pasted key, a short access key)
+    is nowhere in its output."""
+    log = _refusal(tmp_path, fake, **settings)
+    assert f"relay: refusing to start: {variable}" in log, log
+    for value in settings.values():
+        for part in value.split(","):
+            assert part not in log, log
+
+
+def test_startup_line_shows_urls_without_credentials(tmp_path: Path, fake: FakeUpstream) -> None:
+    """OPENAI_BASE_URL with user:password@ and a key in its query: the start-up line shows scheme, host, port
+    and path only, and the access keys by their last 4 characters."""
+    base = fake.base_url.replace("http://", "http://relayuser:url-pass-9d8c7b6a@", 1) + "?api-key=sk-in-query-1a2b3c"
+    relay = start_relay(tmp_path, relay_env(base))
+    try:
+        log = relay.log_text()
+        assert f"relay: upstream {fake.base_url}, default model" in log, log
+        for secret in ("url-pass-9d8c7b6a", "relayuser", "sk-in-query-1a2b3c", "api-key", ACCESS_KEY, UPSTREAM_KEY):
+            assert secret not in log, secret
+        assert f"…{ACCESS_KEY[-4:]}" in log
+    finally:
+        relay.stop()
+
+
+def test_nginx_access_log_has_no_key_or_prompt(tmp_path: Path, secure_relay: RelayProcess) -> None:
+    """The shipped nginx site in front: `GET /chat?prompt=...&key=...` and `/ws?key=...` leave the path in
+    nginx's access log, never the key or the prompt."""
+    with running_nginx(tmp_path / "nginx", secure_relay.url.removeprefix("http://")) as nginx:
+        answer = httpx2.get(f"{nginx.url}/chat", params={"prompt": "my secret diary", "key": ACCESS_KEY}, timeout=20)
+        assert answer.status_code == 200
+        httpx2.get(f"{nginx.url}/ws", params={"key": SECOND_ACCESS_KEY}, timeout=20)
+        access_log = nginx.prefix / "access.log"
+        assert wait_until(lambda: access_log.exists() and "/ws" in access_log.read_text())
+        log = access_log.read_text()
+    assert '"GET /chat HTTP/1.1" 200' in log, log
+    for secret in (ACCESS_KEY, SECOND_ACCESS_KEY, "diary", "prompt", "key="):
+        assert secret not in log, secret
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("GET", "/%0Amethod=GET%20path=/forged%20status=200%20key=admin", None),
+    ("GET", "/chat%0D%0A2026-01-01%2000:00:00,000%20INFO%20relay.access%20method=GET%20path=/forged", None),
+    ("POST", "/chat", {"model": "m\nmethod=GET path=/forged status=200 key=admin",
+                       "messages": [{"role": "user", "content": "hi"}]}),
+    ("POST", "/v1/chat/completions", {"model": "m\u0000\r\nmethod=GET path=/forged", "stream": True,
+                                      "messages": [{"role": "user", "content": "hi"}]}),
+], ids=["path-lf", "path-crlf", "model-lf", "model-nul"])
+def test_no_request_forges_a_log_line_through_gunicorn(method: str, path: str, body: dict | None,
+                                                        secure_relay: RelayProcess) -> None:
+    """A percent-encoded newline in the path (no key needed) or a newline/NUL in `model` stays escaped inside
+    its request's one access line: no line of the relay's log begins with a forged record."""
+    response = httpx2.request(method, secure_relay.url + path, json=body, headers=AUTH, timeout=20)
+    request_id = response.headers["x-request-id"]
+    assert wait_until(lambda: f"request_id={request_id}" in secure_relay.log_text())
+    lines = secure_relay.log_text().splitlines()
+    ours = [line for line in lines if f"request_id={request_id}" in line]
+    assert len(ours) == 1 and "forged" in ours[0], ours
+    assert not any(re.match(r"(\S+ \S+ INFO relay\.access )?method=GET path=/forged", line) for line in lines)
+    assert "\x00" not in secure_relay.log_text()
+
+
+def test_upstream_retry_after_overflow_is_a_429(secure_relay: RelayProcess, fake: FakeUpstream) -> None:
+    """An upstream 429 with `Retry-After: 1e999` (float overflow) is the client's 429 without Retry-After,
+    not a 500; an over-long delay is capped at an hour and an HTTP-date is honoured."""
+    in_two_minutes = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    for value, expected in (("1e999", None), ("-1", None), ("3601", "3600"), (in_two_minutes, range(115, 122))):
+        for path, body in (("/chat", CHAT), ("/v1/chat/completions", {**CHAT, "stream": True})):
+            said = {"messages": [{"role": "user", "content": fake_says({"status": 429, "retry_after": value})}]}
+            response = httpx2.post(secure_relay.url + path, json={**body, **said}, headers=AUTH, timeout=20)
+            assert response.status_code == 429, (value, path, response.text[:300])
+            retry_after = response.headers.get("retry-after")
+            if isinstance(expected, range):
+                assert retry_after is not None and int(retry_after) in expected, (value, retry_after)
+            else:
+                assert retry_after == expected, (value, path, retry_after)

@@ -46,10 +46,11 @@ def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> N
 
 def test_settings_are_parsed() -> None:
     """Every documented setting is read, with lists split on commas and defaults filled in."""
-    config = Config.from_env({**BASE, "AUTHORIZATION_KEY": "a, b", "ALLOWED_MODELS": "gpt-4o*, kimi-k2",
+    config = Config.from_env({**BASE, "AUTHORIZATION_KEY": "a-0123456789abcdef, b-0123456789abcdef",
+                              "ALLOWED_MODELS": "gpt-4o*, kimi-k2",
                               "KEEPALIVE_SECONDS": "5", "MAX_TOKENS": "256", "LOG_CONTENT": "true",
                               "OPENAI_BASE_URL": "https://api.moonshot.cn/v1/"})
-    assert config.authorization_keys == ("a", "b")
+    assert config.authorization_keys == ("a-0123456789abcdef", "b-0123456789abcdef")
     assert config.allowed_models == ("gpt-4o*", "kimi-k2")
     assert (config.keepalive_seconds, config.max_tokens, config.log_content) == (5.0, 256, True)
     assert config.openai_base_url == "https://api.moonshot.cn/v1"

@@ -47,8 +47,8 @@ def test_line_with_a_stream_and_content(monkeypatch: pytest.MonkeyPatch) -> None
     stats = StreamStats(upstream="", fallbacks=1, first_token_at=100.5, tokens=2, outcome="ok", keep_content=True,
                         content=["a\n", "b"])
     line = record(stats=stats, prompt="hi\nthere").line()
-    assert line.endswith("ttft_ms=500.0 tokens=2 upstream=- fallbacks=1 outcome=ok answer='a\\nb' "
-                         "prompt='hi\\nthere'")
+    assert line.endswith('ttft_ms=500.0 tokens=2 upstream=- fallbacks=1 outcome=ok answer="a\\nb" '
+                         'prompt="hi\\nthere"')
     assert "\n" not in line
     no_token = record(stats=StreamStats(outcome="client_gone")).line()
     assert "ttft_ms=- tokens=0" in no_token and "answer=" not in no_token

@@ -243,7 +243,7 @@ def test_log_content_opt_in(make_client: Callable[..., FlaskClient], transport: 
         response.close()
     quiet, loud = access_lines
     assert "loggable" not in quiet and "Hello" not in quiet
-    assert "prompt='loggable question'" in loud and "answer='Hello'" in loud
+    assert 'prompt="loggable question"' in loud and "answer=Hello" in loud
     assert ACCESS_KEY not in loud and UPSTREAM_KEY not in loud
 
 

@@ -15,6 +15,7 @@ from proxy.keys import KeyRing, KeysFileError, env_key_policies, load_keys_file
 from tests.conftest import ACCESS_KEY, UPSTREAM_KEY
 
 BASE = {"AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": UPSTREAM_KEY}
+K1, K2 = "first-key-01234567", "second-key-0123456"  # access keys must be 16 characters or more
 
 
 def test_env_key_names() -> None:
@@ -36,27 +37,27 @@ def test_identify() -> None:
     ("[keys.a\n", "is not valid TOML"),
     ("[other]\nx = 1\n", "unknown top-level entries ['other']"),
     ("keys = 3\n", "'keys' must be a table"),
-    ('[keys."bad name"]\nkey = "k1"\n', "keys.bad name: a name is 1-64 letters"),
+    ('[keys."bad name"]\nkey = "{K1}"\n', "keys.bad name: a name is 1-64 letters"),
     ("[keys]\na = 3\n", "keys.a must be a table"),
-    ('[keys.a]\nkey = "k1"\ncolour = "red"\n', "keys.a: unknown settings ['colour']"),
+    ('[keys.a]\nkey = "{K1}"\ncolour = "red"\n', "keys.a: unknown settings ['colour']"),
     ("[keys.a]\n", "keys.a: 'key' must be a non-empty string"),
-    ('[keys.a]\nkey = " k1"\n', "keys.a: 'key' must not contain commas or surrounding spaces"),
-    ('[keys.a]\nkey = "k1,k2"\n', "keys.a: 'key' must not contain commas"),
-    ('[keys.a]\nkey = "k1"\nrequests_per_minute = 0\n', "keys.a: 'requests_per_minute' must be a positive"),
-    ('[keys.a]\nkey = "k1"\nmax_streams = true\n', "keys.a: 'max_streams' must be a positive whole number"),
-    ('[keys.a]\nkey = "k1"\ndaily_tokens = 1.5\n', "keys.a: 'daily_tokens' must be a positive whole number"),
-    ('[keys.a]\nkey = "k1"\nmodels = "gpt"\n', "keys.a: 'models' must be a list"),
-    ('[keys.a]\nkey = "k1"\nmodels = [""]\n', "keys.a: 'models' must be a list"),
-    ('[keys.a]\nkey = "k1"\n[keys.b]\nkey = "k1"\n', "keys.b has the same key as keys.a"),
+    ('[keys.a]\nkey = " {K1}"\n', "keys.a: 'key' must not contain commas or surrounding spaces"),
+    ('[keys.a]\nkey = "{K1},{K2}"\n', "keys.a: 'key' must not contain commas"),
+    ('[keys.a]\nkey = "{K1}"\nrequests_per_minute = 0\n', "keys.a: 'requests_per_minute' must be a positive"),
+    ('[keys.a]\nkey = "{K1}"\nmax_streams = true\n', "keys.a: 'max_streams' must be a positive whole number"),
+    ('[keys.a]\nkey = "{K1}"\ndaily_tokens = 1.5\n', "keys.a: 'daily_tokens' must be a positive whole number"),
+    ('[keys.a]\nkey = "{K1}"\nmodels = "gpt"\n', "keys.a: 'models' must be a list"),
+    ('[keys.a]\nkey = "{K1}"\nmodels = [""]\n', "keys.a: 'models' must be a list"),
+    ('[keys.a]\nkey = "{K1}"\n[keys.b]\nkey = "{K1}"\n', "keys.b has the same key as keys.a"),
 ])
 def test_keys_file_refusals(tmp_path: Path, text: str, words: str) -> None:
     """Each problem in a keys file is named with the file and entry, never the key."""
     path = tmp_path / "keys.toml"
-    path.write_text(text)
+    path.write_text(text.replace("{K1}", K1).replace("{K2}", K2))
     with pytest.raises(KeysFileError) as caught:
         load_keys_file(path)
     assert words in str(caught.value) and str(path) in str(caught.value)
-    assert '"k1"' not in str(caught.value)
+    assert K1 not in str(caught.value)
 
 
 def test_keys_file_missing(tmp_path: Path) -> None:
@@ -73,7 +74,7 @@ def test_keys_file_may_not_repeat_authorization_key(tmp_path: Path) -> None:
     path.write_text(f'[keys.a]\nkey = "{ACCESS_KEY}"\n')
     with pytest.raises(KeysFileError, match="repeats a key or name of AUTHORIZATION_KEY"):
         KeyRing([ACCESS_KEY], path)
-    path.write_text('[keys.default]\nkey = "other"\n')
+    path.write_text('[keys.default]\nkey = "other-key-0123456789"\n')
     with pytest.raises(KeysFileError, match=r"keys\.default repeats"):
         KeyRing([ACCESS_KEY], path)
 
@@ -83,24 +84,24 @@ def test_keys_file_reload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     clock = [1000.0]
     monkeypatch.setattr(keys_module.time, "monotonic", lambda: clock[0])
     path = tmp_path / "keys.toml"
-    path.write_text('[keys.alice]\nkey = "alice-key"\n')
+    path.write_text('[keys.alice]\nkey = "alice-key-0123456789"\n')
     ring = KeyRing([ACCESS_KEY], path)
     assert [p.name for p in ring.policies] == ["default", "alice"]
 
     swap = tmp_path / "keys.new"
-    swap.write_text('[keys.bob]\nkey = "bob-key"\nmodels = ["m*"]\n')
+    swap.write_text('[keys.bob]\nkey = "bob-key-0123456789"\nmodels = ["m*"]\n')
     os.replace(swap, path)
-    assert ring.identify("bob-key") is None, "checked at most once a second"
+    assert ring.identify("bob-key-0123456789") is None, "checked at most once a second"
     clock[0] += keys_module.RELOAD_CHECK_SECONDS
-    bob = ring.identify("bob-key")
-    assert bob is not None and bob.models == ("m*",) and ring.identify("alice-key") is None
+    bob = ring.identify("bob-key-0123456789")
+    assert bob is not None and bob.models == ("m*",) and ring.identify("alice-key-0123456789") is None
 
     path.write_text('[keys.bob]\nkey = "unterminated\n')
     clock[0] += keys_module.RELOAD_CHECK_SECONDS
-    assert ring.identify("bob-key") is not None
+    assert ring.identify("bob-key-0123456789") is not None
     path.unlink()
     clock[0] += keys_module.RELOAD_CHECK_SECONDS
-    assert ring.identify("bob-key") is not None, "a vanished file keeps the previous keys"
+    assert ring.identify("bob-key-0123456789") is not None, "a vanished file keeps the previous keys"
 
 
 @pytest.mark.parametrize(("setting", "value", "field", "expected"), [

@@ -33,42 +33,40 @@ def config_error(env: dict[str, str]) -> str:
 # --- settings (environment variables) ----------------------------------------------------------------------------
 
 BAD_SETTINGS = [
-    ("RELAY_DEMO", "maybe", "RELAY_DEMO: 'maybe' is not valid (expected 1/0, true/false, yes/no or on/off)"),
+    ("RELAY_DEMO", "maybe", "RELAY_DEMO: expected 1/0, true/false, yes/no or on/off"),
     ("KEYS_FILE", "/nonexistent/keys.toml",
-     "KEYS_FILE: cannot read /nonexistent/keys.toml: No such file or directory"),
-    ("UPSTREAMS_FILE", "/nonexistent/up.toml", "UPSTREAMS_FILE: cannot read /nonexistent/up.toml (No such file or "
+     "KEYS_FILE: cannot read the file it names (No such file or directory)"),
+    ("UPSTREAMS_FILE", "/nonexistent/up.toml", "UPSTREAMS_FILE: cannot read the file it names (No such file or "
                                                "directory)"),
     ("CORS_ORIGINS", "https://ok.example, not an origin",
-     "CORS_ORIGINS: 'not an origin' is not an origin like https://example.com"),
-    ("CORS_ORIGINS", "https://ok.example/path", "CORS_ORIGINS: 'https://ok.example/path' is not an origin like "
-                                                "https://example.com"),
+     "CORS_ORIGINS: entry 2 is not an origin like https://example.com"),
+    ("CORS_ORIGINS", "https://ok.example/path", "CORS_ORIGINS: entry 1 is not an origin like https://example.com"),
     ("OPENAI_BASE_URL", "api.example.org/v1", "OPENAI_BASE_URL: not an http(s) URL like https://api.openai.com/v1"),
     ("OPENAI_BASE_URL", "ftp://user:hunter2@host/v1",
      "OPENAI_BASE_URL: not an http(s) URL like https://api.openai.com/v1"),
     ("OPENAI_BASE_URL", "http://host:notaport/v1", "OPENAI_BASE_URL: not an http(s) URL like https://api.openai.com/v1"),
-    ("MAX_TOKENS", "0", "MAX_TOKENS: '0' is not valid (expected a positive whole number)"),
-    ("MAX_CHOICES", "0", "MAX_CHOICES: '0' is not valid (expected a positive whole number)"),
-    ("KEEPALIVE_SECONDS", "soon", "KEEPALIVE_SECONDS: 'soon' is not valid (could not convert string to float: 'soon')"),
-    ("UPSTREAM_TIMEOUT", "-1", "UPSTREAM_TIMEOUT: '-1' is not valid (expected a positive number of seconds)"),
-    ("FIRST_TOKEN_TIMEOUT", "nan", "FIRST_TOKEN_TIMEOUT: 'nan' is not valid (expected a positive number of seconds)"),
-    ("IDLE_TIMEOUT", "inf", "IDLE_TIMEOUT: 'inf' is not valid (expected a positive number of seconds)"),
-    ("MAX_STREAM_SECONDS", "0", "MAX_STREAM_SECONDS: '0' is not valid (expected a positive number of seconds)"),
-    ("BODY_TIMEOUT", "-0.5", "BODY_TIMEOUT: '-0.5' is not valid (expected a positive number of seconds)"),
-    ("MAX_BODY_BYTES", "1.5", "MAX_BODY_BYTES: '1.5' is not valid (invalid literal for int() with base 10: '1.5')"),
-    ("LOG_CONTENT", "maybe", "LOG_CONTENT: 'maybe' is not valid (expected 1/0, true/false, yes/no or on/off)"),
-    ("RELAY_DEBUG_STATS", "2", "RELAY_DEBUG_STATS: '2' is not valid (expected 1/0, true/false, yes/no or on/off)"),
+    ("MAX_TOKENS", "0", "MAX_TOKENS: expected a positive whole number"),
+    ("MAX_CHOICES", "0", "MAX_CHOICES: expected a positive whole number"),
+    ("KEEPALIVE_SECONDS", "soon", "KEEPALIVE_SECONDS: expected a positive number of seconds"),
+    ("UPSTREAM_TIMEOUT", "-1", "UPSTREAM_TIMEOUT: expected a positive number of seconds"),
+    ("FIRST_TOKEN_TIMEOUT", "nan", "FIRST_TOKEN_TIMEOUT: expected a positive number of seconds"),
+    ("IDLE_TIMEOUT", "inf", "IDLE_TIMEOUT: expected a positive number of seconds"),
+    ("MAX_STREAM_SECONDS", "0", "MAX_STREAM_SECONDS: expected a positive number of seconds"),
+    ("BODY_TIMEOUT", "-0.5", "BODY_TIMEOUT: expected a positive number of seconds"),
+    ("MAX_BODY_BYTES", "1.5", "MAX_BODY_BYTES: expected a positive whole number"),
+    ("LOG_CONTENT", "maybe", "LOG_CONTENT: expected 1/0, true/false, yes/no or on/off"),
+    ("RELAY_DEBUG_STATS", "2", "RELAY_DEBUG_STATS: expected 1/0, true/false, yes/no or on/off"),
     ("TRUSTED_PROXIES", "127.0.0.1,nginx",
-     "TRUSTED_PROXIES: '127.0.0.1,nginx' is not valid "
-     "(expected IP addresses or networks (127.0.0.1, 10.0.0.0/8, ::1))"),
+     "TRUSTED_PROXIES: expected IP addresses or networks (127.0.0.1, 10.0.0.0/8, ::1)"),
     ("RATE_LIMIT_PER_MINUTE", "lots",
-     "RATE_LIMIT_PER_MINUTE: 'lots' is not valid (invalid literal for int() with base 10: 'lots')"),
-    ("RATE_LIMIT_PER_DAY", "0", "RATE_LIMIT_PER_DAY: '0' is not valid (expected a positive whole number)"),
-    ("DAILY_TOKEN_BUDGET", "-3", "DAILY_TOKEN_BUDGET: '-3' is not valid (expected a positive whole number)"),
-    ("MAX_STREAMS_PER_KEY", "0", "MAX_STREAMS_PER_KEY: '0' is not valid (expected a positive whole number)"),
-    ("MAX_OPEN_STREAMS", "1e3", "MAX_OPEN_STREAMS: '1e3' is not valid (invalid literal for int() with base 10: '1e3')"),
+     "RATE_LIMIT_PER_MINUTE: expected a positive whole number"),
+    ("RATE_LIMIT_PER_DAY", "0", "RATE_LIMIT_PER_DAY: expected a positive whole number"),
+    ("DAILY_TOKEN_BUDGET", "-3", "DAILY_TOKEN_BUDGET: expected a positive whole number"),
+    ("MAX_STREAMS_PER_KEY", "0", "MAX_STREAMS_PER_KEY: expected a positive whole number"),
+    ("MAX_OPEN_STREAMS", "1e3", "MAX_OPEN_STREAMS: expected a positive whole number"),
     ("RATE_LIMIT_STORAGE_URI", "memcached://:s3cret-password@10.0.0.5",
      "RATE_LIMIT_STORAGE_URI: expected a URL starting with one of memory://, redis://, rediss://, redis+unix://"),
-    ("LOG_FORMAT", "xml", "LOG_FORMAT: 'xml' is not valid (expected text or json)"),
+    ("LOG_FORMAT", "xml", "LOG_FORMAT: expected text or json"),
 ]
 # Free text, or checked only against other settings (the tests below): no value of their own is wrong.
 FREE_SETTINGS = {"AUTHORIZATION_KEY", "OPENAI_API_KEY", "DEFAULT_MODEL", "ALLOWED_MODELS", "SYSTEM_PROMPT",
@@ -81,11 +79,9 @@ def test_bad_setting_gets_its_message(variable: str, value: str, message: str) -
 
 
 def test_no_message_shows_a_credential_carrying_value() -> None:
-    """Keys and URLs (which may hold user:password@) are never echoed, even by a parser's own error text."""
-    for variable, value, message in BAD_SETTINGS:
-        setting = next(setting for setting in SETTINGS if setting.env == variable)
-        if setting.secret:
-            assert value not in message
+    """No refusal echoes the value (a key pasted into the wrong variable), even by a parser's own error text."""
+    for _variable, value, message in BAD_SETTINGS:
+        assert value not in message
     with pytest.raises(ConfigError) as caught:
         Setting("SOME_KEY", "some_key", int, secret=True).read("sk-not-a-number")
     assert str(caught.value) == "SOME_KEY: the value is not valid"
@@ -112,7 +108,8 @@ def test_missing_keys_are_refused(env: dict[str, str], message: str) -> None:
 
 
 @pytest.mark.parametrize(("variable", "value", "field", "expected"), [
-    ("AUTHORIZATION_KEY", " a , b,, ", "authorization_keys", ("a", "b")),
+    ("AUTHORIZATION_KEY", " a-0123456789abcdef , b-0123456789abcdef,, ", "authorization_keys",
+     ("a-0123456789abcdef", "b-0123456789abcdef")),
     ("OPENAI_BASE_URL", " https://h.example/v1/ ", "openai_base_url", "https://h.example/v1"),
     ("CORS_ORIGINS", "*, https://a.example, http://b:8080/", "cors_origins",
      ("*", "https://a.example", "http://b:8080/")),
@@ -152,17 +149,14 @@ def test_config_keeps_no_copy_of_the_environment() -> None:
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
-    ("GUNICORN_BIND", "8000", "GUNICORN_BIND: '8000' is not valid (expected HOST:PORT (127.0.0.1:8000, 0.0.0.0:8000, "
-                              "[::]:8000) or unix:/path/to.sock)"),
-    ("GUNICORN_BIND", "127.0.0.1:70000", "GUNICORN_BIND: '127.0.0.1:70000' is not valid (expected HOST:PORT "
-                                         "(127.0.0.1:8000, 0.0.0.0:8000, [::]:8000) or unix:/path/to.sock)"),
-    ("GUNICORN_WORKERS", "two", "GUNICORN_WORKERS: 'two' is not valid (invalid literal for int() with base 10: 'two')"),
-    ("GUNICORN_WORKER_CONNECTIONS", "-5",
-     "GUNICORN_WORKER_CONNECTIONS: '-5' is not valid (expected a positive whole number)"),
-    ("GUNICORN_GRACEFUL_TIMEOUT", "0",
-     "GUNICORN_GRACEFUL_TIMEOUT: '0' is not valid (expected a positive whole number)"),
-    ("GUNICORN_LOG_LEVEL", "loud",
-     "GUNICORN_LOG_LEVEL: 'loud' is not valid (expected one of debug, info, warning, error, critical)"),
+    ("GUNICORN_BIND", "8000", "GUNICORN_BIND: expected HOST:PORT (127.0.0.1:8000, 0.0.0.0:8000, "
+                              "[::]:8000) or unix:/path/to.sock"),
+    ("GUNICORN_BIND", "127.0.0.1:70000", "GUNICORN_BIND: expected HOST:PORT "
+                                         "(127.0.0.1:8000, 0.0.0.0:8000, [::]:8000) or unix:/path/to.sock"),
+    ("GUNICORN_WORKERS", "two", "GUNICORN_WORKERS: expected a positive whole number"),
+    ("GUNICORN_WORKER_CONNECTIONS", "-5", "GUNICORN_WORKER_CONNECTIONS: expected a positive whole number"),
+    ("GUNICORN_GRACEFUL_TIMEOUT", "0", "GUNICORN_GRACEFUL_TIMEOUT: expected a positive whole number"),
+    ("GUNICORN_LOG_LEVEL", "loud", "GUNICORN_LOG_LEVEL: expected one of debug, info, warning, error, critical"),
 ])
 def test_bad_server_setting_gets_its_message(variable: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -178,25 +172,29 @@ def test_server_settings_blank_means_default() -> None:
 
 # --- KEYS_FILE ---------------------------------------------------------------------------------------------------
 
+A = '[keys.a]\nkey = "k-0123456789abcdef"\n'  # an entry with a long enough key
+
+
 @pytest.mark.parametrize(("toml", "message"), [
     ('x = 1', "unknown top-level entries ['x']; put keys under [keys.<name>]"),
     ('keys = 3', "'keys' must be a table of [keys.<name>] sections"),
     ('[keys."bad name"]\nkey = "a"', "keys.bad name: a name is 1-64 letters, digits, '.', '_' or '-'"),
     ('keys.a = 3', 'keys.a must be a table with at least key = "..."'),
-    ('[keys.a]\nkey = "k"\nzz = 1\nyy = 2', "keys.a: unknown settings ['yy', 'zz']"),
+    (A + 'zz = 1\nyy = 2', "keys.a: unknown settings ['yy', 'zz']"),
     ('[keys.a]\nmodels = ["m"]', "keys.a: 'key' must be a non-empty string"),
     ('[keys.a]\nkey = "  "', "keys.a: 'key' must be a non-empty string"),
     ('[keys.a]\nkey = 3', "keys.a: 'key' must be a non-empty string"),
     ('[keys.a]\nkey = " k"', "keys.a: 'key' must not contain commas or surrounding spaces"),
     ('[keys.a]\nkey = "k,l"', "keys.a: 'key' must not contain commas or surrounding spaces"),
-    ('[keys.a]\nkey = "k"\nrequests_per_minute = 0', "keys.a: 'requests_per_minute' must be a positive whole number"),
-    ('[keys.a]\nkey = "k"\nrequests_per_day = "5"', "keys.a: 'requests_per_day' must be a positive whole number"),
-    ('[keys.a]\nkey = "k"\ndaily_tokens = 1.0', "keys.a: 'daily_tokens' must be a positive whole number"),
-    ('[keys.a]\nkey = "k"\nmax_streams = true', "keys.a: 'max_streams' must be a positive whole number"),
-    ('[keys.a]\nkey = "k"\nmodels = "m"', "keys.a: 'models' must be a list of model names or globs"),
-    ('[keys.a]\nkey = "k"\nmodels = [""]', "keys.a: 'models' must be a list of model names or globs"),
+    ('[keys.a]\nkey = "fifteen-chars-k"', "keys.a: 'key' must be at least 16 characters (a long random string)"),
+    (A + 'requests_per_minute = 0', "keys.a: 'requests_per_minute' must be a positive whole number"),
+    (A + 'requests_per_day = "5"', "keys.a: 'requests_per_day' must be a positive whole number"),
+    (A + 'daily_tokens = 1.0', "keys.a: 'daily_tokens' must be a positive whole number"),
+    (A + 'max_streams = true', "keys.a: 'max_streams' must be a positive whole number"),
+    (A + 'models = "m"', "keys.a: 'models' must be a list of model names or globs"),
+    (A + 'models = [""]', "keys.a: 'models' must be a list of model names or globs"),
     ('[keys.a]\nkey = 3\nmax_streams = 0\nmodels = 1', "keys.a: 'key' must be a non-empty string"),
-    ('[keys.a]\nkey = "k"\n[keys.b]\nkey = "k"', "keys.b has the same key as keys.a"),
+    (A + '[keys.b]\nkey = "k-0123456789abcdef"', "keys.b has the same key as keys.a"),
 ])
 def test_bad_keys_file_gets_its_message(tmp_path: Path, toml: str, message: str) -> None:
     path = tmp_path / "keys.toml"
@@ -208,11 +206,13 @@ def test_bad_keys_file_gets_its_message(tmp_path: Path, toml: str, message: str)
 
 def test_keys_file_entry_is_parsed(tmp_path: Path) -> None:
     path = tmp_path / "keys.toml"
-    path.write_text('[keys.alice]\nkey = "k1"\nrequests_per_minute = 3\nmodels = ["gpt-4o*"]\n[keys.bob]\nkey = "k2"\n')
+    path.write_text('[keys.alice]\nkey = "alice-key-0123456789"\nrequests_per_minute = 3\nmodels = ["gpt-4o*"]\n'
+                    '[keys.bob]\nkey = "bob-key-0123456789ab"\n')
     alice, bob = load_keys_file(path)
-    assert (alice.name, alice.key, alice.requests_per_minute, alice.models) == ("alice", "k1", 3, ("gpt-4o*",))
+    assert (alice.name, alice.key, alice.requests_per_minute, alice.models) == (
+        "alice", "alice-key-0123456789", 3, ("gpt-4o*",))
     assert (bob.requests_per_day, bob.daily_tokens, bob.max_streams, bob.models) == (None, None, None, ())
-    assert "k1" not in repr(KeyEntry.model_validate({"key": "k1"}))
+    assert "alice-key-0123456789" not in repr(KeyEntry.model_validate({"key": "alice-key-0123456789"}))
 
 
 def test_every_file_field_has_a_message() -> None:
