@@ -575,3 +575,18 @@ def test_flood_of_large_messages_during_an_answer_is_capped(
     assert sent >= 48 * 2**20, sent
     assert (after - before) * 1024 < 16 * 2**20, (before, after, sent)
     assert relay.process.poll() is None
+
+
+def test_a_question_sent_during_an_answer_waits_its_turn(ws_relay: RelayProcess, fake: FakeUpstream) -> None:
+    """Within the queue's cap a message sent while an answer streams is answered after it, in order."""
+    fake.behave(tokens=["slow", " answer"], token_interval=0.3)
+    ws = connect(ws_relay)
+    try:
+        ws.send(json.dumps({"content": "first"}))
+        assert json.loads(ws.receive(timeout=5))["isStreaming"] is True
+        ws.send(json.dumps({"content": "second"}))
+        first, second = receive_answer(ws), receive_answer(ws)
+    finally:
+        ws.close()
+    assert replies(first) == "slow answer" and replies(second) == "slow answer"
+    assert [request.json["messages"][-1]["content"] for request in fake.requests] == ["first", "second"]

@@ -19,10 +19,10 @@ encoder.
 Limits. The handshake is a request like any other (one count against the key's requests per minute and
 per day, the token budget checked) and the connection then holds one stream slot of its key (and of
 MAX_OPEN_STREAMS) for as long as it is open: its answers stream one at a time inside that slot. Every
-message is then a request of its own, through the same code as HTTP requests (`RequestLimits`):
+message is then a request of its own, through `RequestLimits`' public checks, which its HTTP hooks use too:
 - the key's entry is looked up again in the keyring (KEYS_FILE is reread on change): a key that is gone
-  closes the connection with 1008, at its next message or within DRAIN_CHECK_SECONDS while idle; the
-  message is judged by the entry's current limits;
+  closes the connection with 1008, at its next message or, while idle, within about two seconds (the
+  keyring's reload check plus DRAIN_CHECK_SECONDS); the message is judged by the entry's current limits;
 - one count in the key's per-minute and per-day buckets, the very ones its HTTP requests count in;
 - the daily token budget checked before the answer, and the answer's tokens charged when it ends;
 - the connection's slot taken again under the key's current caps (a lowered max_streams applies); this
@@ -34,8 +34,8 @@ message's answer frame; the connection stays usable.
 Memory. A message may be MAX_BODY_BYTES long; messages sent while an answer is being produced wait in a
 queue of at most QUEUED_MESSAGES messages and MAX_BODY_BYTES characters in all. Beyond that the connection
 is closed with 1013 (try again later) and a reason, and whatever else arrives is read and dropped until the
-client answers the close. So one connection holds at most a partial message, the queue and the bounded
-conversation, whatever the client sends.
+client answers the close (or CLOSE_HANDSHAKE_SECONDS pass). So one connection holds at most a partial
+message, the queue and the bounded conversation, whatever the client sends.
 """
 
 from __future__ import annotations
@@ -130,9 +130,10 @@ def register_websocket(app: Flask) -> None:
 class ConversationEnded(Response):
     """What the view returns once the conversation is over on the raw socket: nothing is left to send.
 
-    Closing it runs the request's close callbacks (the access-log line, the limits' stream slot and token
-    count). Under gunicorn, raising StopIteration is its convention for "the app handled the socket itself;
-    close the connection" (flask-sock, the Flask glue for simple-websocket, does the same without the close).
+    Closing it runs the request's close callbacks (the access-log line, the connection's stream slot given
+    back; its tokens were charged answer by answer). Under gunicorn, raising StopIteration is its convention
+    for "the app handled the socket itself; close the connection" (flask-sock, the Flask glue for
+    simple-websocket, does the same without the close).
     """
 
     def __init__(self, server_mode: str, status: int) -> None:
@@ -410,7 +411,7 @@ def open_answer(relay: Relay, conversation: Conversation, model: str | None, rec
 
 
 def add_answer(total: StreamStats, answer: StreamStats) -> None:
-    """Fold one answer's numbers into the connection's, which its log line and the daily token budget read."""
+    """Fold one answer's numbers into the connection's, for its log line (the budget was charged per answer)."""
     if total.first_token_at is None:
         total.first_token_at = answer.first_token_at
     total.upstream = answer.upstream
