@@ -41,6 +41,7 @@ class RelayError(HTTPException):
     description: str = "the relay could not handle this request"
     retry_after: int | None = None
     upstream_failures: tuple[tuple[str, str], ...] = ()  # (upstream, kind) behind an upstream error
+    extra_headers: tuple[tuple[str, str], ...] = ()  # headers the status calls for (426: the version spoken)
 
     def __init__(self, description: str | None = None, *, kind: str | None = None,
                  retry_after: int | None = None) -> None:
@@ -113,6 +114,14 @@ class RateLimited(RelayError):
     description = "too many requests: slow down and retry later"
 
 
+class UpgradeRequired(RelayError):
+    code = 426
+    kind = "upgrade_required"
+    error_type = "invalid_request_error"
+    description = "this WebSocket version is not supported: send Sec-WebSocket-Version: 13"
+    extra_headers = (("Sec-WebSocket-Version", "13"),)
+
+
 class UpstreamFailed(RelayError):
     code = 502
     kind = "upstream_error"
@@ -130,7 +139,7 @@ class UpstreamTimeout(RelayError):
 _BY_STATUS: dict[int, type[RelayError]] = {
     cls.code: cls
     for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, PayloadTooLarge,
-                RequestTimeout, RateLimited, UpstreamFailed, UpstreamTimeout)
+                RequestTimeout, RateLimited, UpgradeRequired, UpstreamFailed, UpstreamTimeout)
 }
 
 
@@ -184,6 +193,8 @@ def render_error(error: HTTPException) -> Response:
     response = Response(body, status=relay_error.status, mimetype=mimetype)
     if relay_error.retry_after is not None:
         response.headers["Retry-After"] = str(relay_error.retry_after)
+    for name, value in relay_error.extra_headers:
+        response.headers[name] = value
     if relay_error.status == 405 and isinstance(error, HTTPException):
         allowed = error.get_headers()
         for name, value in allowed:

@@ -6,7 +6,10 @@
 - A daily token budget per key, counted from the usage the upstream reports at the end of each answer
   (the number of content deltas when it reports none), renewed at 00:00 UTC.
 
-Every refusal is a 429 with Retry-After, rendered by the endpoint's own error shape.
+Every refusal is a 429 with Retry-After, rendered by the endpoint's own error shape. A WebSocket connection
+(`routes/websocket.py`) is admitted like any request at its handshake, then each of its messages goes through
+the same public checks (`admit_message`, `renew_stream`, `charge`): one count in the same per-key buckets,
+the same budget, the same slots.
 
 Counters live in memory (one process: each gunicorn worker counts on its own) or, with
 RATE_LIMIT_STORAGE_URI=redis://..., in Redis, shared by every worker and every relay instance. When Redis
@@ -33,6 +36,10 @@ import redis
 from flask import Flask, Response
 from flask_limiter import Limit, Limiter, RequestLimit
 from flask_limiter.errors import RateLimitExceeded
+from limits import RateLimitItem, parse_many
+from limits.errors import StorageError
+from limits.storage import MemoryStorage
+from limits.strategies import FixedWindowRateLimiter
 
 from proxy.config import Config
 from proxy.errors import RateLimited, render_error
@@ -48,6 +55,7 @@ STREAM_RETRY_AFTER_SECONDS = 5
 LEASE_MARGIN_SECONDS = 60.0
 GLOBAL_BUCKET = "*"  # cannot collide with a key name (names start with a letter or digit)
 KEY_PREFIX = "relay"
+RATE_SCOPE = "per-key"  # the scope of the one shared per-key limit, as Flask-Limiter names its buckets
 
 # KEYS: the buckets' sorted sets. ARGV: now, lease expiry, lease id, then one limit per bucket.
 # Drops expired leases, refuses (returning the full bucket's 1-based index) or leases in every bucket.
@@ -174,9 +182,13 @@ class Counters:
                 return result, True
         return operation(self.memory), False
 
-    def acquire(self, buckets: Sequence[tuple[str, int]], max_seconds: float) -> Lease | str:
-        """A Lease, or the name of the bucket that is full."""
-        lease_id = uuid.uuid4().hex
+    def acquire(self, buckets: Sequence[tuple[str, int]], max_seconds: float, renewing: Lease | None = None
+                ) -> Lease | str:
+        """A Lease, or the name of the bucket that is full. Renewing gives the old lease back first (to the
+        store that holds it, which may not be the one used now) and keeps its id; refused, it is gone."""
+        if renewing is not None:
+            self.release(renewing)
+        lease_id = renewing.lease_id if renewing is not None else uuid.uuid4().hex
         now = time.time()
         full, in_redis = self._call(
             lambda store: store.acquire(buckets, lease_id, now + max_seconds + LEASE_MARGIN_SECONDS, now)
@@ -227,7 +239,7 @@ class RequestLimits:
         }
         self.limiter = Limiter(
             key_func=self._bucket,
-            default_limits=[Limit(self._rate_limits, shared=True, scope="per-key")],
+            default_limits=[Limit(self._rate_limits, shared=True, scope=RATE_SCOPE)],
             storage_uri=storage_uri,
             storage_options=redis_options if is_redis else {},
             strategy="fixed-window",
@@ -239,6 +251,7 @@ class RequestLimits:
             on_breach=self._remember_breach,
         )
         self.limiter.logger = log  # its storage warnings belong in the relay's log
+        self._memory_rates = FixedWindowRateLimiter(MemoryStorage())  # WebSocket messages while the store fails
 
     def init_app(self, app: Flask) -> None:
         if not self.config.limits_configured:
@@ -261,13 +274,15 @@ class RequestLimits:
 
     def _bucket(self) -> str:
         policy = self._policy()
-        return f"key:{policy.name}" if policy is not None else "anonymous"
+        return bucket_of(policy) if policy is not None else "anonymous"
 
     def _rate_limits(self) -> str:
         """The calling key's limits in Flask-Limiter's notation; empty (no limit) for unknown callers."""
         policy = self._policy()
-        if policy is None:
-            return ""
+        return self.rate_limits_of(policy) if policy is not None else ""
+
+    def rate_limits_of(self, policy: KeyPolicy) -> str:
+        """A key's requests per minute and per day in Flask-Limiter's notation ("20/minute;500/day")."""
         per_minute = policy.requests_per_minute or self.config.rate_limit_per_minute
         per_day = policy.requests_per_day or self.config.rate_limit_per_day
         return ";".join(f"{count}/{period}" for count, period in ((per_minute, "minute"), (per_day, "day"))
@@ -282,10 +297,62 @@ class RequestLimits:
         state = current_request_state()
         breach = state.breach if state is not None else None
         description, retry_after = breach or (str(error.description), 60)
-        return render_error(RateLimited(f"this key's limit of {description} is used up; retry in {retry_after} s",
-                                        retry_after=retry_after))
+        return render_error(rate_limited(description, retry_after))
 
-    # -- requests in flight and daily tokens
+    # -- the public checks, for a request the pipeline does not see as one (a WebSocket message)
+
+    def admit_message(self, policy: KeyPolicy) -> None:
+        """Count one request of `policy`'s key in the buckets HTTP requests count in, and check its daily token
+        budget; raise RateLimited (kind rate_limited or token_budget_exhausted) when either is used up."""
+        if not self.config.limits_configured:
+            return
+        limits_text = self.rate_limits_of(policy)
+        for item in sorted(parse_many(limits_text)) if limits_text else ():
+            if not self._hit(item, policy):
+                reset_at, _ = self._window(item, policy)
+                raise rate_limited(str(item), max(1, math.ceil(reset_at - time.time())))
+        self.check_budget(policy)
+
+    def _hit(self, item: RateLimitItem, policy: KeyPolicy) -> bool:
+        # Flask-Limiter's own arguments for a shared per-key default limit, so both paths share one count.
+        identifiers = (KEY_PREFIX, bucket_of(policy), RATE_SCOPE)
+        try:
+            return bool(self.limiter.limiter.hit(item, *identifiers))
+        except (redis.RedisError, StorageError) as exc:
+            # As Flask-Limiter does for HTTP requests: a failing store counts in this process instead. Debug
+            # only: the store's failure is already logged (once) by the counters and by Flask-Limiter.
+            log.debug("rate limit storage unreachable (%s); counting this message in memory", type(exc).__name__)
+            return bool(self._memory_rates.hit(item, *identifiers))
+
+    def _window(self, item: RateLimitItem, policy: KeyPolicy) -> tuple[float, int]:
+        try:
+            return self.limiter.limiter.get_window_stats(item, KEY_PREFIX, bucket_of(policy), RATE_SCOPE)
+        except (redis.RedisError, StorageError):
+            return self._memory_rates.get_window_stats(item, KEY_PREFIX, bucket_of(policy), RATE_SCOPE)
+
+    def check_budget(self, policy: KeyPolicy) -> None:
+        """Raise RateLimited (token_budget_exhausted) when the key's daily token budget is used up."""
+        budget = policy.daily_tokens or self.config.daily_token_budget
+        if budget and self.counters.tokens(policy.name, utc_day()) >= budget:
+            raise RateLimited(f"this key's daily budget of {budget} tokens is used up; it renews at 00:00 UTC",
+                              kind="token_budget_exhausted", retry_after=seconds_to_utc_midnight())
+
+    def renew_stream(self, policy: KeyPolicy, lease: Lease | None) -> Lease | None:
+        """The stream slot a long-lived connection holds, given back and taken again under the key's current
+        caps (so it never expires while the connection lives, and a lowered max_streams applies). Raise
+        RateLimited (too_many_streams) when no slot is free: the old one is given back all the same."""
+        return self._lease_stream_slot(policy, renewing=lease)
+
+    def release(self, lease: Lease | None) -> None:
+        if lease is not None:
+            self.counters.release(lease)
+
+    def charge(self, policy: KeyPolicy, usage: TokenUsage) -> None:
+        """Count an answer's tokens against the key's daily budget (only when a budget can apply)."""
+        if usage.total and (policy.daily_tokens or self.config.daily_token_budget):
+            self.counters.add_tokens(policy.name, utc_day(), usage.total)
+
+    # -- the pipeline's hooks
 
     def _admit(self) -> None:
         state = current_request_state()
@@ -293,14 +360,11 @@ class RequestLimits:
             return
         policy = state.caller
         assert policy is not None  # not exempt: a known caller
-        budget = policy.daily_tokens or self.config.daily_token_budget
-        if budget and self.counters.tokens(policy.name, utc_day()) >= budget:
-            raise RateLimited(f"this key's daily budget of {budget} tokens is used up; it renews at 00:00 UTC",
-                              kind="token_budget_exhausted", retry_after=seconds_to_utc_midnight())
+        self.check_budget(policy)
         if state.declaration.streams:
             state.lease = self._lease_stream_slot(policy)
 
-    def _lease_stream_slot(self, policy: KeyPolicy) -> Lease | None:
+    def _lease_stream_slot(self, policy: KeyPolicy, renewing: Lease | None = None) -> Lease | None:
         buckets: list[tuple[str, int]] = []
         per_key = policy.max_streams or self.config.max_streams_per_key
         if per_key:
@@ -308,8 +372,9 @@ class RequestLimits:
         if self.config.max_open_streams:
             buckets.append((GLOBAL_BUCKET, self.config.max_open_streams))
         if not buckets:
+            self.release(renewing)
             return None
-        lease = self.counters.acquire(buckets, self.config.max_stream_seconds)
+        lease = self.counters.acquire(buckets, self.config.max_stream_seconds, renewing)
         if isinstance(lease, str):
             whose = "this relay's" if lease == GLOBAL_BUCKET else "this key's"
             limit = dict(buckets)[lease]
@@ -318,14 +383,21 @@ class RequestLimits:
         return lease
 
     def settle(self, state: RequestState) -> None:
-        """When the request closes: give back its stream slot and charge its tokens to the key's budget."""
-        if state.lease is not None:
-            self.counters.release(state.lease)
-            state.lease = None
+        """When the request closes: give back its stream slot and charge its tokens to the key's budget (unless
+        the view charged them itself, answer by answer)."""
+        self.release(state.lease)
+        state.lease = None
         policy = state.caller
         stats = state.access.stats
-        if policy is None or stats is None or not (policy.daily_tokens or self.config.daily_token_budget):
+        if policy is None or stats is None or state.charged:
             return
-        used = TokenUsage.of_answer(stats.usage, stats.tokens).total
-        if used:
-            self.counters.add_tokens(policy.name, utc_day(), used)
+        self.charge(policy, TokenUsage.of_answer(stats.usage, stats.tokens))
+
+
+def bucket_of(policy: KeyPolicy) -> str:
+    """The key's requests-per-minute/day bucket, for Flask-Limiter and the WebSocket messages alike."""
+    return f"key:{policy.name}"
+
+
+def rate_limited(limit: str, retry_after: int) -> RateLimited:
+    return RateLimited(f"this key's limit of {limit} is used up; retry in {retry_after} s", retry_after=retry_after)

@@ -68,6 +68,7 @@ class RequestState:
     lease: Any = None  # the stream slot held (proxy.limits.Lease), released when the request closes
     breach: tuple[str, int] | None = None  # (limit, seconds to retry) when a rate limit refused it
     streamed: bool = False  # a streaming response went out: it counts as an open stream until closed
+    charged: bool = False  # the view charged its tokens itself (a WebSocket, answer by answer), not the close
     closed: bool = False
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx2
 import pytest
+import simple_websocket
 
 from proxy.config import Config, ConfigError
 from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, RelayProcess, relay_env, start_relay
@@ -332,6 +333,46 @@ def test_redis_restart_does_not_take_the_relay_down(tmp_path: Path, fake: FakeUp
         finally:
             stream.close()
         assert first.process.poll() is None and second.process.poll() is None
+    finally:
+        first.stop()
+        second.stop()
+
+
+# ---------------------------------------------------------------- WebSocket messages, shared through Redis
+
+
+def ws_answer(ws: simple_websocket.Client, content: str) -> dict[str, Any] | None:
+    """Send one /ws message; the error record of its answer, or None when it was answered."""
+    ws.send(json.dumps({"content": content}))
+    answer: list[dict[str, Any]] = []
+    while not answer or not answer[-1].get("done"):
+        raw = ws.receive(timeout=10)
+        assert raw is not None, f"no record within 10 s; got {answer}"
+        answer.append(json.loads(raw))
+    return next((record for record in answer if record.get("error")), None)
+
+
+@needs_redis
+def test_websocket_messages_share_the_redis_counts_with_http(tmp_path: Path, fake: FakeUpstream,
+                                                             redis_server: Redis, keys_path: Path) -> None:
+    """Over Redis a /ws message on one instance and HTTP requests on the other use one per-minute count, and an
+    open socket holds its key's stream slot for every instance."""
+    first, second = redis_relays(tmp_path, fake, redis_server, keys_path)
+    ws_base = first.url.replace("http://", "ws://", 1)
+    try:
+        bob = simple_websocket.Client.connect(f"{ws_base}/ws?key={KEYS['bob']}")  # the handshake: 1 of 2
+        try:
+            assert ws_answer(bob, "hello") is None  # 2 of 2
+            assert_refused(chat(second, "bob"), "rate_limited")
+            refused = ws_answer(bob, "again")
+            assert refused is not None and refused["code"] == "rate_limited"
+        finally:
+            bob.close()
+        carol = simple_websocket.Client.connect(f"{ws_base}/ws?key={KEYS['carol']}")
+        try:
+            assert_refused(chat(second, "carol"), "too_many_streams")
+        finally:
+            carol.close()
     finally:
         first.stop()
         second.stop()

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 import simple_websocket
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from proxy.routes.websocket import Conversation
 from tests.conftest import ACCESS_KEY, SECRETS, RelayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.servers import wait_until
+from tests.servers import find_program, running_nginx, wait_until
 
 SYSTEM_PROMPT = "You are the relay's WebSocket test persona."
 FAKE_ANSWER = "Hello from the fake upstream."
+UPGRADE_HEADERS = {"Connection": "Upgrade", "Upgrade": "websocket"}
+GOOD_NONCE = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
 @pytest.fixture(scope="module")
@@ -257,48 +262,33 @@ def test_history_is_bounded_oldest_turns_first_never_the_system_prompt() -> None
     assert by_size.messages() == [{"role": "system", "content": "persona"}, {"role": "user", "content": "z" * 20}]
 
 
-def connect_when_free(relay: RelayProcess, timeout: float = 5.0) -> simple_websocket.Client:
-    """A connection as soon as the key's stream slot is free (the relay frees it a moment after a close)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return connect(relay)
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def test_connection_holds_one_stream_slot_and_counts_its_tokens_when_it_closes(
+def test_connection_holds_one_stream_slot_and_charges_each_answer(
     relay_factory: Callable[..., RelayProcess], fake: FakeUpstream
 ) -> None:
     """With MAX_STREAMS_PER_KEY=1 an open connection holds the key's slot (a second handshake gets 429) and frees
-    it when it closes; its answers' tokens count against DAILY_TOKEN_BUDGET."""
+    it when it closes; each answer's tokens count against DAILY_TOKEN_BUDGET as soon as it ends."""
     relay = relay_factory(fresh=True, MAX_STREAMS_PER_KEY="1", DAILY_TOKEN_BUDGET="10")
+    upgrade = {**UPGRADE_HEADERS, "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": GOOD_NONCE}
+    first = connect(relay)
     try:
-        first = connect(relay)
-        try:
-            ask(first, "hello")
-            refused = httpx2.get(f"{relay.url}/ws?key={ACCESS_KEY}", headers={
-                "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
-            assert refused.status_code == 429
-        finally:
-            first.close()
-        second = connect_when_free(relay)  # the slot is free again (7 of the 10 tokens used)
-        try:
-            ask(second, "again")
-        finally:
-            second.close()
-        # The tokens are counted when the connection's close is handled, a moment after the client's.
-        assert wait_until(lambda: httpx2.post(f"{relay.url}/chat", headers=relay.headers(), json={
-            "messages": [{"role": "user", "content": "one more"}]}).status_code == 429), relay.log_text()
+        ask(first, "hello")
+        refused = httpx2.get(f"{relay.url}/ws?key={ACCESS_KEY}", headers=upgrade)
+        assert refused.status_code == 429
+    finally:
+        first.close()
+    # The slot is free again once the relay has seen the close (7 of the 10 tokens used so far): a handshake
+    # of the wrong version then passes the limits and gets its 426 instead of 429.
+    assert wait_until(lambda: httpx2.get(f"{relay.url}/ws?key={ACCESS_KEY}", headers={
+        **upgrade, "Sec-WebSocket-Version": "8"}).status_code == 426)
+    second = connect(relay)
+    try:
+        ask(second, "again")
         over_budget = httpx2.post(f"{relay.url}/chat", headers=relay.headers(),
                                   json={"messages": [{"role": "user", "content": "one more"}]})
-        assert over_budget.status_code == 429, relay.log_text()
-        assert "budget" in over_budget.text
     finally:
-        relay.stop()
+        second.close()
+    assert over_budget.status_code == 429, relay.log_text()
+    assert "budget" in over_budget.text
 
 
 def test_restart_closes_idle_connections_with_1001_and_ends_answers_properly(
@@ -325,3 +315,279 @@ def test_restart_closes_idle_connections_with_1001_and_ends_answers_properly(
         busy.receive(timeout=5)
     assert busy_closed.value.reason == 1001
     assert relay.process.wait(10) == 0
+
+
+# ---------------------------------------------------------------- limits per message, bounded memory, handshakes
+
+
+WS_KEYS = {"wsa": "ws-key-a-3c9e1f7b5d20", "wsb": "ws-key-b-8a6d4f2e0c19"}
+
+
+def keys_toml(**limits: dict[str, int]) -> str:
+    """A keys file with the WS_KEYS named in `limits`, each with its own settings."""
+    tables = []
+    for name, settings in limits.items():
+        lines = [f"[keys.{name}]", f'key = "{WS_KEYS[name]}"',
+                 *(f"{field} = {value}" for field, value in settings.items())]
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) + "\n"
+
+
+def rewrite(path: Path, text: str) -> None:
+    """Swap a new keys file in, as config tools do; the relay rereads it within a second or two."""
+    replacement = path.with_suffix(".new")
+    replacement.write_text(text)
+    os.replace(replacement, path)
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    return tmp_path / "keys.toml"
+
+
+def keyed_relay(relay_factory: Callable[..., RelayProcess], keys_file: Path, **limits: dict[str, int]
+                ) -> RelayProcess:
+    keys_file.write_text(keys_toml(**limits))
+    return relay_factory(fresh=True, KEYS_FILE=str(keys_file))
+
+
+def away_from_minute_boundary() -> None:
+    """Fixed one-minute windows: do not start a count a moment before the window turns."""
+    if time.time() % 60 > 50:
+        time.sleep(60 - time.time() % 60 + 0.1)
+
+
+def error_code(records: list[dict[str, Any]]) -> str | None:
+    """The error kind inside one answer's frame, or None when it was answered."""
+    assert records[0] == {"reply": "", "isStreaming": True} and records[-1] == {"reply": "", "done": True}, records
+    errors = [record for record in records if record.get("error")]
+    return str(errors[0]["code"]) if errors else None
+
+
+def chat_as(relay: RelayProcess, name: str) -> httpx2.Response:
+    return httpx2.post(f"{relay.url}/chat", json={"messages": [{"role": "user", "content": "hi"}]},
+                       headers={"Authorization": f"Bearer {WS_KEYS[name]}"}, timeout=20)
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({"Sec-WebSocket-Version": "13"}, 400),
+    ({"Sec-WebSocket-Version": "8", "Sec-WebSocket-Key": GOOD_NONCE}, 426),
+    ({"Sec-WebSocket-Key": GOOD_NONCE}, 400),
+], ids=["no-key", "version-8", "no-version"])
+def test_malformed_handshake_gets_4xx_in_the_error_shape_without_a_traceback(
+    ws_relay: RelayProcess, headers: dict[str, str], status: int
+) -> None:
+    """An upgrade without Sec-WebSocket-Key or -Version gets 400, another version 426 naming 13; no crash logged."""
+    response = httpx2.get(f"{ws_relay.url}/ws?key={ACCESS_KEY}", headers={**UPGRADE_HEADERS, **headers})
+    assert response.status_code == status, response.text
+    record = json.loads(response.text.splitlines()[0])
+    assert record["error"] is True and record["code"] in ("bad_handshake", "upgrade_required")
+    if status == 426:
+        assert response.headers["sec-websocket-version"] == "13"
+    assert wait_until(lambda: f"status={status}" in ws_relay.log_text())
+    assert "Traceback" not in ws_relay.log_text()
+
+
+def test_key_parameter_and_a_different_authorization_header_are_refused(
+    ws_relay: RelayProcess, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """`/ws?key=<valid>` with `Authorization: Bearer junk` gets 401 before any upgrade, directly and through
+    the shipped nginx site."""
+    headers = {**UPGRADE_HEADERS, "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": GOOD_NONCE,
+               "Authorization": "Bearer junk"}
+    direct = httpx2.get(f"{ws_relay.url}/ws?key={ACCESS_KEY}", headers=headers)
+    assert direct.status_code == 401 and "different keys" in direct.text
+    if find_program("nginx") is None:
+        pytest.skip("nginx is not installed")
+    with running_nginx(tmp_path / "nginx", ws_relay.url.removeprefix("http://")) as nginx:
+        proxied = httpx2.get(f"{nginx.url}/ws?key={ACCESS_KEY}", headers=headers)
+        assert proxied.status_code == 401 and "different keys" in proxied.text
+        with pytest.raises(simple_websocket.ConnectionError):
+            simple_websocket.Client.connect(nginx.url.replace("http://", "ws://") + f"/ws?key={ACCESS_KEY}",
+                                            headers={"Authorization": "Bearer junk"})
+    assert fake.requests == []
+
+
+def connect_as(relay: RelayProcess, name: str) -> simple_websocket.Client:
+    return connect(relay, f"key={WS_KEYS[name]}")
+
+
+def test_each_message_counts_against_the_keys_requests_per_minute(
+    relay_factory: Callable[..., RelayProcess], fake: FakeUpstream, keys_file: Path
+) -> None:
+    """With requests_per_minute=3 the handshake and two messages use the minute up: the third message gets a
+    rate_limited record on a still usable connection, and the key's HTTP requests are refused too."""
+    relay = keyed_relay(relay_factory, keys_file, wsa={"requests_per_minute": 3}, wsb={})
+    away_from_minute_boundary()
+    ws = connect_as(relay, "wsa")
+    try:
+        assert error_code(ask(ws, "one")) is None
+        assert error_code(ask(ws, "two")) is None
+        refused = ask(ws, "three")
+        assert error_code(refused) == "rate_limited" and "3 per 1 minute" in refused[1]["reply"]
+        assert error_code(ask(ws, "four")) == "rate_limited"  # still open, still counted
+        assert chat_as(relay, "wsa").status_code == 429  # one count for HTTP and WebSocket
+        assert chat_as(relay, "wsb").status_code == 200
+    finally:
+        ws.close()
+    assert len(fake.requests) == 3  # two answers and wsb's request; nothing refused went upstream
+    assert wait_until(lambda: relay.log_text().count("method=WS") >= 4 and "status=429" in relay.log_text())
+
+
+def test_daily_token_budget_is_checked_and_charged_per_answer(
+    relay_factory: Callable[..., RelayProcess], fake: FakeUpstream, keys_file: Path
+) -> None:
+    """An answer's tokens count as soon as it ends: on the same open connection the next message gets
+    token_budget_exhausted, and so does the key's next HTTP request."""
+    relay = keyed_relay(relay_factory, keys_file, wsa={"daily_tokens": 5})
+    ws = connect_as(relay, "wsa")
+    try:
+        assert error_code(ask(ws, "spend it")) is None  # the fake reports more than 5 tokens
+        refused = ask(ws, "and more")
+        assert error_code(refused) == "token_budget_exhausted" and "5 tokens" in refused[1]["reply"]
+        assert chat_as(relay, "wsa").status_code == 429
+    finally:
+        ws.close()
+    assert len(fake.requests) == 1
+
+
+def test_lowered_max_streams_applies_to_the_next_message_of_open_connections(
+    relay_factory: Callable[..., RelayProcess], fake: FakeUpstream, keys_file: Path
+) -> None:
+    """Two connections fit max_streams=2; lowered to 1 in KEYS_FILE, one of them is refused with
+    too_many_streams on its next message while the other keeps its slot and is answered."""
+    relay = keyed_relay(relay_factory, keys_file, wsa={"max_streams": 2})
+    first, second = connect_as(relay, "wsa"), connect_as(relay, "wsa")
+    try:
+        assert error_code(ask(first, "hi")) is None and error_code(ask(second, "hi")) is None
+        assert chat_as(relay, "wsa").status_code == 429  # both slots held by the idle connections
+        rewrite(keys_file, keys_toml(wsa={"max_streams": 1}))
+        assert wait_until(lambda: error_code(ask(first, "still there?")) == "too_many_streams", timeout=10)
+        assert error_code(ask(second, "and you?")) is None
+        assert error_code(ask(first, "again?")) == "too_many_streams"
+    finally:
+        first.close()
+        second.close()
+    assert wait_until(lambda: chat_as(relay, "wsa").status_code == 200)  # both slots given back on close
+
+
+def closed_with(ws: simple_websocket.Client, timeout: float) -> tuple[int, str]:
+    """The close code and reason the server ends the connection with, within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+        while time.monotonic() < deadline:
+            ws.receive(timeout=deadline - time.monotonic())
+        raise AssertionError(f"still open after {timeout} s")
+    return closed.value.reason, closed.value.message
+
+
+def test_key_removed_from_keys_file_closes_its_open_connections(
+    relay_factory: Callable[..., RelayProcess], fake: FakeUpstream, keys_file: Path
+) -> None:
+    """Once a key leaves KEYS_FILE its idle connection and its chatty one are closed with 1008 and a reason
+    within a few seconds; another key's connection is untouched."""
+    relay = keyed_relay(relay_factory, keys_file, wsa={}, wsb={})
+    idle, chatty, other = connect_as(relay, "wsa"), connect_as(relay, "wsa"), connect_as(relay, "wsb")
+    try:
+        assert error_code(ask(chatty, "hi")) is None
+        rewrite(keys_file, keys_toml(wsb={}))
+        removed_at = time.monotonic()
+        with pytest.raises(simple_websocket.ConnectionClosed) as chatty_closed:
+            while time.monotonic() - removed_at < 8:  # answered until the reread keyring no longer has the key
+                ask(chatty, "still me")
+        assert chatty_closed.value.reason == 1008 and "no longer valid" in chatty_closed.value.message
+        assert closed_with(idle, timeout=5) == (1008, "this access key is no longer valid")
+        assert time.monotonic() - removed_at < 6
+        assert error_code(ask(other, "fine?")) is None
+    finally:
+        for ws in (idle, chatty, other):
+            if ws.connected:
+                ws.close()
+    assert chat_as(relay, "wsa").status_code == 401
+
+
+class RawClient:
+    """A WebSocket client on a plain socket that writes whole frames (`sendall`) and reads in a thread, so it
+    can flood the server while still seeing what the server sends back."""
+
+    def __init__(self, relay: RelayProcess, query: str) -> None:
+        host, port = relay.url.removeprefix("http://").split(":")
+        self.connection = WSConnection(ConnectionType.CLIENT)
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.sock.sendall(self.connection.send(Request(host=f"{host}:{port}", target=f"/ws?{query}")))
+        self.events: list[Any] = []
+        self.closed = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        assert wait_until(lambda: any(isinstance(event, AcceptConnection) for event in self.events))
+
+    def _read(self) -> None:
+        try:
+            while data := self.sock.recv(65536):
+                self.connection.receive_data(data)
+                self.events.extend(self.connection.events())
+        except OSError:
+            pass  # reset by the server after its close frame: what was read is in self.events
+        self.closed.set()
+
+    def send_text(self, text: str) -> None:
+        self.sock.sendall(self.connection.send(TextMessage(data=text)))
+
+    def frame(self, text: str) -> bytes:
+        """The bytes of one text message, to send again and again: a flooding client ignores close frames."""
+        return self.connection.send(TextMessage(data=text))
+
+    def close_code(self) -> CloseConnection | None:
+        return next((event for event in self.events if isinstance(event, CloseConnection)), None)
+
+
+def worker_rss_kib(relay: RelayProcess) -> int:
+    stats = httpx2.get(f"{relay.url}/debug/stats", headers=relay.headers(), timeout=10).json()
+    return int(stats["rss_kib"])
+
+
+def test_flood_of_large_messages_during_an_answer_is_capped(
+    relay_factory: Callable[..., RelayProcess], fake: FakeUpstream
+) -> None:
+    """Up to 300 messages of ~1 MB sent while an answer is pending, close frame or not: the connection is closed
+    with 1013 and a reason once the queue is full, and the worker's RSS grows by far less than the data sent."""
+    relay = relay_factory(fresh=True, RELAY_DEBUG_STATS="1")
+    client = RawClient(relay, f"key={ACCESS_KEY}")
+    try:
+        client.send_text(json.dumps({"content": "#fake " + json.dumps({"first_token_delay": 20})}))
+        assert wait_until(lambda: len(fake.requests) == 1)  # the answer is pending upstream
+        before = worker_rss_kib(relay)
+        big = client.frame(json.dumps({"content": "x" * 1_000_000}))
+        sent = 0
+        for _ in range(300):
+            try:
+                client.sock.sendall(big)
+            except OSError:
+                break  # the server closed the connection
+            sent += len(big)
+        assert client.closed.wait(10)
+        after = worker_rss_kib(relay)
+    finally:
+        client.sock.close()
+    close = client.close_code()
+    assert close is not None and close.code == 1013 and "queued" in close.reason, client.events
+    # The worker holds at most a partial message, the queue (MAX_BODY_BYTES) and allocator slack, while the
+    # client got far more out (300 MB on an idle machine, read and dropped until the close completes).
+    assert sent >= 48 * 2**20, sent
+    assert (after - before) * 1024 < 16 * 2**20, (before, after, sent)
+    assert relay.process.poll() is None
+
+
+def test_a_question_sent_during_an_answer_waits_its_turn(ws_relay: RelayProcess, fake: FakeUpstream) -> None:
+    """Within the queue's cap a message sent while an answer streams is answered after it, in order."""
+    fake.behave(tokens=["slow", " answer"], token_interval=0.3)
+    ws = connect(ws_relay)
+    try:
+        ws.send(json.dumps({"content": "first"}))
+        assert json.loads(ws.receive(timeout=5))["isStreaming"] is True
+        ws.send(json.dumps({"content": "second"}))
+        first, second = receive_answer(ws), receive_answer(ws)
+    finally:
+        ws.close()
+    assert replies(first) == "slow answer" and replies(second) == "slow answer"
+    assert [request.json["messages"][-1]["content"] for request in fake.requests] == ["first", "second"]

@@ -8,12 +8,34 @@ prompt never.
 
 Browsers cannot set headers on a WebSocket, so the access key comes as a `key` query parameter (the access
 log redacts it) or an `Authorization` header. A wrong key gets the handshake accepted and the connection
-closed with 1008 (policy violation), which a page can see in `CloseEvent.code`.
+closed with 1008 (policy violation), which a page can see in `CloseEvent.code`. A malformed handshake (no
+`Sec-WebSocket-Key`, no `Host`) gets 400, a version other than 13 gets 426 with `Sec-WebSocket-Version: 13`,
+both in the relay's error shape.
 
 simple-websocket (wsproto) runs the protocol on the socket gunicorn hands over; under the gevent worker its
 reader thread is a greenlet. Each answer goes through the same pump as `POST /chat`, with a different
-encoder. The connection is one request to the hooks and limits: it holds one stream slot while open, and
-its answers' tokens count against the key's daily budget when it closes.
+encoder.
+
+Limits. The handshake is a request like any other (one count against the key's requests per minute and
+per day, the token budget checked) and the connection then holds one stream slot of its key (and of
+MAX_OPEN_STREAMS) for as long as it is open: its answers stream one at a time inside that slot. Every
+message is then a request of its own, through `RequestLimits`' public checks, which its HTTP hooks use too:
+- the key's entry is looked up again in the keyring (KEYS_FILE is reread on change): a key that is gone
+  closes the connection with 1008, at its next message or, while idle, within about two seconds (the
+  keyring's reload check plus DRAIN_CHECK_SECONDS); the message is judged by the entry's current limits;
+- one count in the key's per-minute and per-day buckets, the very ones its HTTP requests count in;
+- the daily token budget checked before the answer, and the answer's tokens charged when it ends;
+- the connection's slot taken again under the key's current caps (a lowered max_streams applies); this
+  also renews it, as does an idle connection every half MAX_STREAM_SECONDS, so it never expires while the
+  connection lives. Refused, the connection holds no slot until a later message gets one.
+A refusal is an error record (`rate_limited`, `token_budget_exhausted`, `too_many_streams`) inside the
+message's answer frame; the connection stays usable.
+
+Memory. A message may be MAX_BODY_BYTES long; messages sent while an answer is being produced wait in a
+queue of at most QUEUED_MESSAGES messages and MAX_BODY_BYTES characters in all. Beyond that the connection
+is closed with 1013 (try again later) and a reason, and whatever else arrives is read and dropped until the
+client answers the close (or CLOSE_HANDSHAKE_SECONDS pass). So one connection holds at most a partial
+message, the queue and the bounded conversation, whatever the client sends.
 """
 
 from __future__ import annotations
@@ -24,28 +46,33 @@ import time
 from collections.abc import Generator
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, SupportsIndex, cast
 
 import orjson
 from flask import Blueprint, Flask, Response, request
 from simple_websocket import ConnectionClosed, Server
+from wsproto.events import CloseConnection
+from wsproto.utilities import RemoteProtocolError
 
 from proxy.accesslog import AccessRecord
 from proxy.encoders import WebSocketEncoder
-from proxy.errors import BadRequest, RelayError, Unauthorized
+from proxy.errors import BadRequest, RateLimited, RelayError, Unauthorized, UpgradeRequired
 from proxy.keys import KeyPolicy
 from proxy.pipeline import admit_shaped, endpoint
 from proxy.pump import StreamStats, pump
 from proxy.relay import Relay, current_relay
-from proxy.request_state import request_state
+from proxy.request_state import RequestState, request_state
 from proxy.shaping import shape_chat_request
-from proxy.upstream import open_stream
+from proxy.upstream import UpstreamStream, open_stream
 from proxy.usage import TokenUsage
 
 log = logging.getLogger("relay.websocket")
 
 POLICY_VIOLATION = 1008
 GOING_AWAY = 1001
+TRY_AGAIN_LATER = 1013
+QUEUED_MESSAGES = 8
+KEY_GONE_REASON = "this access key is no longer valid"
 DRAIN_CHECK_SECONDS = 1.0
 RESTARTING_REASON = "the relay is restarting; reconnect to continue (the conversation starts afresh)"
 # The kept conversation: the system prompt plus at most this many messages (20 exchanges); older turns
@@ -103,9 +130,10 @@ def register_websocket(app: Flask) -> None:
 class ConversationEnded(Response):
     """What the view returns once the conversation is over on the raw socket: nothing is left to send.
 
-    Closing it runs the request's close callbacks (the access-log line, the limits' stream slot and token
-    count). Under gunicorn, raising StopIteration is its convention for "the app handled the socket itself;
-    close the connection" (flask-sock, the Flask glue for simple-websocket, does the same without the close).
+    Closing it runs the request's close callbacks (the access-log line, the connection's stream slot given
+    back; its tokens were charged answer by answer). Under gunicorn, raising StopIteration is its convention
+    for "the app handled the socket itself; close the connection" (flask-sock, the Flask glue for
+    simple-websocket, does the same without the close).
     """
 
     def __init__(self, server_mode: str, status: int) -> None:
@@ -138,35 +166,167 @@ class WholeFrameSocket:
         return getattr(self._sock, name)
 
 
+class Inbox(list[str | bytes]):
+    """simple-websocket's queue of received messages (its reader appends, `receive` pops), with a cap on what
+    it holds: past QUEUED_MESSAGES messages or `max_chars` characters a message is dropped, not queued, and
+    the connection marked as overflowed (the reader then closes it)."""
+
+    def __init__(self, max_chars: int, max_messages: int = QUEUED_MESSAGES) -> None:
+        super().__init__()
+        self.max_chars = max_chars
+        self.max_messages = max_messages
+        self.queued_chars = 0
+        self.overflowed = False
+
+    def append(self, message: str | bytes) -> None:
+        if self.overflowed:
+            return
+        if len(self) >= self.max_messages or self.queued_chars + len(message) > self.max_chars:
+            self.overflowed = True
+            return
+        self.queued_chars += len(message)
+        super().append(message)
+
+    def pop(self, index: SupportsIndex = -1) -> str | bytes:
+        message = super().pop(index)
+        self.queued_chars -= len(message)
+        return message
+
+
+class BoundedServer(Server):
+    """simple-websocket's server with a capped queue (`Inbox`): when the client sends more than the queue holds,
+    the reader closes the connection with 1013 and stops queueing anything."""
+
+    def __init__(self, environ: dict[str, Any], *, queue_chars: int, **options: Any) -> None:
+        self._queue_chars = queue_chars
+        super().__init__(environ, **options)
+
+    @property
+    def input_buffer(self) -> Inbox:
+        return self._inbox
+
+    @input_buffer.setter
+    def input_buffer(self, _initial: list[str | bytes]) -> None:
+        # simple-websocket assigns a plain list before its reader starts; every message goes through ours.
+        self._inbox = Inbox(self._queue_chars)
+
+    def _handle_events(self) -> bool:
+        keep_going = bool(super()._handle_events())
+        if keep_going and self._inbox.overflowed:
+            # A close reason has at most 123 bytes.
+            self.close(TRY_AGAIN_LATER, f"more than {QUEUED_MESSAGES} messages or {self._inbox.max_chars} characters "
+                                        "queued while an answer was pending")
+            self.event.set()
+            self._drain_until_close()
+            return False
+        return keep_going
+
+    def _drain_until_close(self) -> None:
+        """Read and drop what the client still sends until it answers the close frame (or a moment passes):
+        closing a socket with unread data resets it, and the client would see 1006 instead of the reason."""
+        deadline = time.monotonic() + CLOSE_HANDSHAKE_SECONDS
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                self.sock.settimeout(remaining)
+                data = self.sock.recv(65536)
+            except OSError:  # the timeout included
+                return
+            if not data:
+                return
+            self.ws.receive_data(data)
+            if any(isinstance(event, CloseConnection) for event in self.ws.events()):
+                return
+            time.sleep(0)  # a socket that always has data never blocks: let the worker's other greenlets run
+
+
+def accept_connection(relay: Relay) -> BoundedServer:
+    """Complete the handshake, or refuse a malformed one with 400 (426 for another protocol version)."""
+    if request.headers.get("Sec-WebSocket-Version", "13") != "13":
+        raise UpgradeRequired()
+    try:
+        ws = BoundedServer(request.environ, queue_chars=relay.config.max_body_bytes,
+                           ping_interval=relay.config.keepalive_seconds,
+                           max_message_size=relay.config.max_body_bytes)
+    except RemoteProtocolError as exc:  # wsproto checks the headers before a byte is sent: answer in HTTP
+        raise BadRequest(f"not a valid WebSocket handshake: {exc}", kind="bad_handshake") from None
+    ws.sock = WholeFrameSocket(ws.sock)
+    return ws
+
+
+@dataclass
+class Session:
+    """One open connection: its socket, the request state (caller, stream slot) and its conversation."""
+
+    ws: BoundedServer
+    relay: Relay
+    state: RequestState
+    conversation: Conversation
+    slot_renewed_at: float = field(default_factory=time.monotonic)
+
+    def current_policy(self) -> KeyPolicy | None:
+        """The caller's entry as the keyring has it now (KEYS_FILE is reread on change); None once it is gone."""
+        caller = self.state.caller
+        return self.relay.config.keyring.identify(caller.key) if caller is not None else None
+
+    def renew_slot(self, policy: KeyPolicy) -> None:
+        """Take the connection's stream slot again under the key's current caps; RateLimited when none is free
+        (the connection then holds none)."""
+        lease, self.state.lease = self.state.lease, None
+        self.state.lease = self.relay.limits.renew_stream(policy, lease)
+        self.slot_renewed_at = time.monotonic()
+
+    def keep_slot_while_idle(self, policy: KeyPolicy) -> None:
+        """Renew the slot before its lease (MAX_STREAM_SECONDS plus a margin) could expire under an idle socket."""
+        if time.monotonic() - self.slot_renewed_at < self.relay.config.max_stream_seconds / 2:
+            return
+        try:
+            self.renew_slot(policy)
+        except RateLimited:
+            log.info("WebSocket connection of key %s holds no stream slot until its next message", policy.name)
+
+
 def websocket_chat() -> Response:
     """Serve one WebSocket connection: authenticate, then answer each message in turn until it closes."""
     relay = current_relay()
-    ws = Server.accept(request.environ, ping_interval=relay.config.keepalive_seconds,
-                       max_message_size=relay.config.max_body_bytes)
-    ws.sock = WholeFrameSocket(ws.sock)
+    ws = accept_connection(relay)
     state = request_state()
-    connection = state.access
     status = 101
     try:
         if state.caller is None:  # decided by the pipeline, from the `key` parameter or the header
             status = POLICY_VIOLATION  # what the client sees, so also what the access log and metrics say
             close_with_handshake(ws, POLICY_VIOLATION, str(Unauthorized().description))
             return ConversationEnded(ws.mode, status)
-        connection.stats = StreamStats(started_at=connection.started)  # all answers: for the log and limits
-        conversation = Conversation.starting_with(
-            relay.config.system_prompt, HISTORY_MESSAGES, relay.config.max_body_bytes
-        )
-        while not relay.draining.active:
-            # Raises ConnectionClosed once the client has gone; wakes up now and then to notice a restart.
-            message = ws.receive(timeout=DRAIN_CHECK_SECONDS)
-            if message is not None:
-                answer_safely(ws, relay, conversation, message, connection, state.caller)
-        # The worker is stopping: nothing is in progress on this connection, so let the client reconnect
-        # (to the new worker) now rather than be cut when the grace period ends.
-        close_with_handshake(ws, GOING_AWAY, RESTARTING_REASON)
+        state.access.stats = StreamStats(started_at=state.access.started)  # all answers: for the log line
+        state.charged = True  # each answer is charged as it ends
+        session = Session(ws, relay, state, Conversation.starting_with(
+            relay.config.system_prompt, HISTORY_MESSAGES, relay.config.max_body_bytes))
+        status = converse(session)
     except (ConnectionClosed, OSError):
         log.debug("WebSocket client left")  # the normal end of a conversation, mid-answer or not
+    finally:
+        ws.thread.join(CLOSE_HANDSHAKE_SECONDS)  # a closing reader may still be draining the socket
     return ConversationEnded(ws.mode, status)
+
+
+def converse(session: Session) -> int:
+    """Answer each message until the client leaves (ConnectionClosed), the key goes or the worker stops;
+    return the status the connection ended with."""
+    ws, relay = session.ws, session.relay
+    while not relay.draining.active:
+        # Raises ConnectionClosed once the client has gone; wakes up now and then to notice a restart.
+        message = ws.receive(timeout=DRAIN_CHECK_SECONDS)
+        policy = session.current_policy()
+        if policy is None:
+            close_with_handshake(ws, POLICY_VIOLATION, KEY_GONE_REASON)
+            return POLICY_VIOLATION
+        if message is None:
+            session.keep_slot_while_idle(policy)
+        elif ws.connected:  # a message queued before the reader closed the connection is not answered
+            answer_safely(session, policy, message)
+    # The worker is stopping: nothing is in progress on this connection, so let the client reconnect
+    # (to the new worker) now rather than be cut when the grace period ends.
+    close_with_handshake(ws, GOING_AWAY, RESTARTING_REASON)
+    return 101
 
 
 def close_with_handshake(ws: Server, code: int, reason: str) -> None:
@@ -181,39 +341,38 @@ def close_with_handshake(ws: Server, code: int, reason: str) -> None:
     ws.thread.join(CLOSE_HANDSHAKE_SECONDS)
 
 
-def answer_safely(ws: Server, relay: Relay, conversation: Conversation, message: str | bytes,
-                  connection: AccessRecord, caller: KeyPolicy) -> None:
+def answer_safely(session: Session, policy: KeyPolicy, message: str | bytes) -> None:
     """Answer one message; a bug answering it must not end the conversation or reach the client."""
     try:
-        answer(ws, relay, conversation, message, connection, caller)
+        answer(session, policy, message)
     except (ConnectionClosed, OSError):
         raise  # the client went away: the connection ends, nothing to answer
     except Exception:  # logged with its traceback (BLE allows it); the client gets a plain error record
         log.exception("unhandled error answering a WebSocket message")
         encoder = WebSocketEncoder()
-        send_records(ws, encoder.start() + encoder.error("internal_error", INTERNAL_ERROR_MESSAGE)
+        send_records(session.ws, encoder.start() + encoder.error("internal_error", INTERNAL_ERROR_MESSAGE)
                      + encoder.end(None, None))
 
 
-def answer(ws: Server, relay: Relay, conversation: Conversation, message: str | bytes,
-           connection: AccessRecord, caller: KeyPolicy) -> None:
-    """Stream the answer to one client message and remember the exchange."""
+def answer(session: Session, policy: KeyPolicy, message: str | bytes) -> None:
+    """Admit one message as a request of its own, stream its answer, remember the exchange, charge its tokens."""
+    ws, relay, conversation = session.ws, session.relay, session.conversation
+    connection = session.state.access
     encoder = WebSocketEncoder()
     record = AccessRecord(method="WS", path=connection.path, client=connection.client,
                           request_id=connection.request_id, started=time.monotonic(), status=101,
-                          key_name=connection.key_name)
+                          key_name=policy.name)
+    asked = False
     try:
+        relay.limits.admit_message(policy)  # counted first, like an HTTP request whatever its body
+        session.renew_slot(policy)
         content, model = parse_client_message(message)
         conversation.add("user", content)
-        body: dict[str, Any] = {"messages": conversation.messages()}
-        if model is not None:
-            body["model"] = model
-        shaped = shape_chat_request(body, relay.config)
-        admit_shaped(record, caller, shaped, relay.config)
-        stream = open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
-                             relay.body_read_timeout)
+        asked = True
+        stream = open_answer(relay, conversation, model, record, policy)
     except RelayError as refused:
-        conversation.drop_unanswered_question()
+        if asked:
+            conversation.drop_unanswered_question()
         record.status = refused.status
         send_records(ws, encoder.start() + encoder.error(refused.kind, str(refused.description))
                      + encoder.end(None, None))
@@ -234,12 +393,25 @@ def answer(ws: Server, relay: Relay, conversation: Conversation, message: str | 
         else:
             conversation.drop_unanswered_question()
         record.write()
+        relay.limits.charge(policy, TokenUsage.of_answer(stats.usage, stats.tokens))
         if connection.stats is not None:
             add_answer(connection.stats, stats)
 
 
+def open_answer(relay: Relay, conversation: Conversation, model: str | None, record: AccessRecord,
+                policy: KeyPolicy) -> UpstreamStream:
+    """The conversation shaped like a POST /chat body, its model authorized for the key, the upstream opened."""
+    body: dict[str, Any] = {"messages": conversation.messages()}
+    if model is not None:
+        body["model"] = model
+    shaped = shape_chat_request(body, relay.config)
+    admit_shaped(record, policy, shaped, relay.config)
+    return open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
+                       relay.body_read_timeout)
+
+
 def add_answer(total: StreamStats, answer: StreamStats) -> None:
-    """Fold one answer's numbers into the connection's, which its log line and the daily token budget read."""
+    """Fold one answer's numbers into the connection's, for its log line (the budget was charged per answer)."""
     if total.first_token_at is None:
         total.first_token_at = answer.first_token_at
     total.upstream = answer.upstream
