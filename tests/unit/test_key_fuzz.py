@@ -11,7 +11,15 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.conftest import ACCESS_KEY, HELLO, SECOND_ACCESS_KEY, UPSTREAM_KEY, FakeTransport, relay_app, unit_config
+from tests.unit.conftest import (
+    ACCESS_KEY,
+    HELLO,
+    SECOND_ACCESS_KEY,
+    UPSTREAM_KEY,
+    FakeTransport,
+    relay_app,
+    unit_config,
+)
 
 VALID = (ACCESS_KEY, SECOND_ACCESS_KEY)
 # (method, path, JSON body) for every route family; the keyed ones must refuse a caller without a valid key.
