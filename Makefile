@@ -40,8 +40,11 @@ lint: dev-venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Most test files wait on real servers, not on the CPU: three at a time (pytest-xdist, one file per worker).
+# The load and timing tests (marked serial: soak, capacity, fault matrix, client faults) then run alone.
 test: dev-venv system-deps assets lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3 --dist loadfile -m "not serial"
+	$(BIN)/pytest -m serial
 
 check: lint
 	$(BIN)/pytest -q tests/unit

@@ -15,6 +15,9 @@ import pytest
 from tests.conftest import ACCESS_KEY, RelayProcess
 from tests.fake_upstream import FakeUpstream
 
+# Load and timing tests: run alone, after the parallel run (Makefile `test`).
+pytestmark = pytest.mark.serial
+
 STREAMS = 1000
 TOKENS = 4
 RAMP_SECONDS = 2.0

@@ -411,6 +411,7 @@ def test_access_log_line_and_no_key_anywhere(relay: RelayProcess, fake: FakeUpst
     assert "…" + ACCESS_KEY[-4:] in log, "the start-up line may show a key's last 4 characters"
 
 
+@pytest.mark.serial  # 150 client threads in this process: alone, not beside other test files
 def test_many_concurrent_streams_on_one_worker(relay_factory: Callable[..., RelayProcess],
                                                fake: FakeUpstream) -> None:
     """One gevent worker holds 150 slow streams at once, each complete and in order (the thousands are in

@@ -29,6 +29,9 @@ from tests.hardening import (
     worker_stats,
 )
 
+# Load and timing tests: run alone, after the parallel run (Makefile `test`).
+pytestmark = pytest.mark.serial
+
 # The stall timer (IDLE_TIMEOUT) is 3 s here, and the fake may take a while to plan a long answer.
 CLIENT_FAULT_SETTINGS = {**FAULT_SETTINGS, "UPSTREAM_TIMEOUT": "10", "IDLE_TIMEOUT": "3", "MAX_STREAM_SECONDS": "60"}
 CANCEL_BOUND = 2.0  # the upstream request is closed within this long after the client leaves (issue 2)

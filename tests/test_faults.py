@@ -28,6 +28,9 @@ from tests.hardening import (
 )
 from tests.servers import wait_until
 
+# Load and timing tests: run alone, after the parallel run (Makefile `test`).
+pytestmark = pytest.mark.serial
+
 HUGE_CHUNK = 4 * 1024 * 1024
 HALF_SSE_LINE = 'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel'
 HTML_PAGE = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>\n"

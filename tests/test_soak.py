@@ -23,6 +23,9 @@ import pytest
 from tests.conftest import ACCESS_KEY, RelayProcess
 from tests.hardening import FAULT_SETTINGS, STREAM_ENDPOINTS, StreamEndpoint, assert_no_secrets, fake_says
 
+# Load and timing tests: run alone, after the parallel run (Makefile `test`).
+pytestmark = pytest.mark.serial
+
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
 SOAK_CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "12"))
 SOAK_SETTINGS = {**FAULT_SETTINGS, "GUNICORN_WORKERS": "2", "MAX_STREAM_SECONDS": "30", "IDLE_TIMEOUT": "5",
