@@ -59,8 +59,9 @@ def preflight_response(config: Config) -> Response:
     response = Response(status=204)
     response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
     asked = request.headers.get("Access-Control-Request-Headers", "")
-    response.headers["Access-Control-Allow-Headers"] = (", ".join(allowed_request_headers(asked)) if asked.strip()
-                                                        else ALLOWED_HEADERS)
+    allowed = ", ".join(allowed_request_headers(asked)) if asked.strip() else ALLOWED_HEADERS
+    if allowed:  # none of those asked for is allowed: no header at all, and the browser refuses the request
+        response.headers["Access-Control-Allow-Headers"] = allowed
     response.headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
     # The answer depends on what was asked: a cache in between must not hand one page's answer to another.
     response.vary.update(("Origin", "Access-Control-Request-Headers"))

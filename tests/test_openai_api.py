@@ -445,3 +445,18 @@ def test_an_upstream_that_fails_to_list_leaves_the_configured_models(
     fake.behave()
     answer = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert answer.choices[0].message.content
+
+
+def test_browser_preflight_of_the_openai_js_sdk(relay: RelayProcess) -> None:
+    """Under gunicorn, the preflight the OpenAI JS SDK's browser request causes is allowed for a listed origin
+    (its x-stainless-* headers echoed) and refused (403) for an unlisted one."""
+    asked = "authorization,content-type,x-stainless-arch,x-stainless-lang,x-stainless-retry-count,x-stainless-timeout"
+    headers = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked}
+    allowed = httpx2.options(f"{relay.url}/v1/chat/completions",
+                             headers={**headers, "Origin": "https://app.example.com"}, timeout=10)
+    assert allowed.status_code == 204
+    assert allowed.headers["access-control-allow-headers"] == asked.replace(",", ", ")
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+    refused = httpx2.options(f"{relay.url}/v1/chat/completions",
+                             headers={**headers, "Origin": "https://evil.example"}, timeout=10)
+    assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers

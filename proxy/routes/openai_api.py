@@ -61,7 +61,7 @@ def models() -> Response:
 
 @bp.get("/v1/models/<path:model>")  # ids such as meta-llama/Llama-3-8B hold slashes
 @endpoint("openai")
-def model(model: str) -> Response:
+def retrieve_model(model: str) -> Response:
     entry = next((entry for entry in caller_models() if entry["id"] == model), None)
     if entry is None:
         # The same answer for a model that does not exist and one this key may not use: keys learn nothing.

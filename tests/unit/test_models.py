@@ -312,7 +312,7 @@ def test_preflight_leaves_out_headers_outside_the_allow_list(make_client: Any) -
     client = make_client(cors_origins=(ORIGIN,))
     response = preflight(client, "authorization, x-evil, cookie, x-stainless-os, openai, bad header")
     assert response.headers["Access-Control-Allow-Headers"] == "authorization, x-stainless-os"
-    assert preflight(client, "x-evil").headers["Access-Control-Allow-Headers"] == ""
+    assert "Access-Control-Allow-Headers" not in preflight(client, "x-evil").headers
     basic = preflight(client, None).headers["Access-Control-Allow-Headers"]
     assert basic == "Authorization, Content-Type, X-Request-ID"
 
