@@ -6,6 +6,7 @@ The caller itself is decided once per request by the pipeline (`proxy/pipeline.p
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,17 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 PREFLIGHT_MAX_AGE = "600"
-ALLOWED_METHODS = "GET, POST, OPTIONS"
+ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
+# Answered when a preflight names no request headers.
 ALLOWED_HEADERS = "Authorization, Content-Type, X-Request-ID"
+# The request headers a listed origin's page may send (lower case). The official SDKs in a browser add their
+# own: OpenAI's `x-stainless-*` (SDK version, retry count, timeout) and `openai-*` (organization, project),
+# Anthropic's `anthropic-*` (version, beta, direct browser access) and `x-api-key`.
+CORS_HEADER_NAMES = frozenset({"authorization", "content-type", "x-request-id", "accept", "accept-language",
+                               "cache-control", "last-event-id", "x-api-key"})
+CORS_HEADER_PREFIXES = ("x-stainless-", "openai-", "anthropic-")
+# A header name (RFC 9110 token, lower-cased, as browsers send them): nothing else is ever echoed.
+_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9!#$%&'*+.^_`|~-]{0,63}")
 
 
 def presented_key(authorization: str | None) -> str:
@@ -48,9 +58,27 @@ def preflight_response(config: Config) -> Response:
         raise Forbidden(f"origin {origin} is not in this relay's CORS_ORIGINS", kind="cors_origin_not_allowed")
     response = Response(status=204)
     response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
-    response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+    asked = request.headers.get("Access-Control-Request-Headers", "")
+    allowed = ", ".join(allowed_request_headers(asked)) if asked.strip() else ALLOWED_HEADERS
+    if allowed:  # none of those asked for is allowed: no header at all, and the browser refuses the request
+        response.headers["Access-Control-Allow-Headers"] = allowed
     response.headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
+    # The answer depends on what was asked: a cache in between must not hand one page's answer to another.
+    response.vary.update(("Origin", "Access-Control-Request-Headers"))
     return response
+
+
+def allowed_request_headers(asked: str) -> list[str]:
+    """The names in an `Access-Control-Request-Headers` value that the allow-list admits, lower-cased, in the
+    order asked. The others are left out, so the browser refuses to send the request itself."""
+    allowed: list[str] = []
+    for part in asked.split(","):
+        name = part.strip().lower()
+        if name in allowed or not _HEADER_NAME.fullmatch(name):
+            continue
+        if name in CORS_HEADER_NAMES or name.startswith(CORS_HEADER_PREFIXES):
+            allowed.append(name)
+    return allowed
 
 
 def add_cors_headers(config: Config, response: Response) -> None:

@@ -65,6 +65,8 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     keepalive_seconds: float = 15.0
     upstream_timeout: float = 30.0
+    # How long each upstream's own model list (GET /models) is reused before it is asked again.
+    models_cache_seconds: float = 300.0
     first_token_timeout: float = 300.0
     idle_timeout: float = 120.0
     max_stream_seconds: float = 1800.0
@@ -329,6 +331,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SYSTEM_PROMPT", "system_prompt", _text),
     Setting("KEEPALIVE_SECONDS", "keepalive_seconds", _positive_float),
     Setting("UPSTREAM_TIMEOUT", "upstream_timeout", _positive_float),
+    Setting("MODELS_CACHE_SECONDS", "models_cache_seconds", _positive_float),
     Setting("FIRST_TOKEN_TIMEOUT", "first_token_timeout", _positive_float),
     Setting("IDLE_TIMEOUT", "idle_timeout", _positive_float),
     Setting("MAX_STREAM_SECONDS", "max_stream_seconds", _positive_float),

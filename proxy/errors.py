@@ -10,7 +10,11 @@ OpenAI's SDKs expect. The handler picks the body shape from the view's declared 
 - ``ndjson``: one error record then the ``[DONE]`` record, what clients of the old Node relay can show;
 - ``openai``: ``{"error": {"message", "type", "code"}}``, what the official SDKs turn into exceptions;
 - ``sse``: the OpenAI shape as a Server-Sent Event named ``error``, then ``data: [DONE]`` (``GET /chat``);
-- ``json``: the OpenAI shape too, for everything else (health, 404s).
+- ``json``: the OpenAI shape too, for everything else (health, 404s);
+- ``anthropic``: ``{"type": "error", "error": {"type", "message"}}``, for routing errors under
+  ``/v1/messages``, so Anthropic's SDKs read them.
+
+An unknown path is `unknown_endpoint(path)`: a 404 whose message names the path and what the relay serves.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import logging
 from typing import Any
 
 import orjson
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app, has_app_context, has_request_context, request
 from werkzeug import exceptions as werkzeug_errors
 from werkzeug.exceptions import HTTPException
 
 from proxy.encoders import NDJSON_DONE, SSE_DONE, ndjson_error_record, sse_error_event
+from proxy.redaction import redact_secret_like
 from proxy.request_state import PUBLIC, current_request_state
 
 log = logging.getLogger("relay.errors")
@@ -84,6 +89,20 @@ class NotFound(RelayError, werkzeug_errors.NotFound):
     kind = "not_found"
     error_type = "invalid_request_error"
     description = "no such endpoint"
+
+
+# What `unknown_endpoint` tells a client that took a wrong turn: the relay's endpoint families.
+SERVED_ENDPOINTS = ("POST /chat", "GET /chat", "GET /ws (WebSocket)", "POST /v1/chat/completions",
+                    "GET /v1/models", "GET /v1/models/{model}", "GET /healthz", "GET /openapi.yaml")
+# A path is echoed only this far: a message is not the place for a client's megabyte of URL.
+ECHOED_PATH_CHARACTERS = 200
+
+
+def unknown_endpoint(path: str) -> NotFound:
+    """The 404 for a path the relay does not serve, naming it and the endpoints it does serve (routing
+    errors, a disabled endpoint, and whatever route later takes over unknown paths but must refuse one)."""
+    shown = _redacted(path if len(path) <= ECHOED_PATH_CHARACTERS else path[:ECHOED_PATH_CHARACTERS] + "...")
+    return NotFound(f"no such endpoint: {shown}; this relay serves {', '.join(SERVED_ENDPOINTS)}")
 
 
 class MethodNotAllowed(RelayError):
@@ -153,11 +172,19 @@ def as_relay_error(error: HTTPException) -> RelayError:
         generic = RelayError(_plain_description(error))
         generic.code = status
         return generic
+    if cls is NotFound:
+        return unknown_endpoint(request.path if has_request_context() else "(this path)")
     if cls is PayloadTooLarge:
         return PayloadTooLarge(
             f"the request body is larger than the {current_app.config['MAX_CONTENT_LENGTH']} bytes allowed"
         )
     return cls()
+
+
+def _redacted(text: str) -> str:
+    # A key pasted into a URL must not come back in the body a proxy or browser extension may log.
+    relay = current_app.extensions.get("relay") if has_app_context() else None
+    return relay.redact(text) if relay is not None else redact_secret_like(text)
 
 
 def _plain_description(error: HTTPException) -> str:
@@ -172,8 +199,18 @@ def error_body(error: RelayError, shape: str) -> tuple[bytes, str]:
         return ndjson_error_record(error.kind, message) + NDJSON_DONE, NDJSON_MIMETYPE
     if shape == "sse":
         return sse_error_event(message, error.error_type, error.kind, named=True) + SSE_DONE, SSE_MIMETYPE
+    if shape == "anthropic":
+        anthropic = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(error.status, "api_error"),
+                                                "message": message}}
+        return orjson.dumps(anthropic), "application/json"
     payload = {"error": {"message": message, "type": error.error_type, "code": error.kind}}
     return orjson.dumps(payload), "application/json"
+
+
+# Anthropic's error `type` for each status (its API reference, "Errors").
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                    413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error"}
 
 
 def _shape_for_request() -> str:
@@ -181,9 +218,12 @@ def _shape_for_request() -> str:
     state = current_request_state()
     if state is not None and state.declaration is not PUBLIC:
         return state.declaration.protocol
-    if request.path == "/chat":
+    path = request.path
+    if path == "/chat" or path.startswith("/chat/"):
         return "ndjson"
-    return "openai" if request.path.startswith("/v1/") else "json"
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    return "openai" if path.startswith("/v1/") else "json"
 
 
 def render_error(error: HTTPException) -> Response:

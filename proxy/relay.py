@@ -1,4 +1,4 @@
-"""The per-app services: configuration, upstream clients, stream timers. Built once by create_app."""
+"""The per-app services: configuration, upstream clients, stream timers, model lists. Built once by create_app."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from flask import current_app
 from proxy.config import Config
 from proxy.limits import RequestLimits
 from proxy.metrics import Metrics
+from proxy.models import ModelCatalog
 from proxy.pump import StreamTimers
 from proxy.redaction import Redactor
 from proxy.shutdown import Draining
@@ -29,6 +30,7 @@ class Relay:
     limits: RequestLimits
     metrics: Metrics
     redact: Callable[[str], str]  # the configuration's secrets out of upstream text and log lines
+    catalog: ModelCatalog  # each upstream's own model list, cached (GET /v1/models)
     draining: Draining = field(default_factory=Draining)  # set when this worker is asked to stop
 
     @property
@@ -40,7 +42,7 @@ class Relay:
 def build_relay(config: Config) -> Relay:
     redact = Redactor(config.secrets)
     return Relay(config, configured_upstreams(config, redact), StreamTimers.from_config(config),
-                 RequestLimits(config), Metrics(config), redact)
+                 RequestLimits(config), Metrics(config), redact, ModelCatalog.from_config(config))
 
 
 def configured_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[Upstream, ...]:

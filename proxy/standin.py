@@ -55,12 +55,15 @@ SSE_END = b"data: [DONE]\n\n"
 
 
 class StandInTransport(httpx2.BaseTransport):
-    """POST .../chat/completions goes to `answer`; anything else is a 404 in OpenAI's shape."""
+    """POST .../chat/completions goes to `answer`; GET .../models is an empty list (a stand-in serves whatever
+    it is asked: the relay lists its configured names); anything else is a 404 in OpenAI's shape."""
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        if request.method == "GET" and request.url.path.endswith("/models"):
+            return httpx2.Response(200, json={"object": "list", "data": []})
         if request.method != "POST" or not request.url.path.endswith("/chat/completions"):
             return httpx2.Response(404, json={"error": {"message": "not found", "type": "invalid_request_error"}})
         answer = self.answer(orjson.loads(request.read()))

@@ -112,6 +112,8 @@ class Behaviour:
     finish_reason: str = "stop"
     usage: bool = True
     models: tuple[str, ...] | list[str] = DEFAULT_MODELS
+    models_status: int = 200  # GET /models answers this status (an error body unless 200)
+    models_delay: float = 0.0  # seconds before GET /models answers
 
     def content_tokens(self) -> list[str]:
         if self.huge_chunk_bytes is not None:
@@ -350,6 +352,7 @@ class _Connection(asyncio.Protocol):
                 else:
                     keep_alive = await self._chat(parsed, keep_alive) and keep_alive
             elif route.endswith("/models") and method == "GET":
+                await self._pause(self.recorder.behaviour.models_delay)
                 self._send_models()
             else:
                 self._send_error_json(404, f"Unknown path {route}.", "invalid_request_error", None)
@@ -408,6 +411,10 @@ class _Connection(asyncio.Protocol):
 
     def _send_models(self) -> None:
         behaviour = self.recorder.behaviour
+        if behaviour.models_status != 200:
+            self._send_error_json(behaviour.models_status, "The fake upstream was told not to list its models.",
+                                  "api_error", None)
+            return
         created = int(time.time())
         data = [
             {"id": m, "object": "model", "created": created, "owned_by": "fake"} for m in behaviour.models

@@ -399,8 +399,64 @@ def test_key_rules_hold_on_v1_and_get_chat(keyed_relay: RelayProcess, fake: Fake
         client.chat.completions.create(model="gpt-4o", messages=HELLO)
     refused = httpx2.get(f"{keyed_relay.url}/chat", params={"prompt": "Hi", "model": "gpt-4o", "key": KEYED})
     assert refused.status_code == 403 and b"event: error" in refused.content
-    assert not fake.requests
+    assert not [seen for seen in fake.requests if seen.path.endswith("/chat/completions")]
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert int(caught.value.response.headers["retry-after"]) > 0
     assert [model.id for model in sdk(keyed_relay).models.list().data] == ["gpt-4o-mini", "gpt-4o"]
+
+
+# --- the upstreams' own model lists --------------------------------------------------------------------------------
+
+def test_sdk_lists_and_retrieves_the_upstreams_models(relay_factory: Callable[..., RelayProcess], fake: FakeUpstream,
+                                                      sdk: Sdk) -> None:
+    """models.list() is DEFAULT_MODEL then the upstream's own GET /models list (its fields kept, owned_by the
+    relay's upstream), asked once and then cached; models.retrieve() answers an id with a '/' and raises
+    NotFoundError (model_not_found) for one not listed."""
+    fake.behave(models=["meta-llama/Llama-3-8B", "gpt-4o", "gpt-4o-mini"])
+    relay = relay_factory(fresh=True, MODELS_CACHE_SECONDS="3600")
+    client = sdk(relay)
+    listed = client.models.list()
+    assert [model.id for model in listed.data] == ["gpt-4o-mini", "meta-llama/Llama-3-8B", "gpt-4o"]
+    assert {model.owned_by for model in listed.data} == {"default"}
+    assert all(model.created > 0 and model.object == "model" for model in listed.data)
+    retrieved = client.models.retrieve("meta-llama/Llama-3-8B")
+    assert (retrieved.id, retrieved.owned_by) == ("meta-llama/Llama-3-8B", "default")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.code == "model_not_found"
+    assert [seen.path for seen in fake.requests] == ["/v1/models"]
+
+
+@pytest.mark.parametrize("failure", [{"models_status": 500}, {"models_delay": 5.0}], ids=["500", "too-slow"])
+def test_an_upstream_that_fails_to_list_leaves_the_configured_models(
+        relay_factory: Callable[..., RelayProcess], fake: FakeUpstream, sdk: Sdk, failure: dict[str, Any]) -> None:
+    """An upstream answering GET /models with 500, or too slowly, neither breaks nor long delays the list: the
+    configured exact names are listed (and retrievable) within about UPSTREAM_TIMEOUT, and chat still works."""
+    fake.behave(**failure)
+    relay = relay_factory(fresh=True, UPSTREAM_TIMEOUT="0.5", ALLOWED_MODELS="gpt-4o-mini,kimi-k2,o3-*")
+    client = sdk(relay)
+    started = time.monotonic()
+    assert [model.id for model in client.models.list().data] == ["gpt-4o-mini", "kimi-k2"]
+    assert time.monotonic() - started < 3
+    assert client.models.retrieve("kimi-k2").owned_by == "default"
+    assert [model.id for model in client.models.list().data] == ["gpt-4o-mini", "kimi-k2"]
+    assert [seen.path for seen in fake.requests] == ["/v1/models"]  # backed off, not asked on every request
+    fake.behave()
+    answer = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert answer.choices[0].message.content
+
+
+def test_browser_preflight_of_the_openai_js_sdk(relay: RelayProcess) -> None:
+    """Under gunicorn, the preflight the OpenAI JS SDK's browser request causes is allowed for a listed origin
+    (its x-stainless-* headers echoed) and refused (403) for an unlisted one."""
+    asked = "authorization,content-type,x-stainless-arch,x-stainless-lang,x-stainless-retry-count,x-stainless-timeout"
+    headers = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked}
+    allowed = httpx2.options(f"{relay.url}/v1/chat/completions",
+                             headers={**headers, "Origin": "https://app.example.com"}, timeout=10)
+    assert allowed.status_code == 204
+    assert allowed.headers["access-control-allow-headers"] == asked.replace(",", ", ")
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+    refused = httpx2.options(f"{relay.url}/v1/chat/completions",
+                             headers={**headers, "Origin": "https://evil.example"}, timeout=10)
+    assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers

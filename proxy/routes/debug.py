@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request
 
-from proxy.errors import NotFound, Unauthorized
+from proxy.errors import Unauthorized, unknown_endpoint
 from proxy.pipeline import endpoint
 from proxy.pump import READER_THREAD_PREFIX
 from proxy.request_state import request_state
@@ -30,7 +30,7 @@ PROC_SELF = Path("/proc/self")
 def debug_stats() -> Response:
     """Counts of the resources a stream holds, in this worker process."""
     if not _from_loopback(request.remote_addr):
-        raise NotFound()  # the same answer as when the endpoint is off: nothing to see from outside
+        raise unknown_endpoint(request.path)  # the same answer as when the endpoint is off: nothing to see from outside
     if request_state().caller is None:
         raise Unauthorized()
     threads = threading.enumerate()

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`.
+"""The OpenAI-compatible API: `POST /v1/chat/completions`, `GET /v1/models` and `GET /v1/models/{model}`.
 
 Point any OpenAI client at `http://host/v1` with an access key as its API key. Requests go upstream as
 sent, apart from the relay's model allow-list, `MAX_TOKENS` cap and `SYSTEM_PROMPT`; streamed chunks come
@@ -14,13 +14,15 @@ import orjson
 from flask import Blueprint, Response
 
 from proxy.encoders import SseEncoder
+from proxy.errors import NotFound
+from proxy.models import model_entries
 from proxy.pipeline import endpoint
 from proxy.pump import StreamStats
-from proxy.relay import Relay, current_relay
+from proxy.relay import current_relay
 from proxy.request_state import request_state
 from proxy.routes.chat import stream_response
 from proxy.shaping import OpenAIRequest, shape_openai_request
-from proxy.upstream import complete, model_allowed
+from proxy.upstream import complete
 
 bp = Blueprint("openai_api", __name__)
 
@@ -29,7 +31,6 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx: do not buffer this response
 }
-GLOB_CHARACTERS = frozenset("*?[")
 
 
 @bp.post("/v1/chat/completions")
@@ -55,34 +56,23 @@ def chat_completions(shaped: OpenAIRequest) -> Response:
 @bp.get("/v1/models")
 @endpoint("openai")
 def models() -> Response:
+    return Response(orjson.dumps({"object": "list", "data": caller_models()}), mimetype="application/json")
+
+
+@bp.get("/v1/models/<path:model>")  # ids such as meta-llama/Llama-3-8B hold slashes
+@endpoint("openai")
+def retrieve_model(model: str) -> Response:
+    entry = next((entry for entry in caller_models() if entry["id"] == model), None)
+    if entry is None:
+        # The same answer for a model that does not exist and one this key may not use: keys learn nothing.
+        raise NotFound(f"the model '{model}' does not exist or you do not have access to it",
+                       kind="model_not_found")
+    return Response(orjson.dumps(entry), mimetype="application/json")
+
+
+def caller_models() -> list[dict[str, Any]]:
+    """The model entries this request's caller may use (proxy/models.py: listed, configured, filtered)."""
+    relay = current_relay()
     caller = request_state().caller
-    return Response(_model_list(current_relay(), caller.models if caller is not None else ()),
-                    mimetype="application/json")
-
-
-def served_models(relay: Relay, key_models: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    """(model, upstream name) for every exact model name the relay can route and allows (for this key,
-    when its KEYS_FILE entry lists models), in config order: the default model, the allow-list's exact
-    names, then each upstream's. Globs cannot be listed."""
-    config = relay.config
-    names = [config.default_model, *config.allowed_models]
-    for upstream in relay.upstreams:
-        names.extend(upstream.models)
-    served: dict[str, str] = {}
-    for name in names:
-        if name in served or GLOB_CHARACTERS & set(name) or not model_allowed(config.allowed_models, name):
-            continue
-        if not model_allowed(key_models, name):
-            continue
-        first = next((upstream for upstream in relay.upstreams if upstream.serves(name)), None)
-        if first is not None:
-            served[name] = first.name
-    return list(served.items())
-
-
-def _model_list(relay: Relay, key_models: tuple[str, ...]) -> bytes:
-    data: list[dict[str, Any]] = [
-        {"id": name, "object": "model", "created": 0, "owned_by": upstream}
-        for name, upstream in served_models(relay, key_models)
-    ]
-    return orjson.dumps({"object": "list", "data": data})
+    listed = relay.catalog.listed(relay.upstreams)
+    return model_entries(relay.config, relay.upstreams, listed, caller.models if caller is not None else ())

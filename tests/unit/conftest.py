@@ -84,10 +84,13 @@ class SeenRequest:
 
 
 class FakeTransport(httpx2.BaseTransport):
-    """An in-process upstream: records every request, answers from `replies` (queued) or `default`."""
+    """An in-process upstream: records every request, answers from `replies` (queued) or `default`; its
+    `GET /models` (recorded apart, in `model_requests`) answers `models`, an empty list unless set."""
 
     def __init__(self) -> None:
         self.requests: list[SeenRequest] = []
+        self.model_requests: list[SeenRequest] = []
+        self.models = Reply(json={"object": "list", "data": []})
         self.replies: list[Reply] = []
         self.bodies: list[ScriptedBody] = []
         self.default = Reply(blocks=answer_events(["Hel", "lo"], usage={"prompt_tokens": 1,
@@ -100,9 +103,13 @@ class FakeTransport(httpx2.BaseTransport):
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         raw = request.read()
-        self.requests.append(SeenRequest(request.method, request.url.path, dict(request.headers),
-                                         orjson.loads(raw) if raw else {}))
-        reply = self.replies.pop(0) if self.replies else self.default
+        seen = SeenRequest(request.method, request.url.path, dict(request.headers), orjson.loads(raw) if raw else {})
+        if request.method == "GET" and request.url.path.endswith("/models"):
+            self.model_requests.append(seen)
+            reply = self.models
+        else:
+            self.requests.append(seen)
+            reply = self.replies.pop(0) if self.replies else self.default
         if reply.raise_ is not None:
             raise reply.raise_("scripted failure", request=request)  # type: ignore[call-arg]
         if reply.blocks is not None:

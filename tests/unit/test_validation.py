@@ -49,6 +49,7 @@ BAD_SETTINGS = [
     ("MAX_CHOICES", "0", "MAX_CHOICES: expected a positive whole number"),
     ("KEEPALIVE_SECONDS", "soon", "KEEPALIVE_SECONDS: expected a positive number of seconds"),
     ("UPSTREAM_TIMEOUT", "-1", "UPSTREAM_TIMEOUT: expected a positive number of seconds"),
+    ("MODELS_CACHE_SECONDS", "0", "MODELS_CACHE_SECONDS: expected a positive number of seconds"),
     ("FIRST_TOKEN_TIMEOUT", "nan", "FIRST_TOKEN_TIMEOUT: expected a positive number of seconds"),
     ("IDLE_TIMEOUT", "inf", "IDLE_TIMEOUT: expected a positive number of seconds"),
     ("MAX_STREAM_SECONDS", "0", "MAX_STREAM_SECONDS: expected a positive number of seconds"),
