@@ -9,6 +9,7 @@ responses, batches) live on the provider that made them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from proxy.forwarding import (
     ReaderSource,
     client_response_headers,
     error_body,
+    failure_of_status,
     forward,
     json_object,
     model_of,
@@ -169,9 +171,13 @@ def answer(relay: Relay, state: RequestState, opened: Opened) -> Response:
     state.access.stats = stats
     content_type = response.headers.get("content-type", "application/octet-stream")
     if response.status_code >= 400:
+        failure = failure_of_status(response)
+        if failure is not None:  # the last upstream's 5xx/429, answered as it came: still a failure to count
+            stats.upstream_failures = [*opened.failures, (opened.upstream.name, failure.kind)]
         stats.outcome = f"upstream_status_{response.status_code}"
-        return Response(error_body(response, opened.upstream.redact), status=response.status_code,
-                        headers=headers, content_type=content_type)
+        refusal = error_body(response, opened.upstream.redact)
+        stats.ended_at = time.monotonic()
+        return Response(refusal, status=response.status_code, headers=headers, content_type=content_type)
     if content_type.lower().startswith("text/event-stream"):
         # From here the loop's first-byte and idle timers govern; the read timeout is only a backstop.
         response.request.extensions["timeout"]["read"] = relay.body_read_timeout

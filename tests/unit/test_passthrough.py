@@ -204,10 +204,14 @@ class Recorder(httpx2.BaseTransport):
     def __init__(self) -> None:
         self.seen: list[httpx2.Request] = []
         self.bodies: list[bytes] = []
+        self.answers: list[tuple[int, Any]] = []  # (status, JSON) for the next requests, before the default
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         self.bodies.append(request.read())
         self.seen.append(request)
+        if self.answers:
+            status, payload = self.answers.pop(0)
+            return httpx2.Response(status, json=payload, request=request)
         return httpx2.Response(200, json={"object": "list", "usage": {"prompt_tokens": 2, "total_tokens": 2}},
                                headers={"x-request-id": "req_up"}, request=request)
 
@@ -278,3 +282,15 @@ def test_upload_cap_is_its_own(recorder: Recorder) -> None:
     too_big = client.post("/v1/files", data=form(("file", "a", b"x" * 300_000)), headers=headers)
     assert too_big.status_code == 413 and too_big.json["error"]["code"] == "body_too_large"
 
+
+
+def test_upstream_errors_pass_through_redacted_but_its_key_refusal_is_502(recorder: Recorder) -> None:
+    """An upstream 404 comes back as sent, with the upstream key taken out; its 401 is the relay's 502."""
+    client = forwarding_client(recorder)
+    recorder.answers = [(404, {"error": {"message": f"no response resp_1 for key {UPSTREAM_KEY}", "code": None}}),
+                        (401, {"error": {"message": "bad key"}})]
+    missing = client.get("/v1/responses/resp_1", headers=bearer())
+    assert missing.status_code == 404 and "no response resp_1" in missing.json["error"]["message"]
+    assert UPSTREAM_KEY not in missing.text
+    refused = client.get("/v1/responses/resp_1", headers=bearer())
+    assert refused.status_code == 502 and refused.json["error"]["code"] == "upstream_auth"
