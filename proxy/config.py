@@ -71,6 +71,8 @@ class Config:
     idle_timeout: float = 120.0
     max_stream_seconds: float = 1800.0
     max_body_bytes: int = 1024 * 1024
+    # Multipart uploads forwarded under /v1 (audio, files, images): streamed, never held whole. OpenAI's audio cap.
+    max_upload_bytes: int = 25 * 1024 * 1024
     max_tokens: int | None = None
     # Answers (`n`) one request may ask for; None: 1 when MAX_TOKENS is set (n would multiply the cap), else any.
     max_choices: int | None = None
@@ -336,6 +338,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("IDLE_TIMEOUT", "idle_timeout", _positive_float),
     Setting("MAX_STREAM_SECONDS", "max_stream_seconds", _positive_float),
     Setting("MAX_BODY_BYTES", "max_body_bytes", _positive_int),
+    Setting("MAX_UPLOAD_BYTES", "max_upload_bytes", _positive_int),
     Setting("LOG_CONTENT", "log_content", _boolean),
     Setting("BODY_TIMEOUT", "body_timeout", _positive_float),
     Setting("RELAY_DEBUG_STATS", "debug_stats", _boolean),

@@ -30,6 +30,12 @@ Wire details that clients may rely on:
 - ``StreamClosed.tokens_sent`` counts content tokens (and tool-call argument pieces) handed to the
   socket; reasoning tokens are not counted.
 - Every ``stream: true`` chat request gets exactly one ``StreamClosed`` record, however it ends.
+- Beside chat it answers, for the relay's forwarding tests: ``POST /v1/responses`` (a Responses object, or
+  with ``stream: true`` named events ``response.created``, ``response.output_text.delta`` per token and
+  ``response.completed`` with usage, recorded as a ``StreamClosed``), ``/v1/embeddings``,
+  ``/v1/audio/speech`` (binary ``audio/mpeg``), ``/v1/audio/transcriptions`` (reads the multipart upload),
+  ``/v1/images/generations`` and ``/v1/files`` (upload, list, retrieve, content, delete). The default
+  behaviour's ``status``, delays and tokens apply to them; every request's headers are recorded.
 """
 
 from __future__ import annotations
@@ -152,6 +158,7 @@ class _Recorder:
         self.connections_opened = 0
         self.connections_closed = 0
         self.live: set[_Connection] = set()
+        self.files: dict[str, tuple[str, bytes]] = {}  # file id -> (filename, content), for /v1/files
 
 
 def _dumps(value: Any) -> str:
@@ -354,6 +361,8 @@ class _Connection(asyncio.Protocol):
             elif route.endswith("/models") and method == "GET":
                 await self._pause(self.recorder.behaviour.models_delay)
                 self._send_models()
+            elif _api_route(route, method) is not None:
+                keep_alive = await self._api(method, route, headers, body, parsed) and keep_alive
             else:
                 self._send_error_json(404, f"Unknown path {route}.", "invalid_request_error", None)
         except (_ClientGone, asyncio.CancelledError):
@@ -366,6 +375,96 @@ class _Connection(asyncio.Protocol):
             return
         if self.buffer:
             self._next_request()
+
+    # --- the rest of the API (/v1/responses, embeddings, audio, images, files) -----------------------
+
+    async def _api(self, method: str, route: str, headers: dict[str, str], body: bytes, parsed: Any) -> bool:
+        """Answer one of the non-chat API paths; the default behaviour's status, headers_delay,
+        first_token_delay, token_interval and tokens apply to them too."""
+        behaviour = self.recorder.behaviour
+        await self._pause(behaviour.headers_delay)
+        if behaviour.status != 200:
+            await self._answer_error(behaviour)
+            return True
+        name = _api_route(route, method)
+        if name == "responses" and isinstance(parsed, dict) and parsed.get("stream") is True:
+            stream = _StreamRecord(self.recorder)
+            try:
+                await self._responses_stream(parsed, behaviour, stream)
+            finally:
+                stream.finish()
+            return True
+        if name == "speech":
+            audio = b"ID3\x04fake-mp3" + bytes(range(256)) * 4
+            self._write(self._head(200, "audio/mpeg", len(audio)) + audio)
+            return True
+        if name == "file_content":
+            _filename, content = self.recorder.files.get(route.split("/")[-2], ("", b""))
+            self._write(self._head(200, "application/octet-stream", len(content)) + content)
+            return True
+        self._send_json(200, self._api_answer(name, method, route, headers, body, parsed, behaviour),
+                        extra=(("openai-processing-ms", "7"), ("x-ratelimit-remaining-requests", "99")))
+        return True
+
+    def _api_answer(self, name: str | None, method: str, route: str, headers: dict[str, str], body: bytes,
+                    parsed: Any, behaviour: Behaviour) -> Any:
+        request = parsed if isinstance(parsed, dict) else {}
+        text = "".join(behaviour.content_tokens())
+        if name == "responses":
+            return _response_object(request.get("model"), text, "completed")
+        if name == "embeddings":
+            inputs = request.get("input")
+            count = len(inputs) if isinstance(inputs, list) else 1
+            return {"object": "list", "model": request.get("model"),
+                    "data": [{"object": "embedding", "index": i, "embedding": [0.5, -0.25, 0.125]}
+                             for i in range(count)],
+                    "usage": {"prompt_tokens": 4 * count, "total_tokens": 4 * count}}
+        if name == "images":
+            return {"created": int(time.time()), "data": [{"b64_json": "aW1hZ2U=", "revised_prompt": "an image"}]}
+        fields = _multipart_fields(headers.get("content-type", ""), body)
+        if name == "transcriptions":
+            _filename, audio = fields.get("file", ("", b""))
+            model = fields.get("model", ("", b""))[1].decode()
+            return {"text": f"heard {len(audio)} bytes with {model}",
+                    "usage": {"type": "tokens", "input_tokens": 11, "output_tokens": 5, "total_tokens": 16}}
+        return self._files(method, route, fields)
+
+    def _files(self, method: str, route: str, fields: dict[str, tuple[str, bytes]]) -> Any:
+        files = self.recorder.files
+        if route.endswith("/files") and method == "POST":
+            file_id = f"file-{secrets.token_hex(6)}"
+            filename, content = fields.get("file", ("upload", b""))
+            files[file_id] = (filename, content)
+            return _file_object(file_id, filename, len(content))
+        if route.endswith("/files"):
+            return {"object": "list", "data": [_file_object(i, n, len(c)) for i, (n, c) in files.items()],
+                    "has_more": False}
+        file_id = route.split("/")[-1]
+        filename, content = files.get(file_id, ("missing", b""))
+        if method == "DELETE":
+            files.pop(file_id, None)
+            return {"id": file_id, "object": "file", "deleted": True}
+        return _file_object(file_id, filename, len(content))
+
+    async def _responses_stream(self, request: dict[str, Any], behaviour: Behaviour, stream: _StreamRecord) -> None:
+        """A Responses API event stream: created, one delta per token (with the behaviour's delays), completed
+        with usage. StreamClosed records it like a chat stream."""
+        model = request.get("model")
+        self._write(self._head(200, "text/event-stream; charset=utf-8", None))
+        self._write(_chunk(_named_event("response.created", {"type": "response.created", "sequence_number": 0,
+                                                             "response": _response_object(model, "", "in_progress")})))
+        tokens = behaviour.content_tokens()
+        for number, token in enumerate(tokens, start=1):
+            await self._pause(behaviour.first_token_delay if number == 1 else behaviour.token_interval)
+            self._write(_chunk(_named_event("response.output_text.delta", {
+                "type": "response.output_text.delta", "sequence_number": number, "item_id": "msg_fake",
+                "output_index": 0, "content_index": 0, "delta": token, "logprobs": []})))
+            stream.tokens_sent += 1
+        done = _response_object(model, "".join(tokens), "completed")
+        self._write(_chunk(_named_event("response.completed", {"type": "response.completed",
+                                                               "sequence_number": len(tokens) + 1,
+                                                               "response": done})) + b"0\r\n\r\n")
+        stream.completed = True
 
     def _head(
         self,
@@ -601,6 +700,69 @@ def _tool_call_whole() -> dict[str, Any]:
     }
 
 
+_API_ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("POST", "/responses", "responses"),
+    ("POST", "/embeddings", "embeddings"),
+    ("POST", "/audio/speech", "speech"),
+    ("POST", "/audio/transcriptions", "transcriptions"),
+    ("POST", "/images/generations", "images"),
+    ("POST", "/files", "files"),
+    ("GET", "/files", "files"),
+)
+
+
+def _api_route(route: str, method: str) -> str | None:
+    """Which non-chat API path `route` is, if the fake answers it."""
+    for wanted_method, suffix, name in _API_ROUTES:
+        if method == wanted_method and route.endswith(suffix):
+            return name
+    parts = route.split("/")
+    if len(parts) >= 3 and parts[-2] == "files" and method in ("GET", "DELETE"):
+        return "files"
+    if len(parts) >= 4 and parts[-3] == "files" and parts[-1] == "content" and method == "GET":
+        return "file_content"
+    return None
+
+
+def _multipart_fields(content_type: str, body: bytes) -> dict[str, tuple[str, bytes]]:
+    """name -> (filename, value) of a multipart/form-data body."""
+    import email.parser
+    import email.policy
+
+    if not content_type.lower().startswith("multipart/"):
+        return {}
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    fields: dict[str, tuple[str, bytes]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if isinstance(name, str):
+            fields[name] = (part.get_filename() or "", payload if isinstance(payload, bytes) else b"")
+    return fields
+
+
+def _named_event(name: str, payload: Any) -> bytes:
+    return f"event: {name}\ndata: {_dumps(payload)}\n\n".encode()
+
+
+def _response_object(model: Any, text: str, status: str) -> dict[str, Any]:
+    """A Responses API object; a completed one carries usage (one output token per word piece)."""
+    done = status == "completed"
+    output = [{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}] if done else []
+    return {"id": "resp_fake", "object": "response", "created_at": int(time.time()), "status": status,
+            "model": model, "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": 21, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": 30} if done else None}
+
+
+def _file_object(file_id: str, filename: str, size: int) -> dict[str, Any]:
+    return {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()),
+            "filename": filename, "purpose": "assistants", "status": "processed"}
+
+
 class _StreamRecord:
     """Collects what one streaming response did; appends one StreamClosed when it ends."""
 
@@ -802,6 +964,7 @@ class FakeUpstream:
         self._recorder.behaviour = Behaviour()
         self._recorder.requests.clear()
         self._recorder.streams_closed.clear()
+        self._recorder.files.clear()
         self._recorder.connections_opened = len(self._recorder.live)
         self._recorder.connections_closed = 0
 

@@ -55,6 +55,7 @@ BAD_SETTINGS = [
     ("MAX_STREAM_SECONDS", "0", "MAX_STREAM_SECONDS: expected a positive number of seconds"),
     ("BODY_TIMEOUT", "-0.5", "BODY_TIMEOUT: expected a positive number of seconds"),
     ("MAX_BODY_BYTES", "1.5", "MAX_BODY_BYTES: expected a positive whole number"),
+    ("MAX_UPLOAD_BYTES", "25MiB", "MAX_UPLOAD_BYTES: expected a positive whole number"),
     ("LOG_CONTENT", "maybe", "LOG_CONTENT: expected 1/0, true/false, yes/no or on/off"),
     ("RELAY_DEBUG_STATS", "2", "RELAY_DEBUG_STATS: expected 1/0, true/false, yes/no or on/off"),
     ("TRUSTED_PROXIES", "127.0.0.1,nginx",

@@ -1,0 +1,639 @@
+"""The one forwarding path for the OpenAI API's other endpoints (`/v1/responses`, `/v1/embeddings`,
+`/v1/audio/...`, `/v1/files`...): what an nginx `proxy_pass` with the key swapped in would do, plus the
+relay's rules.
+
+- **Headers**, both ways, through allow-lists (`upstream_request_headers`, `client_response_headers`):
+  nothing that says who or where the client is reaches the upstream, no hop-by-hop header crosses either way.
+- **Model**: read from a JSON body, or from a multipart form's `model` field as the upload streams past
+  (`ModelFieldWatch`), so that ALLOWED_MODELS and per-key models apply and the model picks the upstream.
+- **Upstream**: the raw request goes out on the upstream's own pooled httpx2 client with its key; fall-over
+  to the next upstream serving the model on the same failures as chat (`forward`), while the client has
+  seen nothing and the body can be sent again.
+- **Answer**: streamed back as it arrives. `text/event-stream` answers go through `relay_sse`, a small
+  byte-level loop (keep-alives, first-byte/idle/whole-stream timers, client departure) whose decisions are
+  `SseClock`'s, testable with a fake clock; everything else through `relay_bytes`. Usage is read from the
+  bytes as they pass (`SseUsage`, `JsonUsage`) for the token budgets, never re-encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+import httpx2
+import orjson
+
+from proxy.encoders import SSE_KEEPALIVE, sse_error_event
+from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
+from proxy.pump import READER_THREAD_PREFIX, Inbox, StreamStats
+from proxy.stream_machine import StreamTimers
+from proxy.upstream import StreamEnd, StreamFailure, Upstream, _worth_falling_over, retry_after_seconds
+
+log = logging.getLogger("relay.forwarding")
+
+# --- headers ---------------------------------------------------------------------------------------------------
+
+# Request headers an upstream may need to understand the request, and nothing else: no Authorization (the
+# relay's key goes instead), no Cookie, no X-Forwarded-*/X-Real-IP/Forwarded/Via/CF-*/True-Client-IP (they
+# tell a region-restricted provider where the client is), no OpenAI-Organization/-Project (they would let a
+# caller pick which of the operator's accounts pays), no X-Stainless-* (SDK telemetry: the client's OS,
+# runtime and retry count), no hop-by-hop header. Content-Length is set by the relay from the body it sends.
+REQUEST_HEADERS = frozenset({"content-type", "accept", "openai-beta", "idempotency-key", "anthropic-version",
+                             "anthropic-beta"})
+# The relay reads answers as they come and must not decompress them to forward them: the upstream is asked
+# for the identity encoding (httpx2 would still decode a compressed answer, which then goes out decoded).
+ACCEPT_ENCODING = "identity"
+# Response headers that matter to a client; the upstream's X-Request-ID goes out as X-Upstream-Request-ID,
+# because X-Request-ID is the relay's own (the access log's), set by the pipeline on every answer.
+RESPONSE_HEADERS = frozenset({"content-type", "content-disposition", "retry-after", "openai-processing-ms",
+                              "openai-version"})
+RESPONSE_PREFIXES = ("x-ratelimit-",)
+UPSTREAM_REQUEST_ID = "X-Upstream-Request-ID"
+
+
+def upstream_request_headers(incoming: Iterable[tuple[str, str]], api_key: str,
+                             content_length: int | None) -> dict[str, str]:
+    """What goes upstream: the allow-listed client headers, the upstream key, identity encoding."""
+    headers = {name.lower(): value for name, value in incoming if name.lower() in REQUEST_HEADERS}
+    headers["authorization"] = f"Bearer {api_key}"
+    headers["accept-encoding"] = ACCEPT_ENCODING
+    if content_length is not None:
+        headers["content-length"] = str(content_length)
+    return headers
+
+
+def client_response_headers(upstream: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What comes back: the allow-listed upstream headers (never hop-by-hop or Set-Cookie)."""
+    kept: list[tuple[str, str]] = []
+    for name, value in upstream:
+        lowered = name.lower()
+        if lowered in RESPONSE_HEADERS or lowered.startswith(RESPONSE_PREFIXES):
+            kept.append((name, value))
+        elif lowered == "x-request-id":
+            kept.append((UPSTREAM_REQUEST_ID, value))
+    return kept
+
+
+# --- the model -------------------------------------------------------------------------------------------------
+
+def json_object(raw: bytes, declared_json: bool) -> dict[str, Any] | None:
+    """A non-multipart body as a JSON object, or None when it is none. A body that says it is JSON (or looks
+    like it) must parse: otherwise the upstream might read a model the relay could not check."""
+    if not raw.strip() or (not declared_json and not raw.lstrip().startswith(b"{")):
+        return None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the request body is not valid JSON", kind="invalid_json") from None
+    return body if isinstance(body, dict) else None
+
+
+def model_of(body: dict[str, Any] | None) -> str | None:
+    """The `model` a JSON body names; a present but unusable one is refused rather than left unchecked."""
+    model = body.get("model") if body is not None else None
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise BadRequest("'model' must be a non-empty string")
+    return model
+
+
+MULTIPART_BOUNDARY = re.compile(r'boundary="?([^";,]+)"?', re.I)
+_FIELD_NAME = re.compile(rb'(?:^|[;\s])name="?model"?(?:[;\s]|$)', re.I)
+_FILENAME = re.compile(rb"(?:^|[;\s])filename\*?=", re.I)
+MAX_PART_HEADERS = 8 * 1024
+MAX_MODEL_FIELD = 512
+
+
+def multipart_boundary(content_type: str) -> bytes | None:
+    match = MULTIPART_BOUNDARY.search(content_type)
+    return match.group(1).strip().encode("latin-1") if match else None
+
+
+class ModelFieldWatch:
+    """Finds the values of a multipart form's `model` fields in the body as it streams past, block by block,
+    keeping only a few KiB (never the upload). Fed the first bounded prefix it tells the routing model; fed
+    the rest it catches a `model` field after the file (curl's `-F file=@x -F model=y` order)."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self._delimiter = b"\r\n--" + boundary
+        self._buffer = b"\r\n"  # the body's first delimiter has no CRLF before it
+        self._mode = "seek"
+
+    def feed(self, block: bytes) -> list[str]:
+        """The `model` values completed by this block (a malformed or overlong one as '')."""
+        self._buffer += block
+        found: list[str] = []
+        while True:
+            step = getattr(self, f"_{self._mode}")()
+            if step is None:
+                return found
+            if isinstance(step, str):
+                found.append(step)
+
+    def _seek(self) -> bool | None:
+        at = self._buffer.find(self._delimiter + b"\r\n")
+        if at < 0:
+            self._buffer = self._buffer[-(len(self._delimiter) + 1):]
+            return None
+        self._buffer = self._buffer[at + len(self._delimiter) + 2:]
+        self._mode = "headers"
+        return True
+
+    def _headers(self) -> bool | None:
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_PART_HEADERS:
+                self._buffer, self._mode = b"", "seek"
+            return None
+        headers, self._buffer = self._buffer[:end], self._buffer[end + 4:]
+        is_model = bool(_FIELD_NAME.search(headers)) and not _FILENAME.search(headers)
+        self._mode = "value" if is_model else "seek"
+        return True
+
+    def _value(self) -> str | bool | None:
+        end = self._buffer.find(self._delimiter)
+        if end < 0:
+            if len(self._buffer) > MAX_MODEL_FIELD + len(self._delimiter):
+                self._buffer, self._mode = b"", "seek"
+                return ""
+            return None
+        value, self._buffer = self._buffer[:end], self._buffer[end:]
+        self._mode = "seek"
+        try:
+            return value.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return ""
+
+
+# --- the upload ------------------------------------------------------------------------------------------------
+
+UPLOAD_BLOCK = 64 * 1024
+MODEL_PREFIX_BYTES = 64 * 1024  # read before choosing the upstream: a form's small fields come in it
+
+
+def read_prefix(stream: IO[bytes], size: int = MODEL_PREFIX_BYTES) -> bytes:
+    """Up to `size` bytes (fewer only at the body's end)."""
+    parts: list[bytes] = []
+    wanted = size
+    while wanted > 0:
+        block = stream.read(wanted)
+        if not block:
+            break
+        parts.append(block)
+        wanted -= len(block)
+    return b"".join(parts)
+
+
+def upload_blocks(prefix: bytes, stream: IO[bytes], cap: int, on_model: Callable[[str], None],
+                  watch: ModelFieldWatch | None) -> Iterator[bytes]:
+    """The rest of an upload, block by block as it arrives, held to `cap` bytes. Runs as httpx2 sends the
+    body: an error raised here (413, a refused late `model`) aborts the upstream request before it is whole,
+    so the upstream never acts on it."""
+    sent = len(prefix)
+    yield prefix
+    while True:
+        block = stream.read(UPLOAD_BLOCK)
+        if not block:
+            return
+        sent += len(block)
+        if sent > cap:
+            raise PayloadTooLarge(f"the upload is larger than the {cap} bytes allowed (MAX_UPLOAD_BYTES)")
+        if watch is not None:
+            for model in watch.feed(block):
+                on_model(model)
+        yield block
+
+
+# --- usage -----------------------------------------------------------------------------------------------------
+
+def normalized_usage(usage: Any) -> dict[str, int] | None:
+    """An answer's usage in the chat shape the budgets read: Responses' and audio's input/output tokens
+    become prompt/completion; embeddings report prompt and total only."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = _count(usage, "prompt_tokens", "input_tokens")
+    completion = _count(usage, "completion_tokens", "output_tokens")
+    total = usage.get("total_tokens")
+    if prompt is None and completion is None and not isinstance(total, int):
+        return None
+    prompt, completion = prompt or 0, completion or 0
+    if not isinstance(total, int) or isinstance(total, bool):
+        total = prompt + completion
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+
+def _count(usage: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class SseUsage:
+    """The usage of an SSE answer, from whole events as they pass: a Responses stream's
+    `response.completed` (`response.usage`), or a top-level `usage` (completions streams). Only events that
+    carry a `"usage"` key are parsed."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, int] | None = None
+
+    def feed(self, events: bytes) -> None:
+        if b'"usage"' not in events:
+            return
+        for event in _EVENT_END.split(events):
+            if b'"usage"' in event:
+                self._read(event)
+
+    def _read(self, event: bytes) -> None:
+        data = b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(payload, dict):
+            return
+        response = payload.get("response")
+        found = normalized_usage(response.get("usage")) if isinstance(response, dict) else None
+        found = found or normalized_usage(payload.get("usage"))
+        if found is not None:
+            self.usage = found
+
+
+JSON_USAGE_WHOLE_LIMIT = 1024 * 1024  # parse answers up to this whole; past it, only their tail
+JSON_USAGE_TAIL = 8 * 1024
+
+
+class JsonUsage:
+    """The top-level `usage` of a JSON answer: parsed whole when small, else found in its last bytes (where
+    embeddings and Responses objects put it), so a large answer is never held whole."""
+
+    def __init__(self) -> None:
+        self._whole: bytearray | None = bytearray()
+        self._tail = b""
+
+    def feed(self, block: bytes) -> None:
+        if self._whole is not None:
+            self._whole += block
+            if len(self._whole) > JSON_USAGE_WHOLE_LIMIT:
+                self._tail = bytes(self._whole[-JSON_USAGE_TAIL:])
+                self._whole = None
+            return
+        self._tail = (self._tail + block)[-JSON_USAGE_TAIL:]
+
+    def usage(self) -> dict[str, int] | None:
+        if self._whole is not None:
+            try:
+                answer = orjson.loads(self._whole)
+            except orjson.JSONDecodeError:
+                return None
+            return normalized_usage(answer.get("usage")) if isinstance(answer, dict) else None
+        text = self._tail.decode("utf-8", errors="replace")
+        at = text.rfind('"usage"')
+        colon = text.find(":", at + 7) if at >= 0 else -1
+        if colon < 0:
+            return None
+        start = colon + 1
+        while start < len(text) and text[start].isspace():
+            start += 1
+        try:
+            usage, _end = json.JSONDecoder().raw_decode(text, start)
+        except ValueError:
+            return None
+        return normalized_usage(usage)
+
+
+# --- sending, with fall-over -----------------------------------------------------------------------------------
+
+@dataclass
+class Outgoing:
+    """One request to forward: its method, path under the base URL, raw query, headers (without the key)
+    and body. `body` is bytes (can be sent again: fall-over allowed) or a one-shot iterator (an upload)."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[str, str]]
+    body: bytes | Iterator[bytes]
+    content_length: int | None
+    streaming: bool  # the client asked for a stream: headers within UPSTREAM_TIMEOUT, then the loop's timers
+
+    @property
+    def replayable(self) -> bool:
+        return isinstance(self.body, bytes)
+
+
+@dataclass
+class Opened:
+    response: httpx2.Response
+    upstream: Upstream
+    fallbacks: int
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def forward(candidates: Sequence[Upstream], outgoing: Outgoing, upstream_timeout: float,
+            whole_answer_timeout: float) -> Opened:
+    """Send `outgoing` to the first candidate that answers; on connection errors, timeouts, 5xx and 429 the
+    next one gets it (a replayable body only). The last candidate's 5xx/429 is answered as it came."""
+    failures: list[tuple[str, str]] = []
+    for attempt, upstream in enumerate(candidates):
+        last = attempt == len(candidates) - 1 or not outgoing.replayable
+        try:
+            response = _send(upstream, outgoing, upstream_timeout, whole_answer_timeout)
+        except httpx2.TimeoutException:
+            error: RelayError = UpstreamTimeout("the upstream API did not answer in time; try again in a moment")
+        except (httpx2.HTTPError, OSError):
+            error = UpstreamFailed("the relay could not reach the upstream API; try again later",
+                                   kind="upstream_unreachable")
+        else:
+            status_error = failure_of_status(response)
+            if status_error is None or last:
+                return Opened(response, upstream, attempt, failures)
+            response.close()
+            error = status_error
+        failures.append((upstream.name, error.kind))
+        error.upstream_failures = tuple(failures)
+        log.warning("upstream %s failed to answer a forwarded request (%s)", upstream.name, error.kind)
+        if last or not _worth_falling_over(error):
+            raise error
+    raise UpstreamFailed("no upstream is configured for this request")
+
+
+def failure_of_status(response: httpx2.Response) -> RelayError | None:
+    """The error a 5xx or 429 answer stands for (worth falling over for), else None."""
+    if response.status_code == 429:
+        return RateLimited("the upstream API is rate limiting this relay; retry later", kind="upstream_rate_limited",
+                           retry_after=retry_after_seconds(response.headers.get("retry-after", "")))
+    if response.status_code >= 500:
+        return UpstreamFailed(f"the upstream API failed (HTTP {response.status_code}); try again in a moment")
+    return None
+
+
+def _send(upstream: Upstream, outgoing: Outgoing, upstream_timeout: float, whole_answer_timeout: float
+          ) -> httpx2.Response:
+    client = upstream.client
+    url = f"{str(client.base_url).rstrip('/')}/{outgoing.path}"
+    if outgoing.query:
+        url += "?" + outgoing.query.decode("latin-1")
+    # A streaming answer's headers come at once; a whole answer's only when it is done, so its read timeout
+    # must cover it (as chat's non-streaming requests do).
+    read = upstream_timeout if outgoing.streaming else whole_answer_timeout
+    http: httpx2.Client = client._client
+    request = http.build_request(
+        outgoing.method, url, content=outgoing.body,
+        headers=upstream_request_headers(outgoing.headers, client.api_key, outgoing.content_length),
+        timeout=httpx2.Timeout(upstream_timeout, read=read),
+    )
+    return http.send(request, stream=True)
+
+
+def abort(response: httpx2.Response) -> None:
+    """Close the upstream connection now, from any greenlet, waking a reader blocked on it."""
+    network_stream = response.extensions.get("network_stream")
+    sock = network_stream.get_extra_info("socket") if network_stream is not None else None
+    if sock is None:
+        response.close()  # in-process transports close through the response
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        log.debug("upstream socket was already closed")
+
+
+# --- answering -------------------------------------------------------------------------------------------------
+
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+def error_body(response: httpx2.Response, redact: Callable[[str], str]) -> bytes:
+    """An upstream error answer, read whole (bounded) and with the configuration's secrets taken out."""
+    raw = b""
+    try:
+        for block in response.iter_bytes():
+            raw += block
+            if len(raw) > ERROR_BODY_LIMIT:
+                break
+    except httpx2.HTTPError:
+        log.info("upstream error answer broke off")
+    finally:
+        response.close()
+    text = raw[:ERROR_BODY_LIMIT].decode("utf-8", errors="replace")
+    redacted = redact(text)
+    return raw[:ERROR_BODY_LIMIT] if redacted == text else redacted.encode()
+
+
+def relay_bytes(response: httpx2.Response, stats: StreamStats, usage: JsonUsage | None) -> Iterator[bytes]:
+    """A non-SSE answer (JSON, audio, an image, a file) as it arrives; the upstream closed in `finally`."""
+    try:
+        for block in response.iter_bytes():
+            if stats.first_token_at is None:
+                stats.first_token_at = time.monotonic()
+            if usage is not None:
+                usage.feed(block)
+            yield block
+        stats.outcome = "ok"
+    except GeneratorExit:
+        stats.outcome = "client_gone"
+        raise
+    except httpx2.HTTPError as exc:
+        # The status already went out: the client sees the answer end short.
+        stats.outcome = "upstream_disconnected"
+        log.info("upstream answer broke off mid-body: %s", type(exc).__name__)
+    finally:
+        response.close()
+        if usage is not None:
+            stats.usage = usage.usage()
+        _settle_tokens(stats)
+
+
+def _settle_tokens(stats: StreamStats) -> None:
+    stats.ended_at = time.monotonic()
+    if stats.usage is not None:
+        stats.tokens = stats.usage.get("completion_tokens", 0)
+
+
+# --- the SSE loop ----------------------------------------------------------------------------------------------
+
+CLIENT_CHECK_SECONDS = 1.0
+
+
+@dataclass
+class SseClock:
+    """When a forwarded event stream needs something: a keep-alive after KEEPALIVE_SECONDS without a write,
+    or its end when the first byte, the next byte (idle) or the whole stream takes too long. No I/O: time is
+    an argument, so every rule is tested with a fake clock."""
+
+    timers: StreamTimers
+    started: float
+    first_byte: float | None = None
+    last_byte: float = 0.0
+    last_write: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last_write = self.started
+
+    def received(self, now: float) -> None:
+        self.first_byte = self.first_byte if self.first_byte is not None else now
+        self.last_byte = now
+
+    def wrote(self, now: float) -> None:
+        self.last_write = now
+
+    def expired(self, now: float) -> tuple[str, str] | None:
+        """(kind, message) when a timer ends the stream."""
+        if now >= self.started + self.timers.max_stream:
+            return ("stream_time_limit", f"the answer ran past this relay's limit of {self.timers.max_stream:g} s; "
+                                         "it is incomplete")
+        if self.first_byte is None and now >= self.started + self.timers.first_token:
+            return ("upstream_timeout", f"the upstream did not start answering within {self.timers.first_token:g} s")
+        if self.first_byte is not None and now >= self.last_byte + self.timers.idle:
+            return ("upstream_timeout", f"the upstream went silent for {self.timers.idle:g} s mid-answer; "
+                                        "the answer is incomplete")
+        return None
+
+    def keepalive_due(self, now: float) -> bool:
+        return now >= self.last_write + self.timers.keepalive
+
+    def wait(self, now: float) -> float:
+        """How long nothing needs doing (at most CLIENT_CHECK_SECONDS: the client is checked that often)."""
+        silence_end = (self.started + self.timers.first_token if self.first_byte is None
+                       else self.last_byte + self.timers.idle)
+        due = min(self.last_write + self.timers.keepalive, silence_end, self.started + self.timers.max_stream)
+        return max(0.0, min(due - now, CLIENT_CHECK_SECONDS))
+
+
+class SseFramer:
+    """Whole events out of arbitrary blocks: a keep-alive or an error event is only ever written between
+    events, never inside one the upstream is still sending."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, block: bytes) -> bytes:
+        data = self._pending + block
+        end = 0
+        for match in _EVENT_END.finditer(data):
+            end = match.end()
+        self._pending = data[end:]
+        return data[:end]
+
+    def rest(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+
+class Source(Protocol):
+    """What the loop reads: upstream blocks (bytes), then StreamEnd or StreamFailure; None after `timeout`."""
+
+    def get(self, timeout: float) -> object: ...
+    def close(self) -> None: ...
+
+
+class ReaderSource:
+    """The upstream body read by its own thread (greenlet) into a bounded inbox; `close` stops it. A client
+    that takes nothing for a whole stall period (the inbox stays full) has the upstream and, through
+    `hang_up`, its own connection closed, which fails the write the loop is blocked on."""
+
+    def __init__(self, response: httpx2.Response, stall_seconds: float, hang_up: Callable[[], None]) -> None:
+        self._response = response
+        self._inbox = Inbox(stall_seconds)
+        self._hang_up = hang_up
+        self._inbox.on_stall = self._on_stall
+        self._thread = threading.Thread(target=self._read, daemon=True, name=f"{READER_THREAD_PREFIX}forwarded")
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for block in self._response.iter_bytes():
+                self._inbox.put(block)
+            self._inbox.put(StreamEnd())
+        except httpx2.TimeoutException:
+            self._inbox.put(StreamFailure("upstream_timeout", "the upstream stopped sending; the answer is incomplete"))
+        except (httpx2.HTTPError, OSError):
+            self._inbox.put(StreamFailure("upstream_disconnected",
+                                          "the upstream connection broke mid-answer; the answer is incomplete"))
+        finally:
+            self._response.close()
+
+    def _on_stall(self) -> None:
+        log.info("client stopped reading a forwarded stream for an idle period; ending it")
+        abort(self._response)
+        self._hang_up()
+
+    def get(self, timeout: float) -> object:
+        try:
+            return self._inbox.get(timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._inbox.close()
+        if self._thread.is_alive():
+            abort(self._response)
+            self._thread.join(2.0)
+
+
+def never_gone() -> bool:
+    return False
+
+
+def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
+              client_gone: Callable[[], bool] = never_gone, clock: Callable[[], float] = time.monotonic
+              ) -> Iterator[bytes]:
+    """An upstream event stream, whole events as they arrive, keep-alives during silence; a timer or a broken
+    upstream ends it with an OpenAI error event and nothing more. The source is closed in `finally`."""
+    times = SseClock(timers, clock())
+    framer, usage = SseFramer(), SseUsage()
+    try:
+        while True:
+            now = clock()
+            expired = times.expired(now)
+            if expired is not None:
+                stats.outcome = expired[0]
+                yield sse_error_event(expired[1], "api_error", expired[0], named=False)
+                return
+            item = source.get(times.wait(now))
+            now = clock()
+            if isinstance(item, bytes):
+                times.received(now)
+                stats.first_token_at = stats.first_token_at or now
+                events = framer.feed(item)
+                if events:
+                    usage.feed(events)
+                    times.wrote(now)
+                    yield events
+            elif isinstance(item, StreamEnd):
+                stats.outcome = "ok"
+                rest = framer.rest()
+                usage.feed(rest)
+                if rest:
+                    yield rest
+                return
+            elif isinstance(item, StreamFailure):
+                stats.outcome = item.kind
+                yield sse_error_event(item.message, "api_error", item.kind, named=False)
+                return
+            else:
+                if times.keepalive_due(now):
+                    times.wrote(now)
+                    yield SSE_KEEPALIVE
+                if client_gone():
+                    stats.outcome = "client_gone"
+                    return
+    except GeneratorExit:
+        stats.outcome = "client_gone"
+        raise
+    finally:
+        source.close()
+        stats.usage = usage.usage
+        _settle_tokens(stats)

@@ -1,0 +1,195 @@
+"""The rest of the OpenAI API under `/v1/` (Responses, embeddings, completions, moderations, audio, images,
+files, uploads, batches, vector stores...), forwarded by one view through `proxy/forwarding.py`.
+
+Routing: a request naming a model (a JSON body's `model`, a multipart form's `model` field) goes to the
+upstreams serving that model, in order, with chat's fall-over rules; one naming none (GET /v1/files,
+/v1/responses/{id}...) goes to the first configured upstream, and only to it: stored objects (files,
+responses, batches) live on the provider that made them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from flask import Blueprint, Response, request
+from werkzeug.wsgi import get_input_stream
+
+from proxy.access import authorize_model
+from proxy.config import Config
+from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, UpstreamFailed
+from proxy.forwarding import (
+    MODEL_PREFIX_BYTES,
+    JsonUsage,
+    ModelFieldWatch,
+    Opened,
+    Outgoing,
+    ReaderSource,
+    client_response_headers,
+    error_body,
+    failure_of_status,
+    forward,
+    json_object,
+    model_of,
+    multipart_boundary,
+    read_prefix,
+    relay_bytes,
+    relay_sse,
+    upload_blocks,
+)
+from proxy.pipeline import endpoint
+from proxy.pump import ClientSocket, StreamStats
+from proxy.relay import Relay, current_relay
+from proxy.request_state import RequestState, request_state
+from proxy.routes.chat import client_socket_watcher
+from proxy.shaping import choose_model, read_body
+from proxy.upstream import Upstream
+
+bp = Blueprint("passthrough", __name__)
+
+# OpenAI's API families forwarded as they are. `chat` and `models` are the relay's own views and are not
+# here; an unknown family stays the relay's 404.
+FAMILIES = ("responses", "conversations", "embeddings", "completions", "moderations", "audio", "images", "files",
+            "uploads", "batches", "vector_stores", "fine_tuning", "assistants", "threads", "containers", "evals",
+            "videos", "realtime")
+METHODS = ["GET", "POST", "DELETE"]
+_FAMILY = f"any({', '.join(FAMILIES)}):family"
+# Bodies streamed under MAX_UPLOAD_BYTES; every other body is read whole under MAX_BODY_BYTES.
+UPLOAD_TYPES = ("multipart/", "application/octet-stream")
+SSE_HEADERS = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
+
+
+@bp.route(f"/v1/<{_FAMILY}>", methods=METHODS, defaults={"rest": ""})
+@bp.route(f"/v1/<{_FAMILY}>/<path:rest>", methods=METHODS)
+@endpoint("openai", streams=True)
+def forwarded(family: str, rest: str) -> Response:
+    relay = current_relay()
+    state = request_state()
+    path = f"{family}/{rest}" if rest else family
+    if family == "batches" and request.method == "POST":
+        refuse_unchecked_models(relay.config, state)
+    outgoing, model = read_request(relay.config, state, path)
+    opened = forward(candidates(relay.upstreams, model), outgoing, relay.config.upstream_timeout,
+                     relay.config.max_stream_seconds)
+    return answer(relay, state, opened)
+
+
+def candidates(upstreams: Sequence[Upstream], model: str | None) -> list[Upstream]:
+    """The upstreams to try in order: those serving `model`, or the first upstream when none is named."""
+    if model is None:
+        return list(upstreams[:1])
+    serving = [upstream for upstream in upstreams if upstream.serves(model)]
+    if not serving:
+        raise BadRequest(f"model '{model[:100]}' is not served by this relay", kind="model_not_served")
+    return serving
+
+
+def refuse_unchecked_models(config: Config, state: RequestState) -> None:
+    """A batch names its models inside an uploaded file the relay never reads: where models are restricted
+    (ALLOWED_MODELS, or the key's own list), starting one would get round the restriction."""
+    if config.allowed_models or (state.caller is not None and state.caller.models):
+        raise Forbidden("batches are not available where models are restricted: the relay cannot check the "
+                        "models inside their input file", kind="model_not_allowed")
+
+
+def check_model(config: Config, state: RequestState, model: str) -> None:
+    """ALLOWED_MODELS (400) and the calling key's own models (403), as for chat."""
+    state.access.model = model
+    choose_model(model, config)
+    authorize_model(state.caller, model)
+
+
+def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoing, str | None]:
+    """The request to forward and the model it names (checked)."""
+    content_type = request.headers.get("Content-Type", "")
+    common: dict[str, Any] = {"method": request.method, "path": path, "query": request.query_string,
+                              "headers": list(request.headers.items())}
+    if content_type.lower().startswith(UPLOAD_TYPES):
+        return read_upload(config, state, content_type, common)
+    raw = read_body(request.stream, config.max_body_bytes)
+    body = json_object(raw, "json" in content_type.lower())
+    model = model_of(body)
+    if model is not None:
+        check_model(config, state, model)
+    streaming = body is not None and body.get("stream") is True
+    return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming), model
+
+
+def read_upload(config: Config, state: RequestState, content_type: str, common: dict[str, Any]
+                ) -> tuple[Outgoing, str | None]:
+    """A multipart (or binary) body: its first bytes read to find the form's `model`, the rest streamed to
+    the upstream as it arrives, within MAX_UPLOAD_BYTES. Only a body that fit in those first bytes may be
+    sent to a second upstream."""
+    cap = config.max_upload_bytes
+    too_large = f"the upload is larger than the {cap} bytes allowed (MAX_UPLOAD_BYTES)"
+    if request.content_length is not None and request.content_length > cap:
+        raise PayloadTooLarge(too_large)
+    stream = get_input_stream(request.environ, safe_fallback=False)
+    prefix = read_prefix(stream, min(MODEL_PREFIX_BYTES, cap + 1))
+    if len(prefix) > cap:
+        raise PayloadTooLarge(too_large)
+    boundary = multipart_boundary(content_type)
+    watch = ModelFieldWatch(boundary) if boundary else None
+    found = watch.feed(prefix) if watch is not None else []
+    model = found[0] if found else None
+    for named in found:
+        late_model(config, state, model, named)
+    if len(prefix) < min(MODEL_PREFIX_BYTES, cap + 1):  # the whole body: it can be sent again
+        return Outgoing(**common, body=prefix, content_length=len(prefix), streaming=False), model
+
+    def on_model(named: str) -> None:
+        late_model(config, state, model, named)
+
+    body = upload_blocks(prefix, stream, cap, on_model, watch)
+    return Outgoing(**common, body=body, content_length=request.content_length, streaming=False), model
+
+
+def late_model(config: Config, state: RequestState, routed: str | None, named: str) -> None:
+    """A form's `model` field: checked like any model; a second, different one is refused (which one the
+    upstream would read is its business, so the relay cannot know which it checked)."""
+    if not named:
+        raise BadRequest("the form's 'model' field must be a short non-empty string")
+    if routed is not None and named != routed:
+        raise BadRequest("the form names two different models", kind="model_conflict")
+    check_model(config, state, named)
+
+
+def answer(relay: Relay, state: RequestState, opened: Opened) -> Response:
+    """The upstream's status, allow-listed headers and body, streamed as they arrive."""
+    response = opened.response
+    if response.status_code in (401, 403):
+        response.close()
+        # The upstream refused the relay's key: the operator's problem, not the caller's key.
+        error = UpstreamFailed("upstream rejected this server's API key; the operator must check it",
+                               kind="upstream_auth")
+        error.upstream_failures = (*opened.failures, (opened.upstream.name, "upstream_auth"))
+        raise error
+    headers = client_response_headers(response.headers.items())
+    stats = StreamStats(started_at=state.access.started, upstream=opened.upstream.name, fallbacks=opened.fallbacks,
+                        upstream_failures=opened.failures)
+    state.access.stats = stats
+    content_type = response.headers.get("content-type", "application/octet-stream")
+    if response.status_code >= 400:
+        failure = failure_of_status(response)
+        if failure is not None:  # the last upstream's 5xx/429, answered as it came: still a failure to count
+            stats.upstream_failures = [*opened.failures, (opened.upstream.name, failure.kind)]
+        stats.outcome = f"upstream_status_{response.status_code}"
+        refusal = error_body(response, opened.upstream.redact)
+        stats.ended_at = time.monotonic()
+        return Response(refusal, status=response.status_code, headers=headers, content_type=content_type)
+    if content_type.lower().startswith("text/event-stream"):
+        # From here the loop's first-byte and idle timers govern; the read timeout is only a backstop.
+        response.request.extensions["timeout"]["read"] = relay.body_read_timeout
+        client = client_socket_watcher(request.environ)
+        hang_up = client.hang_up if isinstance(client, ClientSocket) else _nothing
+        body = relay_sse(ReaderSource(response, relay.timers.idle, hang_up), relay.timers, stats, client)
+        return Response(body, status=response.status_code, headers=[*headers, *SSE_HEADERS],
+                        content_type=content_type)
+    usage = JsonUsage() if "json" in content_type.lower() else None
+    return Response(relay_bytes(response, stats, usage), status=response.status_code, headers=headers,
+                    content_type=content_type)
+
+
+def _nothing() -> None:
+    return None

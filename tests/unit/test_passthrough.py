@@ -1,0 +1,297 @@
+"""The forwarding path's rules, fast: header allow-lists, the model in JSON and multipart bodies, usage read
+from passing bytes, the SSE loop's keep-alives and timers on a fake clock, and the routes in-process."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+import pytest
+from flask.testing import FlaskClient
+
+from proxy import create_app
+from proxy.encoders import SSE_KEEPALIVE
+from proxy.forwarding import (
+    JsonUsage,
+    ModelFieldWatch,
+    SseClock,
+    SseFramer,
+    SseUsage,
+    client_response_headers,
+    normalized_usage,
+    relay_sse,
+    upstream_request_headers,
+)
+from proxy.pump import StreamStats
+from proxy.stream_machine import StreamTimers
+from proxy.upstream import StreamEnd, StreamFailure, Upstream
+from tests.conftest import UPSTREAM_KEY
+from tests.unit.conftest import bearer, unit_config
+
+TIMERS = StreamTimers(keepalive=1.0, first_token=10.0, idle=5.0, max_stream=60.0)
+
+
+# --- headers ---------------------------------------------------------------------------------------------------
+
+def test_only_allow_listed_request_headers_go_upstream() -> None:
+    """The client's key, cookies, address and hop-by-hop headers never reach the upstream; its key does."""
+    incoming = [("Authorization", "Bearer client-key"), ("Cookie", "a=b"), ("X-Forwarded-For", "1.2.3.4"),
+                ("X-Real-IP", "1.2.3.4"), ("Forwarded", "for=1.2.3.4"), ("Via", "1.1 nginx"),
+                ("CF-Connecting-IP", "1.2.3.4"), ("CF-IPCountry", "CN"), ("True-Client-IP", "1.2.3.4"),
+                ("Connection", "keep-alive"), ("Keep-Alive", "5"), ("TE", "trailers"), ("Trailer", "x"),
+                ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"), ("Proxy-Authorization", "x"),
+                ("OpenAI-Organization", "org-x"), ("OpenAI-Project", "proj-x"), ("X-Stainless-OS", "Linux"),
+                ("Accept-Encoding", "gzip"), ("Content-Length", "999"),
+                ("Content-Type", "application/json"), ("Accept", "text/event-stream"), ("OpenAI-Beta", "assistants=v2"),
+                ("Idempotency-Key", "k1"), ("Anthropic-Version", "2023-06-01"), ("Anthropic-Beta", "b")]
+    assert upstream_request_headers(incoming, UPSTREAM_KEY, 12) == {
+        "content-type": "application/json", "accept": "text/event-stream", "openai-beta": "assistants=v2",
+        "idempotency-key": "k1", "anthropic-version": "2023-06-01", "anthropic-beta": "b",
+        "authorization": f"Bearer {UPSTREAM_KEY}", "accept-encoding": "identity", "content-length": "12"}
+
+
+def test_only_allow_listed_response_headers_come_back() -> None:
+    """Status-related and rate-limit headers come back; hop-by-hop, cookies and the organization do not."""
+    upstream = [("Content-Type", "audio/mpeg"), ("x-request-id", "req_1"), ("openai-processing-ms", "12"),
+                ("openai-version", "2020-10-01"), ("openai-organization", "org-secret"),
+                ("x-ratelimit-remaining-requests", "9"), ("retry-after", "3"),
+                ("content-disposition", 'attachment; filename="a.mp3"'), ("Connection", "close"),
+                ("Transfer-Encoding", "chunked"), ("Set-Cookie", "x=y"), ("Content-Encoding", "gzip")]
+    assert client_response_headers(upstream) == [
+        ("Content-Type", "audio/mpeg"), ("X-Upstream-Request-ID", "req_1"), ("openai-processing-ms", "12"),
+        ("openai-version", "2020-10-01"), ("x-ratelimit-remaining-requests", "9"), ("retry-after", "3"),
+        ("content-disposition", 'attachment; filename="a.mp3"')]
+
+
+# --- the model in a multipart form -----------------------------------------------------------------------------
+
+def form(*parts: tuple[str, str | None, bytes], boundary: bytes = b"BOUNDARY") -> bytes:
+    out = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += b"--" + boundary + b"\r\nContent-Disposition: " + disposition.encode() + b"\r\n\r\n" + value + b"\r\n"
+    return out + b"--" + boundary + b"--\r\n"
+
+
+def watch_in_blocks(body: bytes, size: int) -> list[str]:
+    watch = ModelFieldWatch(b"BOUNDARY")
+    found: list[str] = []
+    for start in range(0, len(body), size):
+        found += watch.feed(body[start:start + size])
+    return found
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64, 10_000])
+def test_model_field_is_found_however_the_body_is_cut(size: int) -> None:
+    """The `model` field before or after the file is found in blocks of any size; a file named model is not."""
+    body = form(("purpose", None, b"x"), ("model", "model.bin", b"--not this"),
+                ("file", "a.wav", b"\x00RIFF" * 300 + b"\r\n--BOUND"), ("model", None, b"whisper-1"))
+    assert watch_in_blocks(body, size) == ["whisper-1"]
+
+
+def test_overlong_model_field_is_reported_empty() -> None:
+    """A `model` field too long to be a model name is reported as '' (refused by the view), not buffered."""
+    assert watch_in_blocks(form(("model", None, b"m" * 5000)), 100) == [""]
+
+
+# --- usage -----------------------------------------------------------------------------------------------------
+
+def test_usage_shapes_are_normalized() -> None:
+    """Responses' input/output tokens, embeddings' prompt/total and chat's shape all become chat's shape."""
+    assert normalized_usage({"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}) == {
+        "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert normalized_usage({"prompt_tokens": 8, "total_tokens": 8}) == {
+        "prompt_tokens": 8, "completion_tokens": 0, "total_tokens": 8}
+    assert normalized_usage({"seconds": 3}) is None and normalized_usage(None) is None
+
+
+def test_sse_usage_comes_from_response_completed() -> None:
+    """A Responses stream's usage is read from its `response.completed` event only."""
+    usage = SseUsage()
+    usage.feed(b'event: response.output_text.delta\n'
+               b'data: {"type":"response.output_text.delta","delta":"\\"usage\\""}\n\n')
+    assert usage.usage is None
+    usage.feed(b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
+               b'{"input_tokens":5,"output_tokens":2,"total_tokens":7}}}\n\n')
+    assert usage.usage == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+
+def test_json_usage_small_whole_and_large_by_its_tail() -> None:
+    """A small answer's top-level usage is parsed whole; a large one's is found in its last bytes."""
+    small = JsonUsage()
+    for block in (b'{"usage":{"prompt_tokens":1,', b'"total_tokens":1},"data":[{"usage":{"prompt_tokens":99}}]}'):
+        small.feed(block)
+    assert small.usage() == {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+    large = JsonUsage()
+    large.feed(b'{"data":[' + b"0.1," * 600_000 + b'0.1],"usage":{"prompt_tokens":8,"total_tokens":8}}')
+    assert large.usage() == {"prompt_tokens": 8, "completion_tokens": 0, "total_tokens": 8}
+
+
+# --- the SSE loop on a fake clock ------------------------------------------------------------------------------
+
+class ScriptedSource:
+    """Upstream items at given times; waiting advances the fake clock instead of sleeping."""
+
+    def __init__(self, script: list[tuple[float, object]]) -> None:
+        self.now = 0.0
+        self.script = script
+        self.closed = False
+
+    def clock(self) -> float:
+        return self.now
+
+    def get(self, timeout: float) -> object:
+        if self.script and self.script[0][0] <= self.now + timeout:
+            at, item = self.script.pop(0)
+            self.now = max(self.now, at)
+            return item
+        self.now += timeout
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def run(script: list[tuple[float, object]]) -> tuple[list[bytes], StreamStats, ScriptedSource]:
+    source = ScriptedSource(script)
+    stats = StreamStats()
+    out = list(relay_sse(source, TIMERS, stats, clock=source.clock))
+    return out, stats, source
+
+
+def test_silence_gets_keepalives_between_whole_events() -> None:
+    """A 3.5 s silence mid-event gets no keep-alive inside the event; whole events pass as they complete."""
+    out, stats, source = run([(0.5, b"event: a\ndata: 1\n\nevent: b\nda"), (4.0, b"ta: 2\n\n"), (4.2, StreamEnd())])
+    assert out == [b"event: a\ndata: 1\n\n", SSE_KEEPALIVE, SSE_KEEPALIVE, SSE_KEEPALIVE, b"event: b\ndata: 2\n\n"]
+    assert stats.outcome == "ok" and source.closed
+
+
+@pytest.mark.parametrize(("script", "kind"), [
+    ([], "upstream_timeout"),  # nothing within FIRST_TOKEN_TIMEOUT
+    ([(1.0, b"data: 1\n\n")], "upstream_timeout"),  # silent for IDLE_TIMEOUT after the first byte
+    ([(t / 2, b": ping\n\n") for t in range(1, 200)], "stream_time_limit"),  # never silent, never done
+    ([(1.0, StreamFailure("upstream_disconnected", "broke"))], "upstream_disconnected"),
+])
+def test_stream_ends_with_one_error_event(script: list[tuple[float, object]], kind: str) -> None:
+    """Timers and a broken upstream end the stream with an OpenAI error event and nothing after it."""
+    out, stats, source = run(script)
+    last = orjson.loads(out[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == kind and stats.outcome == kind and source.closed
+
+
+def test_clock_waits_no_longer_than_the_next_deadline() -> None:
+    """The loop sleeps until the next keep-alive or deadline, and checks the client at least every second."""
+    clock = SseClock(StreamTimers(keepalive=0.3, first_token=10, idle=5, max_stream=60), started=0.0)
+    assert clock.wait(0.0) == pytest.approx(0.3)
+    assert SseClock(TIMERS, started=0.0).wait(0.0) == 1.0
+
+
+def test_framer_keeps_a_partial_event() -> None:
+    """Only whole events leave the framer; the rest waits for its end."""
+    framer = SseFramer()
+    assert framer.feed(b"data: 1\r\n\r\ndata: 2") == b"data: 1\r\n\r\n"
+    assert framer.feed(b"\n\n") == b"data: 2\n\n"
+
+
+# --- the routes, in-process ------------------------------------------------------------------------------------
+
+class Recorder(httpx2.BaseTransport):
+    """An in-process upstream that records what it got and answers JSON with usage."""
+
+    def __init__(self) -> None:
+        self.seen: list[httpx2.Request] = []
+        self.bodies: list[bytes] = []
+        self.answers: list[tuple[int, Any]] = []  # (status, JSON) for the next requests, before the default
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.bodies.append(request.read())
+        self.seen.append(request)
+        if self.answers:
+            status, payload = self.answers.pop(0)
+            return httpx2.Response(status, json=payload, request=request)
+        return httpx2.Response(200, json={"object": "list", "usage": {"prompt_tokens": 2, "total_tokens": 2}},
+                               headers={"x-request-id": "req_up"}, request=request)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+def forwarding_client(recorder: Recorder, **overrides: Any) -> FlaskClient:
+    app = create_app(unit_config(**overrides))
+    client = openai.OpenAI(api_key=UPSTREAM_KEY, base_url="http://upstream.invalid/v1", max_retries=0,
+                           http_client=httpx2.Client(transport=recorder))
+    relay = app.extensions["relay"]
+    app.extensions["relay"] = dataclasses.replace(relay, upstreams=(Upstream("fake", client),))
+    return app.test_client()
+
+
+def test_path_query_and_body_pass_unchanged(recorder: Recorder) -> None:
+    """Method, path, query and body reach `<base_url>/<rest>` as sent; the answer comes back with its headers."""
+    client = forwarding_client(recorder)
+    body = b'{"model": "text-embedding-3-small", "input": ["a", "b"]}'
+    answer = client.post("/v1/embeddings?x=1&y=%2F", data=body,
+                         headers={**bearer(), "Content-Type": "application/json"})
+    assert answer.status_code == 200 and answer.headers["X-Upstream-Request-ID"] == "req_up"
+    seen = recorder.seen[0]
+    assert (seen.method, str(seen.url)) == ("POST", "http://upstream.invalid/v1/embeddings?x=1&y=%2F")
+    assert recorder.bodies == [body]
+    assert client.delete("/v1/files/file-1", headers=bearer()).status_code == 200
+    assert (recorder.seen[1].method, recorder.seen[1].url.path) == ("DELETE", "/v1/files/file-1")
+
+
+def test_models_chat_and_unknown_paths_are_not_forwarded(recorder: Recorder) -> None:
+    """/v1/models and /v1/chat/completions keep their own views; an unknown family stays the relay's 404."""
+    client = forwarding_client(recorder)
+    assert client.get("/v1/models", headers=bearer()).json["object"] == "list"
+    assert client.get("/v1/nothing", headers=bearer()).status_code == 404
+    assert client.get("/v1/chat/completions", headers=bearer()).status_code == 405
+    # Only the model catalog's own fetch of the upstream's list (GET /v1/models) reached the upstream.
+    assert [(seen.method, seen.url.path) for seen in recorder.seen] in ([], [("GET", "/v1/models")])
+
+
+def test_refused_model_and_key_never_reach_the_upstream(recorder: Recorder) -> None:
+    """A model outside ALLOWED_MODELS is 400 (JSON or form field after the file), a batch (models inside its
+    file) 403, no key 401, bad JSON 400."""
+    client = forwarding_client(recorder, allowed_models=("gpt-4o*",))
+    refused = client.post("/v1/responses", json={"model": "o3", "input": "hi"}, headers=bearer())
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "model_not_allowed"
+    late = form(("file", "a.wav", b"RIFF" * 20_000), ("model", None, b"whisper-1"))
+    upload = client.post("/v1/audio/transcriptions", data=late, headers={
+        **bearer(), "Content-Type": "multipart/form-data; boundary=BOUNDARY"})
+    assert upload.status_code == 400 and upload.json["error"]["code"] == "model_not_allowed"
+    batch = client.post("/v1/batches", json={"input_file_id": "file-1", "endpoint": "/v1/chat/completions"},
+                        headers=bearer())
+    assert batch.status_code == 403 and batch.json["error"]["code"] == "model_not_allowed"
+    assert client.post("/v1/responses", json={"model": "gpt-4o"}).status_code == 401
+    assert client.post("/v1/responses", data=b"{nope", headers={**bearer(), "Content-Type": "application/json"}
+                       ).json["error"]["code"] == "invalid_json"
+    assert recorder.seen == []
+
+
+def test_upload_cap_is_its_own(recorder: Recorder) -> None:
+    """Uploads may exceed MAX_BODY_BYTES up to MAX_UPLOAD_BYTES; past it, 413 in OpenAI's shape."""
+    client = forwarding_client(recorder, max_body_bytes=1000, max_upload_bytes=200_000)
+    body = form(("purpose", None, b"batch"), ("file", "a.jsonl", b"x" * 100_000))
+    headers = {**bearer(), "Content-Type": "multipart/form-data; boundary=BOUNDARY"}
+    assert client.post("/v1/files", data=body, headers=headers).status_code == 200
+    assert recorder.bodies == [body]
+    too_big = client.post("/v1/files", data=form(("file", "a", b"x" * 300_000)), headers=headers)
+    assert too_big.status_code == 413 and too_big.json["error"]["code"] == "body_too_large"
+
+
+
+def test_upstream_errors_pass_through_redacted_but_its_key_refusal_is_502(recorder: Recorder) -> None:
+    """An upstream 404 comes back as sent, with the upstream key taken out; its 401 is the relay's 502."""
+    client = forwarding_client(recorder)
+    recorder.answers = [(404, {"error": {"message": f"no response resp_1 for key {UPSTREAM_KEY}", "code": None}}),
+                        (401, {"error": {"message": "bad key"}})]
+    missing = client.get("/v1/responses/resp_1", headers=bearer())
+    assert missing.status_code == 404 and "no response resp_1" in missing.json["error"]["message"]
+    assert UPSTREAM_KEY not in missing.text
+    refused = client.get("/v1/responses/resp_1", headers=bearer())
+    assert refused.status_code == 502 and refused.json["error"]["code"] == "upstream_auth"
