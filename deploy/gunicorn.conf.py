@@ -18,10 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gunicorn import util
 
 from proxy.config import Config, ConfigError, ServerSettings, load_env_file, loggable_url
-from proxy.server_errors import write_server_error
+from proxy.redaction import Redactor
+from proxy.server_errors import RelayServerLogger, write_server_error
 
 # Requests gunicorn refuses itself (400, 414, 431...) get JSON with the relay's security headers, not HTML.
 util.write_error = write_server_error
+# gunicorn's own warnings quote request lines: they go through the relay's redaction too.
+logger_class = RelayServerLogger
 
 
 def _refuse(exc: ConfigError) -> NoReturn:
@@ -81,6 +84,8 @@ def on_starting(server):
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         _refuse(exc)
+    if isinstance(server.log, RelayServerLogger):
+        server.log.redact_with(Redactor(config.secrets))
     keys = ", ".join(f"…{key[-4:]}" for key in config.authorization_keys) or "none"
     if config.keys_file is not None:
         keys += f"; keys file {config.keys_file}: " + ", ".join(p.name for p in config.keyring.policies)

@@ -7,10 +7,16 @@ No Flask here: gunicorn's master imports this before any worker patches the stan
 
 from __future__ import annotations
 
+import logging
+import re
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import orjson
-from gunicorn import util
+from gunicorn import glogging, util
+
+from proxy.redaction import REDACTED, escape_control, redact_secret_like
 
 # The headers every response of the relay carries (the pipeline sets them on the app's own responses).
 SECURITY_HEADERS = (
@@ -34,3 +40,36 @@ def server_error_response(status: int, reason: str, message: str) -> bytes:
 def write_server_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn.util.write_error's signature: gunicorn's workers call it by that name."""
     util.write_nonblock(sock, server_error_response(status_int, reason, mesg))
+
+
+# A key in a query string, as a request line gunicorn quotes in its own warnings carries it.
+SECRET_QUERY = re.compile(r"((?:^|[?&\s])(?:key|api_key|access_key|token)=)[^&\s'\"]*", re.I)
+
+
+class ServerLogFilter(logging.Filter):
+    """gunicorn's own log lines ("Invalid request from ip=...: <the request line>") keep no key and stay one
+    line: query keys and key-shaped text out, then the configured secrets once the master knows them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redact: Callable[[str], str] = redact_secret_like
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = SECRET_QUERY.sub(lambda match: match.group(1) + REDACTED, record.getMessage())
+        record.msg, record.args = escape_control(self.redact(message)), ()
+        return True
+
+
+class RelayServerLogger(glogging.Logger):
+    """gunicorn's logger with `ServerLogFilter` on its error log (`logger_class` in deploy/gunicorn.conf.py)."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if not any(isinstance(existing, ServerLogFilter) for existing in self.error_log.filters):
+            self.error_log.addFilter(ServerLogFilter())
+
+    def redact_with(self, redact: Callable[[str], str]) -> None:
+        """Use the configuration's redactor (every configured secret), once the configuration is read."""
+        for existing in self.error_log.filters:
+            if isinstance(existing, ServerLogFilter):
+                existing.redact = redact

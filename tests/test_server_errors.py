@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from proxy.server_errors import server_error_response
-from tests.conftest import RelayProcess
+from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, RelayProcess
+from tests.servers import wait_until
 
 
 def raw_exchange(relay: RelayProcess, request: bytes) -> bytes:
@@ -46,3 +47,16 @@ def test_server_error_response_is_one_well_formed_answer() -> None:
     assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
     assert f"Content-Length: {len(body)}".encode() in head
     assert body.startswith(b'{"error":{"message":"Request Header Fields Too Large: too many headers"')
+
+
+def test_gunicorns_own_warnings_keep_no_key(relay_factory: Callable[..., RelayProcess]) -> None:
+    """A malformed request line carrying keys (as a query parameter, or anywhere) is logged by gunicorn with
+    the keys redacted, on one line."""
+    relay = relay_factory()
+    for line in (f"GET /chat?prompt=x&key={ACCESS_KEY}".encode(),  # no version: gunicorn quotes the line
+                 f"GET /{SECOND_ACCESS_KEY}".encode()):
+        raw_exchange(relay, line + b"\r\nHost: x\r\n\r\n")
+    assert wait_until(lambda: relay.log_text().count("Invalid request from") >= 2), relay.log_text()[-2000:]
+    log = relay.log_text()
+    assert ACCESS_KEY not in log and SECOND_ACCESS_KEY not in log
+    assert "key=[redacted]" in log
