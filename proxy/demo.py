@@ -6,9 +6,13 @@ SDK, SSE parsing and pump as real ones.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
+
+import orjson
 
 from proxy.standin import SSE_END, Timed, sse_chunk, stand_in_upstream
 from proxy.upstream import Upstream
@@ -69,5 +73,84 @@ def demo_completion(model: str, prompt: str) -> dict[str, Any]:
     }
 
 
+def demo_response_answer(body: dict[str, Any]) -> dict[str, Any] | Iterator[Timed]:
+    """The Responses API (`POST /v1/responses`): the same stand-in answer, whole or as Responses events."""
+    model, prompt = str(body.get("model")), _input_text(body.get("input"))
+    words = demo_words(prompt)
+    if body.get("stream") is not True:
+        return _response(model, prompt, words, "completed", "".join(words))
+    return _response_events(model, prompt, words)
+
+
+def _response_events(model: str, prompt: str, words: list[str]) -> Iterator[Timed]:
+    """The event sequence the official SDKs read: created, the output item and its text part, a delta per
+    word, the done events, completed (whose usage the relay's token budgets count)."""
+    item = {"type": "message", "id": "msg_demo", "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    text = "".join(words)
+    done_part = {**part, "text": text}
+    done_item = {**item, "status": "completed", "content": [done_part]}
+    where = {"item_id": "msg_demo", "output_index": 0, "content_index": 0}
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("response.created", {"response": _response(model, prompt, [], "in_progress", None)}),
+        ("response.output_item.added", {"output_index": 0, "item": item}),
+        ("response.content_part.added", {**where, "part": part}),
+        *(("response.output_text.delta", {**where, "delta": word}) for word in words),
+        ("response.output_text.done", {**where, "text": text}),
+        ("response.content_part.done", {**where, "part": done_part}),
+        ("response.output_item.done", {"output_index": 0, "item": done_item}),
+        ("response.completed", {"response": _response(model, prompt, words, "completed", text)}),
+    ]
+    for number, (kind, fields) in enumerate(events):
+        wait = WORD_INTERVAL_SECONDS if kind == "response.output_text.delta" else 0.0
+        payload = orjson.dumps({"type": kind, "sequence_number": number, **fields})
+        yield wait, b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n"
+
+
+def _response(model: str, prompt: str, words: list[str], status: str, text: str | None) -> dict[str, Any]:
+    usage = demo_usage(prompt, words)
+    output = [] if text is None else [{"type": "message", "id": "msg_demo", "status": "completed",
+                                       "role": "assistant",
+                                       "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+    return {"id": "resp_demo", "object": "response", "created_at": int(time.time()), "status": status,
+            "model": model, "output": output,
+            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                      "total_tokens": usage["total_tokens"]} if text is not None else None}
+
+
+def _input_text(given: Any) -> str:
+    """The last user text of a Responses `input`: a string, or message items with text content."""
+    if isinstance(given, str):
+        return given
+    for item in reversed(given if isinstance(given, list) else []):
+        content = item.get("content") if isinstance(item, dict) and item.get("role", "user") == "user" else None
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+EMBEDDING_SIZE = 8
+
+
+def demo_embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    """Deterministic vectors (the same text, the same vector), unit length, for `POST /v1/embeddings`."""
+    given = body.get("input")
+    texts = [given] if isinstance(given, str) else [str(text) for text in given] if isinstance(given, list) else []
+    data = [{"object": "embedding", "index": index, "embedding": _vector(text)} for index, text in enumerate(texts)]
+    tokens = sum(len(text.split()) for text in texts)
+    return {"object": "list", "data": data, "model": str(body.get("model")),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _vector(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [byte - 127.5 for byte in digest[:EMBEDDING_SIZE]]
+    norm = math.sqrt(sum(value * value for value in raw)) or 1.0
+    return [round(value / norm, 6) for value in raw]
+
+
 def demo_upstream() -> Upstream:
-    return stand_in_upstream("demo", demo_answer, models=())
+    return stand_in_upstream("demo", demo_answer, models=(),
+                             more={"/responses": demo_response_answer, "/embeddings": demo_embeddings})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import httpx2
@@ -55,24 +55,28 @@ SSE_END = b"data: [DONE]\n\n"
 
 
 class StandInTransport(httpx2.BaseTransport):
-    """POST .../chat/completions goes to `answer`; GET .../models is an empty list (a stand-in serves whatever
-    it is asked: the relay lists its configured names); anything else is a 404 in OpenAI's shape."""
+    """POST .../chat/completions goes to `answer`, any other POST path ending in a key of `more` to that
+    answer; GET .../models is an empty list (a stand-in serves whatever it is asked: the relay lists its
+    configured names); anything else is a 404 in OpenAI's shape."""
 
-    def __init__(self, answer: Answer) -> None:
-        self.answer = answer
+    def __init__(self, answer: Answer, more: Mapping[str, Answer] | None = None) -> None:
+        self.answers = {"/chat/completions": answer, **(more or {})}
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         if request.method == "GET" and request.url.path.endswith("/models"):
             return httpx2.Response(200, json={"object": "list", "data": []})
-        if request.method != "POST" or not request.url.path.endswith("/chat/completions"):
+        answer = next((answer for suffix, answer in self.answers.items() if request.url.path.endswith(suffix)),
+                      None)
+        if request.method != "POST" or answer is None:
             return httpx2.Response(404, json={"error": {"message": "not found", "type": "invalid_request_error"}})
-        answer = self.answer(orjson.loads(request.read()))
-        if isinstance(answer, dict):
-            return httpx2.Response(200, json=answer)
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=TimedStream(answer))
+        answered = answer(orjson.loads(request.read()))
+        if isinstance(answered, dict):
+            return httpx2.Response(200, json=answered)
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=TimedStream(answered))
 
 
-def stand_in_upstream(name: str, answer: Answer, models: tuple[str, ...] = ("*",)) -> Upstream:
+def stand_in_upstream(name: str, answer: Answer, models: tuple[str, ...] = ("*",),
+                      more: Mapping[str, Answer] | None = None) -> Upstream:
     client = openai.OpenAI(api_key=name, base_url=f"http://{name}.invalid/v1", max_retries=0,
-                           http_client=httpx2.Client(transport=StandInTransport(answer)))
+                           http_client=httpx2.Client(transport=StandInTransport(answer, more)))
     return Upstream(name, client, models)

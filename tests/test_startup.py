@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
+import openai
 import pytest
 
 from proxy.__main__ import demo_banner, run_environment
 from proxy.config import Config, ConfigError, ServerSettings
-from tests.conftest import ACCESS_KEY, ROOT, UPSTREAM_KEY, free_port, relay_env, start_relay
+from tests.conftest import ACCESS_KEY, ROOT, UPSTREAM_KEY, RelayProcess, free_port, relay_env, start_relay
 
 BASE = {"AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": UPSTREAM_KEY}
 
@@ -171,8 +172,23 @@ def test_demo_mode_serves_the_stand_in_model(tmp_path: Path) -> None:
         assert httpx2.get(f"{relay.url}/healthz", timeout=5).json()["demo"] is True
         page = httpx2.get(f"{relay.url}/", timeout=5)  # the bundle is built by make test
         assert page.status_code == 200 and 'id="demo-notice"' in page.text
+        assert_demo_answers_responses_and_embeddings(relay)
     finally:
         relay.stop()
+
+
+def assert_demo_answers_responses_and_embeddings(relay: RelayProcess) -> None:
+    """Codex-style clients (the Responses API, whole and streamed) and embeddings work in demo mode, through
+    the official SDK."""
+    sdk = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=relay.headers()["Authorization"][7:], max_retries=0)
+    whole = sdk.responses.create(model="gpt-4o-mini", input="ping")
+    assert "Demo mode" in whole.output_text and whole.usage is not None and whole.usage.output_tokens > 0
+    events = list(sdk.responses.create(model="gpt-4o-mini", input=[{"role": "user", "content": "ping"}],
+                                       stream=True))
+    streamed = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert streamed == whole.output_text and events[-1].type == "response.completed"
+    vectors = sdk.embeddings.create(model="text-embedding-3-small", input=["same", "same", "other"]).data
+    assert vectors[0].embedding == vectors[1].embedding != vectors[2].embedding
 
 
 def test_missing_keys_never_fall_back_to_demo(tmp_path: Path) -> None:
