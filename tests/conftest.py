@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
+import openai
 import pytest
 
 from tests.fake_upstream import FakeUpstream
@@ -142,3 +143,22 @@ def stop_all(relays: list[RelayProcess]) -> None:
 def relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
     """The relay with default settings and short timers, shared by the tests that do not need others."""
     return relay_factory(KEEPALIVE_SECONDS="0.3", CORS_ORIGINS="https://app.example.com")
+
+
+Sdk = Callable[..., openai.OpenAI]
+
+
+@pytest.fixture
+def sdk() -> Iterator[Sdk]:
+    """The real openai SDK pointed at a relay; its clients are closed after the test, so no idle keep-alive
+    connection holds up the relay's graceful stop."""
+    clients: list[openai.OpenAI] = []
+
+    def make(relay: RelayProcess, key: str = ACCESS_KEY) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=key, max_retries=0, timeout=20)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

@@ -4,35 +4,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
 import openai
 import pytest
 
-from tests.conftest import ACCESS_KEY, SECRETS, RelayProcess
+from tests.conftest import ACCESS_KEY, SECRETS, RelayProcess, Sdk
 from tests.fake_upstream import FakeUpstream
 from tests.servers import wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
-Sdk = Callable[..., openai.OpenAI]
 
 
-@pytest.fixture
-def sdk() -> Iterator[Sdk]:
-    """The real openai SDK pointed at a relay; its clients are closed after the test, so no idle keep-alive
-    connection holds up the relay's graceful stop."""
-    clients: list[openai.OpenAI] = []
-
-    def make(relay: RelayProcess, key: str = ACCESS_KEY) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=key, max_retries=0, timeout=20)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 def raw_events(relay: RelayProcess, body: dict[str, Any]) -> tuple[httpx2.Response, bytes]:

@@ -12,28 +12,14 @@ import httpx2
 import openai
 import pytest
 
-from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, RelayProcess
+from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, RelayProcess, Sdk
 from tests.fake_upstream import FakeUpstream
 from tests.servers import wait_until
 
 FIRST_KEY = "sk-first-upstream-key-0a1b2c3d"
 SECOND_KEY = "sk-second-upstream-key-9f8e7d6c"
-Sdk = Callable[..., openai.OpenAI]
 
 
-@pytest.fixture
-def sdk() -> Iterator[Sdk]:
-    """The real openai SDK pointed at a relay; closed after the test."""
-    clients: list[openai.OpenAI] = []
-
-    def make(relay: RelayProcess, key: str = ACCESS_KEY) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=key, max_retries=0, timeout=20)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 @pytest.fixture(scope="module")

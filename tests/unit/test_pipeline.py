@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import ast
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,22 +29,6 @@ def make_app(**settings: object) -> Flask:
     return create_app(config)
 
 
-@pytest.fixture
-def access_lines() -> Iterator[list[str]]:
-    """The access-log lines written while the test runs."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = Collect()
-    logger = logging.getLogger("relay.access")
-    logger.addHandler(handler)
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
 
 
 def bearer(key: str = KEY) -> dict[str, str]:
