@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run install test venv dev-venv system-deps lint check bench assets soak
+.PHONY: run install test venv dev-venv system-deps lint check bench assets test-clients soak
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,13 +36,18 @@ run: venv
 system-deps:
 	scripts/install-system-deps.sh
 
+# The real client programs the tests drive through the relay (the Codex CLI, pinned exactly by
+# tests/clients/package-lock.json) into the gitignored tests/clients/node_modules/; quick when up to date.
+test-clients:
+	scripts/install-test-clients.sh
+
 lint: dev-venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 # Most test files wait on real servers, not on the CPU: three at a time (pytest-xdist, one file per worker).
 # The load and timing tests (marked serial: soak, capacity, fault matrix, client faults) then run alone.
-test: dev-venv system-deps assets lint
+test: dev-venv system-deps assets test-clients lint
 	$(BIN)/pytest -n 3 --dist loadfile -m "not serial"
 	$(BIN)/pytest -m serial
 

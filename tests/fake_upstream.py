@@ -31,8 +31,10 @@ Wire details that clients may rely on:
   socket; reasoning tokens are not counted.
 - Every ``stream: true`` chat request gets exactly one ``StreamClosed`` record, however it ends.
 - Beside chat it answers, for the relay's forwarding tests: ``POST /v1/responses`` (a Responses object, or
-  with ``stream: true`` named events ``response.created``, ``response.output_text.delta`` per token and
-  ``response.completed`` with usage, recorded as a ``StreamClosed``), ``/v1/embeddings``,
+  with ``stream: true`` the named events OpenAI sends: ``response.created``, the message item and its text
+  part opened, ``response.output_text.delta`` per token, text, part and item closed, and
+  ``response.completed`` with usage, recorded as a ``StreamClosed``; the Codex CLI accepts it),
+  ``/v1/embeddings``,
   ``/v1/audio/speech`` (binary ``audio/mpeg``), ``/v1/audio/transcriptions`` (reads the multipart upload),
   ``/v1/images/generations`` and ``/v1/files`` (upload, list, retrieve, content, delete). The default
   behaviour's ``status``, delays and tokens apply to them; every request's headers are recorded.
@@ -447,23 +449,36 @@ class _Connection(asyncio.Protocol):
         return _file_object(file_id, filename, len(content))
 
     async def _responses_stream(self, request: dict[str, Any], behaviour: Behaviour, stream: _StreamRecord) -> None:
-        """A Responses API event stream: created, one delta per token (with the behaviour's delays), completed
-        with usage. StreamClosed records it like a chat stream."""
+        """A Responses API event stream, the sequence OpenAI sends and the Codex CLI reads: created; after the
+        first token's delay the message item and its text part opened (output_item.added, content_part.added);
+        one delta per token (with the behaviour's delays); the text, part and item closed (output_text.done,
+        content_part.done, output_item.done); completed with usage. StreamClosed records it like a chat stream."""
         model = request.get("model")
+        sequence = itertools.count()
+
+        def event(name: str, fields: dict[str, Any]) -> bytes:
+            return _chunk(_named_event(name, {"type": name, "sequence_number": next(sequence), **fields}))
+
+        text_at = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
         self._write(self._head(200, "text/event-stream; charset=utf-8", None))
-        self._write(_chunk(_named_event("response.created", {"type": "response.created", "sequence_number": 0,
-                                                             "response": _response_object(model, "", "in_progress")})))
+        self._write(event("response.created", {"response": _response_object(model, "", "in_progress")}))
+        opening = (event("response.output_item.added", {"output_index": 0, "item": _message_item("", "in_progress")})
+                   + event("response.content_part.added", {**text_at, "part": _text_part("")}))
         tokens = behaviour.content_tokens()
         for number, token in enumerate(tokens, start=1):
             await self._pause(behaviour.first_token_delay if number == 1 else behaviour.token_interval)
-            self._write(_chunk(_named_event("response.output_text.delta", {
-                "type": "response.output_text.delta", "sequence_number": number, "item_id": "msg_fake",
-                "output_index": 0, "content_index": 0, "delta": token, "logprobs": []})))
+            if number == 1:
+                self._write(opening)
+            self._write(event("response.output_text.delta", {**text_at, "delta": token, "logprobs": []}))
             stream.tokens_sent += 1
-        done = _response_object(model, "".join(tokens), "completed")
-        self._write(_chunk(_named_event("response.completed", {"type": "response.completed",
-                                                               "sequence_number": len(tokens) + 1,
-                                                               "response": done})) + b"0\r\n\r\n")
+        if not tokens:
+            self._write(opening)
+        text = "".join(tokens)
+        self._write(event("response.output_text.done", {**text_at, "text": text, "logprobs": []})
+                    + event("response.content_part.done", {**text_at, "part": _text_part(text)})
+                    + event("response.output_item.done", {"output_index": 0, "item": _message_item(text, "completed")})
+                    + event("response.completed", {"response": _response_object(model, text, "completed")})
+                    + b"0\r\n\r\n")
         stream.completed = True
 
     def _head(
@@ -749,13 +764,22 @@ def _named_event(name: str, payload: Any) -> bytes:
 def _response_object(model: Any, text: str, status: str) -> dict[str, Any]:
     """A Responses API object; a completed one carries usage (one output token per word piece)."""
     done = status == "completed"
-    output = [{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
-               "content": [{"type": "output_text", "text": text, "annotations": []}]}] if done else []
+    output = [_message_item(text, "completed")] if done else []
     return {"id": "resp_fake", "object": "response", "created_at": int(time.time()), "status": status,
             "model": model, "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
             "usage": {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0},
                       "output_tokens": 21, "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": 30} if done else None}
+
+
+def _message_item(text: str, status: str) -> dict[str, Any]:
+    """The one assistant message item of a fake Responses answer."""
+    return {"type": "message", "id": "msg_fake", "status": status, "role": "assistant", "content":
+            [_text_part(text)] if status == "completed" else []}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
 
 
 def _file_object(file_id: str, filename: str, size: int) -> dict[str, Any]:

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Installs the real client programs the tests drive against the relay (tests/test_codex_cli.py: OpenAI's
+# Codex CLI, whose npm package carries its native binary in a per-platform optional package) from the exact
+# versions pinned in tests/clients/package-lock.json into the gitignored tests/clients/node_modules/.
+# Quick when up to date: `npm ci` only when the lockfile changed. Nothing is downloaded at test time.
+set -eu
+cd "$(dirname "$0")/../tests/clients"
+
+if ! command -v npm >/dev/null 2>&1; then
+    echo "install-test-clients: npm is missing; install Node.js 18+ (Debian: apt-get install nodejs npm)" >&2
+    exit 1
+fi
+
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund --loglevel=error
+fi
