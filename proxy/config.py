@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
@@ -52,6 +52,7 @@ class UpstreamSpec:
     api_key_env: str
     models: tuple[str, ...]  # exact names or globs
     api_key: str = field(default="", repr=False, compare=False)
+    api: str = "openai"  # the protocol it speaks: "openai" (/v1/chat/completions...) or "anthropic" (/v1/messages)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,10 @@ class Config:
         upstreams = load_upstreams_file(upstreams_file, env) if upstreams_file else ()
         _require_keys(values, bool(upstreams))
         default_model = values.get("default_model", cls.default_model)
-        if upstreams and not any(_matches(spec.models, default_model) for spec in upstreams):
+        # DEFAULT_MODEL is chat's: only the OpenAI-protocol upstreams can serve it (a file of Anthropic ones
+        # alone serves /v1/messages only, and chat then names the model it lacks).
+        chat_upstreams = [spec for spec in upstreams if spec.api == "openai"]
+        if chat_upstreams and not any(_matches(spec.models, default_model) for spec in chat_upstreams):
             raise ConfigError(f"DEFAULT_MODEL: '{default_model}' is not served by any upstream in "
                               f"UPSTREAMS_FILE {upstreams_file}")
         return cls(**values, upstreams=upstreams)
@@ -398,6 +402,9 @@ class UpstreamEntry(FileEntry):
     models: Annotated[list[_Named], Field(min_length=1),
                       Says("'models' must be a non-empty array of model names or globs "
                            '(["*"] for any model)')]
+    api: Annotated[Literal["openai", "anthropic"],
+                   Says("'api' must be \"openai\" (the default) or \"anthropic\" (Anthropic's Messages API)")
+                   ] = "openai"
 
     @classmethod
     def unknown_fields(cls, names: list[str]) -> str:
@@ -441,7 +448,8 @@ def _upstream_entry(where: str, entry: dict[str, Any], env: Mapping[str, str]) -
     except EntryError as exc:
         raise ConfigError(str(exc)) from None
     return UpstreamSpec(checked.name, checked.base_url, checked.api_key_env,
-                        tuple(model.strip() for model in checked.models), env[checked.api_key_env].strip())
+                        tuple(model.strip() for model in checked.models), env[checked.api_key_env].strip(),
+                        checked.api)
 
 
 def _matches(patterns: tuple[str, ...], model: str) -> bool:

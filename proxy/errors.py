@@ -11,8 +11,8 @@ OpenAI's SDKs expect. The handler picks the body shape from the view's declared 
 - ``openai``: ``{"error": {"message", "type", "code"}}``, what the official SDKs turn into exceptions;
 - ``sse``: the OpenAI shape as a Server-Sent Event named ``error``, then ``data: [DONE]`` (``GET /chat``);
 - ``json``: the OpenAI shape too, for everything else (health, 404s);
-- ``anthropic``: ``{"type": "error", "error": {"type", "message"}}``, for routing errors under
-  ``/v1/messages``, so Anthropic's SDKs read them.
+- ``anthropic``: ``{"type": "error", "error": {"type", "message"}}``, for `POST /v1/messages` (declared
+  with that protocol) and routing errors under ``/v1/messages``, so Anthropic's SDKs read them.
 
 An unknown path is `unknown_endpoint(path)`: a 404 whose message names the path and what the relay serves.
 """
@@ -74,7 +74,7 @@ class Unauthorized(RelayError, werkzeug_errors.Unauthorized):
     kind = "unauthorized"
     error_type = "authentication_error"
     # The same words for a missing and a wrong key: they must not tell which keys exist.
-    description = "missing or invalid access key: send it as 'Authorization: Bearer <key>'"
+    description = "missing or invalid access key: send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
 
 
 class Forbidden(RelayError, werkzeug_errors.Forbidden):
@@ -93,7 +93,8 @@ class NotFound(RelayError, werkzeug_errors.NotFound):
 
 # What `unknown_endpoint` tells a client that took a wrong turn: the relay's endpoint families.
 SERVED_ENDPOINTS = ("POST /chat", "GET /chat", "GET /ws (WebSocket)", "POST /v1/chat/completions",
-                    "GET /v1/models", "GET /v1/models/{model}", "GET /healthz", "GET /openapi.yaml")
+                    "GET /v1/models", "GET /v1/models/{model}", "POST /v1/messages", "GET /healthz",
+                    "GET /openapi.yaml")
 # A path is echoed only this far: a message is not the place for a client's megabyte of URL.
 ECHOED_PATH_CHARACTERS = 200
 
@@ -210,7 +211,8 @@ def error_body(error: RelayError, shape: str) -> tuple[bytes, str]:
 # Anthropic's error `type` for each status (its API reference, "Errors").
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
-                    413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error"}
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
 
 
 def _shape_for_request() -> str:

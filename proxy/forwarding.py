@@ -24,7 +24,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -35,7 +35,7 @@ from proxy.encoders import SSE_KEEPALIVE, sse_error_event
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.pump import READER_THREAD_PREFIX, Inbox, StreamStats
 from proxy.stream_machine import StreamTimers
-from proxy.upstream import StreamEnd, StreamFailure, Upstream, _worth_falling_over, retry_after_seconds
+from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
 
 log = logging.getLogger("relay.forwarding")
 
@@ -54,16 +54,17 @@ ACCEPT_ENCODING = "identity"
 # Response headers that matter to a client; the upstream's X-Request-ID goes out as X-Upstream-Request-ID,
 # because X-Request-ID is the relay's own (the access log's), set by the pipeline on every answer.
 RESPONSE_HEADERS = frozenset({"content-type", "content-disposition", "retry-after", "openai-processing-ms",
-                              "openai-version"})
-RESPONSE_PREFIXES = ("x-ratelimit-",)
+                              "openai-version", "request-id"})  # request-id: Anthropic's own request id
+RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 UPSTREAM_REQUEST_ID = "X-Upstream-Request-ID"
 
 
-def upstream_request_headers(incoming: Iterable[tuple[str, str]], api_key: str,
+def upstream_request_headers(incoming: Iterable[tuple[str, str]], auth: Mapping[str, str],
                              content_length: int | None) -> dict[str, str]:
-    """What goes upstream: the allow-listed client headers, the upstream key, identity encoding."""
+    """What goes upstream: the allow-listed client headers, the upstream's key in its protocol's header
+    (`auth`: `Authorization: Bearer` for OpenAI, `x-api-key` for Anthropic), identity encoding."""
     headers = {name.lower(): value for name, value in incoming if name.lower() in REQUEST_HEADERS}
-    headers["authorization"] = f"Bearer {api_key}"
+    headers.update(auth)
     headers["accept-encoding"] = ACCEPT_ENCODING
     if content_length is not None:
         headers["content-length"] = str(content_length)
@@ -237,7 +238,32 @@ def _count(usage: dict[str, Any], *names: str) -> int | None:
     return None
 
 
+def anthropic_usage(usage: Any) -> dict[str, int] | None:
+    """An Anthropic `usage` object in the chat shape. Its `input_tokens` leaves out the prompt tokens read
+    from or written to the cache, which are still tokens the prompt used: they count as prompt tokens."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = _count(usage, "input_tokens")
+    completion = _count(usage, "output_tokens")
+    if prompt is None and completion is None:
+        return None
+    prompt = (prompt or 0) + (_count(usage, "cache_creation_input_tokens") or 0) + (
+        _count(usage, "cache_read_input_tokens") or 0)
+    completion = completion or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def event_data(event: bytes) -> dict[str, Any] | None:
+    """One SSE event's `data` as a JSON object, or None when it is none."""
+    data = b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 class SseUsage:
@@ -256,18 +282,56 @@ class SseUsage:
                 self._read(event)
 
     def _read(self, event: bytes) -> None:
-        data = b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:"))
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(payload, dict):
+        payload = event_data(event)
+        if payload is None:
             return
         response = payload.get("response")
         found = normalized_usage(response.get("usage")) if isinstance(response, dict) else None
         found = found or normalized_usage(payload.get("usage"))
         if found is not None:
             self.usage = found
+
+
+class AnthropicSseUsage:
+    """The usage of an Anthropic Messages stream as it passes: `message_start` carries the input tokens
+    (`message.usage`), each `message_delta` the output tokens so far (cumulative, so the last one counts).
+    Some servers repeat the input tokens in `message_delta`; the latest figure wins."""
+
+    def __init__(self) -> None:
+        self._prompt: int | None = None
+        self._completion: int | None = None
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        if self._prompt is None and self._completion is None:
+            return None
+        prompt, completion = self._prompt or 0, self._completion or 0
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def feed(self, events: bytes) -> None:
+        if b'"usage"' not in events:
+            return
+        for event in _EVENT_END.split(events):
+            if b'"usage"' in event:
+                self._read(event)
+
+    def _read(self, event: bytes) -> None:
+        payload = event_data(event)
+        if payload is None:
+            return
+        kind = payload.get("type")
+        message = payload.get("message")
+        raw = message.get("usage") if kind == "message_start" and isinstance(message, dict) else None
+        raw = payload.get("usage") if kind == "message_delta" else raw
+        if not isinstance(raw, dict):
+            return
+        found = anthropic_usage(raw)
+        if found is None:
+            return
+        if "input_tokens" in raw:
+            self._prompt = found["prompt_tokens"]
+        if "output_tokens" in raw:
+            self._completion = found["completion_tokens"]
 
 
 JSON_USAGE_WHOLE_LIMIT = 1024 * 1024  # parse answers up to this whole; past it, only their tail
@@ -278,9 +342,10 @@ class JsonUsage:
     """The top-level `usage` of a JSON answer: parsed whole when small, else found in its last bytes (where
     embeddings and Responses objects put it), so a large answer is never held whole."""
 
-    def __init__(self) -> None:
+    def __init__(self, normalize: Callable[[Any], dict[str, int] | None] = normalized_usage) -> None:
         self._whole: bytearray | None = bytearray()
         self._tail = b""
+        self._normalize = normalize  # the protocol's usage object in the chat shape
 
     def feed(self, block: bytes) -> None:
         if self._whole is not None:
@@ -297,7 +362,7 @@ class JsonUsage:
                 answer = orjson.loads(self._whole)
             except orjson.JSONDecodeError:
                 return None
-            return normalized_usage(answer.get("usage")) if isinstance(answer, dict) else None
+            return self._normalize(answer.get("usage")) if isinstance(answer, dict) else None
         text = self._tail.decode("utf-8", errors="replace")
         at = text.rfind('"usage"')
         colon = text.find(":", at + 7) if at >= 0 else -1
@@ -310,7 +375,46 @@ class JsonUsage:
             usage, _end = json.JSONDecoder().raw_decode(text, start)
         except ValueError:
             return None
-        return normalized_usage(usage)
+        return self._normalize(usage)
+
+
+class UsageReader(Protocol):
+    """Reads an event stream's usage from whole events as they pass."""
+
+    @property
+    def usage(self) -> dict[str, int] | None: ...
+    def feed(self, events: bytes) -> None: ...
+
+
+def openai_error_event(kind: str, message: str) -> bytes:
+    return sse_error_event(message, "api_error", kind, named=False)
+
+
+ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
+def anthropic_error_event(kind: str, message: str) -> bytes:
+    """Anthropic's in-stream error event, which its SDKs raise as an APIStatusError mid-stream."""
+    payload = orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+    return b"event: error\ndata: " + payload + b"\n\n"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What the forwarding path writes and reads of a protocol's own, everything else being bytes passed on:
+    the keep-alive sent during silence, the error event that ends a stream the relay must cut short (as
+    `error(kind, message)`), and where the usage is in an event stream and in a JSON answer."""
+
+    keepalive: bytes
+    error: Callable[[str, str], bytes]
+    sse_usage: Callable[[], UsageReader]
+    json_usage: Callable[[Any], dict[str, int] | None]
+
+
+OPENAI = Dialect(SSE_KEEPALIVE, openai_error_event, SseUsage, normalized_usage)
+# Anthropic's clients expect `ping` events during silence (an SSE comment is within the standard, but
+# Anthropic's own stream never sends one, so not every client is known to skip it).
+ANTHROPIC = Dialect(ANTHROPIC_PING, anthropic_error_event, AnthropicSseUsage, anthropic_usage)
 
 
 # --- sending, with fall-over -----------------------------------------------------------------------------------
@@ -333,15 +437,30 @@ class Outgoing:
         return isinstance(self.body, bytes)
 
 
+class ForwardTarget(Protocol):
+    """An upstream raw requests are forwarded to: `proxy.upstream.Upstream` (OpenAI's protocol, on its SDK's
+    pooled client) or `AnthropicUpstream` (its own pooled client)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def root_url(self) -> str: ...
+    @property
+    def http(self) -> httpx2.Client: ...
+    @property
+    def redact(self) -> Callable[[str], str]: ...
+    def auth_headers(self) -> dict[str, str]: ...
+
+
 @dataclass
 class Opened:
     response: httpx2.Response
-    upstream: Upstream
+    upstream: ForwardTarget
     fallbacks: int
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
-def forward(candidates: Sequence[Upstream], outgoing: Outgoing, upstream_timeout: float,
+def forward(candidates: Sequence[ForwardTarget], outgoing: Outgoing, upstream_timeout: float,
             whole_answer_timeout: float) -> Opened:
     """Send `outgoing` to the first candidate that answers; on connection errors, timeouts, 5xx and 429 the
     next one gets it (a replayable body only). The last candidate's 5xx/429 is answered as it came."""
@@ -379,19 +498,18 @@ def failure_of_status(response: httpx2.Response) -> RelayError | None:
     return None
 
 
-def _send(upstream: Upstream, outgoing: Outgoing, upstream_timeout: float, whole_answer_timeout: float
+def _send(upstream: ForwardTarget, outgoing: Outgoing, upstream_timeout: float, whole_answer_timeout: float
           ) -> httpx2.Response:
-    client = upstream.client
-    url = f"{str(client.base_url).rstrip('/')}/{outgoing.path}"
+    url = f"{upstream.root_url}/{outgoing.path}"
     if outgoing.query:
         url += "?" + outgoing.query.decode("latin-1")
     # A streaming answer's headers come at once; a whole answer's only when it is done, so its read timeout
     # must cover it (as chat's non-streaming requests do).
     read = upstream_timeout if outgoing.streaming else whole_answer_timeout
-    http: httpx2.Client = client._client
+    http = upstream.http
     request = http.build_request(
         outgoing.method, url, content=outgoing.body,
-        headers=upstream_request_headers(outgoing.headers, client.api_key, outgoing.content_length),
+        headers=upstream_request_headers(outgoing.headers, upstream.auth_headers(), outgoing.content_length),
         timeout=httpx2.Timeout(upstream_timeout, read=read),
     )
     return http.send(request, stream=True)
@@ -588,19 +706,20 @@ def never_gone() -> bool:
 
 
 def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
-              client_gone: Callable[[], bool] = never_gone, clock: Callable[[], float] = time.monotonic
-              ) -> Iterator[bytes]:
-    """An upstream event stream, whole events as they arrive, keep-alives during silence; a timer or a broken
-    upstream ends it with an OpenAI error event and nothing more. The source is closed in `finally`."""
+              client_gone: Callable[[], bool] = never_gone, clock: Callable[[], float] = time.monotonic,
+              dialect: Dialect = OPENAI) -> Iterator[bytes]:
+    """An upstream event stream, whole events as they arrive, the dialect's keep-alives during silence; a
+    timer or a broken upstream ends it with the dialect's error event and nothing more. The source is closed
+    in `finally`."""
     times = SseClock(timers, clock())
-    framer, usage = SseFramer(), SseUsage()
+    framer, usage = SseFramer(), dialect.sse_usage()
     try:
         while True:
             now = clock()
             expired = times.expired(now)
             if expired is not None:
                 stats.outcome = expired[0]
-                yield sse_error_event(expired[1], "api_error", expired[0], named=False)
+                yield dialect.error(expired[0], expired[1])
                 return
             item = source.get(times.wait(now))
             now = clock()
@@ -621,12 +740,12 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
                 return
             elif isinstance(item, StreamFailure):
                 stats.outcome = item.kind
-                yield sse_error_event(item.message, "api_error", item.kind, named=False)
+                yield dialect.error(item.kind, item.message)
                 return
             else:
                 if times.keepalive_due(now):
                     times.wrote(now)
-                    yield SSE_KEEPALIVE
+                    yield dialect.keepalive
                 if client_gone():
                     stats.outcome = "client_gone"
                     return

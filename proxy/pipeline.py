@@ -6,8 +6,9 @@ input is shaped) and nothing else. For every request, in this order:
 1. **begin** (`before_request`): the request id, the access record and the request's `RequestState`, the
    one typed object that carries everything about this request between the steps below;
 2. **preflight**: `OPTIONS` is answered before any key is asked for (browsers never send one on it);
-3. **caller**: the presented key is decided once (the `Authorization` header, or the `key` query parameter
-   that EventSource and WebSocket pages must use; both present and different is refused) and every later
+3. **caller**: the presented key is decided once (the `Authorization` header, Anthropic's `x-api-key`
+   header, or the `key` query parameter that EventSource and WebSocket pages must use; two of them present
+   and different is refused) and every later
    step (authentication, per-key models, limits, budgets, logs, metrics) reads that one decision;
 4. **authentication**, as the declaration says: an access key, nothing (public), or the view's own check
    (a WebSocket refuses with a close frame; `/metrics` has its own key);
@@ -102,12 +103,16 @@ def check_every_view_declared(app: Flask) -> None:
 
 
 def decide_caller(config: Config) -> KeyPolicy | None:
-    """The caller, from the Authorization header or the `key` query parameter; refused when they differ."""
-    from_header = presented_key(request.headers.get("Authorization"))
-    from_query = request.args.get("key", "")
-    if from_header and from_query and from_header != from_query:
-        raise Unauthorized("the Authorization header and the 'key' query parameter name different keys")
-    presented = from_header or from_query
+    """The caller, from the Authorization header, the x-api-key header (what Anthropic's clients send) or
+    the `key` query parameter; refused when two of them name different keys."""
+    sources = {"the Authorization header": presented_key(request.headers.get("Authorization")),
+               "the x-api-key header": request.headers.get("x-api-key", "").strip(),
+               "the 'key' query parameter": request.args.get("key", "")}
+    named = {where: key for where, key in sources.items() if key}
+    if len(set(named.values())) > 1:
+        # Which one would win is not the caller's to guess: neither is trusted.
+        raise Unauthorized(f"{' and '.join(named)} name different keys")
+    presented = next(iter(named.values()), "")
     return config.keyring.identify(presented) if presented else None
 
 

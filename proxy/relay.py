@@ -16,7 +16,7 @@ from proxy.models import ModelCatalog
 from proxy.pump import StreamTimers
 from proxy.redaction import Redactor
 from proxy.shutdown import Draining
-from proxy.upstream import Upstream
+from proxy.upstream import AnthropicUpstream, Upstream
 
 # Each open stream holds one upstream connection; the SDK's default pool (1,000) would queue the rest.
 UPSTREAM_POOL = httpx2.Limits(max_connections=None, max_keepalive_connections=256)
@@ -32,6 +32,8 @@ class Relay:
     redact: Callable[[str], str]  # the configuration's secrets out of upstream text and log lines
     catalog: ModelCatalog  # each upstream's own model list, cached (GET /v1/models)
     draining: Draining = field(default_factory=Draining)  # set when this worker is asked to stop
+    # UPSTREAMS_FILE's `api = "anthropic"` entries: only POST /v1/messages goes to them, and nothing else does.
+    anthropic_upstreams: tuple[AnthropicUpstream, ...] = ()
 
     @property
     def body_read_timeout(self) -> float:
@@ -42,7 +44,8 @@ class Relay:
 def build_relay(config: Config) -> Relay:
     redact = Redactor(config.secrets)
     return Relay(config, configured_upstreams(config, redact), StreamTimers.from_config(config),
-                 RequestLimits(config), Metrics(config), redact, ModelCatalog.from_config(config))
+                 RequestLimits(config), Metrics(config), redact, ModelCatalog.from_config(config),
+                 anthropic_upstreams=anthropic_upstreams(config, redact))
 
 
 def configured_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[Upstream, ...]:
@@ -53,9 +56,18 @@ def configured_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[
         return (demo_upstream(),)
     if config.upstreams:
         return tuple(Upstream(spec.name, upstream_client(spec.base_url, spec.api_key, config), spec.models,
-                              redact) for spec in config.upstreams)
+                              redact) for spec in config.upstreams if spec.api == "openai")
     return (Upstream("default", upstream_client(config.openai_base_url, config.openai_api_key, config),
                      redact=redact),)
+
+
+def anthropic_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[AnthropicUpstream, ...]:
+    """UPSTREAMS_FILE's Anthropic-protocol upstreams, each on its own pooled client (no SDK: requests are
+    forwarded as sent, so timeouts are set per request by proxy/forwarding.py)."""
+    return tuple(AnthropicUpstream(spec.name, spec.base_url.rstrip("/"),
+                                   httpx2.Client(limits=UPSTREAM_POOL, timeout=config.upstream_timeout),
+                                   spec.api_key, spec.models, redact)
+                 for spec in config.upstreams if spec.api == "anthropic" and not config.demo)
 
 
 def upstream_client(base_url: str, api_key: str, config: Config) -> openai.OpenAI:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # types only, so that every module, proxy.errors included, ma
     from proxy.keys import KeyPolicy
 
 # The wire protocol a view speaks, which is also the shape its errors are rendered in (proxy/errors.py).
-WireProtocol = Literal["ndjson", "openai", "sse", "json"]
+WireProtocol = Literal["ndjson", "openai", "sse", "json", "anthropic"]
 # key: an access key is required (401 otherwise); public: anyone; own: the view checks the caller itself.
 Access = Literal["key", "public", "own"]
 STATE_ATTRIBUTE = "relay_request"

@@ -74,6 +74,38 @@ class Upstream:
     def serves(self, model: str) -> bool:
         return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
 
+    # What proxy/forwarding.py needs of an upstream it forwards raw requests to (`ForwardTarget`).
+    @property
+    def root_url(self) -> str:
+        return str(self.client.base_url).rstrip("/")
+
+    @property
+    def http(self) -> httpx2.Client:
+        return self.client._client  # the SDK's pooled client: forwarded requests share its connections
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.client.api_key}"}
+
+
+@dataclass(frozen=True)
+class AnthropicUpstream:
+    """An upstream speaking Anthropic's Messages API (`api = "anthropic"` in UPSTREAMS_FILE). The relay only
+    forwards raw requests to it, so it needs no SDK: a pooled httpx2 client, the root URL (requests go to
+    `<root_url>/v1/messages`) and the key, sent as `x-api-key`."""
+
+    name: str
+    root_url: str
+    http: httpx2.Client = field(repr=False)
+    api_key: str = field(repr=False)
+    models: tuple[str, ...] = ()
+    redact: Callable[[str], str] = field(default=redact_secret_like, repr=False, compare=False)
+
+    def serves(self, model: str) -> bool:
+        return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"x-api-key": self.api_key}
+
 
 def model_allowed(patterns: Iterable[str], model: str) -> bool:
     patterns = tuple(patterns)

@@ -86,6 +86,7 @@ _REASONS = {
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    529: "Overloaded",
 }
 
 
@@ -363,6 +364,11 @@ class _Connection(asyncio.Protocol):
             elif route.endswith("/models") and method == "GET":
                 await self._pause(self.recorder.behaviour.models_delay)
                 self._send_models()
+            elif route.endswith("/messages/count_tokens") and method == "POST":
+                await self._pause(self.recorder.behaviour.headers_delay)
+                self._anthropic_count(parsed)
+            elif route.endswith("/messages") and method == "POST":
+                keep_alive = await self._anthropic(parsed) and keep_alive
             elif _api_route(route, method) is not None:
                 keep_alive = await self._api(method, route, headers, body, parsed) and keep_alive
             else:
@@ -480,6 +486,72 @@ class _Connection(asyncio.Protocol):
                     + event("response.completed", {"response": _response_object(model, text, "completed")})
                     + b"0\r\n\r\n")
         stream.completed = True
+
+    # --- Anthropic's Messages API (/v1/messages, as Anthropic, Kimi and DeepSeek serve it) ----------
+
+    async def _anthropic(self, parsed: Any) -> bool:
+        """A Messages answer: an Anthropic error body for a non-200 behaviour, else the message, streamed
+        (the real event sequence) or whole. The behaviour's delays, tokens and disconnect_after apply."""
+        behaviour = self.recorder.behaviour
+        request = parsed if isinstance(parsed, dict) else {}
+        await self._pause(behaviour.headers_delay)
+        if behaviour.status != 200:
+            self._anthropic_error(behaviour)
+            return True
+        if request.get("stream") is not True:
+            tokens = behaviour.content_tokens()
+            await self._pause(behaviour.first_token_delay)
+            message = _anthropic_message(request.get("model"), "".join(tokens), len(tokens))
+            self._send_json(200, message, extra=(("request-id", "req_fake_anthropic"),))
+            return True
+        stream = _StreamRecord(self.recorder)
+        try:
+            return await self._anthropic_stream(request, behaviour, stream)
+        finally:
+            stream.finish()
+
+    async def _anthropic_stream(self, request: dict[str, Any], behaviour: Behaviour, stream: _StreamRecord) -> bool:
+        self._write(self._head(200, "text/event-stream; charset=utf-8", None))
+        start = _anthropic_message(request.get("model"), "", 1)
+        start["stop_reason"] = None
+        self._write(_chunk(_named_event("message_start", {"type": "message_start", "message": start})))
+        self._write(_chunk(_named_event("content_block_start", {
+            "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})))
+        self._write(_chunk(_named_event("ping", {"type": "ping"})))
+        tokens = behaviour.content_tokens()
+        for number, token in enumerate(tokens, start=1):
+            await self._pause(behaviour.first_token_delay if number == 1 else behaviour.token_interval)
+            self._write(_chunk(_named_event("content_block_delta", {
+                "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token}})))
+            stream.tokens_sent += 1
+            if behaviour.disconnect_after == number:
+                if self.transport is not None:
+                    self.transport.close()  # no last chunk: the relay sees the body break off
+                return False
+        self._write(_chunk(_named_event("content_block_stop", {"type": "content_block_stop", "index": 0})))
+        self._write(_chunk(_named_event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": len(tokens)}})))
+        self._write(_chunk(_named_event("message_stop", {"type": "message_stop"})) + b"0\r\n\r\n")
+        stream.completed = True
+        return True
+
+    def _anthropic_count(self, parsed: Any) -> None:
+        behaviour = self.recorder.behaviour
+        if behaviour.status != 200:
+            self._anthropic_error(behaviour)
+            return
+        messages = parsed.get("messages") if isinstance(parsed, dict) else None
+        self._send_json(200, {"input_tokens": ANTHROPIC_INPUT_TOKENS + _count_prompt_tokens(messages)})
+
+    def _anthropic_error(self, behaviour: Behaviour) -> None:
+        extra: tuple[tuple[str, str], ...] = ()
+        if behaviour.retry_after is not None:
+            extra = (("retry-after", str(behaviour.retry_after)),)
+        error_type = behaviour.error_type or _ANTHROPIC_ERROR_TYPES.get(behaviour.status, "api_error")
+        self._send_json(behaviour.status, {"type": "error", "error": {"type": error_type,
+                                                                     "message": behaviour.error_message}},
+                        extra=extra)
 
     def _head(
         self,
@@ -755,6 +827,21 @@ def _multipart_fields(content_type: str, body: bytes) -> dict[str, tuple[str, by
         if isinstance(name, str):
             fields[name] = (part.get_filename() or "", payload if isinstance(payload, bytes) else b"")
     return fields
+
+
+ANTHROPIC_INPUT_TOKENS = 12  # every Messages answer's input_tokens (count_tokens adds the prompt's words)
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                          404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                          500: "api_error", 529: "overloaded_error"}
+
+
+def _anthropic_message(model: Any, text: str, output_tokens: int) -> dict[str, Any]:
+    """A Messages API `message` object with its usage."""
+    return {"id": "msg_fake_anthropic", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}] if text else [], "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": ANTHROPIC_INPUT_TOKENS, "output_tokens": output_tokens,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
 
 
 def _named_event(name: str, payload: Any) -> bytes:

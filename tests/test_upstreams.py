@@ -379,5 +379,7 @@ def test_shipped_example_file_is_valid_and_is_the_readme_one() -> None:
            ("MOONSHOT_API_KEY", "MOONSHOT_INTL_API_KEY", "DEEPSEEK_API_KEY", "OPENAI_API_KEY")}
     config = Config.from_env({"AUTHORIZATION_KEY": ACCESS_KEY, "UPSTREAMS_FILE": str(example),
                               "DEFAULT_MODEL": "deepseek-chat", **env})
-    assert [spec.name for spec in config.upstreams] == ["kimi", "kimi-intl", "deepseek", "openai"]
+    assert [(spec.name, spec.api) for spec in config.upstreams] == [
+        ("kimi", "openai"), ("kimi-intl", "openai"), ("deepseek", "openai"), ("openai", "openai"),
+        ("kimi-anthropic", "anthropic"), ("deepseek-anthropic", "anthropic")]
     assert f"```toml\n{example.read_text()}```" in (ROOT / "README.md").read_text()

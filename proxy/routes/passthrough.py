@@ -21,6 +21,8 @@ from proxy.config import Config
 from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, UpstreamFailed
 from proxy.forwarding import (
     MODEL_PREFIX_BYTES,
+    OPENAI,
+    Dialect,
     JsonUsage,
     ModelFieldWatch,
     Opened,
@@ -155,8 +157,9 @@ def late_model(config: Config, state: RequestState, routed: str | None, named: s
     check_model(config, state, named)
 
 
-def answer(relay: Relay, state: RequestState, opened: Opened) -> Response:
-    """The upstream's status, allow-listed headers and body, streamed as they arrive."""
+def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect = OPENAI) -> Response:
+    """The upstream's status, allow-listed headers and body, streamed as they arrive; `dialect` says what
+    the relay's own keep-alives and error events look like and where the usage is."""
     response = opened.response
     if response.status_code in (401, 403):
         response.close()
@@ -183,10 +186,11 @@ def answer(relay: Relay, state: RequestState, opened: Opened) -> Response:
         response.request.extensions["timeout"]["read"] = relay.body_read_timeout
         client = client_socket_watcher(request.environ)
         hang_up = client.hang_up if isinstance(client, ClientSocket) else _nothing
-        body = relay_sse(ReaderSource(response, relay.timers.idle, hang_up), relay.timers, stats, client)
+        body = relay_sse(ReaderSource(response, relay.timers.idle, hang_up), relay.timers, stats, client,
+                         dialect=dialect)
         return Response(body, status=response.status_code, headers=[*headers, *SSE_HEADERS],
                         content_type=content_type)
-    usage = JsonUsage() if "json" in content_type.lower() else None
+    usage = JsonUsage(dialect.json_usage) if "json" in content_type.lower() else None
     return Response(relay_bytes(response, stats, usage), status=response.status_code, headers=headers,
                     content_type=content_type)
 

@@ -1,6 +1,6 @@
-"""Fuzzing who the caller is: valid keys mixed with junk, in the header and the `key` parameter, across every
-route. The pipeline must decide one caller per request whatever arrives, admit exactly the requests that
-present one valid key consistently, never answer 500 and never echo a key."""
+"""Fuzzing who the caller is: valid keys mixed with junk, in the Authorization and x-api-key headers and the
+`key` parameter, across every route. The pipeline must decide one caller per request whatever arrives, admit
+exactly the requests that present one valid key consistently, never answer 500 and never echo a key."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ KEYED_ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/v1/chat/completions", {**HELLO, "stream": True}),
     ("GET", "/v1/models", None),
     ("GET", "/doctor?records=1&interval=0.05&gap=0&after=1", None),
+    ("POST", "/v1/messages", {**HELLO, "model": "claude-sonnet-4-5", "max_tokens": 5}),
 ]
 OPEN_ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/healthz", None), ("GET", "/openapi.yaml", None), ("GET", "/static/web/icon.svg", None),
@@ -40,26 +41,29 @@ key_choice = st.one_of(st.none(), st.sampled_from(VALID), junk, st.just(""), st.
 header_form = st.sampled_from(["Bearer {}", "{}", "bearer  {} ", "Basic {}", "Bearer {}, Bearer junk"])
 
 
-def expected_caller(header: str | None, query: str | None) -> str | None:
-    """What the pipeline must decide, written independently of it: the header's key (Bearer or raw), or the
-    parameter's; both present and different means nobody."""
+def expected_caller(header: str | None, query: str | None, api_key: str | None = None) -> str | None:
+    """What the pipeline must decide, written independently of it: the Authorization header's key (Bearer or
+    raw), the x-api-key header's, or the parameter's; two present and different means nobody."""
     from_header = ""
     if header is not None:
         value = header.strip()
         scheme, _, rest = value.partition(" ")
         from_header = rest.strip() if scheme.lower() == "bearer" and rest.strip() else value
     from_query = query or ""
-    if from_header and from_query and from_header != from_query:
+    presented_keys = {key for key in (from_header, (api_key or "").strip(), from_query) if key}
+    if len(presented_keys) > 1:
         return None
-    presented = from_header or from_query
+    presented = next(iter(presented_keys), "")
     return presented if presented in VALID else None
 
 
 def ask(client: FlaskClient, method: str, path: str, body: Any, header: str | None, query: str | None,
-        extra: dict[str, str]) -> tuple[int, bytes]:
+        extra: dict[str, str], api_key: str | None = None) -> tuple[int, bytes]:
     headers = dict(extra)
     if header is not None:
         headers["Authorization"] = header
+    if api_key is not None:
+        headers["X-Api-Key"] = api_key
     query_string = {"key": query} if query is not None else None
     if query_string is not None and "?" in path:
         path, _, existing = path.partition("?")
@@ -73,18 +77,18 @@ def ask(client: FlaskClient, method: str, path: str, body: Any, header: str | No
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(route=st.sampled_from(KEYED_ROUTES + OPEN_ROUTES), key=key_choice, form=header_form,
-       use_header=st.booleans(), query=key_choice,
-       extra=st.dictionaries(st.sampled_from(["X-Forwarded-For", "X-Api-Key", "Cookie", "X-Request-ID",
+       use_header=st.booleans(), query=key_choice, api_key=key_choice,
+       extra=st.dictionaries(st.sampled_from(["X-Forwarded-For", "Cookie", "X-Request-ID",
                                               "Origin", "Forwarded"]), junk, max_size=3))
 def test_one_caller_per_request_whatever_the_headers(route: tuple[str, str, Any], key: str | None, form: str,
-                                                     use_header: bool, query: str | None,
+                                                     use_header: bool, query: str | None, api_key: str | None,
                                                      extra: dict[str, str]) -> None:
     """Keyed routes admit exactly the consistent valid key; nothing answers 500 or echoes a key."""
     client = relay_app(unit_config(max_body_bytes=4096), FakeTransport()).test_client()
     header = form.format(key) if use_header and key is not None else None
     method, path, body = route
     try:
-        status, data = ask(client, method, path, body, header, query, extra)
+        status, data = ask(client, method, path, body, header, query, extra, api_key)
     except ValueError:
         return  # a header value werkzeug's test client itself refuses to send (not the relay's decision)
     assert status < 500, (route, header, query, data[:300])
@@ -92,4 +96,5 @@ def test_one_caller_per_request_whatever_the_headers(route: tuple[str, str, Any]
         assert secret.encode() not in data, (route, "a key came back in the answer")
     if route in KEYED_ROUTES:
         admitted = status != 401
-        assert admitted == (expected_caller(header, query) is not None), (route, header, query, status, data[:200])
+        assert admitted == (expected_caller(header, query, api_key) is not None), (route, header, query, api_key,
+                                                                                   status, data[:200])

@@ -47,7 +47,7 @@ def test_only_allow_listed_request_headers_go_upstream() -> None:
                 ("Accept-Encoding", "gzip"), ("Content-Length", "999"),
                 ("Content-Type", "application/json"), ("Accept", "text/event-stream"), ("OpenAI-Beta", "assistants=v2"),
                 ("Idempotency-Key", "k1"), ("Anthropic-Version", "2023-06-01"), ("Anthropic-Beta", "b")]
-    assert upstream_request_headers(incoming, UPSTREAM_KEY, 12) == {
+    assert upstream_request_headers(incoming, {"authorization": f"Bearer {UPSTREAM_KEY}"}, 12) == {
         "content-type": "application/json", "accept": "text/event-stream", "openai-beta": "assistants=v2",
         "idempotency-key": "k1", "anthropic-version": "2023-06-01", "anthropic-beta": "b",
         "authorization": f"Bearer {UPSTREAM_KEY}", "accept-encoding": "identity", "content-length": "12"}

@@ -221,7 +221,7 @@ def test_every_file_field_has_a_message() -> None:
     """`messages()` raises for a field declared without its Says(...)."""
     assert set(KeyEntry.messages()) == {"key", "requests_per_minute", "requests_per_day", "daily_tokens",
                                         "max_streams", "models"}
-    assert set(UpstreamEntry.messages()) == {"name", "base_url", "api_key_env", "models"}
+    assert set(UpstreamEntry.messages()) == {"name", "base_url", "api_key_env", "models", "api"}
 
 
 # --- UPSTREAMS_FILE ----------------------------------------------------------------------------------------------
@@ -249,7 +249,10 @@ ENTRY = 'name = "kimi"\nbase_url = "https://api.moonshot.cn/v1"\napi_key_env = "
     (U + ENTRY.replace('"K"', '"MISSING_KEY"').replace('["kimi-*"]', "[]"),
      "upstream #1 ('kimi'): MISSING_KEY (named by 'api_key_env') is missing or empty"),
     (U + ENTRY.replace('api_key_env = "K"', 'api_key = "sk-x"'),
-     "upstream #1 ('kimi'): unknown field(s) api_key; expected api_key_env, base_url, models, name"),
+     "upstream #1 ('kimi'): unknown field(s) api_key; expected api, api_key_env, base_url, models, name"),
+    (U + ENTRY + 'api = "gemini"\n',
+     "upstream #1 ('kimi'): 'api' must be \"openai\" (the default) or \"anthropic\" (Anthropic's Messages API)"),
+    (U + ENTRY + "api = 1\n", "upstream #1 ('kimi'): 'api' must be \"openai\""),
     (U + ENTRY.replace('["kimi-*"]', "[]"),
      "upstream #1 ('kimi'): 'models' must be a non-empty array of model names or globs ([\"*\"] for any model)"),
     (U + ENTRY.replace('["kimi-*"]', '["a", " "]'), "upstream #1 ('kimi'): 'models' must be a non-empty array"),
@@ -270,8 +273,24 @@ def test_upstreams_file_is_parsed_and_serves_the_default_model(tmp_path: Path) -
     env = {"AUTHORIZATION_KEY": KEY, "UPSTREAMS_FILE": str(path), "K": " sk-1 "}
     assert config_error(env) == f"DEFAULT_MODEL: 'gpt-4o-mini' is not served by any upstream in UPSTREAMS_FILE {path}"
     (spec,) = Config.from_env({**env, "DEFAULT_MODEL": "kimi-k2"}).upstreams
-    assert (spec.name, spec.base_url, spec.api_key_env, spec.models, spec.api_key) == (
-        "kimi", "https://api.moonshot.cn/v1", "K", ("kimi-*",), "sk-1")
+    assert (spec.name, spec.base_url, spec.api_key_env, spec.models, spec.api_key, spec.api) == (
+        "kimi", "https://api.moonshot.cn/v1", "K", ("kimi-*",), "sk-1", "openai")
+
+
+def test_anthropic_upstream_is_parsed_and_left_out_of_chat(tmp_path: Path) -> None:
+    """`api = "anthropic"` is kept on the spec; DEFAULT_MODEL need only be served by the OpenAI upstreams,
+    and a file of Anthropic upstreams alone starts."""
+    path = tmp_path / "upstreams.toml"
+    anthropic_entry = ENTRY.replace('"kimi"', '"kimi-anthropic"').replace("/v1", "/anthropic") + 'api = "anthropic"\n'
+    path.write_text(U + anthropic_entry + U + ENTRY)
+    env = {"AUTHORIZATION_KEY": KEY, "UPSTREAMS_FILE": str(path), "K": "sk-1"}
+    assert [spec.api for spec in Config.from_env({**env, "DEFAULT_MODEL": "kimi-k2"}).upstreams] == ["anthropic",
+                                                                                                    "openai"]
+    path.write_text(U + anthropic_entry + U + ENTRY.replace('["kimi-*"]', '["gpt-*"]'))
+    assert "DEFAULT_MODEL: 'kimi-k2' is not served" in config_error({**env, "DEFAULT_MODEL": "kimi-k2"})
+    path.write_text(U + anthropic_entry)
+    first, = Config.from_env(env).upstreams
+    assert (first.api, first.base_url) == ("anthropic", "https://api.moonshot.cn/anthropic")
 
 
 # --- request bodies ----------------------------------------------------------------------------------------------
