@@ -14,3 +14,15 @@ fi
 if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
     npm ci --no-audit --no-fund --loglevel=error
 fi
+
+# The official OpenAI JS SDK for the browser test (tests/browser/test_js_sdk.py): `openai` and esbuild pinned by
+# tests/browser/jssdk/package-lock.json, the page's script bundled into the gitignored tests/browser/pages/dist/.
+# `npm ci` only when the lockfile changed, esbuild only when a source is newer than the bundle.
+cd ../browser/jssdk
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund --loglevel=error
+fi
+bundle=../pages/dist/js_sdk.js
+if [ ! -f "$bundle" ] || [ -n "$(find src package-lock.json -newer "$bundle" -print -quit)" ]; then
+    npm run --silent build
+fi
