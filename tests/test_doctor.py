@@ -16,6 +16,9 @@ from proxy.doctor import diagnose, read_doctor, report
 from tests.conftest import ACCESS_KEY, ROOT, RelayProcess
 from tests.servers import NGINX_SITE, running_nginx
 
+# Timing tests (records must arrive one by one, 0.3 s apart): run alone, after the parallel run.
+pytestmark = pytest.mark.serial
+
 # Short enough for a test, long enough to see bunching and to outlast a 1 s proxy read timeout.
 PLAN = {"records": 5, "interval": 0.3, "gap": 2.5, "after": 2}
 
