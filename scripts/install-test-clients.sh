@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the real client programs the tests drive against the relay (tests/test_codex_cli.py: OpenAI's
-# Codex CLI, whose npm package carries its native binary in a per-platform optional package) from the exact
+# Codex CLI; tests/test_claude_code.py: Claude Code; both npm packages carry their native binary in a
+# per-platform optional package, which Claude Code's postinstall links into its bin/) from the exact
 # versions pinned in tests/clients/package-lock.json into the gitignored tests/clients/node_modules/.
 # Quick when up to date: `npm ci` only when the lockfile changed. Nothing is downloaded at test time.
 set -eu

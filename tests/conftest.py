@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -162,3 +164,41 @@ def sdk() -> Iterator[Sdk]:
     yield make
     for client in clients:
         client.close()
+
+
+class ProxyTrap:
+    """A loopback listener standing in for an HTTP(S) proxy: records the first bytes of every connection."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.caught: list[bytes] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                connection, _address = self.server.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(2)
+                try:
+                    self.caught.append(connection.recv(4096))
+                except OSError as error:
+                    self.caught.append(repr(error).encode())
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.server.close()
+
+
+@pytest.fixture
+def trap() -> Iterator[ProxyTrap]:
+    proxy = ProxyTrap()
+    yield proxy
+    proxy.close()
