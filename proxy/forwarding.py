@@ -266,13 +266,8 @@ def event_data(event: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-class SseUsage:
-    """The usage of an SSE answer, from whole events as they pass: a Responses stream's
-    `response.completed` (`response.usage`), or a top-level `usage` (completions streams). Only events that
-    carry a `"usage"` key are parsed."""
-
-    def __init__(self) -> None:
-        self.usage: dict[str, int] | None = None
+class _UsageScanner:
+    """Whole SSE events as they pass; only those that carry a `"usage"` key are parsed (by `_read`)."""
 
     def feed(self, events: bytes) -> None:
         if b'"usage"' not in events:
@@ -280,6 +275,17 @@ class SseUsage:
         for event in _EVENT_END.split(events):
             if b'"usage"' in event:
                 self._read(event)
+
+    def _read(self, event: bytes) -> None:
+        raise NotImplementedError
+
+
+class SseUsage(_UsageScanner):
+    """The usage of an SSE answer: a Responses stream's `response.completed` (`response.usage`), or a
+    top-level `usage` (completions streams)."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, int] | None = None
 
     def _read(self, event: bytes) -> None:
         payload = event_data(event)
@@ -292,7 +298,7 @@ class SseUsage:
             self.usage = found
 
 
-class AnthropicSseUsage:
+class AnthropicSseUsage(_UsageScanner):
     """The usage of an Anthropic Messages stream as it passes: `message_start` carries the input tokens
     (`message.usage`), each `message_delta` the output tokens so far (cumulative, so the last one counts).
     Some servers repeat the input tokens in `message_delta`; the latest figure wins."""
@@ -307,13 +313,6 @@ class AnthropicSseUsage:
             return None
         prompt, completion = self._prompt or 0, self._completion or 0
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def feed(self, events: bytes) -> None:
-        if b'"usage"' not in events:
-            return
-        for event in _EVENT_END.split(events):
-            if b'"usage"' in event:
-                self._read(event)
 
     def _read(self, event: bytes) -> None:
         payload = event_data(event)
