@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # types only, so that every module, proxy.errors included, ma
     from proxy.config import Config
     from proxy.errors import RelayError
     from proxy.keys import KeyPolicy
+    from proxy.limits import Lease
 
 # The wire protocol a view speaks, which is also the shape its errors are rendered in (proxy/errors.py).
 WireProtocol = Literal["ndjson", "openai", "sse", "json", "anthropic"]
@@ -65,7 +66,7 @@ class RequestState:
     route: str
     caller: KeyPolicy | None = None  # decided once, by proxy.pipeline.decide_caller
     error: RelayError | None = None  # the error this request was answered with, for the metrics
-    lease: Any = None  # the stream slot held (proxy.limits.Lease), released when the request closes
+    lease: Lease | None = None  # the stream slot held, released when the request closes
     breach: tuple[str, int] | None = None  # (limit, seconds to retry) when a rate limit refused it
     streamed: bool = False  # a streaming response went out: it counts as an open stream until closed
     charged: bool = False  # the view charged its tokens itself (a WebSocket, answer by answer), not the close

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from gunicorn import glogging, util
 
+from proxy.accesslog import SECRET_PARAMS
 from proxy.redaction import REDACTED, escape_control, redact_secret_like
 
 # The headers every response of the relay carries (the pipeline sets them on the app's own responses).
@@ -43,7 +44,7 @@ def write_server_error(sock: socket.socket, status_int: int, reason: str, mesg: 
 
 
 # A key in a query string, as a request line gunicorn quotes in its own warnings carries it.
-SECRET_QUERY = re.compile(r"((?:^|[?&\s])(?:key|api_key|access_key|token)=)[^&\s'\"]*", re.I)
+SECRET_QUERY = re.compile(rf"((?:^|[?&\s])(?:{'|'.join(sorted(SECRET_PARAMS))})=)[^&\s'\"]*", re.I)
 
 
 class ServerLogFilter(logging.Filter):
