@@ -17,6 +17,7 @@ from flask import Blueprint, Response, request
 from werkzeug.wsgi import get_input_stream
 
 from proxy.access import authorize_model
+from proxy.bridge.responses_transport import refuse_bridged_lookup, serve_bridged_responses
 from proxy.config import Config
 from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, UpstreamFailed
 from proxy.forwarding import (
@@ -46,7 +47,7 @@ from proxy.pump import ClientSocket, StreamStats
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
 from proxy.routes.chat import client_socket_watcher
-from proxy.routing import BridgeUnavailable, Route, not_served, route
+from proxy.routing import Route, not_served, route
 from proxy.shaping import choose_model, read_body
 from proxy.upstream import Upstream
 
@@ -71,6 +72,7 @@ def forwarded(family: str, rest: str) -> Response:
     relay = current_relay()
     state = request_state()
     path = f"{family}/{rest}" if rest else family
+    refuse_bridged_lookup(family, rest)
     if family == "batches" and request.method == "POST":
         refuse_unchecked_models(relay.config, state)
     outgoing, model = read_request(relay.config, state, path)
@@ -87,7 +89,8 @@ def forwarded(family: str, rest: str) -> Response:
 
 def bridged_responses(relay: Relay, state: RequestState, outgoing: Outgoing, chosen: Route) -> Response:
     """A Responses request for a model only chat-completions upstreams serve: translated (proxy/bridge)."""
-    raise BridgeUnavailable("responses", outgoing.model or "")
+    return serve_bridged_responses(relay, state, outgoing.method, outgoing.path, outgoing.body,
+                                   chosen.chat_upstreams)
 
 
 def candidates(upstreams: Sequence[Upstream], model: str | None, family: str) -> list[Upstream]:

@@ -1,0 +1,71 @@
+"""Serving a Responses request from chat-completions upstreams: the transport around the pure bridge.
+
+`serve_bridged_responses` is what `routes/passthrough.py`'s `bridged_responses` calls once routing found
+only chat upstreams for the model. A stream goes through the relay's own pump with a `ResponsesEncoder`
+(routes/chat.py's `stream_response`): fall-over before the first token, keep-alive comments during silence,
+first-token/idle/whole-stream timers, cancellation when the client leaves, and the chat usage in the
+request's stats for budgets, logs and metrics. A whole answer is one chat completion (with fall-over at
+open), mapped to a Response object. Errors before the answer starts are the relay's usual ones, rendered in
+OpenAI's shape, so the openai SDK raises the class it would for the same status.
+
+The bridge keeps no responses: their ids carry `BRIDGED_ID_PREFIX`, and asking for one (GET, DELETE,
+cancel, input items) is a 404 that says why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import orjson
+from flask import Response
+
+from proxy.bridge.responses_answer import frame_for, random_id, response_of_completion
+from proxy.bridge.responses_encoder import ResponsesEncoder
+from proxy.bridge.responses_request import map_request
+from proxy.bridge.responses_stream import ResponsesStream
+from proxy.errors import BadRequest, NotFound
+from proxy.relay import Relay
+from proxy.request_state import RequestState
+from proxy.routes.chat import stream_response
+from proxy.routes.openai_api import SSE_HEADERS, whole_answer_stats
+from proxy.shaping import parse_json_object
+from proxy.upstream import Upstream, complete
+
+BRIDGE = "responses->chat"
+# Ids of responses the bridge made: OpenAI's `resp_` prefix, then a mark that tells the relay it made them.
+BRIDGED_ID_PREFIX = "resp_bridged_"
+
+
+def bridged_id(prefix: str) -> str:
+    """Ids as OpenAI makes them; a response id is marked as the bridge's own."""
+    return random_id("resp_bridged" if prefix == "resp" else prefix)
+
+
+def serve_bridged_responses(relay: Relay, state: RequestState, method: str, path: str,
+                            body: bytes | Iterator[bytes], upstreams: Sequence[Upstream]) -> Response:
+    """POST /v1/responses answered by chat-completions upstreams, streaming or whole."""
+    if method != "POST" or path != "responses":
+        raise NotFound(f"/v1/{path[:100]} is not available for this model: its upstream speaks chat "
+                       "completions, which only POST /v1/responses can be translated to", kind="bridge_unsupported")
+    if not isinstance(body, bytes):
+        raise BadRequest("a Responses request must be a JSON body")
+    bridged = map_request(parse_json_object(body))
+    state.access.bridge = BRIDGE
+    state.access.dropped_tools = bridged.dropped_tools
+    frame = frame_for(bridged, int(time.time()), bridged_id)
+    if bridged.stream:
+        encoder = ResponsesEncoder(ResponsesStream(frame, bridged.tools, bridged_id))
+        return stream_response(relay, bridged.chat, encoder, SSE_HEADERS, upstreams)
+    answer = complete(upstreams, bridged.chat, relay.config.upstream_timeout, relay.config.max_stream_seconds)
+    state.access.stats = whole_answer_stats(answer, state.access.started)
+    response = response_of_completion(answer.data, bridged, frame, bridged_id)
+    return Response(orjson.dumps(response), status=200, mimetype="application/json")
+
+
+def refuse_bridged_lookup(family: str, rest: str) -> None:
+    """GET/DELETE /v1/responses/<id>[/...] for a response the bridge made: a 404 saying it was never stored."""
+    if family == "responses" and rest.startswith(BRIDGED_ID_PREFIX):
+        response_id = rest.split("/", 1)[0][:100]
+        raise NotFound(f"response '{response_id}' was made by this relay from a chat completions upstream and "
+                       "is not stored: send the whole conversation in 'input' instead", kind="response_not_found")
