@@ -96,11 +96,13 @@ def relay(relay_factory: Callable[..., RelayProcess], tmp_path_factory: pytest.T
     return relay_factory(KEYS_FILE=str(keys), KEEPALIVE_SECONDS="0.3")
 
 
-def run_codex(relay: RelayProcess, trap: ProxyTrap, home: Path, prompt: str) -> subprocess.CompletedProcess[str]:
-    """`codex exec` with a fresh HOME/CODEX_HOME, the relay as its only provider and a trap as its proxy."""
+def run_codex(relay: RelayProcess, trap: ProxyTrap, home: Path, prompt: str, config: str = CONFIG_TOML
+              ) -> subprocess.CompletedProcess[str]:
+    """`codex exec` with a fresh HOME/CODEX_HOME, the relay as its only provider (`config`, with
+    `{relay_url}` in it) and a trap as its proxy."""
     codex_home = home / ".codex"
     codex_home.mkdir(parents=True)
-    (codex_home / "config.toml").write_text(CONFIG_TOML.format(relay_url=relay.url))
+    (codex_home / "config.toml").write_text(config.format(relay_url=relay.url))
     workdir = home / "work"
     workdir.mkdir()
     env = {
