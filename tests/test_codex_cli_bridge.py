@@ -25,6 +25,12 @@ from tests.servers import wait_until
 from tests.test_codex_cli import CODEX, CODEX_KEY, KEY_NAME, run_codex
 
 MODEL = "gpt-5-codex"
+# Codex 0.171.0's own default model when the configuration names none. For it, Codex offers its tools through
+# an `additional_tools` input item: a namespace `functions` holding `exec`, a custom (free-form) tool taking
+# JavaScript that calls the other tools.
+CODEX_DEFAULT_MODEL = "gpt-6.2-sol"
+JS_MARKER = "custom-tool-ran-5d2a"
+JS_ARGUMENTS = ('{"input":', f'"text(\\"{JS_MARKER}\\")"', "}")
 UPSTREAM_MODEL = "gpt-4o-mini"
 MARKER = "bridged-tool-ran-7c1e"
 COMMAND_ARGUMENTS = ('{"cmd":', f'"echo {MARKER}"', "}")
@@ -89,7 +95,8 @@ def relay(relay_factory: Callable[..., RelayProcess], tmp_path_factory: pytest.T
     upstreams = folder / "upstreams.toml"
     upstreams.write_text(f'[[upstreams]]\nname = "chat-only"\nbase_url = "{fake.base_url}"\n'
                          f'api_key_env = "CHAT_KEY"\nmodels = ["gpt-4o*"]\nprotocols = ["chat"]\n'
-                         f'model_map = {{ "{MODEL}" = "{UPSTREAM_MODEL}" }}\n')
+                         f'model_map = {{ "{MODEL}" = "{UPSTREAM_MODEL}", '
+                         f'"{CODEX_DEFAULT_MODEL}" = "{UPSTREAM_MODEL}" }}\n')
     return relay_factory(KEYS_FILE=str(keys), UPSTREAMS_FILE=str(upstreams), CHAT_KEY=UPSTREAM_KEY,
                          OPENAI_API_KEY="", KEEPALIVE_SECONDS="0.3")
 
@@ -127,4 +134,28 @@ def test_codex_runs_a_tool_round_trip_over_a_chat_only_upstream(relay: RelayProc
     assert all(f"key={KEY_NAME} " in line and "outcome=ok" in line and "dropped_tools=web_search" in line
                for line in bridged())
     assert CODEX_KEY not in relay.log_text() and UPSTREAM_KEY not in relay.log_text()
+    assert trap.caught == [], trap.caught
+
+
+def test_codex_default_model_runs_a_custom_tool_round_trip(relay: RelayProcess, fake: FakeUpstream,
+                                                           trap: ProxyTrap, tmp_path: Path) -> None:
+    """With no model configured, Codex uses its own default model and offers its tools the way it does for
+    it (`additional_tools`, a namespaced custom `exec` tool taking JavaScript): the fake calls that tool
+    through the function the bridge made of it, Codex gets a custom_tool_call, runs the script, sends its
+    output back, and prints the final answer."""
+    fake.behave(tool_call_once=True, tool_name="functions__exec", tool_arguments=JS_ARGUMENTS, tokens=ANSWER_TOKENS)
+    config = CONFIG_TOML.replace(f'model = "{MODEL}"\n', "")
+    done = run_codex(relay, trap, tmp_path / "home", PROMPT, config)
+    report = f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}\nlog:\n{relay.log_text()}"
+    assert done.returncode == 0, report
+    assert done.stdout.strip() == ANSWER, report
+
+    first, second = (r.json for r in fake.requests)
+    assert first["model"] == UPSTREAM_MODEL and "functions__exec" in [t["function"]["name"] for t in first["tools"]]
+    assert first.get("reasoning_effort") == "low"  # Codex asks its default model for low effort
+    [call] = [m for m in second["messages"] if m.get("tool_calls")]
+    assert call["tool_calls"][0]["function"] == {"name": "functions__exec", "arguments": "".join(JS_ARGUMENTS)}
+    [result] = [m for m in second["messages"] if m["role"] == "tool"]
+    assert result["tool_call_id"] == call["tool_calls"][0]["id"] and JS_MARKER in result["content"], result
+    assert "text(" not in result["content"], result  # the script's output, not the script
     assert trap.caught == [], trap.caught
