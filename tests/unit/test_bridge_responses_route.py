@@ -120,3 +120,27 @@ def test_refusals_in_openai_shape(transport: FakeTransport, method: str, path: s
     answer = bridge_client(transport).open(path, method=method, headers=bearer(), json=body)
     assert answer.status_code == status and words in answer.get_json()["error"]["message"]
     assert transport.requests == []
+
+
+@pytest.mark.parametrize("first_reply", [
+    {"status": 500, "json": {"error": {"message": "down"}}},
+    {"blocks": [chunk_event({"role": "assistant", "content": ""}), b"data: {not json\n\n"]},
+], ids=["5xx-at-open", "broken-before-first-token"])
+def test_falls_over_to_the_next_chat_upstream(first_reply: dict[str, Any], access_lines: list[str]) -> None:
+    """A chat upstream failing at open, or its stream breaking before the first token, hands the bridged
+    request to the next one serving the model; the client sees one clean event sequence."""
+    first, second = FakeTransport(), FakeTransport()
+    first.reply(**first_reply)
+    app = create_app(unit_config())
+    upstreams = tuple(openai_upstream(name, transport, ("deepseek-*",), frozenset({"chat"}), MAP)
+                      for name, transport in (("one", first), ("two", second)))
+    app.extensions["relay"] = dataclasses.replace(app.extensions["relay"], upstreams=upstreams)
+    answer = app.test_client().post("/v1/responses", headers=bearer(),
+                                    json={"model": "gpt-5-codex", "input": "Hello", "stream": True})
+    events = sse_events(answer.get_data())
+    answer.close()
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "response.completed" and events[-1]["response"]["output"][0]["content"][0][
+        "text"] == "Hello"
+    assert len(first.requests) == len(second.requests) == 1
+    assert "upstream=two" in access_lines[-1] and "fallbacks=1" in access_lines[-1]
