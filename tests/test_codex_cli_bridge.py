@@ -103,11 +103,13 @@ def relay(relay_factory: Callable[..., RelayProcess], tmp_path_factory: pytest.T
 
 def test_codex_runs_a_tool_round_trip_over_a_chat_only_upstream(relay: RelayProcess, fake: FakeUpstream,
                                                                  trap: ProxyTrap, tmp_path: Path) -> None:
-    """Codex gets the fake's exec_command call as a function_call, runs it, sends its output back (a tool
-    message upstream), and prints the fake's final answer; the upstream only ever saw chat completions under
-    its own model name; the access log says both turns were bridged; nothing left loopback."""
+    """Codex gets the fake's exec_command call as a function_call (after keep-alives), runs it, sends its
+    output back (a tool message upstream), and prints the fake's final answer; the upstream only ever saw
+    chat completions under its own model name; the access log says both turns were bridged; nothing left
+    loopback."""
+    # Silent before each first token for longer than two keep-alive periods: Codex reads past the comments.
     fake.behave(tool_call_once=True, tool_name="exec_command", tool_arguments=COMMAND_ARGUMENTS,
-                tokens=ANSWER_TOKENS)
+                tokens=ANSWER_TOKENS, first_token_delay=0.7)
     done = run_codex(relay, trap, tmp_path / "home", PROMPT, CONFIG_TOML)
     report = f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}\nlog:\n{relay.log_text()}"
     assert done.returncode == 0, report
@@ -142,8 +144,10 @@ def test_codex_default_model_runs_a_custom_tool_round_trip(relay: RelayProcess, 
     """With no model configured, Codex uses its own default model and offers its tools the way it does for
     it (`additional_tools`, a namespaced custom `exec` tool taking JavaScript): the fake calls that tool
     through the function the bridge made of it, Codex gets a custom_tool_call, runs the script, sends its
-    output back, and prints the final answer."""
-    fake.behave(tool_call_once=True, tool_name="functions__exec", tool_arguments=JS_ARGUMENTS, tokens=ANSWER_TOKENS)
+    output back, and prints the final answer. The upstream reasons first (reasoning_content): Codex takes the
+    reasoning items and sends them back next turn, where the bridge leaves them out."""
+    fake.behave(tool_call_once=True, tool_name="functions__exec", tool_arguments=JS_ARGUMENTS, tokens=ANSWER_TOKENS,
+                reasoning=["Run the ", "script first."])
     config = CONFIG_TOML.replace(f'model = "{MODEL}"\n', "")
     done = run_codex(relay, trap, tmp_path / "home", PROMPT, config)
     report = f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}\nlog:\n{relay.log_text()}"
@@ -158,4 +162,5 @@ def test_codex_default_model_runs_a_custom_tool_round_trip(relay: RelayProcess, 
     [result] = [m for m in second["messages"] if m["role"] == "tool"]
     assert result["tool_call_id"] == call["tool_calls"][0]["id"] and JS_MARKER in result["content"], result
     assert "text(" not in result["content"], result  # the script's output, not the script
+    assert "script first" not in json.dumps(second["messages"])
     assert trap.caught == [], trap.caught
