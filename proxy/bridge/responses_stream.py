@@ -10,9 +10,10 @@ Items open and close as the answer goes: reasoning deltas (`reasoning_content`, 
 reasoning item with `reasoning_text` content (raw reasoning, which is what chat upstreams send, not a
 summary); text is a message item with one `output_text` part; each tool call (by its chat `index`) is a
 `function_call` item whose arguments stream as `function_call_arguments.delta`, or, for a custom tool, a
-`custom_tool_call` whose input is sent whole once its JSON wrapper (`{"input": ...}`) is complete
-(`custom_tool_call_input.delta` then `.done`). Text and reasoning items close when another kind starts;
-tool calls stay open until the end, since upstreams may interleave the deltas of parallel calls.
+`custom_tool_call` whose input streams as `custom_tool_call_input.delta` while its JSON wrapper
+(`{"input": ...}`) is decoded (proxy/bridge/responses_custom_input.py), then `.done`. Text and reasoning
+items close when another kind starts; tool calls stay open until the end, since upstreams may interleave
+the deltas of parallel calls.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from proxy.bridge.responses_answer import (
     status_of,
     tool_call_item,
 )
+from proxy.bridge.responses_custom_input import CustomInputDecoder
 from proxy.bridge.responses_request import ToolTable, as_dict
 
 Event = dict[str, Any]
@@ -62,6 +64,7 @@ class _ToolItem:
     name: str = ""
     arguments: list[str] = field(default_factory=list)
     sent: int = 0  # how many argument pieces went out as deltas
+    custom: CustomInputDecoder = field(default_factory=CustomInputDecoder)  # a custom tool's input, decoded
 
 
 class ResponsesStream:
@@ -200,9 +203,11 @@ class ResponsesStream:
         return [self.event("response.output_item.added", output_index=item.index, item=added)]
 
     def _argument_deltas(self, item: _ToolItem) -> list[Event]:
-        if self.tools.lookup(item.name).kind == "custom":
-            return []  # a custom tool's input goes out whole, once its JSON wrapper is complete
         pieces, item.sent = item.arguments[item.sent:], len(item.arguments)
+        if self.tools.lookup(item.name).kind == "custom":
+            decoded = "".join(item.custom.feed(piece) for piece in pieces)
+            return [self.event("response.custom_tool_call_input.delta", item_id=item.id, output_index=item.index,
+                               delta=decoded)] if decoded else []
         return [self.event("response.function_call_arguments.delta", item_id=item.id, output_index=item.index,
                            delta=piece) for piece in pieces]
 
@@ -214,8 +219,9 @@ class ResponsesStream:
         where = {"item_id": item.id, "output_index": item.index}
         if done["type"] == "custom_tool_call":
             text = custom_input(arguments)
-            events = [self.event("response.custom_tool_call_input.delta", **where, delta=text),
-                      self.event("response.custom_tool_call_input.done", **where, input=text)]
+            events = [] if item.custom.emitted or not text else [
+                self.event("response.custom_tool_call_input.delta", **where, delta=text)]
+            events.append(self.event("response.custom_tool_call_input.done", **where, input=text))
         else:
             events = [self.event("response.function_call_arguments.done", **where, name=done["name"],
                                  arguments=arguments)]

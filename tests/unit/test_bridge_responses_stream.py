@@ -121,17 +121,28 @@ def test_parallel_tool_calls_interleaved() -> None:
     assert argument_deltas == [(1, '{"city":'), (2, '{"city":'), (1, '"Paris"}'), (2, '"Oslo"}')]
 
 
-def test_custom_tool_call_input_sent_whole() -> None:
-    """A call of the function a custom tool became is a custom_tool_call with the unwrapped input."""
+def test_custom_tool_call_input_streams_unwrapped() -> None:
+    """A call of the function a custom tool became is a custom_tool_call whose input streams unwrapped."""
     chunks = [delta(tool_calls=[tool(0, "call_p", "apply_patch", '{"input":"*** Begin')]),
               delta(tool_calls=[tool(0, arguments=' Patch\\n"}')]), delta("tool_calls")]
     events = run(chunks, bridged(tools=[APPLY_PATCH]))
-    assert types(events)[2:] == ["output_item.added", "custom_tool_call_input.delta", "custom_tool_call_input.done",
-                                 "output_item.done", "completed"]
-    assert events[4]["input"] == "*** Begin Patch\n"
+    assert types(events)[2:] == ["output_item.added", "custom_tool_call_input.delta", "custom_tool_call_input.delta",
+                                 "custom_tool_call_input.done", "output_item.done", "completed"]
+    assert [events[3]["delta"], events[4]["delta"]] == ["*** Begin", " Patch\n"]
+    assert events[5]["input"] == "*** Begin Patch\n"
     assert events[-1]["response"]["output"][0] == {"id": "ctc_2", "type": "custom_tool_call", "status": "completed",
                                                    "call_id": "call_p", "name": "apply_patch",
                                                    "input": "*** Begin Patch\n"}
+
+
+def test_custom_tool_call_of_another_shape_is_sent_whole() -> None:
+    """Arguments not shaped `{"input": ...}` give no deltas while they arrive, and the input whole at the end."""
+    chunks = [delta(tool_calls=[tool(0, "call_p", "apply_patch", '{"patch":')]),
+              delta(tool_calls=[tool(0, arguments=' "x"}')]), delta("tool_calls")]
+    events = run(chunks, bridged(tools=[APPLY_PATCH]))
+    assert types(events)[2:] == ["output_item.added", "custom_tool_call_input.delta", "custom_tool_call_input.done",
+                                 "output_item.done", "completed"]
+    assert events[3]["delta"] == events[4]["input"] == "x"
 
 
 def test_reasoning_then_text() -> None:
