@@ -112,9 +112,9 @@ class ResponsesStream:
             events += self._text_delta("message", content)
         tool_calls = delta.get("tool_calls")
         if isinstance(tool_calls, list):
-            for position, call in enumerate(tool_calls):
+            for call in tool_calls:
                 if isinstance(call, dict):
-                    events += self._tool_delta(call, position)
+                    events += self._tool_delta(call)
         return events
 
     # --- text and reasoning ------------------------------------------------------------------------------
@@ -168,8 +168,8 @@ class ResponsesStream:
 
     # --- tool calls ----------------------------------------------------------------------------------------
 
-    def _tool_delta(self, call: dict[str, Any], position: int) -> list[Event]:
-        key = call["index"] if isinstance(call.get("index"), int) else self._index_of(call, position)
+    def _tool_delta(self, call: dict[str, Any]) -> list[Event]:
+        key = call["index"] if isinstance(call.get("index"), int) else self._index_of(call)
         events: list[Event] = []
         item = self.calls.get(key)
         if item is None:
@@ -177,8 +177,8 @@ class ResponsesStream:
             call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else self.new_id("call")
             item = self.calls[key] = _ToolItem(None, "", str(call_id))
         function = as_dict(call.get("function"))
-        if isinstance(function.get("name"), str) and function["name"]:
-            item.name += function["name"]
+        if isinstance(function.get("name"), str) and not item.name:
+            item.name = function["name"]  # said once; servers that repeat it in every delta do not rename it
         if isinstance(function.get("arguments"), str) and function["arguments"]:
             item.arguments.append(function["arguments"])
         if item.index is None and item.name:
@@ -187,12 +187,16 @@ class ResponsesStream:
             events += self._argument_deltas(item)
         return events
 
-    def _index_of(self, call: dict[str, Any], position: int) -> int:
-        """A tool call without `index` (some servers omit it): the open call with its id, else a new one."""
+    def _index_of(self, call: dict[str, Any]) -> int:
+        """The key of a tool call sent without `index` (some servers omit it): the open call with its id; a
+        piece with neither id nor name continues the last call; anything else is a new call."""
+        call_id = call.get("id")
         for key, item in self.calls.items():
-            if call.get("id") and item.call_id == call.get("id"):
+            if call_id and item.call_id == call_id:
                 return key
-        return -1 - len(self.calls) - position
+        if self.calls and not call_id and not as_dict(call.get("function")).get("name"):
+            return list(self.calls)[-1]
+        return -1 - len(self.calls)
 
     def _announce(self, item: _ToolItem) -> list[Event]:
         kind = self.tools.lookup(item.name).kind

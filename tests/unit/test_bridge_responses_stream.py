@@ -199,6 +199,21 @@ def test_tool_call_name_after_its_first_delta_and_without_index() -> None:
                                  "output_item.done", "completed"]
 
 
+def test_tool_calls_without_index_and_with_repeated_names() -> None:
+    """Whole calls without `index` (two in one chunk, one in the next) are three items; a name repeated in
+    every delta does not grow; a continuation piece with neither id nor name extends the last call."""
+    chunks = [delta(tool_calls=[{"id": "a", "function": {"name": "get_weather", "arguments": "{}"}},
+                                {"id": "b", "function": {"name": "get_weather", "arguments": "{"}}]),
+              delta(tool_calls=[{"function": {"arguments": "}"}}]),
+              delta(tool_calls=[{"id": "c", "function": {"name": "get_weather", "arguments": "{}"}}]),
+              delta(tool_calls=[{"index": 5, "id": "d", "function": {"name": "get_weather", "arguments": "{"}}]),
+              delta(tool_calls=[{"index": 5, "function": {"name": "get_weather", "arguments": "}"}}]),
+              delta("tool_calls")]
+    output = run(chunks, bridged(tools=[WEATHER]))[-1]["response"]["output"]
+    assert [(item["call_id"], item["name"], item["arguments"]) for item in output] == [
+        ("a", "get_weather", "{}"), ("b", "get_weather", "{}"), ("c", "get_weather", "{}"), ("d", "get_weather", "{}")]
+
+
 def test_a_finished_stream_emits_nothing_more() -> None:
     """finish or fail after the end adds no event (the pump ends every stream with end(), after error())."""
     request = bridged()
