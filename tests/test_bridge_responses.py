@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx2
 import openai
+import pydantic
 import pytest
 
 from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, RelayProcess, Sdk
@@ -97,6 +98,21 @@ def test_stream_with_a_function_tool_round_trip(relay: RelayProcess, fake: FakeU
     assert text == ANSWER and final.output_text == ANSWER
     assert final.usage is not None and final.usage.total_tokens == final.usage.input_tokens + 6
     assert all(body["stream"] is True for body in chat_requests(fake))
+
+
+class City(pydantic.BaseModel):
+    city: str
+
+
+def test_structured_output(relay: RelayProcess, fake: FakeUpstream, sdk: Sdk) -> None:
+    """responses.parse with a pydantic text_format: the JSON schema goes upstream as response_format and the
+    SDK parses the answer into the model."""
+    fake.behave(tokens=['{"city":', '"Paris"}'])
+    parsed = sdk(relay).responses.parse(model=MODEL, input="Which city?", text_format=City)
+    assert parsed.output_parsed == City(city="Paris")
+    sent = chat_requests(fake)[0]["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["name"] == "City"
+    assert sent["json_schema"]["schema"]["properties"] == {"city": {"title": "City", "type": "string"}}
 
 
 def test_reasoning_becomes_a_reasoning_item(relay: RelayProcess, fake: FakeUpstream, sdk: Sdk) -> None:
