@@ -22,11 +22,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
-from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo
+from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo, model_validator
 
 from proxy.keys import MIN_ACCESS_KEY_LENGTH, KeyRing, KeysFileError
 from proxy.validation import EntryError, FileEntry, Says
@@ -53,6 +53,10 @@ class UpstreamSpec:
     models: tuple[str, ...]  # exact names or globs
     api_key: str = field(default="", repr=False, compare=False)
     api: str = "openai"  # the protocol it speaks: "openai" (/v1/chat/completions...) or "anthropic" (/v1/messages)
+    # The client protocols it serves natively (proxy/routing.py bridges the others): "chat", "responses",
+    # "messages". The default follows `api`.
+    protocols: tuple[str, ...] = ("chat", "responses")
+    model_map: tuple[tuple[str, str], ...] = ()  # (client-facing name, the upstream's own name)
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class Config:
         # DEFAULT_MODEL is chat's: only the OpenAI-protocol upstreams can serve it (a file of Anthropic ones
         # alone serves /v1/messages only, and chat then names the model it lacks).
         chat_upstreams = [spec for spec in upstreams if spec.api == "openai"]
-        if chat_upstreams and not any(_matches(spec.models, default_model) for spec in chat_upstreams):
+        if chat_upstreams and not any(_serves(spec, default_model) for spec in chat_upstreams):
             raise ConfigError(f"DEFAULT_MODEL: '{default_model}' is not served by any upstream in "
                               f"UPSTREAMS_FILE {upstreams_file}")
         return cls(**values, upstreams=upstreams)
@@ -389,6 +393,7 @@ def _key_in_env(name: str, info: ValidationInfo) -> str:
 
 
 _Named = Annotated[str, StringConstraints(pattern=r"\S")]
+PROTOCOL_NAMES = '"chat", "responses", "messages"'
 
 
 class UpstreamEntry(FileEntry):
@@ -405,6 +410,27 @@ class UpstreamEntry(FileEntry):
     api: Annotated[Literal["openai", "anthropic"],
                    Says("'api' must be \"openai\" (the default) or \"anthropic\" (Anthropic's Messages API)")
                    ] = "openai"
+    protocols: Annotated[list[Literal["chat", "responses", "messages"]] | None, Field(min_length=1),
+                         Says(f"'protocols' must be a non-empty array of {PROTOCOL_NAMES}")] = None
+    model_map: Annotated[dict[_Named, _Named], Field(default_factory=dict),
+                         Says("'model_map' must be a table of client-facing model names to the upstream's own "
+                              "names, both non-empty strings")]
+
+    @model_validator(mode="after")
+    def _protocols_fit_the_api(self) -> Self:
+        given = set(self.protocols or ())
+        if self.api == "anthropic" and given - {"messages"}:
+            raise ValueError("an upstream with api = \"anthropic\" speaks only \"messages\" ('protocols')")
+        if self.api == "openai" and given and ("chat" not in given or "messages" in given):
+            raise ValueError("an upstream with api = \"openai\" must list \"chat\" in 'protocols' and may add "
+                             "\"responses\" (for \"messages\" declare api = \"anthropic\")")
+        return self
+
+    @property
+    def native_protocols(self) -> tuple[str, ...]:
+        if self.protocols:
+            return tuple(dict.fromkeys(self.protocols))
+        return ("messages",) if self.api == "anthropic" else ("chat", "responses")
 
     @classmethod
     def unknown_fields(cls, names: list[str]) -> str:
@@ -449,11 +475,13 @@ def _upstream_entry(where: str, entry: dict[str, Any], env: Mapping[str, str]) -
         raise ConfigError(str(exc)) from None
     return UpstreamSpec(checked.name, checked.base_url, checked.api_key_env,
                         tuple(model.strip() for model in checked.models), env[checked.api_key_env].strip(),
-                        checked.api)
+                        checked.api, checked.native_protocols,
+                        tuple((name.strip(), own.strip()) for name, own in checked.model_map.items()))
 
 
-def _matches(patterns: tuple[str, ...], model: str) -> bool:
-    return any(fnmatchcase(model, pattern) for pattern in patterns)
+def _serves(spec: UpstreamSpec, model: str) -> bool:
+    return any(model == name for name, _own in spec.model_map) or any(fnmatchcase(model, pattern)
+                                                                      for pattern in spec.models)
 
 
 def _is_http_url(url: str) -> bool:

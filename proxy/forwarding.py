@@ -430,10 +430,21 @@ class Outgoing:
     body: bytes | Iterator[bytes]
     content_length: int | None
     streaming: bool  # the client asked for a stream: headers within UPSTREAM_TIMEOUT, then the loop's timers
+    # The model a JSON body names, for upstreams that know it by another name (UPSTREAMS_FILE's `model_map`).
+    model: str | None = None
 
     @property
     def replayable(self) -> bool:
         return isinstance(self.body, bytes)
+
+    def body_for(self, upstream: ForwardTarget) -> tuple[bytes | Iterator[bytes], int | None]:
+        """The body as `upstream` must get it: as sent, or with the model renamed (JSON bodies only)."""
+        if self.model is None or not isinstance(self.body, bytes) or upstream.upstream_model(self.model) == self.model:
+            return self.body, self.content_length
+        document = json.loads(self.body)
+        renamed = json.dumps({**document, "model": upstream.upstream_model(self.model)},
+                             ensure_ascii=False, separators=(",", ":")).encode()
+        return renamed, len(renamed)
 
 
 class ForwardTarget(Protocol):
@@ -449,6 +460,7 @@ class ForwardTarget(Protocol):
     @property
     def redact(self) -> Callable[[str], str]: ...
     def auth_headers(self) -> dict[str, str]: ...
+    def upstream_model(self, model: str) -> str: ...
 
 
 @dataclass
@@ -506,9 +518,10 @@ def _send(upstream: ForwardTarget, outgoing: Outgoing, upstream_timeout: float, 
     # must cover it (as chat's non-streaming requests do).
     read = upstream_timeout if outgoing.streaming else whole_answer_timeout
     http = upstream.http
+    body, content_length = outgoing.body_for(upstream)
     request = http.build_request(
-        outgoing.method, url, content=outgoing.body,
-        headers=upstream_request_headers(outgoing.headers, upstream.auth_headers(), outgoing.content_length),
+        outgoing.method, url, content=body,
+        headers=upstream_request_headers(outgoing.headers, upstream.auth_headers(), content_length),
         timeout=httpx2.Timeout(upstream_timeout, read=read),
     )
     return http.send(request, stream=True)

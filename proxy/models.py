@@ -130,6 +130,7 @@ def configured_names(config: Config, upstreams: Iterable[Upstream]) -> list[str]
     """The exact model names the configuration gives, in its order: default, allow-list, upstreams file."""
     names = [config.default_model, *config.allowed_models]
     for upstream in upstreams:
+        names.extend(name for name, _own in upstream.model_map)
         names.extend(upstream.models)
     return [name for name in dict.fromkeys(names) if not GLOB_CHARACTERS & set(name)]
 

@@ -56,7 +56,8 @@ def configured_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[
         return (demo_upstream(),)
     if config.upstreams:
         return tuple(Upstream(spec.name, upstream_client(spec.base_url, spec.api_key, config), spec.models,
-                              redact) for spec in config.upstreams if spec.api == "openai")
+                              redact, frozenset(spec.protocols), spec.model_map)
+                     for spec in config.upstreams if spec.api == "openai")
     return (Upstream("default", upstream_client(config.openai_base_url, config.openai_api_key, config),
                      redact=redact),)
 
@@ -66,7 +67,7 @@ def anthropic_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[A
     forwarded as sent, so timeouts are set per request by proxy/forwarding.py)."""
     return tuple(AnthropicUpstream(spec.name, spec.base_url.rstrip("/"),
                                    httpx2.Client(limits=UPSTREAM_POOL, timeout=config.upstream_timeout),
-                                   spec.api_key, spec.models, redact)
+                                   spec.api_key, spec.models, redact, frozenset(spec.protocols), spec.model_map)
                  for spec in config.upstreams if spec.api == "anthropic" and not config.demo)
 
 

@@ -70,9 +70,18 @@ class Upstream:
     models: tuple[str, ...] = ()  # globs; empty means any model
     # The configuration's redaction (proxy/redaction.py), applied to every upstream text a client or log sees.
     redact: Callable[[str], str] = field(default=redact_secret_like, repr=False, compare=False)
+    protocols: frozenset[str] = frozenset({"chat", "responses"})  # the client protocols it speaks natively
+    model_map: tuple[tuple[str, str], ...] = ()  # (client-facing name, this upstream's own name)
 
     def serves(self, model: str) -> bool:
-        return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
+        return serves(self.models, self.model_map, model)
+
+    def speaks(self, protocol: str) -> bool:
+        return protocol in self.protocols
+
+    def upstream_model(self, model: str) -> str:
+        """The name this upstream knows `model` by (UPSTREAMS_FILE's `model_map`), else `model` itself."""
+        return dict(self.model_map).get(model, model)
 
     # What proxy/forwarding.py needs of an upstream it forwards raw requests to (`ForwardTarget`).
     @property
@@ -99,12 +108,28 @@ class AnthropicUpstream:
     api_key: str = field(repr=False)
     models: tuple[str, ...] = ()
     redact: Callable[[str], str] = field(default=redact_secret_like, repr=False, compare=False)
+    protocols: frozenset[str] = frozenset({"messages"})
+    model_map: tuple[tuple[str, str], ...] = ()
 
     def serves(self, model: str) -> bool:
-        return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
+        return serves(self.models, self.model_map, model)
+
+    def speaks(self, protocol: str) -> bool:
+        return protocol in self.protocols
+
+    def upstream_model(self, model: str) -> str:
+        return dict(self.model_map).get(model, model)
 
     def auth_headers(self) -> dict[str, str]:
         return {"x-api-key": self.api_key}
+
+
+def serves(models: tuple[str, ...], model_map: tuple[tuple[str, str], ...], model: str) -> bool:
+    """An upstream serves the names its `model_map` gives and whatever its `models` globs match (all, when
+    it lists none)."""
+    if any(model == name for name, _own in model_map):
+        return True
+    return not models or any(fnmatchcase(model, pattern) for pattern in models)
 
 
 def model_allowed(patterns: Iterable[str], model: str) -> bool:
@@ -350,8 +375,9 @@ def _request(upstream: Upstream, body: dict[str, Any], timeout: float) -> Any:
     # The body travels in `extra_body`, which the SDK merges over its own fields: the client's messages
     # reach the upstream exactly as sent, and the SDK does not walk them through its type transforms
     # (about a millisecond of CPU per request for a modest conversation).
+    model = upstream.upstream_model(body["model"])
     manager = upstream.client.chat.completions.with_streaming_response.create(
-        model=body["model"], messages=(), stream=True, extra_body={**body, "stream": True},
+        model=model, messages=(), stream=True, extra_body={**body, "model": model, "stream": True},
         timeout=httpx2.Timeout(timeout),
     )
     # The manager's only job is to close on exit; the relay closes the response itself in the pump.
@@ -362,8 +388,9 @@ def _request_whole(upstream: Upstream, body: dict[str, Any], timeout: float, who
                    ) -> bytes:
     # The upstream sends its headers only once the whole answer exists: the read timeout must cover it.
     # As in `_request`, the body travels in `extra_body`; `stream` (false or absent) stays as the client sent it.
+    model = upstream.upstream_model(body["model"])
     response = upstream.client.chat.completions.with_raw_response.create(
-        model=body["model"], messages=(), extra_body=body,
+        model=model, messages=(), extra_body={**body, "model": model},
         timeout=httpx2.Timeout(whole_answer_timeout, connect=timeout),
     )
     content: bytes = response.http_response.content

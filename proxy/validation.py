@@ -56,17 +56,20 @@ class FileEntry(BaseModel):
             return cls.unknown_fields(unknown)
         order = list(cls.model_fields)
         named = [error for error in errors if error["loc"] and error["loc"][0] in cls.model_fields]
-        if not named:  # not about one field (no model-wide validators exist today); pydantic's words, no input
-            return str(errors[0]["msg"])
+        if not named:  # a model-wide validator of ours, or else pydantic's own words (never the input)
+            return _own_message(errors[0]) or str(errors[0]["msg"])
         error = min(named, key=lambda error: order.index(str(error["loc"][0])))
-        if error["type"] == "value_error":  # a validator of ours: its ValueError is already the message
-            return str(error["ctx"]["error"])
-        return says(cls, str(error["loc"][0]))
+        return _own_message(error) or says(cls, str(error["loc"][0]))
 
     @classmethod
     def messages(cls) -> dict[str, str]:
         """Every field's message, for the tests that hold each rule to its wording."""
         return {name: says(cls, name) for name in cls.model_fields}
+
+
+def _own_message(error: Any) -> str | None:
+    """A validator of ours raised ValueError: its text is already the message."""
+    return str(error["ctx"]["error"]) if error["type"] == "value_error" else None
 
 
 def says(model: type[BaseModel], name: str) -> str:

@@ -74,6 +74,8 @@ def test_streaming_through_sdk_gives_tokens_usage_and_model(
     usage = chunks[-1].usage
     assert chunks[-1].choices == [] and usage is not None
     assert usage.completion_tokens == 2 and usage.total_tokens == usage.prompt_tokens + 2
+    # The fake records the stream as it finishes writing, which can be just after the client read its end.
+    assert fake.wait_for(lambda: fake.streams_closed)
     assert fake.streams_closed[-1].tokens_sent == 2 and fake.streams_closed[-1].completed
     assert fake.requests[-1].json["stream"] is True
     assert fake.requests[-1].headers["authorization"] == "Bearer sk-test"

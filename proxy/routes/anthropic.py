@@ -10,18 +10,16 @@ limits, budgets, the model) is an Anthropic error body that the SDKs raise as th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from flask import Blueprint, Response, request
 
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest
 from proxy.forwarding import ANTHROPIC, Outgoing, forward, json_object, model_of
 from proxy.pipeline import endpoint
-from proxy.relay import current_relay
-from proxy.request_state import request_state
+from proxy.relay import Relay, current_relay
+from proxy.request_state import RequestState, request_state
 from proxy.routes.passthrough import answer, check_model
+from proxy.routing import BridgeUnavailable, Route, route
 from proxy.shaping import read_body
-from proxy.upstream import AnthropicUpstream
 
 bp = Blueprint("anthropic", __name__)
 
@@ -46,17 +44,14 @@ def messages(rest: str) -> Response:
         headers.append(("anthropic-version", DEFAULT_ANTHROPIC_VERSION))
     path = f"v1/messages/{rest}" if rest else "v1/messages"
     outgoing = Outgoing(method="POST", path=path, query=request.query_string, headers=headers, body=raw,
-                        content_length=len(raw), streaming=body.get("stream") is True)
-    opened = forward(serving(relay.anthropic_upstreams, model), outgoing, relay.config.upstream_timeout,
-                     relay.config.max_stream_seconds)
+                        content_length=len(raw), streaming=body.get("stream") is True, model=model)
+    chosen = route(relay, "messages", model)
+    if not chosen.native:
+        return bridged_messages(relay, state, outgoing, chosen)
+    opened = forward(chosen.upstreams, outgoing, relay.config.upstream_timeout, relay.config.max_stream_seconds)
     return answer(relay, state, opened, ANTHROPIC)
 
 
-def serving(upstreams: Sequence[AnthropicUpstream], model: str) -> list[AnthropicUpstream]:
-    """The Anthropic-protocol upstreams serving `model`, in file order; none is a 404 naming the model
-    (Anthropic answers an unknown model with not_found_error, which Claude Code shows as it is)."""
-    found = [upstream for upstream in upstreams if upstream.serves(model)]
-    if not found:
-        raise NotFound(f"model '{model[:100]}' is not served by this relay's Anthropic-protocol upstreams "
-                       "(UPSTREAMS_FILE entries with api = \"anthropic\")", kind="model_not_served")
-    return found
+def bridged_messages(relay: Relay, state: RequestState, outgoing: Outgoing, chosen: Route) -> Response:
+    """A Messages request for a model only chat-completions upstreams serve: translated (proxy/bridge)."""
+    raise BridgeUnavailable("messages", outgoing.model or "")

@@ -23,6 +23,7 @@ from proxy.forwarding import (
     MODEL_PREFIX_BYTES,
     OPENAI,
     Dialect,
+    ForwardTarget,
     JsonUsage,
     ModelFieldWatch,
     Opened,
@@ -45,6 +46,7 @@ from proxy.pump import ClientSocket, StreamStats
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
 from proxy.routes.chat import client_socket_watcher
+from proxy.routing import BridgeUnavailable, Route, not_served, route
 from proxy.shaping import choose_model, read_body
 from proxy.upstream import Upstream
 
@@ -72,18 +74,31 @@ def forwarded(family: str, rest: str) -> Response:
     if family == "batches" and request.method == "POST":
         refuse_unchecked_models(relay.config, state)
     outgoing, model = read_request(relay.config, state, path)
-    opened = forward(candidates(relay.upstreams, model), outgoing, relay.config.upstream_timeout,
-                     relay.config.max_stream_seconds)
+    if family == "responses" and model is not None:
+        chosen = route(relay, "responses", model)
+        if not chosen.native:
+            return bridged_responses(relay, state, outgoing, chosen)
+        targets: Sequence[ForwardTarget] = chosen.upstreams
+    else:
+        targets = candidates(relay.upstreams, model, family)
+    opened = forward(targets, outgoing, relay.config.upstream_timeout, relay.config.max_stream_seconds)
     return answer(relay, state, opened)
 
 
-def candidates(upstreams: Sequence[Upstream], model: str | None) -> list[Upstream]:
-    """The upstreams to try in order: those serving `model`, or the first upstream when none is named."""
+def bridged_responses(relay: Relay, state: RequestState, outgoing: Outgoing, chosen: Route) -> Response:
+    """A Responses request for a model only chat-completions upstreams serve: translated (proxy/bridge)."""
+    raise BridgeUnavailable("responses", outgoing.model or "")
+
+
+def candidates(upstreams: Sequence[Upstream], model: str | None, family: str) -> list[Upstream]:
+    """The upstreams to try in order: those serving `model`; for a request naming none, the first upstream
+    (the first speaking the Responses API, for `responses/...`: stored responses live there)."""
     if model is None:
-        return list(upstreams[:1])
+        speaking = [upstream for upstream in upstreams if upstream.speaks(family)] if family == "responses" else []
+        return (speaking or list(upstreams))[:1]
     serving = [upstream for upstream in upstreams if upstream.serves(model)]
     if not serving:
-        raise BadRequest(f"model '{model[:100]}' is not served by this relay", kind="model_not_served")
+        raise not_served("chat", model)
     return serving
 
 
@@ -115,7 +130,8 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     if model is not None:
         check_model(config, state, model)
     streaming = body is not None and body.get("stream") is True
-    return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming), model
+    return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming,
+                    model=model), model
 
 
 def read_upload(config: Config, state: RequestState, content_type: str, common: dict[str, Any]

@@ -174,7 +174,9 @@ def messages_client(upstream: Upstream, **overrides: Any) -> FlaskClient:
     relay = app.extensions["relay"]
     target = AnthropicUpstream("anthropic", "http://anthropic.invalid/root", httpx2.Client(transport=upstream),
                                UPSTREAM_KEY, ("claude-*",))
-    app.extensions["relay"] = dataclasses.replace(relay, anthropic_upstreams=(target,))
+    # The chat upstream serves gpt-* only, so other models are nobody's (a gpt-* model would be bridged).
+    chat = tuple(dataclasses.replace(chat, models=("gpt-*",)) for chat in relay.upstreams)
+    app.extensions["relay"] = dataclasses.replace(relay, upstreams=chat, anthropic_upstreams=(target,))
     return app.test_client()
 
 
@@ -211,7 +213,7 @@ def test_x_api_key_works_on_openai_routes_too(upstream: Upstream) -> None:
 
 
 @pytest.mark.parametrize(("body", "status", "error_type"), [
-    ({**BODY, "model": "gpt-4o-mini"}, 404, "not_found_error"),
+    ({**BODY, "model": "llama-3-70b"}, 404, "not_found_error"),
     ({"max_tokens": 1}, 400, "invalid_request_error"),
     ({**BODY, "pad": "x" * 3000}, 413, "request_too_large"),
 ])
@@ -223,7 +225,7 @@ def test_refusals_before_the_upstream(upstream: Upstream, body: dict[str, Any], 
     assert answer.status_code == status
     assert answer.json["type"] == "error" and answer.json["error"]["type"] == error_type  # type: ignore[index]
     if status == 404:
-        assert "gpt-4o-mini" in answer.json["error"]["message"]  # type: ignore[index]
+        assert "llama-3-70b" in answer.json["error"]["message"]  # type: ignore[index]
     assert not upstream.seen
 
 

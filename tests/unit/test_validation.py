@@ -221,7 +221,8 @@ def test_every_file_field_has_a_message() -> None:
     """`messages()` raises for a field declared without its Says(...)."""
     assert set(KeyEntry.messages()) == {"key", "requests_per_minute", "requests_per_day", "daily_tokens",
                                         "max_streams", "models"}
-    assert set(UpstreamEntry.messages()) == {"name", "base_url", "api_key_env", "models", "api"}
+    assert set(UpstreamEntry.messages()) == {"name", "base_url", "api_key_env", "models", "api", "protocols",
+                                             "model_map"}
 
 
 # --- UPSTREAMS_FILE ----------------------------------------------------------------------------------------------
@@ -249,7 +250,17 @@ ENTRY = 'name = "kimi"\nbase_url = "https://api.moonshot.cn/v1"\napi_key_env = "
     (U + ENTRY.replace('"K"', '"MISSING_KEY"').replace('["kimi-*"]', "[]"),
      "upstream #1 ('kimi'): MISSING_KEY (named by 'api_key_env') is missing or empty"),
     (U + ENTRY.replace('api_key_env = "K"', 'api_key = "sk-x"'),
-     "upstream #1 ('kimi'): unknown field(s) api_key; expected api, api_key_env, base_url, models, name"),
+     "upstream #1 ('kimi'): unknown field(s) api_key; expected api, api_key_env, base_url, model_map, models, name, "
+     "protocols"),
+    (U + ENTRY + 'protocols = []\n', "upstream #1 ('kimi'): 'protocols' must be a non-empty array of \"chat\""),
+    (U + ENTRY + 'protocols = ["chat", "grpc"]\n', "'protocols' must be a non-empty array of \"chat\", \"responses\""),
+    (U + ENTRY + 'protocols = ["responses"]\n',
+     "upstream #1 ('kimi'): an upstream with api = \"openai\" must list \"chat\" in 'protocols'"),
+    (U + ENTRY + 'protocols = ["chat", "messages"]\n', "(for \"messages\" declare api = \"anthropic\")"),
+    (U + ENTRY + 'api = "anthropic"\nprotocols = ["chat"]\n',
+     "upstream #1 ('kimi'): an upstream with api = \"anthropic\" speaks only \"messages\" ('protocols')"),
+    (U + ENTRY + 'model_map = { "claude-x" = 3 }\n', "upstream #1 ('kimi'): 'model_map' must be a table of"),
+    (U + ENTRY + 'model_map = { "claude-x" = " " }\n', "'model_map' must be a table of client-facing model names"),
     (U + ENTRY + 'api = "gemini"\n',
      "upstream #1 ('kimi'): 'api' must be \"openai\" (the default) or \"anthropic\" (Anthropic's Messages API)"),
     (U + ENTRY + "api = 1\n", "upstream #1 ('kimi'): 'api' must be \"openai\""),
@@ -275,6 +286,19 @@ def test_upstreams_file_is_parsed_and_serves_the_default_model(tmp_path: Path) -
     (spec,) = Config.from_env({**env, "DEFAULT_MODEL": "kimi-k2"}).upstreams
     assert (spec.name, spec.base_url, spec.api_key_env, spec.models, spec.api_key, spec.api) == (
         "kimi", "https://api.moonshot.cn/v1", "K", ("kimi-*",), "sk-1", "openai")
+
+
+def test_protocols_default_by_api_and_model_map_names_serve_the_default_model(tmp_path: Path) -> None:
+    """`protocols` defaults to chat+responses (openai) or messages (anthropic); a `model_map` name counts as
+    served, DEFAULT_MODEL included, and keeps its upstream name."""
+    path = tmp_path / "upstreams.toml"
+    chat_only = ENTRY + 'protocols = ["chat"]\n[upstreams.model_map]\n"claude-sonnet-5" = "kimi-k2"\n'
+    anthropic_entry = ENTRY.replace('"kimi"', '"native"') + 'api = "anthropic"\n'
+    path.write_text(U + chat_only + U + anthropic_entry + U + ENTRY.replace('"kimi"', '"full"'))
+    env = {"AUTHORIZATION_KEY": KEY, "UPSTREAMS_FILE": str(path), "K": "sk-1", "DEFAULT_MODEL": "claude-sonnet-5"}
+    kimi, native, full = Config.from_env(env).upstreams
+    assert (kimi.protocols, kimi.model_map) == (("chat",), (("claude-sonnet-5", "kimi-k2"),))
+    assert (native.protocols, full.protocols) == (("messages",), ("chat", "responses"))
 
 
 def test_anthropic_upstream_is_parsed_and_left_out_of_chat(tmp_path: Path) -> None:
