@@ -43,6 +43,8 @@ class AccessRecord:
     model: str = "-"
     stats: StreamStats | None = None
     prompt: str | None = None  # only with LOG_CONTENT=1
+    bridge: str | None = None  # "messages->chat": translated between the client's protocol and the upstream's
+    dropped: tuple[str, ...] = ()  # what a bridge left out of the upstream request ("tool:web_search")
 
     def fields(self) -> list[tuple[str, object]]:
         fields: list[tuple[str, object]] = [
@@ -57,6 +59,10 @@ class AccessRecord:
                        ("fallbacks", stats.fallbacks), ("outcome", stats.outcome)]
             if stats.keep_content:
                 fields.append(("answer", "".join(stats.content)))
+        if self.bridge is not None:
+            fields.append(("bridge", self.bridge))
+        if self.dropped:
+            fields.append(("dropped", ",".join(self.dropped)))
         if self.prompt is not None:
             fields.append(("prompt", self.prompt))
         return fields

@@ -51,12 +51,13 @@ SAFE_TO_DROP_BLOCKS = frozenset({"thinking", "redacted_thinking"})
 CARRIED_OPTIONS = (("max_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"))
 
 
-def to_chat_request(body: dict[str, Any], upstream_model: str) -> ChatRequest:
-    """The chat completions request for a Messages request `body`, asking `upstream_model`."""
+def to_chat_request(body: dict[str, Any], model: str) -> ChatRequest:
+    """The chat completions request for a Messages request `body`, asking for `model` (the client's name:
+    each upstream's `model_map` renames it as the request leaves)."""
     messages = system_messages(body.get("system"))
     for message in _list(body.get("messages"), "messages"):
         messages.extend(chat_messages(message))
-    chat: dict[str, Any] = {"model": upstream_model, "messages": messages}
+    chat: dict[str, Any] = {"model": model, "messages": messages}
     for theirs, ours in CARRIED_OPTIONS:
         if body.get(theirs) is not None:
             chat[ours] = body[theirs]

@@ -22,7 +22,7 @@ from proxy.relay import current_relay
 from proxy.request_state import request_state
 from proxy.routes.chat import stream_response
 from proxy.shaping import OpenAIRequest, shape_openai_request
-from proxy.upstream import complete
+from proxy.upstream import Completion, complete
 
 bp = Blueprint("openai_api", __name__)
 
@@ -40,17 +40,21 @@ def chat_completions(shaped: OpenAIRequest) -> Response:
     if shaped.stream:
         return stream_response(relay, shaped.upstream_body, SseEncoder(hide_usage=shaped.hide_usage), SSE_HEADERS)
     access = request_state().access
-    stats = StreamStats(started_at=access.started)
     answer = complete(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
                       relay.config.max_stream_seconds)
-    stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
+    access.stats = completion_stats(access.started, answer)
+    return Response(answer.raw, status=200, mimetype="application/json")
+
+
+def completion_stats(started: float, answer: Completion) -> StreamStats:
+    """The account of a whole (non-streaming) chat completion, for the log, metrics and budgets."""
+    stats = StreamStats(started_at=started, upstream=answer.upstream.name, fallbacks=answer.fallbacks, outcome="ok")
     usage = answer.data.get("usage")
     if isinstance(usage, dict):
         stats.usage = usage
         completion_tokens = usage.get("completion_tokens")
         stats.tokens = completion_tokens if isinstance(completion_tokens, int) else 0
-    access.stats = stats
-    return Response(answer.raw, status=200, mimetype="application/json")
+    return stats
 
 
 @bp.get("/v1/models")
