@@ -69,18 +69,22 @@ def run_claude(relay: RelayProcess, trap: ProxyTrap, home: Path, workdir: Path, 
                           timeout=180)
 
 
+@pytest.mark.parametrize("reasoning", [(), ("Let me", " read the note.")], ids=["plain", "reasoning"])
 def test_claude_code_runs_a_tool_round_trip_over_chat(relay: RelayProcess, fake: FakeUpstream, trap: ProxyTrap,
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path, reasoning: tuple[str, ...]) -> None:
     """Claude Code completes the turn over the bridge: the model's Read call (streamed as chat tool-call
     deltas) runs, its result (the file's text) goes back up as a chat `tool` message, and Claude Code
-    prints the final answer; the relay logged both requests as bridged; nothing left loopback."""
+    prints the final answer; the relay logged both requests as bridged; nothing left loopback. With a
+    reasoning model (`reasoning_content` deltas first, as DeepSeek's reasoner sends them) too: Claude Code
+    gets them as thinking blocks and carries on."""
     home = tmp_path / "home"
     workdir = home / "work"
     workdir.mkdir(parents=True)
     note = workdir / "note.txt"
     note.write_text(f"The word is {SECRET}.\n")
     arguments = ('{"file_path": ', json.dumps(str(note))[:-4], json.dumps(str(note))[-4:], "}")
-    fake.behave(tool_call_once=True, tool_name="Read", tool_arguments=arguments, tokens=ANSWER_TOKENS)
+    fake.behave(tool_call_once=True, tool_name="Read", tool_arguments=arguments, tokens=ANSWER_TOKENS,
+                reasoning=reasoning)
     earlier = len(relay.log_text().splitlines())
     done = run_claude(relay, trap, home, workdir, "What word does note.txt hold?")
     chats = [request.json for request in fake.requests if request.path == "/v1/chat/completions"]
