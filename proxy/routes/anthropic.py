@@ -4,6 +4,9 @@ UPSTREAMS_FILE: Anthropic itself, Kimi's and DeepSeek's Anthropic endpoints...) 
 rest of the OpenAI API (`proxy/forwarding.py`), in Anthropic's dialect: `ping` events during silence, an
 Anthropic `error` event when the relay cuts a stream short, usage from `message_start`/`message_delta`.
 
+A model that only chat-completions upstreams serve is bridged (`bridged_messages`, proxy/bridge/): the
+request goes up as a chat completion and the answer comes back in Anthropic's terms, streamed or whole.
+
 The view is declared with the "anthropic" protocol, so every refusal before the upstream answers (the key,
 limits, budgets, the model) is an Anthropic error body that the SDKs raise as their own error classes.
 """

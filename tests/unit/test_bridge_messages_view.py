@@ -4,13 +4,23 @@ statuses, count_tokens as an estimate, and the access log says the request was b
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
 import pytest
 from flask.testing import FlaskClient
 
-from tests.unit.conftest import FakeTransport, answer_events, bearer, chunk_event
+from proxy import create_app
+from tests.unit.conftest import (
+    FakeTransport,
+    Reply,
+    answer_events,
+    bearer,
+    chunk_event,
+    fake_upstream,
+    unit_config,
+)
 
 MODEL = "claude-sonnet-5"
 BODY = {"model": MODEL, "max_tokens": 50, "system": "Be brief.", "messages": [{"role": "user", "content": "Hi"}]}
@@ -132,3 +142,31 @@ def test_server_tools_are_left_out_and_logged(client: FlaskClient, transport: Fa
     response.close()  # the access line is written as the response closes
     line = next(line for line in access_lines if "path=/v1/messages" in line)
     assert "dropped=tool:web_search" in line
+
+
+def two_upstream_client(first: FakeTransport, second: FakeTransport) -> FlaskClient:
+    app = create_app(unit_config())
+    relay = app.extensions["relay"]
+    app.extensions["relay"] = dataclasses.replace(relay, upstreams=(fake_upstream(first, "first"),
+                                                                    fake_upstream(second, "second")))
+    return app.test_client()
+
+
+@pytest.mark.parametrize("failure", [
+    Reply(status=503, json={"error": {"message": "down"}}),
+    Reply(blocks=[chunk_event({"role": "assistant", "content": ""}), b'data: {"error": {"message": "boom"}}\n\n']),
+], ids=["refused", "broke-before-the-first-token"])
+def test_falls_over_before_the_first_token(failure: Reply, access_lines: list[str]) -> None:
+    """The first upstream refuses, or its stream breaks before the first token: the next one answers, and the
+    client sees one message_start and the second upstream's answer only."""
+    first, second = FakeTransport(), FakeTransport()
+    first.replies.append(failure)
+    response = two_upstream_client(first, second).post("/v1/messages", json={**BODY, "stream": True},
+                                                       headers=bearer())
+    seen = events(response.get_data())
+    assert [name for name, _data in seen].count("message_start") == 1
+    assert "".join(data["delta"].get("text", "") for name, data in seen if name == "content_block_delta") == "Hello"
+    assert seen[-1][0] == "message_stop" and len(first.requests) == len(second.requests) == 1
+    response.close()
+    line = next(line for line in access_lines if "path=/v1/messages" in line)
+    assert "upstream=second" in line and "fallbacks=1" in line
