@@ -5,6 +5,7 @@ SDK's error classes, pings, count_tokens, and what the access log says."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, RelayProcess
 from tests.fake_upstream import TOOL_NAME, FakeUpstream
 from tests.servers import wait_until
+from tests.test_metrics import samples, value
 
 MODEL = "claude-sonnet-5"
 UPSTREAM_MODEL = "fake-model"
@@ -170,3 +172,32 @@ def test_count_tokens_is_an_estimate(relay: RelayProcess, fake: FakeUpstream, sd
     """count_tokens on a bridged model: an estimate, without asking the upstream."""
     counted = sdk(relay).messages.count_tokens(model=MODEL, messages=HELLO)
     assert counted.input_tokens > 0 and not fake.requests
+
+
+def test_client_leaving_closes_the_upstream(relay: RelayProcess, fake: FakeUpstream) -> None:
+    """A Messages client that goes away mid-stream gets its chat upstream request closed within 2 seconds."""
+    fake.behave(n_tokens=200, token_interval=0.1)
+    with httpx2.stream("POST", f"{relay.url}/v1/messages", headers={"x-api-key": ACCESS_KEY}, timeout=20,
+                       json={"model": MODEL, "max_tokens": 500, "messages": HELLO, "stream": True}) as response:
+        for line in response.iter_lines():
+            if '"text":" tok2"' in line:
+                break
+        left_at = time.monotonic()
+    assert fake.wait_for(lambda: fake.streams_closed, timeout=5)
+    closed = fake.streams_closed[0]
+    assert closed.completed is False and closed.at - left_at < 2.0
+
+
+def test_usage_reaches_the_metrics(relay: RelayProcess, fake: FakeUpstream, sdk: Sdk) -> None:
+    """The chat upstream's usage of a bridged stream is counted for the key, as for any other request."""
+    before = samples(httpx2.get(f"{relay.url}/metrics", timeout=10).text)
+    fake.behave(tokens=("a", "b", "c"))
+    with sdk(relay).messages.stream(model=MODEL, max_tokens=10, messages=HELLO) as stream:
+        stream.until_done()
+
+    def counted(kind: str) -> float:
+        after = samples(httpx2.get(f"{relay.url}/metrics", timeout=10).text)
+        return value(after, "relay_tokens_total", key="key1", kind=kind) - value(
+            before, "relay_tokens_total", key="key1", kind=kind)
+    assert wait_until(lambda: counted("completion") == 3)
+    assert counted("prompt") == 1
