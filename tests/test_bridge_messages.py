@@ -119,13 +119,15 @@ def test_messages_stream_with_a_tool_round_trip(relay: RelayProcess, fake: FakeU
     ({"status": 400, "error_message": "This model's maximum context length is 8192 tokens"},
      anthropic.BadRequestError, 400),
     ({"status": 404, "error_message": "The model does not exist"}, anthropic.NotFoundError, 404),
+    ({"status": 400, "error_message": f"bad 'stop' field; key {UPSTREAM_KEY}"}, anthropic.BadRequestError, 400),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_upstream_errors_are_the_sdks_classes(relay: RelayProcess, fake: FakeUpstream, sdk: Sdk,
                                              behaviour: dict[str, Any], error_class: type[anthropic.APIStatusError],
                                              status: int, stream: bool) -> None:
-    """The chat upstream's 429, 500, 529, context-too-long 400 and 404 raise the class Anthropic's own
-    answer would, streamed or not, in Anthropic's error shape."""
+    """The chat upstream's 429 (with its Retry-After), 500, 529, context-too-long 400, 404 and other 400 (its
+    message passed on without the key in it) raise the class Anthropic's own answer would, streamed or not,
+    in Anthropic's error shape."""
     fake.behave(**behaviour)
     client = sdk(relay)
     with pytest.raises(error_class) as failed:
@@ -137,6 +139,8 @@ def test_upstream_errors_are_the_sdks_classes(relay: RelayProcess, fake: FakeUps
     assert failed.value.status_code == status
     assert failed.value.body["type"] == "error"  # type: ignore[index]
     assert UPSTREAM_KEY not in failed.value.response.text
+    if status == 429:
+        assert failed.value.response.headers["retry-after"] == "7"
 
 
 def test_the_relays_own_key_check_is_authentication_error(relay: RelayProcess, fake: FakeUpstream) -> None:
