@@ -25,9 +25,9 @@ Wire details that clients may rely on:
 - Response headers are sent (after ``headers_delay``) together with the first chunk, whose delta is
   ``{"role":"assistant","content":"","refusal":null}``; ``first_token_delay`` is the silence between
   that chunk and the first reasoning or content token; ``token_interval`` the silence between tokens.
-- With ``tool_call`` the answer is a function tool call streamed in pieces instead of content tokens
-  (``tool_name``, its arguments in the pieces ``tool_arguments``); with ``tool_call_once`` only while the
-  conversation has no ``tool`` message yet, so a client's tool round trip ends with the content tokens.
+- With ``tool_call`` the answer is a function tool call (``tool_name``, ``tool_arguments`` streamed one piece
+  per delta) instead of content tokens; with ``tool_call_once`` only while the request holds no ``tool``
+  message, so a client's tool round trip ends with the answer's tokens.
 - ``stall_after_done`` sends everything up to ``data: [DONE]`` but never ends the HTTP body.
 - ``StreamClosed.tokens_sent`` counts content tokens (and tool-call argument pieces) handed to the
   socket; reasoning tokens are not counted.
@@ -100,10 +100,9 @@ class Behaviour:
     n_tokens: int | None = None
     reasoning: tuple[str, ...] | list[str] = ()
     tool_call: bool = False
-    # With tool_call_once: a tool call while the conversation holds no tool result, then the tokens.
-    tool_call_once: bool = False
     tool_name: str = TOOL_NAME
-    tool_arguments: tuple[str, ...] | list[str] = TOOL_ARGUMENT_PIECES
+    tool_arguments: tuple[str, ...] | list[str] = TOOL_ARGUMENT_PIECES  # streamed one piece per delta
+    tool_call_once: bool = False  # the tool call while the conversation holds no tool result, then the tokens
     first_token_delay: float = 0.0
     token_interval: float = 0.0
     headers_delay: float = 0.0
@@ -629,7 +628,7 @@ class _Connection(asyncio.Protocol):
             )
             return True
         if behaviour.tool_call_once:
-            behaviour = dataclasses.replace(behaviour, tool_call=not _has_tool_result(body))
+            behaviour = dataclasses.replace(behaviour, tool_call=not _holds_tool_result(body))
         streaming = body.get("stream") is True
         if not streaming:
             return await self._answer_plain(body, behaviour)
@@ -795,7 +794,7 @@ def _tool_call_whole(behaviour: Behaviour) -> dict[str, Any]:
     }
 
 
-def _has_tool_result(body: dict[str, Any]) -> bool:
+def _holds_tool_result(body: dict[str, Any]) -> bool:
     messages = body.get("messages")
     return isinstance(messages, list) and any(
         isinstance(message, dict) and message.get("role") == "tool" for message in messages

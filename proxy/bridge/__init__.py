@@ -1,2 +1,5 @@
-"""Bridges: a client's protocol translated to one the chosen upstream speaks, and its answer translated back.
-Pure translation functions and streaming state machines; the transport stays in the views and the pump."""
+"""Bridges: a client protocol served by an upstream that speaks another one (issue #16).
+
+Each bridge is pure translation (request mapping, answer mapping, one streaming state machine) kept apart
+from the transport, which stays the relay's own: the pump, its timers, fall-over and keep-alives.
+"""

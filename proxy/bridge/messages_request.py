@@ -20,7 +20,7 @@ The rules, each one a small function below (tests/unit/test_bridge_messages_requ
   silently losing part of what the user sent would give answers about something else.
 - `tools` with `input_schema` become function tools; a tool with another `type` (Anthropic's server tools,
   which only Anthropic runs: `web_search_...`, `code_execution_...`) is left out and named in
-  `ChatRequest.dropped`, and a `tool_choice` forcing one is refused. `tool_choice` auto/any/tool/none
+  `ChatRequest.dropped_tools`, and a `tool_choice` forcing one is refused. `tool_choice` auto/any/tool/none
   become auto/required/{function}/none; `disable_parallel_tool_use` becomes `parallel_tool_calls: false`.
 - `max_tokens`, `stop_sequences` (as `stop`), `temperature`, `top_p` carry over; `output_config.format`
   (a JSON schema) becomes `response_format`; `stream` asks for the usage chunk too.
@@ -44,7 +44,7 @@ class ChatRequest:
     """The chat completions body, and what was left out of it (for the access log)."""
 
     body: dict[str, Any]
-    dropped: list[str] = field(default_factory=list)
+    dropped_tools: list[str] = field(default_factory=list)  # Anthropic server tools left out, by name
 
 
 SAFE_TO_DROP_BLOCKS = frozenset({"thinking", "redacted_thinking"})
@@ -65,12 +65,12 @@ def to_chat_request(body: dict[str, Any], model: str) -> ChatRequest:
     if stop:
         chat["stop"] = list(_list(stop, "stop_sequences"))
     request = ChatRequest(chat)
-    tools = chat_tools(body.get("tools"), request.dropped)
+    tools = chat_tools(body.get("tools"), request.dropped_tools)
     if tools:
         chat["tools"] = tools
     choice = body.get("tool_choice")
     if choice is not None:
-        chat.update(chat_tool_choice(choice, request.dropped, bool(tools)))
+        chat.update(chat_tool_choice(choice, request.dropped_tools, bool(tools)))
     response_format = chat_response_format(body.get("output_config"))
     if response_format is not None:
         chat["response_format"] = response_format
@@ -220,14 +220,14 @@ def block_text(blocks: Iterable[Any], where: str) -> str:
 
 
 def chat_tools(tools: Any, dropped: list[str]) -> list[dict[str, Any]]:
-    """Client tools (those with an `input_schema`) as function tools; server tools left out, named in
-    `dropped` as `tool:<name>`."""
+    """Client tools (those with an `input_schema`) as function tools; server tools left out, their names
+    added to `dropped`."""
     out = []
     for tool in _list(tools or [], "tools"):
         if not isinstance(tool, dict):
             raise MessagesRefused("each tool must be an object")
         if tool.get("type") not in (None, "custom") or "input_schema" not in tool:
-            dropped.append(f"tool:{tool.get('name') or tool.get('type')}")
+            dropped.append(str(tool.get("name") or tool.get("type")))
             continue
         function: dict[str, Any] = {"name": tool.get("name"), "parameters": tool["input_schema"]}
         if tool.get("description"):
@@ -241,7 +241,7 @@ def chat_tool_choice(choice: Any, dropped: list[str], has_tools: bool) -> dict[s
     if not isinstance(choice, dict):
         raise MessagesRefused("'tool_choice' must be an object such as {\"type\": \"auto\"}")
     kind = choice.get("type")
-    if kind == "tool" and f"tool:{choice.get('name')}" in dropped:
+    if kind == "tool" and choice.get("name") in dropped:
         raise MessagesRefused(f"tool_choice forces the tool {choice.get('name')!r}, which only Anthropic's own "
                               "servers can run; this model's upstream speaks chat completions")
     if not has_tools:

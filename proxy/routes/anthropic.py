@@ -27,7 +27,7 @@ from proxy.pipeline import endpoint
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
 from proxy.routes.chat import stream_response
-from proxy.routes.openai_api import SSE_HEADERS, completion_stats
+from proxy.routes.openai_api import SSE_HEADERS, whole_answer_stats
 from proxy.routes.passthrough import answer, check_model
 from proxy.routing import Route, route
 from proxy.shaping import cap_max_tokens, read_body
@@ -81,7 +81,7 @@ def bridged_messages(relay: Relay, state: RequestState, outgoing: Outgoing, chos
         request = to_chat_request(body, outgoing.model)
     except MessagesRefused as exc:
         raise BadRequest(str(exc), kind="bridge_untranslatable") from None
-    state.access.dropped = tuple(request.dropped)
+    state.access.dropped_tools = tuple(request.dropped_tools)
     cap_max_tokens(request.body, relay.config)
     try:
         if request.body.get("stream") is True:
@@ -93,6 +93,6 @@ def bridged_messages(relay: Relay, state: RequestState, outgoing: Outgoing, chos
         # An upstream failure before the first token: the status Anthropic's SDKs read as the same trouble.
         error.code = client_status(error.kind, error.status, error.upstream_status)
         raise
-    state.access.stats = completion_stats(state.access.started, answer)
+    state.access.stats = whole_answer_stats(answer, state.access.started)
     message = to_anthropic_message(answer.data, outgoing.model, request.body.get("stop", ()))
     return Response(orjson.dumps(message), mimetype="application/json")

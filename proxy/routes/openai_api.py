@@ -39,16 +39,17 @@ def chat_completions(shaped: OpenAIRequest) -> Response:
     relay = current_relay()
     if shaped.stream:
         return stream_response(relay, shaped.upstream_body, SseEncoder(hide_usage=shaped.hide_usage), SSE_HEADERS)
-    access = request_state().access
     answer = complete(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
                       relay.config.max_stream_seconds)
-    access.stats = completion_stats(access.started, answer)
+    access = request_state().access
+    access.stats = whole_answer_stats(answer, access.started)
     return Response(answer.raw, status=200, mimetype="application/json")
 
 
-def completion_stats(started: float, answer: Completion) -> StreamStats:
-    """The account of a whole (non-streaming) chat completion, for the log, metrics and budgets."""
-    stats = StreamStats(started_at=started, upstream=answer.upstream.name, fallbacks=answer.fallbacks, outcome="ok")
+def whole_answer_stats(answer: Completion, started_at: float) -> StreamStats:
+    """A non-streaming chat completion's account for the access log, metrics and budgets (its usage)."""
+    stats = StreamStats(started_at=started_at)
+    stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
     usage = answer.data.get("usage")
     if isinstance(usage, dict):
         stats.usage = usage

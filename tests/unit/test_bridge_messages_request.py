@@ -110,14 +110,14 @@ def test_untranslatable_content_is_refused_naming_it(message: dict[str, Any], na
 
 
 def test_tools_become_function_tools_and_server_tools_are_left_out() -> None:
-    """Client tools map to function tools; Anthropic's server tools are left out and named in `dropped`."""
+    """Client tools map to function tools; Anthropic's server tools are left out and named in `dropped_tools`."""
     request = to_chat_request({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
                                "tools": [TOOL, {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
                                          {"type": "custom", "name": "bare", "input_schema": {"type": "object"}}]},
                               "up")
     assert request.body["tools"] == [FUNCTION, {"type": "function", "function": {
         "name": "bare", "parameters": {"type": "object"}}}]
-    assert request.dropped == ["tool:web_search"]
+    assert request.dropped_tools == ["web_search"]
 
 
 @pytest.mark.parametrize(("choice", "expected"), [
@@ -183,7 +183,7 @@ def test_claude_codes_default_request_maps() -> None:
     assert {tool["function"]["name"] for tool in body["tools"]} == {tool["name"] for tool in sent["tools"]}
     assert body["max_tokens"] == sent["max_tokens"] and body["stream"] is True
     assert not {"thinking", "metadata", "context_management", "output_config"} & set(body)
-    assert request.dropped == []
+    assert request.dropped_tools == []
 
 
 def test_the_input_token_estimate_is_about_four_characters_a_token() -> None:

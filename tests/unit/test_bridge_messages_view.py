@@ -141,7 +141,7 @@ def test_server_tools_are_left_out_and_logged(client: FlaskClient, transport: Fa
     assert [tool["function"]["name"] for tool in transport.requests[-1].body["tools"]] == ["get_weather"]
     response.close()  # the access line is written as the response closes
     line = next(line for line in access_lines if "path=/v1/messages" in line)
-    assert "dropped=tool:web_search" in line
+    assert "dropped_tools=web_search" in line
 
 
 def two_upstream_client(first: FakeTransport, second: FakeTransport) -> FlaskClient:
