@@ -9,8 +9,9 @@ tokens and the real input tokens, which Anthropic's SDKs take over the estimate)
   cannot sign, and no SDK requires one), `content` deltas a `text` block (`text_delta`), each tool call
   (by its chat `index`) a `tool_use` block whose argument pieces are `input_json_delta`s as they come.
   A new kind of delta closes the open block and opens the next, so blocks follow one another as in
-  Anthropic's own streams; a late argument piece for a tool call whose block was closed (servers that
-  interleave parallel calls) still goes to that call's block index, which is how the SDKs file deltas.
+  Anthropic's own streams; calls sent without an `index` (each whole in one chunk) are told apart by
+  id; a late argument piece for a tool call whose block was closed (servers that interleave parallel
+  calls) still goes to that call's block index, which is how the SDKs file deltas.
 - A failure (`fail`) is Anthropic's `error` event, after which nothing more is written.
 - `ping` is the keep-alive event.
 """
@@ -71,6 +72,7 @@ class MessagesStream:
         self._open: tuple[str, int] | None = None  # (block type, block index) of the open block
         self._blocks = 0
         self._tool_blocks: dict[int, int] = {}  # chat tool call index -> block index
+        self._unindexed: dict[str, int] = {}  # tool call id -> its number, for calls sent without an index
         self._finish: str | None = None
         self._matched: str | None = None
         self._usage: dict[str, Any] | None = None
@@ -125,8 +127,7 @@ class MessagesStream:
         return [("error", {"type": "error", "error": {"type": error_type, "message": message}})]
 
     def _tool_call(self, call: dict[str, Any], position: int, events: list[Event]) -> None:
-        number = call.get("index")
-        number = number if isinstance(number, int) else position
+        number = self._call_number(call, position)
         function = as_dict(call.get("function"))
         index = self._tool_blocks.get(number)
         if index is None:
@@ -137,6 +138,18 @@ class MessagesStream:
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             events.append(_delta(index, {"type": "input_json_delta", "partial_json": arguments}))
+
+    def _call_number(self, call: dict[str, Any], position: int) -> int:
+        """Which tool call a piece belongs to: its chat `index`; servers that send none (each call whole in
+        one chunk) are told apart by the call's id, and a piece with neither continues the latest call."""
+        number = call.get("index")
+        if isinstance(number, int):
+            return number
+        call_id = call.get("id")
+        if isinstance(call_id, str) and call_id:
+            # Negative numbers: never one a server's own indexes use.
+            return self._unindexed.setdefault(call_id, -1 - len(self._unindexed))
+        return max(self._tool_blocks, key=self._tool_blocks.__getitem__) if self._tool_blocks else position
 
     def _block(self, kind: str, events: list[Event], block: dict[str, Any], force_new: bool = False) -> int:
         """The open block's index if it is of `kind`; otherwise close it and open a new one."""

@@ -218,3 +218,15 @@ def test_the_encoder_reads_chunks_as_the_machine_does(item: dict[str, Any]) -> N
     parsed = parse_chunk(orjson.dumps(item))
     assert isinstance(parsed, Chunk)
     assert chunk_delta(parsed) == delta_of(item)
+
+
+def test_calls_without_an_index_are_told_apart_by_id() -> None:
+    """Servers that send each call whole without an `index`: two calls with two ids are two blocks; a
+    piece with neither index nor id continues the latest call."""
+    chunks = [chunk({"tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": '{"a":1}'}}]}),
+              chunk({"tool_calls": [{"id": "c2", "function": {"name": "g", "arguments": '{"b":'}}]}),
+              chunk({"tool_calls": [{"function": {"arguments": "2}"}}]}), chunk(finish="stop")]
+    message = final_message(run(chunks))
+    assert [(block.id, block.name, block.input) for block in message.content] == [
+        ("c1", "f", {"a": 1}), ("c2", "g", {"b": 2})]
+    assert message.stop_reason == "tool_use"
