@@ -11,6 +11,7 @@ import pytest
 from proxy.bridge.messages_request import MessagesRefused, estimate_input_tokens, to_chat_request
 
 CLAUDE_CODE_REQUEST = Path(__file__).with_name("claude_code_2.1.332_request.json")
+CLAUDE_CODE_TOOL_TURN = Path(__file__).with_name("claude_code_2.1.332_tool_turn.json")
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
 IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 TOOL = {"name": "get_weather", "description": "Weather for a city",
@@ -191,3 +192,18 @@ def test_the_input_token_estimate_is_about_four_characters_a_token() -> None:
     body = {"system": "s" * 400, "messages": [{"role": "user", "content": "x" * 800}]}
     assert 290 <= estimate_input_tokens(body) <= 320
     assert estimate_input_tokens({"messages": []}) >= 1
+
+
+def test_claude_codes_tool_turn_maps() -> None:
+    """Claude Code 2.1.332's second request of a tool round trip (its thinking block sent back unsigned, the
+    Read call, the tool_result, a system reminder with cache_control after it) maps to chat's order: the
+    assistant's tool_calls, the tool message, then the system reminder; the thinking block is left out."""
+    sent = json.loads(CLAUDE_CODE_TOOL_TURN.read_text())
+    messages = to_chat_request(sent, "deepseek-chat").body["messages"]
+    assert [message["role"] for message in messages] == ["system", "user", "system", "assistant", "tool", "system"]
+    call, result = messages[3], messages[4]
+    assert call["content"] is None and call["tool_calls"][0]["function"]["name"] == "Read"
+    assert json.loads(call["tool_calls"][0]["function"]["arguments"]) == {"file_path": "/home/user/work/note.txt"}
+    assert result == {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"],
+                      "content": "1\tThe word is apricot-7d41.\n2\t"}
+    assert "tokens left" in messages[5]["content"]
