@@ -43,6 +43,8 @@ class AccessRecord:
     model: str = "-"
     stats: StreamStats | None = None
     prompt: str | None = None  # only with LOG_CONTENT=1
+    bridge: str | None = None  # a translated request: "<client protocol>-><upstream protocol>"
+    dropped_tools: tuple[str, ...] = ()  # built-in tools a bridge left out of the upstream request
 
     def fields(self) -> list[tuple[str, object]]:
         fields: list[tuple[str, object]] = [
@@ -57,6 +59,10 @@ class AccessRecord:
                        ("fallbacks", stats.fallbacks), ("outcome", stats.outcome)]
             if stats.keep_content:
                 fields.append(("answer", "".join(stats.content)))
+        if self.bridge is not None:
+            fields.append(("bridge", self.bridge))
+        if self.dropped_tools:
+            fields.append(("dropped_tools", ",".join(self.dropped_tools)))
         if self.prompt is not None:
             fields.append(("prompt", self.prompt))
         return fields

@@ -25,7 +25,9 @@ Wire details that clients may rely on:
 - Response headers are sent (after ``headers_delay``) together with the first chunk, whose delta is
   ``{"role":"assistant","content":"","refusal":null}``; ``first_token_delay`` is the silence between
   that chunk and the first reasoning or content token; ``token_interval`` the silence between tokens.
-- With ``tool_call`` the answer is a function tool call streamed in pieces instead of content tokens.
+- With ``tool_call`` the answer is a function tool call (``tool_name``, ``tool_arguments`` streamed one piece
+  per delta) instead of content tokens; with ``tool_call_once`` only while the request holds no ``tool``
+  message, so a client's tool round trip ends with the answer's tokens.
 - ``stall_after_done`` sends everything up to ``data: [DONE]`` but never ends the HTTP body.
 - ``StreamClosed.tokens_sent`` counts content tokens (and tool-call argument pieces) handed to the
   socket; reasoning tokens are not counted.
@@ -98,6 +100,9 @@ class Behaviour:
     n_tokens: int | None = None
     reasoning: tuple[str, ...] | list[str] = ()
     tool_call: bool = False
+    tool_name: str = TOOL_NAME
+    tool_arguments: tuple[str, ...] | list[str] = TOOL_ARGUMENT_PIECES  # streamed one piece per delta
+    tool_call_once: bool = False  # the tool call while the conversation holds no tool result, then the tokens
     first_token_delay: float = 0.0
     token_interval: float = 0.0
     headers_delay: float = 0.0
@@ -622,6 +627,8 @@ class _Connection(asyncio.Protocol):
                 400, "We could not parse the JSON body of your request.", "invalid_request_error", None
             )
             return True
+        if behaviour.tool_call_once:
+            behaviour = dataclasses.replace(behaviour, tool_call=not _holds_tool_result(body))
         streaming = body.get("stream") is True
         if not streaming:
             return await self._answer_plain(body, behaviour)
@@ -675,10 +682,10 @@ class _Connection(asyncio.Protocol):
             message["reasoning_content"] = "".join(thinking)
         finish_reason = behaviour.finish_reason
         if behaviour.tool_call:
-            message["tool_calls"] = [_tool_call_whole()]
+            message["tool_calls"] = [_tool_call_whole(behaviour)]
             finish_reason = "tool_calls"
         prompt_tokens = _count_prompt_tokens(body.get("messages"))
-        completion_tokens = (len(TOOL_ARGUMENT_PIECES) if behaviour.tool_call else len(tokens)) + len(
+        completion_tokens = (len(behaviour.tool_arguments) if behaviour.tool_call else len(tokens)) + len(
             thinking
         )
         self._send_json(
@@ -779,12 +786,19 @@ class _Connection(asyncio.Protocol):
         stream.completed = True
 
 
-def _tool_call_whole() -> dict[str, Any]:
+def _tool_call_whole(behaviour: Behaviour) -> dict[str, Any]:
     return {
         "id": "call_fake0",
         "type": "function",
-        "function": {"name": TOOL_NAME, "arguments": "".join(TOOL_ARGUMENT_PIECES)},
+        "function": {"name": behaviour.tool_name, "arguments": "".join(behaviour.tool_arguments)},
     }
+
+
+def _holds_tool_result(body: dict[str, Any]) -> bool:
+    messages = body.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(message, dict) and message.get("role") == "tool" for message in messages
+    )
 
 
 _API_ROUTES: tuple[tuple[str, str, str], ...] = (
@@ -935,7 +949,7 @@ class _StreamPlan:
                                 "index": 0,
                                 "id": "call_fake0",
                                 "type": "function",
-                                "function": {"name": TOOL_NAME, "arguments": ""},
+                                "function": {"name": behaviour.tool_name, "arguments": ""},
                             }
                         ]
                     }
@@ -943,7 +957,7 @@ class _StreamPlan:
             ]
             pieces += [
                 _dumps({"tool_calls": [{"index": 0, "function": {"arguments": argument}}]})
-                for argument in TOOL_ARGUMENT_PIECES
+                for argument in behaviour.tool_arguments
             ]
             deltas = [(pieces[0], "meta")] + [(piece, "token") for piece in pieces[1:]]
         else:

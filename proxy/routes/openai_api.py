@@ -22,7 +22,7 @@ from proxy.relay import current_relay
 from proxy.request_state import request_state
 from proxy.routes.chat import stream_response
 from proxy.shaping import OpenAIRequest, shape_openai_request
-from proxy.upstream import complete
+from proxy.upstream import Completion, complete
 
 bp = Blueprint("openai_api", __name__)
 
@@ -39,18 +39,23 @@ def chat_completions(shaped: OpenAIRequest) -> Response:
     relay = current_relay()
     if shaped.stream:
         return stream_response(relay, shaped.upstream_body, SseEncoder(hide_usage=shaped.hide_usage), SSE_HEADERS)
-    access = request_state().access
-    stats = StreamStats(started_at=access.started)
     answer = complete(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
                       relay.config.max_stream_seconds)
+    access = request_state().access
+    access.stats = whole_answer_stats(answer, access.started)
+    return Response(answer.raw, status=200, mimetype="application/json")
+
+
+def whole_answer_stats(answer: Completion, started_at: float) -> StreamStats:
+    """A non-streaming chat completion's account for the access log, metrics and budgets (its usage)."""
+    stats = StreamStats(started_at=started_at)
     stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
     usage = answer.data.get("usage")
     if isinstance(usage, dict):
         stats.usage = usage
         completion_tokens = usage.get("completion_tokens")
         stats.tokens = completion_tokens if isinstance(completion_tokens, int) else 0
-    access.stats = stats
-    return Response(answer.raw, status=200, mimetype="application/json")
+    return stats
 
 
 @bp.get("/v1/models")
