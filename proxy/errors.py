@@ -46,6 +46,7 @@ class RelayError(HTTPException):
     description: str = "the relay could not handle this request"
     retry_after: int | None = None
     upstream_failures: tuple[tuple[str, str], ...] = ()  # (upstream, kind) behind an upstream error
+    upstream_status: int | None = None  # the upstream's HTTP status behind an upstream error, when there was one
     extra_headers: tuple[tuple[str, str], ...] = ()  # headers the status calls for (426: the version spoken)
 
     def __init__(self, description: str | None = None, *, kind: str | None = None,
@@ -201,7 +202,7 @@ def error_body(error: RelayError, shape: str) -> tuple[bytes, str]:
     if shape == "sse":
         return sse_error_event(message, error.error_type, error.kind, named=True) + SSE_DONE, SSE_MIMETYPE
     if shape == "anthropic":
-        anthropic = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(error.status, "api_error"),
+        anthropic = {"type": "error", "error": {"type": anthropic_error_type(error.status),
                                                 "message": message}}
         return orjson.dumps(anthropic), "application/json"
     payload = {"error": {"message": message, "type": error.error_type, "code": error.kind}}
@@ -213,6 +214,11 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
                     404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                     413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
                     503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's error `type` for an HTTP status (what its SDKs and Claude Code read)."""
+    return _ANTHROPIC_TYPES.get(status, "api_error")
 
 
 def _shape_for_request() -> str:

@@ -29,10 +29,11 @@ import functools
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, g, request
+from werkzeug.routing import Rule
 
 from proxy.access import add_cors_headers, authorize_model, preflight_response, presented_key
 from proxy.accesslog import AccessRecord, redacted_path
@@ -127,8 +128,7 @@ def _begin() -> Response | None:
         started=time.monotonic(),
     )
     declaration = declaration_of(current_app, request.endpoint)
-    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    state = RequestState(record, declaration, route)
+    state = RequestState(record, declaration, route_label(request.url_rule, request.view_args))
     setattr(g, STATE_ATTRIBUTE, state)
     if request.method == "OPTIONS":
         return preflight_response(relay.config)
@@ -200,6 +200,18 @@ def _teardown(_error: BaseException | None) -> None:
     state = current_request_state()
     if state is not None and not state.closed and state.access.status == 0:
         close_request(current_relay(), state)
+
+
+_ANY_CONVERTER = re.compile(r"<any\([^)]*\):(\w+)>")
+
+
+def route_label(rule: Rule | None, view_args: Mapping[str, Any] | None) -> str:
+    """The route as metrics name it: the URL rule, with each `any(...)` part (a fixed list, so the label
+    set stays bounded) replaced by the value it matched: `/v1/responses/<path:rest>`, not the whole list."""
+    if rule is None:
+        return "unmatched"
+    values = view_args or {}
+    return _ANY_CONVERTER.sub(lambda part: str(values.get(part.group(1), part.group(0))), rule.rule)
 
 
 def close_request(relay: Relay, state: RequestState) -> None:

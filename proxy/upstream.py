@@ -412,6 +412,12 @@ def map_sdk_error(exc: openai.APIError, model: str, redact: Callable[[str], str]
                               kind="upstream_unreachable")
     if not isinstance(exc, openai.APIStatusError):
         return UpstreamFailed("the upstream API answered with something the relay cannot read")
+    error = _status_error(exc, model, redact)
+    error.upstream_status = exc.status_code  # for a bridge that must tell 529 from 500 (proxy/bridge/)
+    return error
+
+
+def _status_error(exc: openai.APIStatusError, model: str, redact: Callable[[str], str]) -> RelayError:
     status = exc.status_code
     detail = _upstream_message(exc.body, redact)
     if status in (401, 403):

@@ -571,6 +571,9 @@ def test_flood_of_large_messages_during_an_answer_is_capped(
         client.sock.close()
     close = client.close_code()
     assert close is not None and close.code == 1013 and "queued" in close.reason, client.events
+    # The access log says how the connection ended, as the client saw it.
+    assert wait_until(lambda: "method=GET path=/ws?key=%5Bredacted%5D status=1013" in relay.log_text()), (
+        relay.log_text()[-2000:])
     # The worker holds at most a partial message, the queue (MAX_BODY_BYTES) and allocator slack, while the
     # client got far more out (300 MB on an idle machine, read and dropped until the close completes).
     assert sent >= 48 * 2**20, sent

@@ -199,6 +199,7 @@ class BoundedServer(Server):
 
     def __init__(self, environ: dict[str, Any], *, queue_chars: int, **options: Any) -> None:
         self._queue_chars = queue_chars
+        self.closed_for: int | None = None  # the close code, when this reader closed the connection itself
         super().__init__(environ, **options)
 
     @property
@@ -213,6 +214,7 @@ class BoundedServer(Server):
     def _handle_events(self) -> bool:
         keep_going = bool(super()._handle_events())
         if keep_going and self._inbox.overflowed:
+            self.closed_for = TRY_AGAIN_LATER
             # A close reason has at most 123 bytes.
             self.close(TRY_AGAIN_LATER, f"more than {QUEUED_MESSAGES} messages or {self._inbox.max_chars} characters "
                                         "queued while an answer was pending")
@@ -305,7 +307,8 @@ def websocket_chat() -> Response:
         log.debug("WebSocket client left")  # the normal end of a conversation, mid-answer or not
     finally:
         ws.thread.join(CLOSE_HANDSHAKE_SECONDS)  # a closing reader may still be draining the socket
-    return ConversationEnded(ws.mode, status)
+    # A connection the reader closed (1013: flooded) ended with that code, whatever the answer loop saw.
+    return ConversationEnded(ws.mode, ws.closed_for or status)
 
 
 def converse(session: Session) -> int:

@@ -29,7 +29,8 @@ KEYED_ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/v1/chat/completions", {**HELLO, "stream": True}),
     ("GET", "/v1/models", None),
     ("GET", "/doctor?records=1&interval=0.05&gap=0&after=1", None),
-    ("POST", "/v1/messages", {**HELLO, "model": "claude-sonnet-4-5", "max_tokens": 5}),
+    # Served by the (chat) fake over the Messages bridge, which answers streams: as chat completions above.
+    ("POST", "/v1/messages", {**HELLO, "model": "claude-sonnet-4-5", "max_tokens": 5, "stream": True}),
 ]
 OPEN_ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/healthz", None), ("GET", "/openapi.yaml", None), ("GET", "/static/web/icon.svg", None),

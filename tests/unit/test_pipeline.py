@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 
 from proxy import create_app
 from proxy.config import Config
-from proxy.pipeline import check_every_view_declared
+from proxy.pipeline import check_every_view_declared, route_label
 from proxy.usage import TokenUsage
 from tests.unit.conftest import FakeTransport
 from tests.unit.conftest import bearer as unit_bearer
@@ -192,3 +192,19 @@ def test_every_way_out_of_a_request_gives_its_stream_slot_back(make_client: Call
         answer = client.post("/chat", headers=unit_bearer(), json=chat)
         assert answer.status_code == 200, f"the slot was still held after {getattr(way_out, '__name__', way_out)}"
         answer.close()
+
+
+@pytest.mark.parametrize(("path", "label"), [
+    ("/v1/responses", "/v1/responses"),
+    ("/v1/files/file-abc/content", "/v1/files/<path:rest>"),
+    ("/v1/messages/count_tokens", "/v1/messages/count_tokens"),
+    ("/v1/models/gpt-4o", "/v1/models/<path:model>"),
+    ("/chat", "/chat"),
+])
+def test_metrics_route_label_names_the_family_not_the_rule_s_whole_list(path: str, label: str) -> None:
+    """Forwarded routes are labelled by the family they matched (a bounded set), not by the `any(...)` list."""
+    app = make_app()
+    rule, args = app.url_map.bind("relay.test").match(path, method="POST" if "models/" not in path else "GET",
+                                                      return_rule=True)
+    assert route_label(rule, args) == label
+    assert route_label(None, None) == "unmatched"
