@@ -131,6 +131,8 @@ def test_reasoning_becomes_a_reasoning_item(relay: RelayProcess, fake: FakeUpstr
     ({"status": 400, "error_message": "bad tool schema"}, openai.BadRequestError, "upstream_bad_request"),
     ({"status": 400, "error_message": "This model's maximum context length is 8192 tokens"},
      openai.BadRequestError, "context_too_long"),
+    ({"status": 404, "error_message": "The model does not exist"}, openai.NotFoundError, "model_not_found"),
+    ({"status": 422}, openai.UnprocessableEntityError, "upstream_bad_request"),
     ({"status": 500}, openai.InternalServerError, "upstream_error"),
     ({"status": 401}, openai.InternalServerError, "upstream_auth"),
 ])
@@ -138,8 +140,8 @@ def test_reasoning_becomes_a_reasoning_item(relay: RelayProcess, fake: FakeUpstr
 def test_upstream_errors_are_the_sdk_s_exception_classes(relay: RelayProcess, fake: FakeUpstream, sdk: Sdk,
                                                          behaviour: dict[str, Any], error: type[Exception],
                                                          code: str, stream: bool) -> None:
-    """An upstream refusal before the answer is the status (and so the exception class) the relay gives chat
-    clients for it, in OpenAI's error shape."""
+    """An upstream refusal before the answer is the status for which the SDK raises the class it raises for
+    the same trouble at OpenAI (the relay's refused key: 502), in OpenAI's error shape."""
     fake.behave(**behaviour)
     with pytest.raises(error) as raised:
         sdk(relay).responses.create(model=MODEL, input="Hi", stream=stream)

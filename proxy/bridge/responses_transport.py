@@ -5,8 +5,9 @@ only chat upstreams for the model. A stream goes through the relay's own pump wi
 (routes/chat.py's `stream_response`): fall-over before the first token, keep-alive comments during silence,
 first-token/idle/whole-stream timers, cancellation when the client leaves, and the chat usage in the
 request's stats for budgets, logs and metrics. A whole answer is one chat completion (with fall-over at
-open), mapped to a Response object. Errors before the answer starts are the relay's usual ones, rendered in
-OpenAI's shape, so the openai SDK raises the class it would for the same status.
+open), mapped to a Response object. Errors before the answer starts are the relay's usual ones in OpenAI's
+shape, with the status for which the openai SDK raises the class it would for the same trouble at OpenAI
+(proxy/bridge/responses_errors.py). The chat request keeps to `MAX_TOKENS`, as every chat request does.
 
 The bridge keeps no responses: their ids carry `BRIDGED_ID_PREFIX`, and asking for one (GET, DELETE,
 cancel, input items) is a 404 that says why.
@@ -22,14 +23,15 @@ from flask import Response
 
 from proxy.bridge.responses_answer import frame_for, random_id, response_of_completion
 from proxy.bridge.responses_encoder import ResponsesEncoder
+from proxy.bridge.responses_errors import client_status
 from proxy.bridge.responses_request import map_request
 from proxy.bridge.responses_stream import ResponsesStream
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest, NotFound, RelayError
 from proxy.relay import Relay
 from proxy.request_state import RequestState
 from proxy.routes.chat import stream_response
 from proxy.routes.openai_api import SSE_HEADERS, whole_answer_stats
-from proxy.shaping import parse_json_object
+from proxy.shaping import cap_max_tokens, parse_json_object
 from proxy.upstream import Upstream, complete
 
 BRIDGE = "responses->chat"
@@ -53,11 +55,17 @@ def serve_bridged_responses(relay: Relay, state: RequestState, method: str, path
     bridged = map_request(parse_json_object(body))
     state.access.bridge = BRIDGE
     state.access.dropped_tools = bridged.dropped_tools
+    cap_max_tokens(bridged.chat, relay.config)  # a chat request now: MAX_TOKENS holds, as for chat
     frame = frame_for(bridged, int(time.time()), bridged_id)
-    if bridged.stream:
-        encoder = ResponsesEncoder(ResponsesStream(frame, bridged.tools, bridged_id))
-        return stream_response(relay, bridged.chat, encoder, SSE_HEADERS, upstreams)
-    answer = complete(upstreams, bridged.chat, relay.config.upstream_timeout, relay.config.max_stream_seconds)
+    try:
+        if bridged.stream:
+            encoder = ResponsesEncoder(ResponsesStream(frame, bridged.tools, bridged_id))
+            return stream_response(relay, bridged.chat, encoder, SSE_HEADERS, upstreams)
+        answer = complete(upstreams, bridged.chat, relay.config.upstream_timeout, relay.config.max_stream_seconds)
+    except RelayError as error:
+        # An upstream failure before the first token: the status the openai SDKs read as the same trouble.
+        error.code = client_status(error.kind, error.status, error.upstream_status)
+        raise
     state.access.stats = whole_answer_stats(answer, state.access.started)
     response = response_of_completion(answer.data, bridged, frame, bridged_id)
     return Response(orjson.dumps(response), status=200, mimetype="application/json")

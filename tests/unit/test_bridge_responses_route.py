@@ -93,7 +93,7 @@ def test_a_mid_stream_failure_is_response_failed(transport: FakeTransport) -> No
 
 @pytest.mark.parametrize(("status", "expected", "kind"), [
     (429, 429, "upstream_rate_limited"), (500, 502, "upstream_error"), (401, 502, "upstream_auth"),
-    (400, 400, "upstream_bad_request"),
+    (400, 400, "upstream_bad_request"), (404, 404, "model_not_found"), (422, 422, "upstream_bad_request"),
 ])
 def test_upstream_errors_before_the_answer_keep_their_meaning(transport: FakeTransport, status: int,
                                                               expected: int, kind: str) -> None:
@@ -102,6 +102,15 @@ def test_upstream_errors_before_the_answer_keep_their_meaning(transport: FakeTra
     answer = bridge_client(transport).post("/v1/responses", headers=bearer(),
                                            json={"model": "gpt-5-codex", "input": "Hello", "stream": True})
     assert answer.status_code == expected and answer.get_json()["error"]["code"] == kind
+
+
+@pytest.mark.parametrize(("body", "sent"), [({}, 100), ({"max_output_tokens": 50}, 50),
+                                            ({"max_output_tokens": 500}, 100)])
+def test_max_tokens_holds_for_bridged_requests(transport: FakeTransport, body: dict[str, Any], sent: int) -> None:
+    """A bridged request is a chat request: MAX_TOKENS caps max_output_tokens, or is sent when none was."""
+    bridge_client(transport, max_tokens=100).post("/v1/responses", headers=bearer(), json={
+        "model": "gpt-5-codex", "input": "Hello", "stream": True, **body}).close()
+    assert transport.requests[0].body["max_tokens"] == sent
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "words"), [
