@@ -162,7 +162,7 @@ def map_text_format(format_: Any) -> dict[str, Any] | None:
         schema = {name: format_[name] for name in ("name", "schema", "description", "strict")
                   if format_.get(name) is not None}
         return {"type": "json_schema", "json_schema": schema}
-    raise BadRequest(f"'text.format' of type '{format_['type']}' is not available for this model on this relay",
+    raise BadRequest(f"'text.format' of type '{shown(format_['type'])}' is not available for this model on this relay",
                      kind="bridge_unsupported")
 
 
@@ -201,11 +201,11 @@ def map_tools(tools: Iterable[Any], table: ToolTable) -> tuple[list[dict[str, An
                 if isinstance(inner, dict) and inner.get("type") in ("function", "custom"):
                     chat_tools.append(_chat_tool(inner, table, namespace))
                 else:
-                    dropped.append(f"{namespace}.{inner.get('type') if isinstance(inner, dict) else '?'}")
+                    dropped.append(shown(f"{namespace}.{inner.get('type') if isinstance(inner, dict) else '?'}"))
         elif kind in ("function", "custom"):
             chat_tools.append(_chat_tool(tool, table, None))
         else:
-            dropped.append(str(kind))
+            dropped.append(shown(kind))
     return chat_tools, dropped
 
 
@@ -248,13 +248,13 @@ def map_tool_choice(choice: Any, table: ToolTable, dropped: list[str]) -> Any:
         name = _name(choice, "tool_choice")
         chat_name = chat_tool_name(name, choice.get("namespace"))
         if chat_name not in table.names:
-            raise BadRequest(f"'tool_choice' names the tool '{name}', which is not in 'tools'")
+            raise BadRequest(f"'tool_choice' names the tool '{shown(name)}', which is not in 'tools'")
         return {"type": "function", "function": {"name": chat_name}}
     if kind == "allowed_tools":
         return "required" if choice.get("mode") == "required" else "auto"
     named = choice.get("name") if kind == "mcp" else None
-    raise BadRequest(f"'tool_choice' forces the built-in tool '{named or kind}', which this relay cannot run for "
-                     "this model (its upstream speaks chat completions); offer it without forcing it",
+    raise BadRequest(f"'tool_choice' forces the built-in tool '{shown(named or kind)}', which this relay cannot "
+                     "run for this model (its upstream speaks chat completions); offer it without forcing it",
                      kind="bridge_unsupported")
 
 
@@ -325,7 +325,7 @@ def map_item(item: Any, messages: Messages, table: ToolTable) -> None:
         raise BadRequest("'item_reference' items need stored responses, which this relay does not keep for this "
                          "model: send the items themselves", kind="bridge_unsupported")
     elif kind not in DROPPED_ITEMS and kind != "additional_tools":
-        raise BadRequest(f"input items of type '{kind}' are not available for this model on this relay",
+        raise BadRequest(f"input items of type '{shown(kind)}' are not available for this model on this relay",
                          kind="bridge_unsupported")
 
 
@@ -373,7 +373,7 @@ def _content_part(part: Any) -> dict[str, Any]:
         if part.get("detail") in ("low", "high", "auto"):
             image["detail"] = part["detail"]
         return {"type": "image_url", "image_url": image}
-    raise BadRequest(f"content parts of type '{kind}' are not available for this model on this relay",
+    raise BadRequest(f"content parts of type '{shown(kind)}' are not available for this model on this relay",
                      kind="bridge_unsupported")
 
 
@@ -398,7 +398,7 @@ def tool_output_text(output: Any) -> str:
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif isinstance(part, dict):
-                texts.append(f"[{part.get('type', 'part')} omitted: this model's upstream reads only text here]")
+                texts.append(f"[{shown(part.get('type', 'part'))} omitted: this model's upstream reads only text here]")
         return "\n\n".join(texts)
     if output is None:
         return ""
@@ -408,7 +408,7 @@ def tool_output_text(output: Any) -> str:
 def _call_id(item: dict[str, Any]) -> str:
     call_id = item.get("call_id")
     if not isinstance(call_id, str) or not call_id:
-        raise BadRequest(f"a '{item.get('type')}' item needs a 'call_id'")
+        raise BadRequest(f"a '{shown(item.get('type'))}' item needs a 'call_id'")
     return call_id
 
 
@@ -417,6 +417,15 @@ def _name(obj: dict[str, Any], where: str) -> str:
     if not isinstance(name, str) or not name:
         raise BadRequest(f"every tool in '{where}' needs a 'name'")
     return name
+
+
+SHOWN_CHARACTERS = 60  # a client's value is echoed (in an error, the access log) only this far
+
+
+def shown(value: Any) -> str:
+    """A client-supplied name as echoed in a message or the log: a string, cut short."""
+    text = str(value)
+    return text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "..."
 
 
 def as_dict(value: Any) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from proxy.shaping import cap_max_tokens, parse_json_object
 from proxy.upstream import Upstream, complete
 
 BRIDGE = "responses->chat"
+MAX_LOGGED_TOOLS = 10
 # Ids of responses the bridge made: OpenAI's `resp_` prefix, then a mark that tells the relay it made them.
 BRIDGED_ID_PREFIX = "resp_bridged_"
 
@@ -54,7 +55,8 @@ def serve_bridged_responses(relay: Relay, state: RequestState, method: str, path
         raise BadRequest("a Responses request must be a JSON body")
     bridged = map_request(parse_json_object(body))
     state.access.bridge = BRIDGE
-    state.access.dropped_tools = bridged.dropped_tools
+    # Named once each, and a few at most: a client's list must not make the log line long.
+    state.access.dropped_tools = tuple(dict.fromkeys(bridged.dropped_tools))[:MAX_LOGGED_TOOLS]
     cap_max_tokens(bridged.chat, relay.config)  # a chat request now: MAX_TOKENS holds, as for chat
     frame = frame_for(bridged, int(time.time()), bridged_id)
     try:

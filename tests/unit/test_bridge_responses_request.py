@@ -186,6 +186,7 @@ def test_options(body: dict[str, Any], expected: dict[str, Any]) -> None:
     ({"tools": {"type": "function"}}, "'tools'"),
     ({"tool_choice": {"type": "function", "name": "nowhere"}}, "nowhere"),
     ({"model": ""}, "model"),
+    ({"input": [{"type": "x" * 5000}]}, "x" * 60 + "..."),
     ({"input": []}, "no message"),
 ], ids=lambda value: str(value)[:40])
 def test_refusals_are_400s_naming_the_field(body: dict[str, Any], words: str) -> None:

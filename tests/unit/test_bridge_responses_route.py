@@ -153,3 +153,12 @@ def test_falls_over_to_the_next_chat_upstream(first_reply: dict[str, Any], acces
         "text"] == "Hello"
     assert len(first.requests) == len(second.requests) == 1
     assert "upstream=two" in access_lines[-1] and "fallbacks=1" in access_lines[-1]
+
+
+def test_dropped_tools_are_logged_once_each_and_few(transport: FakeTransport, access_lines: list[str]) -> None:
+    """A client's long list of built-in tools makes a short access-log field: each named once, ten at most."""
+    tools = [{"type": "web_search"}] * 3 + [{"type": f"builtin_{n}"} for n in range(30)]
+    bridge_client(transport).post("/v1/responses", headers=bearer(), json={
+        "model": "gpt-5-codex", "input": "Hello", "stream": True, "tools": tools}).close()
+    [field] = [part for part in access_lines[-1].split() if part.startswith("dropped_tools=")]
+    assert field == "dropped_tools=" + ",".join(["web_search", *(f"builtin_{n}" for n in range(9))])

@@ -172,6 +172,14 @@ def test_upstream_error_mid_stream() -> None:
     assert failed["output"][0]["status"] == "incomplete" and failed["output"][0]["content"][0]["text"] == "Half"
 
 
+@pytest.mark.parametrize(("kind", "code"), [("upstream_rate_limited", "rate_limit_exceeded"),
+                                            ("upstream_timeout", "server_error"),
+                                            ("stream_time_limit", "server_error")])
+def test_failure_codes_are_the_sdk_s(kind: str, code: str) -> None:
+    """A failure's code in response.failed is one the SDK knows (a rate limit stays a rate limit)."""
+    assert run([], failure=(kind, "broken"))[-1]["response"]["error"]["code"] == code
+
+
 def test_empty_answer() -> None:
     """An upstream that says nothing: created, in_progress, completed with no output."""
     events = run([delta(role="assistant", content=""), delta("stop")], finish=("stop", USAGE))
