@@ -24,7 +24,7 @@ from flask import Response
 from proxy.bridge.responses_answer import frame_for, random_id, response_of_completion
 from proxy.bridge.responses_encoder import ResponsesEncoder
 from proxy.bridge.responses_errors import client_status
-from proxy.bridge.responses_request import map_request
+from proxy.bridge.responses_request import map_request, shown
 from proxy.bridge.responses_stream import ResponsesStream
 from proxy.errors import BadRequest, NotFound, RelayError
 from proxy.relay import Relay
@@ -38,6 +38,7 @@ BRIDGE = "responses->chat"
 MAX_LOGGED_TOOLS = 10
 # Ids of responses the bridge made: OpenAI's `resp_` prefix, then a mark that tells the relay it made them.
 BRIDGED_ID_PREFIX = "resp_bridged_"
+RESPONSE_ID_PREFIX = "resp_"
 
 
 def bridged_id(prefix: str) -> str:
@@ -73,9 +74,15 @@ def serve_bridged_responses(relay: Relay, state: RequestState, method: str, path
     return Response(orjson.dumps(response), status=200, mimetype="application/json")
 
 
-def refuse_bridged_lookup(family: str, rest: str) -> None:
-    """GET/DELETE /v1/responses/<id>[/...] for a response the bridge made: a 404 saying it was never stored."""
-    if family == "responses" and rest.startswith(BRIDGED_ID_PREFIX):
-        response_id = rest.split("/", 1)[0][:100]
+def refuse_bridged_lookup(family: str, rest: str, upstreams: Sequence[Upstream]) -> None:
+    """GET/DELETE /v1/responses/<id>[/...] for a response the bridge made, or when no upstream keeps
+    responses at all (every one speaks chat completions only): a 404 saying why, in OpenAI's shape."""
+    if family != "responses" or not rest.startswith(RESPONSE_ID_PREFIX):
+        return  # not about a stored response (`input_tokens`, `compact`...)
+    response_id = shown(rest.split("/", 1)[0])
+    if rest.startswith(BRIDGED_ID_PREFIX):
         raise NotFound(f"response '{response_id}' was made by this relay from a chat completions upstream and "
                        "is not stored: send the whole conversation in 'input' instead", kind="response_not_found")
+    if not any(upstream.speaks("responses") for upstream in upstreams):
+        raise NotFound(f"response '{response_id}' cannot be found: no upstream of this relay speaks the Responses "
+                       "API, so none stores responses", kind="response_not_found")

@@ -72,7 +72,7 @@ def forwarded(family: str, rest: str) -> Response:
     relay = current_relay()
     state = request_state()
     path = f"{family}/{rest}" if rest else family
-    refuse_bridged_lookup(family, rest)
+    refuse_bridged_lookup(family, rest, relay.upstreams)
     if family == "batches" and request.method == "POST":
         refuse_unchecked_models(relay.config, state)
     outgoing, model = read_request(relay.config, state, path)

@@ -122,6 +122,7 @@ def test_max_tokens_holds_for_bridged_requests(transport: FakeTransport, body: d
     ("GET", "/v1/responses/resp_bridged_0123", None, 404, "not stored"),
     ("DELETE", "/v1/responses/resp_bridged_0123", None, 404, "not stored"),
     ("GET", "/v1/responses/resp_bridged_0123/input_items", None, 404, "not stored"),
+    ("GET", "/v1/responses/resp_0123", None, 404, "no upstream of this relay speaks the Responses API"),
 ])
 def test_refusals_in_openai_shape(transport: FakeTransport, method: str, path: str, body: Any, status: int,
                                   words: str) -> None:
