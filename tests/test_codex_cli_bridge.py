@@ -144,8 +144,9 @@ def test_codex_default_model_runs_a_custom_tool_round_trip(relay: RelayProcess, 
     """With no model configured, Codex uses its own default model and offers its tools the way it does for
     it (`additional_tools`, a namespaced custom `exec` tool taking JavaScript): the fake calls that tool
     through the function the bridge made of it, Codex gets a custom_tool_call, runs the script, sends its
-    output back, and prints the final answer. The upstream reasons first (reasoning_content): Codex takes the
-    reasoning items and sends them back next turn, where the bridge leaves them out."""
+    output back, and prints the final answer. The upstream reasons first (reasoning_content): Codex keeps the
+    reasoning item and sends it back next turn, where it goes upstream again as the tool-calling assistant
+    message's reasoning_content (as DeepSeek's thinking mode requires)."""
     fake.behave(tool_call_once=True, tool_name="functions__exec", tool_arguments=JS_ARGUMENTS, tokens=ANSWER_TOKENS,
                 reasoning=["Run the ", "script first."])
     config = CONFIG_TOML.replace(f'model = "{MODEL}"\n', "")
@@ -162,5 +163,5 @@ def test_codex_default_model_runs_a_custom_tool_round_trip(relay: RelayProcess, 
     [result] = [m for m in second["messages"] if m["role"] == "tool"]
     assert result["tool_call_id"] == call["tool_calls"][0]["id"] and JS_MARKER in result["content"], result
     assert "text(" not in result["content"], result  # the script's output, not the script
-    assert "script first" not in json.dumps(second["messages"])
+    assert call["reasoning_content"] == "Run the script first."  # the reasoning item Codex sent back
     assert trap.caught == [], trap.caught

@@ -8,8 +8,12 @@ The rules, each one a small function below (tests/unit/test_bridge_responses_req
   several chat templates (vLLM, Ollama) accept a system message only at the start. `function_call` and
   `custom_tool_call` items become an assistant message's `tool_calls` (consecutive calls, and the assistant
   text just before them, share one message); `function_call_output` and `custom_tool_call_output` become
-  `tool` messages. Reasoning items, and the items of built-in tools that were never sent upstream
-  (`web_search_call`...), are dropped: the upstream cannot read them. `additional_tools` items add tools.
+  `tool` messages. A reasoning item's text (its `reasoning_text` content, else its summary) becomes the
+  `reasoning_content` of the assistant message that follows it: DeepSeek's thinking mode refuses a
+  conversation whose tool-calling turns lost it (400), Kimi's reads it, and servers that do not reason
+  never produced reasoning to send back. A reasoning item followed by no assistant output, an encrypted-only
+  one, and the items of built-in tools that were never sent upstream (`web_search_call`...) are dropped.
+  `additional_tools` items add tools.
 - `tools`: function tools as chat function tools; custom (free-form) tools such as Codex's `apply_patch` as a
   function taking one string, `{"input": "..."}`, turned back into a `custom_tool_call` on the way out;
   namespaced tools as functions named `<namespace>__<name>`. Built-in tools the upstream cannot run
@@ -43,7 +47,7 @@ NAMESPACE_SEPARATOR = "__"
 # The one argument of the function a custom (free-form) tool becomes.
 CUSTOM_INPUT = "input"
 # Item types a chat upstream cannot read and the answer does not need: dropped from the history.
-DROPPED_ITEMS = frozenset({"reasoning", "web_search_call", "file_search_call", "image_generation_call",
+DROPPED_ITEMS = frozenset({"web_search_call", "file_search_call", "image_generation_call",
                            "code_interpreter_call", "computer_call", "computer_call_output", "local_shell_call",
                            "local_shell_call_output", "shell_call", "shell_call_output", "apply_patch_call",
                            "apply_patch_call_output", "mcp_list_tools", "mcp_approval_request",
@@ -292,6 +296,7 @@ class Messages:
 
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
+        self.reasoning: str | None = None  # a reasoning item's text, for the assistant message it led to
 
     def system(self, text: str) -> None:
         if self.items and self.items[-1]["role"] == "system" and len(self.items) == 1:
@@ -300,14 +305,24 @@ class Messages:
             self.items.append({"role": "system", "content": text})
 
     def add(self, message: dict[str, Any]) -> None:
+        if message["role"] == "assistant" and self.reasoning:
+            message["reasoning_content"] = self.reasoning
+        self.reasoning = None  # reasoning followed by no answer of the model's has nothing to go with
         self.items.append(message)
 
     def tool_call(self, call: dict[str, Any]) -> None:
         last = self.items[-1] if self.items else None
         if last is not None and last["role"] == "assistant":
             last.setdefault("tool_calls", []).append(call)
+            if self.reasoning and "reasoning_content" not in last:
+                last["reasoning_content"] = self.reasoning
+            self.reasoning = None
         else:
-            self.items.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            self.add({"role": "assistant", "content": None, "tool_calls": [call]})
+
+    def reasoned(self, text: str | None) -> None:
+        if text:
+            self.reasoning = f"{self.reasoning}\n\n{text}" if self.reasoning else text
 
 
 def map_item(item: Any, messages: Messages, table: ToolTable) -> None:
@@ -319,6 +334,8 @@ def map_item(item: Any, messages: Messages, table: ToolTable) -> None:
         _message_item(item, messages)
     elif kind in ("function_call", "custom_tool_call"):
         messages.tool_call(_tool_call(item, table))
+    elif kind == "reasoning":
+        messages.reasoned(reasoning_text(item))
     elif kind in ("function_call_output", "custom_tool_call_output"):
         messages.add({"role": "tool", "tool_call_id": _call_id(item), "content": tool_output_text(item.get("output"))})
     elif kind == "item_reference":
@@ -386,6 +403,18 @@ def _tool_call(item: dict[str, Any], table: ToolTable) -> dict[str, Any]:
         arguments = str(item["arguments"]) if isinstance(item.get("arguments"), str) else "{}"
     return {"id": _call_id(item), "type": "function",
             "function": {"name": chat_tool_name(name, namespace), "arguments": arguments}}
+
+
+def reasoning_text(item: dict[str, Any]) -> str | None:
+    """A reasoning item's readable text: its raw reasoning, else its summary (None for an encrypted-only
+    item, which only OpenAI can read)."""
+    for field_name in ("content", "summary"):
+        parts = item.get(field_name)
+        texts = [part["text"] for part in parts if isinstance(part, dict) and isinstance(part.get("text"), str)
+                 and part["text"]] if isinstance(parts, list) else []
+        if texts:
+            return "\n\n".join(texts)
+    return None
 
 
 def tool_output_text(output: Any) -> str:

@@ -84,6 +84,29 @@ def test_tool_round_trip_history_maps_to_tool_calls_and_tool_messages() -> None:
     ]
 
 
+@pytest.mark.parametrize(("items", "assistant"), [
+    ([{"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Think."}]},
+      {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}],
+     {"role": "assistant", "content": None, "reasoning_content": "Think.",
+      "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}),
+    ([{"type": "reasoning", "summary": [{"type": "summary_text", "text": "Summed up."}]},
+      {"role": "assistant", "content": "Answer."}],
+     {"role": "assistant", "content": "Answer.", "reasoning_content": "Summed up."}),
+    ([{"role": "assistant", "content": "Let me look."},
+      {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Then call."}]},
+      {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}],
+     {"role": "assistant", "content": "Let me look.", "reasoning_content": "Then call.",
+      "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}),
+    ([{"type": "reasoning", "summary": [], "encrypted_content": "opaque"},
+      {"role": "assistant", "content": "Answer."}], {"role": "assistant", "content": "Answer."}),
+], ids=["before-a-tool-call", "summary-before-text", "between-text-and-call", "encrypted-only"])
+def test_reasoning_goes_back_with_the_assistant_turn(items: list[dict[str, Any]], assistant: dict[str, Any]) -> None:
+    """A reasoning item's text is the reasoning_content of the assistant message it led to (DeepSeek's
+    thinking mode requires it around tool calls); one that only OpenAI can read is dropped."""
+    messages = chat_of(tools=[WEATHER], input=[{"role": "user", "content": "Hi"}, *items])["messages"]
+    assert messages[1:] == [assistant]
+
+
 def test_tools_function_custom_namespace_and_built_ins() -> None:
     """Function tools keep their schema; a custom tool is a function of one string; namespaced tools are
     `<namespace>__<name>`; built-ins are left out and named; the table maps names back."""
