@@ -120,13 +120,13 @@ def map_request(body: dict[str, Any]) -> BridgedRequest:
         chat["stream_options"] = {"include_usage": True}
     if tools:
         chat["tools"] = tools
-        choice = map_tool_choice(body.get("tool_choice"), table, dropped)
+        choice = map_tool_choice(body.get("tool_choice"), table)
         if choice is not None:
             chat["tool_choice"] = choice
         if isinstance(body.get("parallel_tool_calls"), bool):
             chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     else:
-        map_tool_choice(body.get("tool_choice"), table, dropped)  # still refuses forcing a dropped tool
+        map_tool_choice(body.get("tool_choice"), table)  # still refuses forcing a dropped tool
     chat.update(map_options(body))
     return BridgedRequest(model, stream, chat, echo_fields(body), table, tuple(dropped))
 
@@ -135,10 +135,10 @@ def refuse_stateful(body: dict[str, Any]) -> None:
     """Server-side state the bridge does not keep is refused, not silently ignored."""
     for name, message in REFUSED_FIELDS.items():
         if body.get(name) not in (None, ""):
-            raise BadRequest(message, kind="bridge_unsupported")
+            raise BadRequest(message, kind="bridge_untranslatable")
     if body.get("background") is True:
         raise BadRequest("background responses are not available for this model on this relay",
-                         kind="bridge_unsupported")
+                         kind="bridge_untranslatable")
 
 
 def map_options(body: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def map_text_format(format_: Any) -> dict[str, Any] | None:
                   if format_.get(name) is not None}
         return {"type": "json_schema", "json_schema": schema}
     raise BadRequest(f"'text.format' of type '{shown(format_['type'])}' is not available for this model on this relay",
-                     kind="bridge_unsupported")
+                     kind="bridge_untranslatable")
 
 
 def echo_fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +241,7 @@ def _custom_description(description: Any, format_: Any) -> str:
     return text.strip()
 
 
-def map_tool_choice(choice: Any, table: ToolTable, dropped: list[str]) -> Any:
+def map_tool_choice(choice: Any, table: ToolTable) -> Any:
     """Chat's `tool_choice` for the Responses one (None: leave it out); forcing a dropped tool is a 400."""
     if choice is None or choice in ("auto", "none", "required"):
         return choice
@@ -259,7 +259,7 @@ def map_tool_choice(choice: Any, table: ToolTable, dropped: list[str]) -> Any:
     named = choice.get("name") if kind == "mcp" else None
     raise BadRequest(f"'tool_choice' forces the built-in tool '{shown(named or kind)}', which this relay cannot "
                      "run for this model (its upstream speaks chat completions); offer it without forcing it",
-                     kind="bridge_unsupported")
+                     kind="bridge_untranslatable")
 
 
 def _additional_tools(input_: Any) -> list[Any]:
@@ -340,10 +340,10 @@ def map_item(item: Any, messages: Messages, table: ToolTable) -> None:
         messages.add({"role": "tool", "tool_call_id": _call_id(item), "content": tool_output_text(item.get("output"))})
     elif kind == "item_reference":
         raise BadRequest("'item_reference' items need stored responses, which this relay does not keep for this "
-                         "model: send the items themselves", kind="bridge_unsupported")
+                         "model: send the items themselves", kind="bridge_untranslatable")
     elif kind not in DROPPED_ITEMS and kind != "additional_tools":
         raise BadRequest(f"input items of type '{shown(kind)}' are not available for this model on this relay",
-                         kind="bridge_unsupported")
+                         kind="bridge_untranslatable")
 
 
 def _message_item(item: dict[str, Any], messages: Messages) -> None:
@@ -385,13 +385,13 @@ def _content_part(part: Any) -> dict[str, Any]:
         url = part.get("image_url")
         if not isinstance(url, str) or not url:
             raise BadRequest("an 'input_image' part needs an 'image_url' (uploaded files are not available "
-                             "for this model on this relay)", kind="bridge_unsupported")
+                             "for this model on this relay)", kind="bridge_untranslatable")
         image: dict[str, Any] = {"url": url}
         if part.get("detail") in ("low", "high", "auto"):
             image["detail"] = part["detail"]
         return {"type": "image_url", "image_url": image}
     raise BadRequest(f"content parts of type '{shown(kind)}' are not available for this model on this relay",
-                     kind="bridge_unsupported")
+                     kind="bridge_untranslatable")
 
 
 def _tool_call(item: dict[str, Any], table: ToolTable) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def serve_bridged_responses(relay: Relay, state: RequestState, method: str, path
     """POST /v1/responses answered by chat-completions upstreams, streaming or whole."""
     if method != "POST" or path != "responses":
         raise NotFound(f"/v1/{path[:100]} is not available for this model: its upstream speaks chat "
-                       "completions, which only POST /v1/responses can be translated to", kind="bridge_unsupported")
+                       "completions, which only POST /v1/responses can be translated to", kind="bridge_untranslatable")
     if not isinstance(body, bytes):
         raise BadRequest("a Responses request must be a JSON body")
     bridged = map_request(parse_json_object(body))

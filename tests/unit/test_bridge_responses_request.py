@@ -165,7 +165,7 @@ def test_forcing_a_built_in_tool_is_refused(choice: dict[str, str]) -> None:
     """tool_choice forcing a built-in the upstream cannot run is a 400 naming it."""
     with pytest.raises(BadRequest) as refused:
         chat_of(input="Hi", tools=[WEATHER, {"type": choice["type"]}], tool_choice=choice)
-    assert choice["type"] in str(refused.value.description) and refused.value.kind == "bridge_unsupported"
+    assert choice["type"] in str(refused.value.description) and refused.value.kind == "bridge_untranslatable"
 
 
 @pytest.mark.parametrize(("body", "expected"), [
