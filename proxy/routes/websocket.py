@@ -266,7 +266,7 @@ class Session:
     def current_policy(self) -> KeyPolicy | None:
         """The caller's entry as the keyring has it now (KEYS_FILE is reread on change); None once it is gone."""
         caller = self.state.caller
-        return self.relay.config.keyring.identify(caller.key) if caller is not None else None
+        return self.relay.config.keyring.by_digest(caller.digest) if caller is not None else None
 
     def renew_slot(self, policy: KeyPolicy) -> None:
         """Take the connection's stream slot again under the key's current caps; RateLimited when none is free
