@@ -73,7 +73,8 @@ class PriceTable:
         try:
             document = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise PricesFileError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+            # Not the path: whatever was pasted into PRICES_FILE (a key, say) would be echoed.
+            raise PricesFileError(f"cannot read the file it names ({exc.strerror or type(exc).__name__})") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise PricesFileError(f"{path} is not valid TOML: {exc}") from None
         unknown = sorted(set(document) - {"prices"})

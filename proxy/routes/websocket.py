@@ -24,7 +24,8 @@ message is then a request of its own, through `RequestLimits`' public checks, wh
   closes the connection with 1008, at its next message or, while idle, within about two seconds (the
   keyring's reload check plus DRAIN_CHECK_SECONDS); the message is judged by the entry's current limits;
 - one count in the key's per-minute and per-day buckets, the very ones its HTTP requests count in;
-- the daily token budget checked before the answer, and the answer's tokens charged when it ends;
+- the key's budgets checked, and the most the answer can cost reserved (`proxy/budgets.py`), before the
+  answer; the reservation settled from its usage when it ends;
 - the connection's slot taken again under the key's current caps (a lowered max_streams applies); this
   also renews it, as does an idle connection every half MAX_STREAM_SECONDS, so it never expires while the
   connection lives. Refused, the connection holds no slot until a later message gets one.
@@ -55,6 +56,7 @@ from wsproto.events import CloseConnection
 from wsproto.utilities import RemoteProtocolError
 
 from proxy.accesslog import AccessRecord
+from proxy.budgets import Reservation
 from proxy.encoders import WebSocketEncoder
 from proxy.errors import BadRequest, RateLimited, RelayError, Unauthorized, UpgradeRequired
 from proxy.keys import KeyPolicy
@@ -369,7 +371,7 @@ def answer(session: Session, policy: KeyPolicy, message: str | bytes) -> None:
         content, model = parse_client_message(message)
         conversation.add("user", content)
         asked = True
-        stream = open_answer(relay, conversation, model, record, policy)
+        stream, reservation = open_answer(relay, conversation, model, record, policy)
     except RelayError as refused:
         if asked:
             conversation.drop_unanswered_question()
@@ -393,21 +395,27 @@ def answer(session: Session, policy: KeyPolicy, message: str | bytes) -> None:
         else:
             conversation.drop_unanswered_question()
         record.write()
-        relay.limits.charge(policy, TokenUsage.of_answer(stats.usage, stats.tokens))
+        relay.limits.charge(policy, TokenUsage.of_answer(stats.usage, stats.tokens), reservation)
         if connection.stats is not None:
             add_answer(connection.stats, stats)
 
 
 def open_answer(relay: Relay, conversation: Conversation, model: str | None, record: AccessRecord,
-                policy: KeyPolicy) -> UpstreamStream:
-    """The conversation shaped like a POST /chat body, its model authorized for the key, the upstream opened."""
+                policy: KeyPolicy) -> tuple[UpstreamStream, Reservation | None]:
+    """The conversation shaped like a POST /chat body, its model authorized for the key, its cost reserved, the
+    upstream opened."""
     body: dict[str, Any] = {"messages": conversation.messages()}
     if model is not None:
         body["model"] = model
     shaped = shape_chat_request(body, relay.config)
     admit_shaped(record, policy, shaped, relay.config)
-    return open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
-                       relay.body_read_timeout)
+    reservation = relay.limits.reserve(policy, shaped.model, shaped.upstream_body)
+    try:
+        return open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
+                           relay.body_read_timeout), reservation
+    except BaseException:
+        relay.limits.release_reservation(reservation)
+        raise
 
 
 def add_answer(total: StreamStats, answer: StreamStats) -> None:

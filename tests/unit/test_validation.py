@@ -36,6 +36,8 @@ BAD_SETTINGS = [
     ("RELAY_DEMO", "maybe", "RELAY_DEMO: expected 1/0, true/false, yes/no or on/off"),
     ("KEYS_FILE", "/nonexistent/keys.toml",
      "KEYS_FILE: cannot read the file it names (No such file or directory)"),
+    ("PRICES_FILE", "/nonexistent/prices.toml",
+     "PRICES_FILE: cannot read the file it names (No such file or directory)"),
     ("UPSTREAMS_FILE", "/nonexistent/up.toml", "UPSTREAMS_FILE: cannot read the file it names (No such file or "
                                                "directory)"),
     ("CORS_ORIGINS", "https://ok.example, not an origin",
