@@ -48,7 +48,7 @@ log = logging.getLogger("relay.keys")
 RELOAD_CHECK_SECONDS = 1.0
 # Access keys shorter than this are refused (AUTHORIZATION_KEY at start-up outside demo mode, KEYS_FILE always).
 MIN_ACCESS_KEY_LENGTH = 16
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 HASH_SCHEME = "sha256:"
 
 
@@ -157,7 +157,7 @@ class KeyEntry(FileEntry):
 
 def _policy(path: Path, name: str, entry: Any) -> KeyPolicy:
     where = f"{path}: keys.{name}"
-    if not _NAME.fullmatch(name):
+    if not KEY_NAME.fullmatch(name):
         raise KeysFileError(f"{where}: a name is 1-64 letters, digits, '.', '_' or '-'")
     try:
         checked = KeyEntry.check(entry, where)
