@@ -1,5 +1,5 @@
 """Named access keys: the keys of AUTHORIZATION_KEY plus a TOML keys file (KEYS_FILE), each with a name and
-optional limits of its own. The file is reread when it changes (checked at most once a second), so adding
+optional limits of its own. The file is reread when it changes (checked at most twice a second), so adding
 or removing a key needs no restart; a broken edit is logged and the previous keys stay in force.
 
     # /etc/relay/keys.toml
@@ -45,7 +45,7 @@ from proxy.validation import EntryError, FileEntry, Says
 
 log = logging.getLogger("relay.keys")
 
-RELOAD_CHECK_SECONDS = 1.0
+RELOAD_CHECK_SECONDS = 0.5  # a revoked key is refused by every worker within this (one stat() per check)
 # Access keys shorter than this are refused (AUTHORIZATION_KEY at start-up outside demo mode, KEYS_FILE always).
 MIN_ACCESS_KEY_LENGTH = 16
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")

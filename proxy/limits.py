@@ -450,14 +450,15 @@ class RequestLimits:
 
     def check_budget(self, policy: KeyPolicy) -> None:
         """Raise RateLimited (token_budget_exhausted, daily_spend_exhausted, monthly_spend_exhausted) when one of
-        the key's budgets is used up or reserved whole by requests in flight: refused before the body is read."""
+        the key's budgets is used up: refused before the body is read. (What requests in flight hold counts
+        when this request reserves, once its body is known: `reserve`.)"""
         budgets = self.budgets_of(policy)
         if not budgets:
             return
-        for (kind, counter, limit), (spent, held) in zip(budgets, self.counters.amounts(
+        for (kind, counter, limit), (spent, _held) in zip(budgets, self.counters.amounts(
                 [counter for _, counter, _ in budgets]), strict=True):
-            if spent + held >= limit:
-                raise refusal(Hold(kind, counter, 0.0, limit, kind != TOKENS, 0), in_flight=spent < limit)
+            if spent >= limit:
+                raise refusal(Hold(kind, counter, 0.0, limit, kind != TOKENS, 0))
 
     def budgets_of(self, policy: KeyPolicy) -> list[tuple[str, str, float]]:
         """The key's budgets now: (refusal kind, counter, limit)."""
@@ -537,11 +538,10 @@ class RequestLimits:
             return
         policy = state.caller
         assert policy is not None  # not exempt: a known caller
+        self.check_budget(policy)
         self.note_use(policy)
         if state.declaration.streams:
-            # Before the budgets: a budget held by requests in flight frees up when they end, as a slot does.
             state.lease = self._lease_stream_slot(policy)
-        self.check_budget(policy)
 
     def _lease_stream_slot(self, policy: KeyPolicy, renewing: Lease | None = None) -> Lease | None:
         buckets: list[tuple[str, int]] = []

@@ -21,8 +21,9 @@ per day, the token budget checked) and the connection then holds one stream slot
 MAX_OPEN_STREAMS) for as long as it is open: its answers stream one at a time inside that slot. Every
 message is then a request of its own, through `RequestLimits`' public checks, which its HTTP hooks use too:
 - the key's entry is looked up again in the keyring (KEYS_FILE is reread on change): a key that is gone
-  closes the connection with 1008, at its next message or, while idle, within about two seconds (the
-  keyring's reload check plus DRAIN_CHECK_SECONDS); the message is judged by the entry's current limits;
+  closes the connection with 1008, at its next message or, while idle, within about a second (the
+  keyring's reload check plus DRAIN_CHECK_SECONDS, half a second each); the message is judged by the
+  entry's current limits;
 - one count in the key's per-minute and per-day buckets, the very ones its HTTP requests count in;
 - the key's budgets checked, and the most the answer can cost reserved (`proxy/budgets.py`), before the
   answer; the reservation settled from its usage when it ends;
@@ -75,7 +76,7 @@ GOING_AWAY = 1001
 TRY_AGAIN_LATER = 1013
 QUEUED_MESSAGES = 8
 KEY_GONE_REASON = "this access key is no longer valid"
-DRAIN_CHECK_SECONDS = 1.0
+DRAIN_CHECK_SECONDS = 0.5  # an idle connection wakes this often: a restart, or its key revoked
 RESTARTING_REASON = "the relay is restarting; reconnect to continue (the conversation starts afresh)"
 # The kept conversation: the system prompt plus at most this many messages (20 exchanges); older turns
 # are dropped first. Its text is also held under MAX_BODY_BYTES, the size a POST /chat body may have.
