@@ -109,3 +109,12 @@ def test_prices_file_setting(tmp_path: Path) -> None:
     path.write_text("[[prices]]\nmodel = 3\n")
     with pytest.raises(ConfigError, match=r"^PRICES_FILE: .*prices entry 1: 'model' must be"):
         Config.from_env(env)
+
+
+def test_readme_price_example_is_valid(tmp_path: Path) -> None:
+    """The README's price table example loads as written and prices what it says."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(part for part in readme.split("```toml\n")[1:] if "[[prices]]" in part).split("```")[0]
+    prices = table(tmp_path, block)
+    assert prices.price_of("deepseek-chat").output == 1.10  # type: ignore[union-attr]
+    assert prices.cost("gpt-4o-mini", TokenUsage(1_000_000, 0, 1_000_000, True, cached=1_000_000)) == 0.075
