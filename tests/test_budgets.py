@@ -14,9 +14,10 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.conftest import RelayProcess, relay_env, start_relay
+from tests.conftest import UPSTREAM_KEY, RelayProcess, relay_env, start_relay
 from tests.fake_upstream import FakeUpstream
 from tests.servers import find_program, running_redis
+from tests.test_anthropic import ANTHROPIC_KEY, upstreams_toml
 
 pytestmark = pytest.mark.serial  # bursts of concurrent requests: timing-sensitive on a shared machine
 
@@ -110,3 +111,32 @@ def test_one_worker_memory_storage_holds_the_limit_exactly(relay_factory: Callab
     """With one worker, memory storage is the whole relay's: the same bound as Redis."""
     relay = relay_factory(fresh=True, **keys_and_prices(tmp_path / "files"))
     assert_within_budget(spend_until_refused([relay]), budgets=1)
+
+
+def test_every_protocol_reserves_and_refuses_in_its_own_shape(relay_factory: Callable[..., Any], tmp_path: Path,
+                                                              fake: FakeUpstream) -> None:
+    """Anthropic's /v1/messages and a forwarded /v1/responses body reserve from their own size and output cap:
+    too big for what is left is a 429 in Anthropic's and OpenAI's error shapes before the upstream is called;
+    a small cap fits and is answered."""
+    files = keys_and_prices(tmp_path / "files")
+    Path(files["PRICES_FILE"]).write_text(PRICES + '[[prices]]\nmodel = "claude-*"\ninput = 1000\noutput = 1000\n')
+    upstreams = tmp_path / "upstreams.toml"
+    upstreams.write_text(upstreams_toml(fake.base_url, [f"http://{fake.host}:{fake.port}"]))
+    relay = relay_factory(fresh=True, UPSTREAMS_FILE=str(upstreams), OPENAI_UPSTREAM_KEY=UPSTREAM_KEY,
+                          ANTHROPIC_KEY=ANTHROPIC_KEY, OPENAI_API_KEY="", **files)
+    headers = {"Authorization": f"Bearer {SPENDER}"}
+    messages = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}
+    refused = httpx2.post(f"{relay.url}/v1/messages", json={**messages, "max_tokens": 5000}, headers=headers,
+                          timeout=20)
+    assert refused.status_code == 429 and refused.json()["type"] == "error", refused.text
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert "daily spend limit of 0.5" in refused.json()["error"]["message"]
+    responses = {"model": "gpt-4o-mini", "input": "hi"}
+    forwarded = httpx2.post(f"{relay.url}/v1/responses", json={**responses, "max_output_tokens": 5000},
+                            headers=headers, timeout=20)
+    assert forwarded.status_code == 429 and forwarded.json()["error"]["code"] == "daily_spend_exhausted"
+    assert fake.requests == []
+    assert httpx2.post(f"{relay.url}/v1/messages", json={**messages, "max_tokens": 10}, headers=headers,
+                       timeout=20).status_code == 200
+    assert httpx2.post(f"{relay.url}/v1/responses", json={**responses, "max_output_tokens": 10}, headers=headers,
+                       timeout=20).status_code == 200

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from proxy import keys as keys_module
-from proxy.keyfile import KeyFileEditError, add_entry, hash_entries, remove_entry
+from proxy.keyfile import KeyFileEditError, add_entry, hash_entries, new_key, remove_entry
 from proxy.keys import KeyRing, key_digest, load_keys_file
 from proxy.keys_cli import main
+from proxy.redaction import REDACTED, redact_secret_like
 
 OLD_KEY = "old-clear-key-0123456789"
 FILE = f"""# keys of the team
@@ -156,3 +157,11 @@ def test_revoked_key_is_gone_from_the_ring_within_the_reload_check(tmp_path: Pat
     assert ring.by_digest(policy.digest) is not None, "until the next check"
     clock[0] += keys_module.RELOAD_CHECK_SECONDS
     assert ring.by_digest(policy.digest) is None
+
+
+def test_created_keys_are_key_shaped_for_the_redactor() -> None:
+    """The relay never holds a created key's clear text, so it is redacted by its shape (rk- and 43 characters)
+    wherever it appears in upstream text or a log line; ordinary words with "rk-" are not."""
+    key = new_key()
+    assert redact_secret_like(f"bad key {key}!") == f"bad key {REDACTED}!"
+    assert redact_secret_like("see network-settings and work-items") == "see network-settings and work-items"
