@@ -14,6 +14,8 @@ from typing import Any
 import httpx2
 import pytest
 
+from proxy.budgets import Hold
+from proxy.limits import RedisCounters
 from tests.conftest import UPSTREAM_KEY, RelayProcess, relay_env, start_relay
 from tests.fake_upstream import FakeUpstream
 from tests.servers import find_program, running_redis
@@ -140,3 +142,31 @@ def test_every_protocol_reserves_and_refuses_in_its_own_shape(relay_factory: Cal
                        timeout=20).status_code == 200
     assert httpx2.post(f"{relay.url}/v1/responses", json={**responses, "max_output_tokens": 10}, headers=headers,
                        timeout=20).status_code == 200
+
+
+@pytest.mark.skipif(find_program("redis-server") is None, reason="redis-server is not installed")
+@pytest.mark.parametrize(("spent", "held", "amount", "limit", "strict", "admitted"), [
+    (0, 0, 10, 10, True, True),
+    (0, 0, 10.5, 10, True, False),
+    (4, 5, 1, 10, True, True),
+    (4, 5, 1.5, 10, True, False),
+    (9, 0, 100, 10, False, True),
+    (4, 6, 1, 10, False, False),
+])
+def test_redis_reservation_script_follows_the_memory_rules(tmp_path: Path, spent: float, held: float,
+                                                           amount: float, limit: float, strict: bool,
+                                                           admitted: bool) -> None:
+    """The Lua script admits and refuses exactly as MemoryCounters does (tests/unit/test_budget_reservation.py),
+    all or nothing across budgets, and settling gives the hold back."""
+    with running_redis(tmp_path / "redis") as redis:
+        store = RedisCounters(redis.url)
+        store.settle((), [("c", spent, 100)])
+        assert store.reserve([Hold("k", "c", held, 1e9, True, 100)]) == 0
+        refused = store.reserve([Hold("k", "other", 1, 1e9, True, 100), Hold("k", "c", amount, limit, strict, 100)])
+        assert (refused == 0) is admitted and (refused in (0, 2))
+        expected_held = held + (amount if admitted else 0)
+        assert store.amounts(["c", "other"]) == [(spent, pytest.approx(expected_held)),
+                                                 (0.0, 1.0 if admitted else 0.0)]
+        store.settle([("c", expected_held)], [("c", 0.25, 100)])
+        assert store.amounts(["c"]) == [(spent + 0.25, pytest.approx(0.0))]
+        assert 0 < store.client.ttl("relay:c") <= 100
