@@ -1,4 +1,5 @@
-"""`python -m proxy run`: start the relay under gunicorn with the production config.
+"""`python -m proxy run`: start the relay under gunicorn with the production config. (`doctor` and `keys`
+are their own modules: `proxy/doctor.py`, `proxy/keys_cli.py`.)
 
 With neither a `.env` file nor the variables set, it starts the clearly labelled demo mode with a generated
 access key, so a newcomer sees it work; the app itself only enters demo mode when `RELAY_DEMO=1`.
@@ -66,7 +67,12 @@ def main(argv: list[str]) -> int:
         from proxy.doctor import main as doctor
 
         return doctor(argv[1:])
+    if argv[0] == "keys":
+        from proxy.keys_cli import main as keys
+
+        return keys(argv[1:])
     print(f"usage: python -m proxy run [gunicorn options] | python -m proxy doctor URL KEY"
+          " | python -m proxy keys create|list|revoke|hash"
           f"  (unknown command {argv[0]!r})", file=sys.stderr)
     return 2
 

@@ -29,6 +29,7 @@ from dotenv import load_dotenv
 from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo, model_validator
 
 from proxy.keys import MIN_ACCESS_KEY_LENGTH, KeyRing, KeysFileError
+from proxy.prices import PricesFileError, PriceTable, load_prices
 from proxy.validation import EntryError, FileEntry, Says
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -103,6 +104,9 @@ class Config:
     log_format: str = "text"
     # Every valid key and its policy: AUTHORIZATION_KEY's keys plus KEYS_FILE's, built from the above.
     keyring: KeyRing = field(init=False, repr=False, compare=False)
+    # Prices per million tokens (TOML, proxy/prices.py), for the money budgets; unset: no price is known.
+    prices_file: Path | None = None
+    prices: PriceTable = field(init=False, repr=False, compare=False)
     upstreams_file: str | None = None
     upstreams: tuple[UpstreamSpec, ...] = ()  # from UPSTREAMS_FILE; empty: the single OPENAI_* upstream
 
@@ -112,6 +116,10 @@ class Config:
         except KeysFileError as exc:
             raise ConfigError(f"KEYS_FILE: {exc}") from None
         object.__setattr__(self, "keyring", keyring)
+        try:
+            object.__setattr__(self, "prices", load_prices(self.prices_file))
+        except PricesFileError as exc:
+            raise ConfigError(f"PRICES_FILE: {exc}") from None
 
     @property
     def limits_configured(self) -> bool:
@@ -330,6 +338,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RELAY_DEMO", "demo", _boolean),
     Setting("AUTHORIZATION_KEY", "authorization_keys", _csv, secret=True),
     Setting("KEYS_FILE", "keys_file", Path),
+    Setting("PRICES_FILE", "prices_file", Path),
     Setting("OPENAI_API_KEY", "openai_api_key", _text, secret=True),
     Setting("UPSTREAMS_FILE", "upstreams_file", _text),
     Setting("CORS_ORIGINS", "cors_origins", _origins),

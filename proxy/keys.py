@@ -1,5 +1,5 @@
 """Named access keys: the keys of AUTHORIZATION_KEY plus a TOML keys file (KEYS_FILE), each with a name and
-optional limits of its own. The file is reread when it changes (checked at most once a second), so adding
+optional limits of its own. The file is reread when it changes (checked at most twice a second), so adding
 or removing a key needs no restart; a broken edit is logged and the previous keys stay in force.
 
     # /etc/relay/keys.toml
@@ -12,10 +12,21 @@ or removing a key needs no restart; a broken edit is logged and the previous key
     max_streams = 2               # requests in flight (open streams) at once
 
 Logs and metrics only ever show the name.
+
+Keys made by `python -m proxy keys create NAME` (`proxy/keys_cli.py`) are never stored: the entry holds
+`hash = "sha256:<hex>"` and a short visible `prefix` instead of `key`. The keys are 256-bit random strings,
+so a fast hash is enough (no password hashing: nothing is left to guess from a leaked file), and it lets
+`identify` find a key with one dictionary lookup by its hash instead of comparing it with every key. The
+lookup's timing says nothing useful: a caller cannot choose what a guess hashes to. Clear-text `key = ...`
+entries keep working (`keys hash` converts a file); they are hashed when the file is read.
+
+Spend limits (`daily_spend`, `monthly_spend`: money, in the currency of PRICES_FILE) are reserved before the
+upstream is called, like `daily_tokens` (`proxy/budgets.py`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -28,16 +39,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, Field, PositiveInt, StringConstraints
+from pydantic import AfterValidator, Field, PositiveFloat, PositiveInt, StringConstraints
 
 from proxy.validation import EntryError, FileEntry, Says
 
 log = logging.getLogger("relay.keys")
 
-RELOAD_CHECK_SECONDS = 1.0
+RELOAD_CHECK_SECONDS = 0.5  # a revoked key is refused by every worker within this (one stat() per check)
 # Access keys shorter than this are refused (AUTHORIZATION_KEY at start-up outside demo mode, KEYS_FILE always).
 MIN_ACCESS_KEY_LENGTH = 16
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+HASH_SCHEME = "sha256:"
+
+
+def key_digest(key: str) -> str:
+    """What a keys file stores instead of a key: `sha256:` and the hex SHA-256 of its UTF-8 bytes."""
+    return HASH_SCHEME + hashlib.sha256(key.encode()).hexdigest()
 
 
 class KeysFileError(ValueError):
@@ -49,12 +66,20 @@ class KeyPolicy:
     """One access key, its name and its own limits (None: the relay-wide default applies)."""
 
     name: str
-    key: str = field(repr=False)
+    key: str = field(default="", repr=False)  # the key itself only where it is written in clear (env, old files)
     requests_per_minute: int | None = None
     requests_per_day: int | None = None
     daily_tokens: int | None = None
     models: tuple[str, ...] = ()  # globs; empty: whatever ALLOWED_MODELS allows
     max_streams: int | None = None
+    daily_spend: float | None = None
+    monthly_spend: float | None = None
+    digest: str = field(default="", repr=False)  # key_digest(key): how a presented key is found
+    prefix: str = ""  # the start of a created key, shown by `keys list` so its holder can recognize it
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            object.__setattr__(self, "digest", key_digest(self.key))
 
 
 def env_key_policies(keys: Sequence[str]) -> tuple[KeyPolicy, ...]:
@@ -82,16 +107,20 @@ def load_keys_file(path: Path) -> tuple[KeyPolicy, ...]:
     policies = tuple(_policy(path, name, entry) for name, entry in table.items())
     seen: dict[str, str] = {}
     for policy in policies:
-        if policy.key in seen:
-            raise KeysFileError(f"{path}: keys.{policy.name} has the same key as keys.{seen[policy.key]}")
-        seen[policy.key] = policy.name
+        if policy.digest in seen:
+            raise KeysFileError(f"{path}: keys.{policy.name} has the same key as keys.{seen[policy.digest]}")
+        seen[policy.digest] = policy.name
     return policies
 
 
 _WHOLE = "must be a positive whole number"
+_MONEY = "must be a positive amount of money (a number, in PRICES_FILE's currency)"
+_KEY_OR_HASH = "'key' must be a non-empty string (or the entry a 'hash' made by python -m proxy keys create)"
 
 
-def _bare_key(key: str) -> str:
+def _bare_key(key: str | None) -> str | None:
+    if key is None:
+        return None
     # A comma would split the key when it is also listed in AUTHORIZATION_KEY; spaces are a paste slip.
     if key != key.strip() or "," in key:
         raise ValueError("'key' must not contain commas or surrounding spaces")
@@ -105,12 +134,19 @@ class KeyEntry(FileEntry):
 
     NOT_A_TABLE: ClassVar[str] = "{where} must be a table with at least key = \"...\""
 
-    key: Annotated[str, StringConstraints(pattern=r"\S"), Says("'key' must be a non-empty string"),
-                   AfterValidator(_bare_key), Field(repr=False)]
+    key: Annotated[str | None, StringConstraints(pattern=r"\S"), Says("'key' must be a non-empty string"),
+                   AfterValidator(_bare_key), Field(repr=False)] = None
+    hash: Annotated[str | None, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$"),
+                    Says("'hash' must be \"sha256:\" and 64 lowercase hex digits (python -m proxy keys create)")] = None
+    prefix: Annotated[str, StringConstraints(max_length=16), Says("'prefix' must be a string of at most 16 characters")
+                      ] = ""
     requests_per_minute: Annotated[PositiveInt | None, Says(f"'requests_per_minute' {_WHOLE}")] = None
     requests_per_day: Annotated[PositiveInt | None, Says(f"'requests_per_day' {_WHOLE}")] = None
     daily_tokens: Annotated[PositiveInt | None, Says(f"'daily_tokens' {_WHOLE}")] = None
     max_streams: Annotated[PositiveInt | None, Says(f"'max_streams' {_WHOLE}")] = None
+    daily_spend: Annotated[PositiveFloat | None, Field(allow_inf_nan=False), Says(f"'daily_spend' {_MONEY}")] = None
+    monthly_spend: Annotated[PositiveFloat | None, Field(allow_inf_nan=False), Says(f"'monthly_spend' {_MONEY}")
+                             ] = None
     models: Annotated[list[Annotated[str, StringConstraints(min_length=1)]],
                       Says("'models' must be a list of model names or globs")] = Field(default_factory=list)
 
@@ -121,17 +157,22 @@ class KeyEntry(FileEntry):
 
 def _policy(path: Path, name: str, entry: Any) -> KeyPolicy:
     where = f"{path}: keys.{name}"
-    if not _NAME.fullmatch(name):
+    if not KEY_NAME.fullmatch(name):
         raise KeysFileError(f"{where}: a name is 1-64 letters, digits, '.', '_' or '-'")
     try:
         checked = KeyEntry.check(entry, where)
     except EntryError as exc:
         raise KeysFileError(str(exc)) from None
-    return KeyPolicy(name=name, models=tuple(checked.models), **checked.model_dump(exclude={"models"}))
+    if (checked.key is None) == (checked.hash is None):
+        raise KeysFileError(f"{where}: {_KEY_OR_HASH}" if checked.key is None
+                            else f"{where}: give 'key' or 'hash', not both")
+    limits = checked.model_dump(exclude={"models", "key", "hash"})
+    return KeyPolicy(name=name, key=checked.key or "", digest=checked.hash or "", models=tuple(checked.models),
+                     **limits)
 
 
 class KeyRing:
-    """Every valid key. `identify` compares against all of them in constant time per key."""
+    """Every valid key, found by its hash (`identify`)."""
 
     def __init__(self, env_keys: Sequence[str], keys_file: Path | None = None) -> None:
         self._env = env_key_policies(env_keys) if env_keys else ()
@@ -139,11 +180,19 @@ class KeyRing:
         self._lock = threading.Lock()
         self._next_check = 0.0
         self._file_stamp: tuple[int, int, int] | None = None
-        self._policies = self._env
+        self._set(self._env)
         if keys_file is not None:
             self._file_stamp = _stamp(keys_file)
-            self._policies = self._merge(load_keys_file(keys_file))
+            self._set(self._merge(load_keys_file(keys_file)))
             self._next_check = time.monotonic() + RELOAD_CHECK_SECONDS
+
+    def _set(self, policies: tuple[KeyPolicy, ...]) -> None:
+        # One assignment of a (tuple, dict) pair: a concurrent reader sees the old pair or the new one.
+        self._current = (policies, {policy.digest: policy for policy in policies})
+
+    @property
+    def _policies(self) -> tuple[KeyPolicy, ...]:
+        return self._current[0]
 
     @property
     def policies(self) -> tuple[KeyPolicy, ...]:
@@ -151,19 +200,22 @@ class KeyRing:
         return self._policies
 
     def identify(self, presented: str) -> KeyPolicy | None:
-        """The policy of the presented key, or None. Every key is compared, so timing tells nothing."""
-        candidate = presented.encode()
-        match: KeyPolicy | None = None
-        for policy in self.policies:
-            if hmac.compare_digest(candidate, policy.key.encode()) and match is None:
-                match = policy
-        return match
+        """The policy of the presented key, or None."""
+        return self.by_digest(key_digest(presented))
+
+    def by_digest(self, digest: str) -> KeyPolicy | None:
+        """The policy whose key hashes to `digest` now (None once it is revoked): a WebSocket connection asks
+        again at each message whether its key still stands."""
+        self._reload_if_changed()
+        found = self._current[1].get(digest)
+        # The dictionary found it by equal hashes; compare_digest states the check without early exit.
+        return found if found is not None and hmac.compare_digest(found.digest, digest) else None
 
     def _merge(self, from_file: tuple[KeyPolicy, ...]) -> tuple[KeyPolicy, ...]:
-        env_keys = {policy.key for policy in self._env}
+        env_keys = {policy.digest for policy in self._env}
         env_names = {policy.name for policy in self._env}
         for policy in from_file:
-            if policy.key in env_keys or policy.name in env_names:
+            if policy.digest in env_keys or policy.name in env_names:
                 raise KeysFileError(f"{self._file}: keys.{policy.name} repeats a key or name of AUTHORIZATION_KEY")
         return self._env + from_file
 
@@ -184,7 +236,7 @@ class KeyRing:
             except KeysFileError as exc:
                 log.error("keys file not reloaded, the previous keys stay in force: %s", exc)
                 return
-            self._policies = policies
+            self._set(policies)
             log.info("keys file reloaded: %d named keys (%s)", len(policies),
                      ", ".join(policy.name for policy in policies))
 

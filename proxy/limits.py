@@ -4,7 +4,10 @@
 - Requests in flight (open streams) per key, and for the whole relay: leases that end when the response
   is closed (last byte sent, or the client gone).
 - A daily token budget per key, counted from the usage the upstream reports at the end of each answer
-  (the number of content deltas when it reports none), renewed at 00:00 UTC.
+  (the number of content deltas when it reports none), renewed at 00:00 UTC; and daily and monthly spend
+  limits in money. All three are reserved before the upstream is called and settled when the request
+  closes (`proxy/budgets.py` says how much and by which rule), atomically across processes.
+- Each key's last use, recorded at most once a LAST_USE_SECONDS per key and process, for `keys list`.
 
 Every refusal is a 429 with Retry-After, rendered by the endpoint's own error shape. A WebSocket connection
 (`routes/websocket.py`) is admitted like any request at its handshake, then each of its messages goes through
@@ -27,9 +30,8 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -41,6 +43,20 @@ from limits.errors import StorageError
 from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
 
+from proxy.budgets import (
+    DAILY,
+    MONTHLY,
+    TOKENS,
+    Hold,
+    Reservation,
+    actual_charges,
+    plan,
+    refusal,
+    spend_counter,
+    tokens_counter,
+    utc_day,
+    utc_month,
+)
 from proxy.config import Config
 from proxy.errors import RateLimited, render_error
 from proxy.keys import KeyPolicy
@@ -56,6 +72,9 @@ LEASE_MARGIN_SECONDS = 60.0
 GLOBAL_BUCKET = "*"  # cannot collide with a key name (names start with a letter or digit)
 KEY_PREFIX = "relay"
 RATE_SCOPE = "per-key"  # the scope of the one shared per-key limit, as Flask-Limiter names its buckets
+LAST_USE_SECONDS = 60.0  # a key's last use is written to the store at most this often (per process)
+LAST_USE_TTL = 400 * 86400
+Charge = tuple[str, float, int]  # (counter, amount, seconds the counter is kept)
 
 # KEYS: the buckets' sorted sets. ARGV: now, lease expiry, lease id, then one limit per bucket.
 # Drops expired leases, refuses (returning the full bucket's 1-based index) or leases in every bucket.
@@ -67,6 +86,25 @@ end
 for _, key in ipairs(KEYS) do
   redis.call('ZADD', key, ARGV[2], ARGV[3])
   redis.call('EXPIREAT', key, math.ceil(tonumber(ARGV[2])))
+end
+return 0
+"""
+
+# KEYS: each budget's spent and reserved counters, in pairs. ARGV: per budget amount, limit, strict (1/0), ttl.
+# Refuses (returning the budget's 1-based index) unless every budget has room, then reserves in every one.
+_RESERVE_LUA = """
+local n = #KEYS / 2
+for i = 1, n do
+  local committed = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+      + math.max(0, tonumber(redis.call('GET', KEYS[2 * i]) or '0'))
+  local amount, limit = tonumber(ARGV[4 * i - 3]), tonumber(ARGV[4 * i - 2])
+  if ARGV[4 * i - 1] == '1' then
+    if committed + amount > limit then return i end
+  elseif committed >= limit then return i end
+end
+for i = 1, n do
+  redis.call('INCRBYFLOAT', KEYS[2 * i], ARGV[4 * i - 3])
+  redis.call('EXPIRE', KEYS[2 * i], ARGV[4 * i])
 end
 return 0
 """
@@ -87,7 +125,10 @@ class MemoryCounters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._leases: dict[str, dict[str, float]] = {}
-        self._tokens: dict[tuple[str, str], int] = {}
+        self._spent: dict[str, float] = {}
+        self._held: dict[str, float] = {}
+        self._forget_at: dict[str, float] = {}  # counter -> wall-clock time it expires (as Redis's EXPIRE)
+        self._last_use: dict[str, float] = {}
 
     def acquire(self, buckets: Sequence[tuple[str, int]], lease_id: str, expires: float, now: float) -> str | None:
         with self._lock:
@@ -106,14 +147,46 @@ class MemoryCounters:
             for bucket in buckets:
                 self._leases.get(bucket, {}).pop(lease_id, None)
 
-    def tokens(self, name: str, day: str) -> int:
-        return self._tokens.get((name, day), 0)
-
-    def add_tokens(self, name: str, day: str, count: int) -> None:
+    def amounts(self, counters: Sequence[str], now: float | None = None) -> list[tuple[float, float]]:
+        """(spent, reserved) of each counter."""
         with self._lock:
-            for stale in [entry for entry in self._tokens if entry[1] < day]:
-                del self._tokens[stale]
-            self._tokens[(name, day)] = self._tokens.get((name, day), 0) + count
+            self._forget(now if now is not None else time.time())
+            return [(self._spent.get(counter, 0.0), max(0.0, self._held.get(counter, 0.0))) for counter in counters]
+
+    def reserve(self, holds: Sequence[Hold], now: float | None = None) -> int:
+        """0 with every hold reserved, or the 1-based index of the first budget without room (nothing held)."""
+        now = now if now is not None else time.time()
+        with self._lock:
+            self._forget(now)
+            for index, hold in enumerate(holds, start=1):
+                committed = self._spent.get(hold.counter, 0.0) + max(0.0, self._held.get(hold.counter, 0.0))
+                if committed + hold.amount > hold.limit if hold.strict else committed >= hold.limit:
+                    return index
+            for hold in holds:
+                self._held[hold.counter] = self._held.get(hold.counter, 0.0) + hold.amount
+                self._forget_at[hold.counter] = now + hold.ttl
+            return 0
+
+    def settle(self, held: Sequence[tuple[str, float]], charges: Sequence[Charge], now: float | None = None) -> None:
+        """Give back reserved amounts and add spent ones."""
+        now = now if now is not None else time.time()
+        with self._lock:
+            for counter, amount in held:
+                self._held[counter] = max(0.0, self._held.get(counter, 0.0) - amount)
+            for counter, amount, ttl in charges:
+                self._spent[counter] = self._spent.get(counter, 0.0) + amount
+                self._forget_at[counter] = max(self._forget_at.get(counter, 0.0), now + ttl)
+
+    def _forget(self, now: float) -> None:
+        for counter in [counter for counter, until in self._forget_at.items() if until <= now]:
+            for table in (self._spent, self._held, self._forget_at):
+                table.pop(counter, None)
+
+    def touch(self, name: str, when: float) -> None:
+        self._last_use[name] = when
+
+    def last_use(self, name: str) -> float | None:
+        return self._last_use.get(name)
 
 
 class RedisCounters:
@@ -125,6 +198,7 @@ class RedisCounters:
             url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS
         )
         self._acquire = self.client.register_script(_ACQUIRE_LUA)
+        self._reserve = self.client.register_script(_RESERVE_LUA)
 
     def acquire(self, buckets: Sequence[tuple[str, int]], lease_id: str, expires: float, now: float) -> str | None:
         keys = [f"{KEY_PREFIX}:streams:{bucket}" for bucket, _ in buckets]
@@ -137,15 +211,42 @@ class RedisCounters:
             pipe.zrem(f"{KEY_PREFIX}:streams:{bucket}", lease_id)
         pipe.execute()
 
-    def tokens(self, name: str, day: str) -> int:
-        return int(self.client.get(f"{KEY_PREFIX}:tokens:{name}:{day}") or 0)
-
-    def add_tokens(self, name: str, day: str, count: int) -> None:
-        key = f"{KEY_PREFIX}:tokens:{name}:{day}"
+    def amounts(self, counters: Sequence[str]) -> list[tuple[float, float]]:
         pipe = self.client.pipeline(transaction=False)
-        pipe.incrby(key, count)
-        pipe.expire(key, 2 * 86400)
+        for counter in counters:
+            pipe.get(_spent_key(counter))
+            pipe.get(_held_key(counter))
+        values = [float(value or 0) for value in pipe.execute()]
+        return [(values[2 * index], max(0.0, values[2 * index + 1])) for index in range(len(counters))]
+
+    def reserve(self, holds: Sequence[Hold]) -> int:
+        keys = [key for hold in holds for key in (_spent_key(hold.counter), _held_key(hold.counter))]
+        args = [arg for hold in holds for arg in (repr(hold.amount), repr(hold.limit), int(hold.strict), hold.ttl)]
+        return int(self._reserve(keys=keys, args=args))
+
+    def settle(self, held: Sequence[tuple[str, float]], charges: Sequence[Charge]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for counter, amount in held:
+            pipe.incrbyfloat(_held_key(counter), -amount)
+        for counter, amount, ttl in charges:
+            pipe.incrbyfloat(_spent_key(counter), amount)
+            pipe.expire(_spent_key(counter), ttl)
         pipe.execute()
+
+    def touch(self, name: str, when: float) -> None:
+        self.client.set(f"{KEY_PREFIX}:last-use:{name}", repr(when), ex=LAST_USE_TTL)
+
+    def last_use(self, name: str) -> float | None:
+        value = self.client.get(f"{KEY_PREFIX}:last-use:{name}")
+        return float(value) if value is not None else None
+
+
+def _spent_key(counter: str) -> str:
+    return f"{KEY_PREFIX}:{counter}"  # relay:tokens:NAME:DAY as before reservations existed
+
+
+def _held_key(counter: str) -> str:
+    return f"{KEY_PREFIX}:held:{counter}"
 
 
 class Counters:
@@ -206,22 +307,37 @@ class Counters:
             return
         self.memory.release(lease.buckets, lease.lease_id)
 
+    def amounts(self, counters: Sequence[str]) -> list[tuple[float, float]]:
+        """(spent, reserved) of each counter."""
+        found, _ = self._call(lambda store: store.amounts(counters))
+        return list(found)
+
     def tokens(self, name: str, day: str) -> int:
-        used, _ = self._call(lambda store: store.tokens(name, day))
-        return int(used)
+        return int(self.amounts([tokens_counter(name, day)])[0][0])
 
-    def add_tokens(self, name: str, day: str, count: int) -> None:
-        self._call(lambda store: store.add_tokens(name, day, count))
+    def reserve(self, holds: Sequence[Hold]) -> tuple[int, bool]:
+        """0 and where the holds were reserved, or the 1-based index of the budget without room."""
+        refused, in_redis = self._call(lambda store: store.reserve(holds))
+        return int(refused), in_redis
 
+    def settle(self, reserved_in_redis: bool, held: Sequence[tuple[str, float]], charges: Sequence[Charge]) -> None:
+        """Give the holds back to the store that granted them; add the charges where counting happens now."""
+        if held and reserved_in_redis and self.redis is not None:
+            try:
+                self.redis.settle(held, ())
+            except redis.RedisError as exc:
+                self._redis_failed(exc)  # what it held stays reserved until its period ends: refusing errs safe
+        elif held:
+            self.memory.settle(held, ())
+        if charges:
+            self._call(lambda store: store.settle((), charges))
 
-def utc_day(now: datetime | None = None) -> str:
-    return (now or datetime.now(UTC)).strftime("%Y-%m-%d")
+    def touch(self, name: str, when: float) -> None:
+        self._call(lambda store: store.touch(name, when))
 
-
-def seconds_to_utc_midnight(now: datetime | None = None) -> int:
-    now = now or datetime.now(UTC)
-    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return max(1, math.ceil((midnight - now).total_seconds()))
+    def last_use(self, name: str) -> float | None:
+        found, _ = self._call(lambda store: store.last_use(name))
+        return float(found) if found is not None else None
 
 
 class RequestLimits:
@@ -230,6 +346,7 @@ class RequestLimits:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._use_noted: dict[str, float] = {}  # key name -> when this process last recorded its use (monotonic)
         storage_uri = config.rate_limit_storage_uri or "memory://"
         is_redis = storage_uri != "memory://"
         self.counters = Counters(storage_uri)
@@ -312,6 +429,7 @@ class RequestLimits:
                 reset_at, _ = self._window(item, policy)
                 raise rate_limited(str(item), max(1, math.ceil(reset_at - time.time())))
         self.check_budget(policy)
+        self.note_use(policy)
 
     def _hit(self, item: RateLimitItem, policy: KeyPolicy) -> bool:
         # Flask-Limiter's own arguments for a shared per-key default limit, so both paths share one count.
@@ -331,11 +449,64 @@ class RequestLimits:
             return self._memory_rates.get_window_stats(item, KEY_PREFIX, bucket_of(policy), RATE_SCOPE)
 
     def check_budget(self, policy: KeyPolicy) -> None:
-        """Raise RateLimited (token_budget_exhausted) when the key's daily token budget is used up."""
-        budget = policy.daily_tokens or self.config.daily_token_budget
-        if budget and self.counters.tokens(policy.name, utc_day()) >= budget:
-            raise RateLimited(f"this key's daily budget of {budget} tokens is used up; it renews at 00:00 UTC",
-                              kind="token_budget_exhausted", retry_after=seconds_to_utc_midnight())
+        """Raise RateLimited (token_budget_exhausted, daily_spend_exhausted, monthly_spend_exhausted) when one of
+        the key's budgets is used up: refused before the body is read. (What requests in flight hold counts
+        when this request reserves, once its body is known: `reserve`.)"""
+        budgets = self.budgets_of(policy)
+        if not budgets:
+            return
+        for (kind, counter, limit), (spent, _held) in zip(budgets, self.counters.amounts(
+                [counter for _, counter, _ in budgets]), strict=True):
+            if spent >= limit:
+                raise refusal(Hold(kind, counter, 0.0, limit, kind != TOKENS, 0))
+
+    def budgets_of(self, policy: KeyPolicy) -> list[tuple[str, str, float]]:
+        """The key's budgets now: (refusal kind, counter, limit)."""
+        budgets: list[tuple[str, str, float]] = []
+        token_budget = policy.daily_tokens or self.config.daily_token_budget
+        if token_budget:
+            budgets.append((TOKENS, tokens_counter(policy.name, utc_day()), token_budget))
+        if policy.daily_spend:
+            budgets.append((DAILY, spend_counter(policy.name, utc_day()), policy.daily_spend))
+        if policy.monthly_spend:
+            budgets.append((MONTHLY, spend_counter(policy.name, utc_month()), policy.monthly_spend))
+        return budgets
+
+    def reserve(self, policy: KeyPolicy, model: str, body: Mapping[str, Any], raw: bytes | None = None
+                ) -> Reservation | None:
+        """Reserve the most the request can cost in each of the key's budgets (`proxy/budgets.py`); raise
+        RateLimited naming the budget without room, Forbidden for an unpriced model under a spend limit."""
+        if not self.config.limits_configured:
+            return None
+        prompt, holds = plan(policy, self.config, self.config.prices, model, body, raw)
+        refused, in_redis = self.counters.reserve(holds) if holds else (0, False)
+        if refused:
+            hold = holds[refused - 1]
+            spent, _ = self.counters.amounts([hold.counter])[0]
+            # Would it fit once the requests in flight settle? Then it is worth retrying soon.
+            in_flight = (spent + hold.amount <= hold.limit) if hold.strict else spent < hold.limit
+            raise refusal(hold, in_flight)
+        return Reservation(policy.name, model, prompt, holds, in_redis)
+
+    def reserve_request(self, state: RequestState, model: str, body: Mapping[str, Any], raw: bytes | None = None
+                        ) -> None:
+        """The pipeline's (and the forwarding views') reservation, once the body is known; `settle` ends it."""
+        if state.caller is None or state.declaration.access == "public" or state.reservation is not None:
+            return
+        state.reservation = self.reserve(state.caller, model, body, raw)
+
+    def release_reservation(self, reservation: Reservation | None) -> None:
+        """Give a reservation back unspent (the request never reached the upstream)."""
+        if reservation is not None and reservation.holds:
+            self.counters.settle(reservation.in_redis, _held(reservation), ())
+
+    def note_use(self, policy: KeyPolicy) -> None:
+        """Record the key's last use in the shared store, at most once a LAST_USE_SECONDS per process."""
+        now = time.monotonic()
+        if now - self._use_noted.get(policy.name, -math.inf) < LAST_USE_SECONDS:
+            return
+        self._use_noted[policy.name] = now
+        self.counters.touch(policy.name, time.time())
 
     def renew_stream(self, policy: KeyPolicy, lease: Lease | None) -> Lease | None:
         """The stream slot a long-lived connection holds, given back and taken again under the key's current
@@ -347,10 +518,17 @@ class RequestLimits:
         if lease is not None:
             self.counters.release(lease)
 
-    def charge(self, policy: KeyPolicy, usage: TokenUsage) -> None:
-        """Count an answer's tokens against the key's daily budget (only when a budget can apply)."""
-        if usage.total and (policy.daily_tokens or self.config.daily_token_budget):
-            self.counters.add_tokens(policy.name, utc_day(), usage.total)
+    def charge(self, policy: KeyPolicy, usage: TokenUsage, reservation: Reservation | None = None,
+               model: str | None = None) -> None:
+        """Settle an answer: its reservation given back, its tokens counted against the key's daily budget (when
+        one can apply) and its price against the key's daily and monthly spend (when the model is priced)."""
+        if not self.config.limits_configured:
+            return
+        model = reservation.model if reservation is not None else model
+        charges = actual_charges(reservation, policy, self.config, self.config.prices, model, usage)
+        held = _held(reservation) if reservation is not None else []
+        if held or charges:
+            self.counters.settle(reservation is not None and reservation.in_redis, held, charges)
 
     # -- the pipeline's hooks
 
@@ -361,6 +539,7 @@ class RequestLimits:
         policy = state.caller
         assert policy is not None  # not exempt: a known caller
         self.check_budget(policy)
+        self.note_use(policy)
         if state.declaration.streams:
             state.lease = self._lease_stream_slot(policy)
 
@@ -383,15 +562,23 @@ class RequestLimits:
         return lease
 
     def settle(self, state: RequestState) -> None:
-        """When the request closes: give back its stream slot and charge its tokens to the key's budget (unless
-        the view charged them itself, answer by answer)."""
+        """When the request closes: give back its stream slot and settle its budgets (unless the view charged
+        them itself, answer by answer)."""
         self.release(state.lease)
         state.lease = None
+        reservation, state.reservation = state.reservation, None
         policy = state.caller
-        stats = state.access.stats
-        if policy is None or stats is None or state.charged:
+        if policy is None or state.charged:
+            self.release_reservation(reservation)
             return
-        self.charge(policy, TokenUsage.of_answer(stats.usage, stats.tokens))
+        stats = state.access.stats
+        usage = TokenUsage.of_answer(stats.usage, stats.tokens) if stats is not None else TokenUsage()
+        model = state.access.model if state.access.model != "-" else None
+        self.charge(policy, usage, reservation, model)
+
+
+def _held(reservation: Reservation) -> list[tuple[str, float]]:
+    return [(hold.counter, hold.amount) for hold in reservation.holds]
 
 
 def bucket_of(policy: KeyPolicy) -> str:

@@ -12,12 +12,14 @@ input is shaped) and nothing else. For every request, in this order:
    step (authentication, per-key models, limits, budgets, logs, metrics) reads that one decision;
 4. **authentication**, as the declaration says: an access key, nothing (public), or the view's own check
    (a WebSocket refuses with a close frame; `/metrics` has its own key);
-5. **limits** (`proxy/limits.py`, after this hook): requests per minute/day and the token budget for
-   keyed endpoints, a stream slot for streaming ones;
+5. **limits** (`proxy/limits.py`, after this hook): requests per minute/day and the budgets (refused when
+   used up) for keyed endpoints, a stream slot for streaming ones;
 6. **input** (in the `@endpoint` wrapper): the body read within MAX_BODY_BYTES (and BODY_TIMEOUT), parsed,
-   shaped into a typed request, the model authorized for the caller, the access record filled in;
-7. **close**, once, whichever way the request ends (`close_request`): the stream slot released, tokens
-   counted against the budget, the metrics recorded, the access-log line written.
+   shaped into a typed request, the model authorized for the caller, the access record filled in, and the
+   most the request can cost reserved in the key's budgets (`proxy/budgets.py`; the forwarding views
+   reserve from the body they forward);
+7. **close**, once, whichever way the request ends (`close_request`): the stream slot released, the
+   reservation settled from the reported usage, the metrics recorded, the access-log line written.
 
 `install_pipeline` refuses to build an app with a view that declares nothing, so a new endpoint cannot
 skip a step by forgetting it.
@@ -153,6 +155,7 @@ def shape_input(state: RequestState, config: Config) -> Shaped | None:
     else:
         return None
     admit_shaped(state.access, state.caller, shaped, config, declaration.checks_model)
+    current_relay().limits.reserve_request(state, shaped.model, shaped.upstream_body)
     return shaped
 
 

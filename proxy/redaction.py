@@ -2,7 +2,8 @@
 
 `Redactor(config.secrets)` replaces every credential the relay holds (upstream keys, access keys from
 AUTHORIZATION_KEY and the keys file, the metrics key, passwords in configured URLs), as written and as
-percent-encoded, plus anything shaped like an API key (`sk-...`, `gsk_...`) wherever it stands in the text.
+percent-encoded, plus anything shaped like an API key (`sk-...`, `gsk_...`, the relay's own created `rk-...`
+keys, whose clear text it never holds) wherever it stands in the text.
 The secrets are asked for at each use, because the keys file is reread when it changes.
 
 It is applied where upstream text becomes a message (errors mapped from the SDK, in-stream error events) and to
@@ -21,7 +22,8 @@ REDACTED = "[redacted]"
 MIN_REDACTED_LENGTH = 8
 # Key-shaped text whatever precedes it: an upstream quoting `x_api_key_sk-...` or `Bearer%20sk-...` glues the
 # key to a letter, a digit or `_`, so no word boundary is required.
-SECRET_LIKE = re.compile(r"(?:sk|key|token)-[A-Za-z0-9_\-*.]{6,}|gsk_[A-Za-z0-9]{8,}", re.I)
+# A created access key (`python -m proxy keys create`) is rk- and 43 characters: long, so "network-..." is safe.
+SECRET_LIKE = re.compile(r"(?:sk|key|token)-[A-Za-z0-9_\-*.]{6,}|gsk_[A-Za-z0-9]{8,}|rk-[A-Za-z0-9_\-]{40,}", re.I)
 # Control characters and the Unicode line separators that `str.splitlines()` also breaks on.
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 

@@ -15,6 +15,7 @@ from flask import g
 
 if TYPE_CHECKING:  # types only, so that every module, proxy.errors included, may import this one
     from proxy.accesslog import AccessRecord
+    from proxy.budgets import Reservation
     from proxy.config import Config
     from proxy.errors import RelayError
     from proxy.keys import KeyPolicy
@@ -67,6 +68,7 @@ class RequestState:
     caller: KeyPolicy | None = None  # decided once, by proxy.pipeline.decide_caller
     error: RelayError | None = None  # the error this request was answered with, for the metrics
     lease: Lease | None = None  # the stream slot held, released when the request closes
+    reservation: Reservation | None = None  # what its budgets hold for it until it closes (proxy/budgets.py)
     breach: tuple[str, int] | None = None  # (limit, seconds to retry) when a rate limit refused it
     streamed: bool = False  # a streaming response went out: it counts as an open stream until closed
     charged: bool = False  # the view charged its tokens itself (a WebSocket, answer by answer), not the close

@@ -13,6 +13,7 @@ class TokenUsage:
     completion: int = 0
     total: int = 0
     reported: bool = False  # from the upstream's usage; otherwise the content deltas counted as completion
+    cached: int = 0  # of the prompt tokens, those read from the provider's prompt cache (priced lower)
 
     @classmethod
     def of_answer(cls, usage: dict[str, Any] | None, deltas: int) -> TokenUsage:
@@ -22,15 +23,27 @@ class TokenUsage:
             prompt, completion, total = (usage.get(name) for name in
                                          ("prompt_tokens", "completion_tokens", "total_tokens"))
             if isinstance(prompt, int) and isinstance(completion, int):
-                return cls(prompt, completion, total if isinstance(total, int) else prompt + completion, True)
+                return cls(prompt, completion, total if isinstance(total, int) else prompt + completion, True,
+                           cached_tokens(usage))
             if isinstance(total, int):
                 return cls(0, total, total, True)
         return cls(0, deltas, deltas, False)
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         return TokenUsage(self.prompt + other.prompt, self.completion + other.completion,
-                          self.total + other.total, self.reported or other.reported)
+                          self.total + other.total, self.reported or other.reported, self.cached + other.cached)
 
     def as_upstream_usage(self) -> dict[str, int]:
         """In the upstream's own shape, as a connection's running total is kept."""
         return {"prompt_tokens": self.prompt, "completion_tokens": self.completion, "total_tokens": self.total}
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """The prompt tokens served from the cache, where the upstream says: OpenAI's chat
+    (`prompt_tokens_details`) and Responses (`input_tokens_details`) shapes; 0 when it does not."""
+    for details in ("prompt_tokens_details", "input_tokens_details"):
+        value = usage.get(details)
+        cached = value.get("cached_tokens") if isinstance(value, dict) else None
+        if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0:
+            return cached
+    return 0

@@ -51,6 +51,8 @@ def messages(rest: str) -> Response:
     if body is None or model is None:
         raise BadRequest("the request body must be a JSON object naming a 'model'")
     check_model(relay.config, state, model)
+    if not rest:  # counting tokens costs nothing
+        relay.limits.reserve_request(state, model, body, raw)
     headers = list(request.headers.items())
     if not any(name.lower() == "anthropic-version" for name, _value in headers):
         headers.append(("anthropic-version", DEFAULT_ANTHROPIC_VERSION))

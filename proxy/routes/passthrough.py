@@ -132,6 +132,7 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     model = model_of(body)
     if model is not None:
         check_model(config, state, model)
+        current_relay().limits.reserve_request(state, model, body or {}, raw)
     streaming = body is not None and body.get("stream") is True
     return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming,
                     model=model), model

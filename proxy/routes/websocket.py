@@ -21,10 +21,12 @@ per day, the token budget checked) and the connection then holds one stream slot
 MAX_OPEN_STREAMS) for as long as it is open: its answers stream one at a time inside that slot. Every
 message is then a request of its own, through `RequestLimits`' public checks, which its HTTP hooks use too:
 - the key's entry is looked up again in the keyring (KEYS_FILE is reread on change): a key that is gone
-  closes the connection with 1008, at its next message or, while idle, within about two seconds (the
-  keyring's reload check plus DRAIN_CHECK_SECONDS); the message is judged by the entry's current limits;
+  closes the connection with 1008, at its next message or, while idle, within about a second (the
+  keyring's reload check plus DRAIN_CHECK_SECONDS, half a second each); the message is judged by the
+  entry's current limits;
 - one count in the key's per-minute and per-day buckets, the very ones its HTTP requests count in;
-- the daily token budget checked before the answer, and the answer's tokens charged when it ends;
+- the key's budgets checked, and the most the answer can cost reserved (`proxy/budgets.py`), before the
+  answer; the reservation settled from its usage when it ends;
 - the connection's slot taken again under the key's current caps (a lowered max_streams applies); this
   also renews it, as does an idle connection every half MAX_STREAM_SECONDS, so it never expires while the
   connection lives. Refused, the connection holds no slot until a later message gets one.
@@ -55,6 +57,7 @@ from wsproto.events import CloseConnection
 from wsproto.utilities import RemoteProtocolError
 
 from proxy.accesslog import AccessRecord
+from proxy.budgets import Reservation
 from proxy.encoders import WebSocketEncoder
 from proxy.errors import BadRequest, RateLimited, RelayError, Unauthorized, UpgradeRequired
 from proxy.keys import KeyPolicy
@@ -73,7 +76,7 @@ GOING_AWAY = 1001
 TRY_AGAIN_LATER = 1013
 QUEUED_MESSAGES = 8
 KEY_GONE_REASON = "this access key is no longer valid"
-DRAIN_CHECK_SECONDS = 1.0
+DRAIN_CHECK_SECONDS = 0.5  # an idle connection wakes this often: a restart, or its key revoked
 RESTARTING_REASON = "the relay is restarting; reconnect to continue (the conversation starts afresh)"
 # The kept conversation: the system prompt plus at most this many messages (20 exchanges); older turns
 # are dropped first. Its text is also held under MAX_BODY_BYTES, the size a POST /chat body may have.
@@ -268,7 +271,7 @@ class Session:
     def current_policy(self) -> KeyPolicy | None:
         """The caller's entry as the keyring has it now (KEYS_FILE is reread on change); None once it is gone."""
         caller = self.state.caller
-        return self.relay.config.keyring.identify(caller.key) if caller is not None else None
+        return self.relay.config.keyring.by_digest(caller.digest) if caller is not None else None
 
     def renew_slot(self, policy: KeyPolicy) -> None:
         """Take the connection's stream slot again under the key's current caps; RateLimited when none is free
@@ -372,7 +375,7 @@ def answer(session: Session, policy: KeyPolicy, message: str | bytes) -> None:
         content, model = parse_client_message(message)
         conversation.add("user", content)
         asked = True
-        stream = open_answer(relay, conversation, model, record, policy)
+        stream, reservation = open_answer(relay, conversation, model, record, policy)
     except RelayError as refused:
         if asked:
             conversation.drop_unanswered_question()
@@ -396,21 +399,27 @@ def answer(session: Session, policy: KeyPolicy, message: str | bytes) -> None:
         else:
             conversation.drop_unanswered_question()
         record.write()
-        relay.limits.charge(policy, TokenUsage.of_answer(stats.usage, stats.tokens))
+        relay.limits.charge(policy, TokenUsage.of_answer(stats.usage, stats.tokens), reservation)
         if connection.stats is not None:
             add_answer(connection.stats, stats)
 
 
 def open_answer(relay: Relay, conversation: Conversation, model: str | None, record: AccessRecord,
-                policy: KeyPolicy) -> UpstreamStream:
-    """The conversation shaped like a POST /chat body, its model authorized for the key, the upstream opened."""
+                policy: KeyPolicy) -> tuple[UpstreamStream, Reservation | None]:
+    """The conversation shaped like a POST /chat body, its model authorized for the key, its cost reserved, the
+    upstream opened."""
     body: dict[str, Any] = {"messages": conversation.messages()}
     if model is not None:
         body["model"] = model
     shaped = shape_chat_request(body, relay.config)
     admit_shaped(record, policy, shaped, relay.config)
-    return open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
-                       relay.body_read_timeout)
+    reservation = relay.limits.reserve(policy, shaped.model, shaped.upstream_body)
+    try:
+        return open_stream(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
+                           relay.body_read_timeout), reservation
+    except BaseException:
+        relay.limits.release_reservation(reservation)
+        raise
 
 
 def add_answer(total: StreamStats, answer: StreamStats) -> None:

@@ -8,7 +8,8 @@ import pytest
 import redis
 
 from proxy import limits
-from proxy.limits import Counters, Lease, MemoryCounters, seconds_to_utc_midnight, utc_day
+from proxy.budgets import seconds_to_utc_midnight, utc_day
+from proxy.limits import Counters, Lease, MemoryCounters
 from proxy.usage import TokenUsage
 
 
@@ -24,14 +25,14 @@ def test_memory_leases() -> None:
     assert memory.acquire([("alice", 1)], "l6", expires=200.0, now=50.0) is None, "an expired lease is dropped"
 
 
-def test_memory_tokens_forget_past_days() -> None:
-    """Token counts add up per key and day; adding on a new day drops earlier days."""
+def test_memory_counters_add_up_and_expire() -> None:
+    """Spent amounts add up per counter and are forgotten when their time to live ends (as Redis's EXPIRE).
+    (Changed with reservations: memory counters expire by time like Redis's instead of by day name.)"""
     memory = MemoryCounters()
-    memory.add_tokens("a", "2026-01-01", 3)
-    memory.add_tokens("a", "2026-01-01", 4)
-    assert memory.tokens("a", "2026-01-01") == 7
-    memory.add_tokens("b", "2026-01-02", 1)
-    assert memory.tokens("a", "2026-01-01") == 0 and memory.tokens("b", "2026-01-02") == 1
+    memory.settle((), [("tokens:a:2026-01-01", 3, 100)], now=0.0)
+    memory.settle((), [("tokens:a:2026-01-01", 4, 100)], now=50.0)
+    assert memory.amounts(["tokens:a:2026-01-01"], now=60.0) == [(7.0, 0.0)]
+    assert memory.amounts(["tokens:a:2026-01-01"], now=150.0) == [(0.0, 0.0)]
 
 
 @pytest.mark.parametrize(("usage", "deltas", "used"), [
@@ -65,11 +66,11 @@ class FailingRedis:
         self.up = False
         self.calls = 0
 
-    def tokens(self, name: str, day: str) -> int:
+    def amounts(self, counters: list[str]) -> list[tuple[float, float]]:
         self.calls += 1
         if not self.up:
             raise redis.ConnectionError("down")
-        return 42
+        return [(42.0, 0.0) for _ in counters]
 
     def release(self, buckets: object, lease_id: str) -> None:
         raise redis.ConnectionError("down")
@@ -82,7 +83,7 @@ def test_redis_failure_falls_back_to_memory_then_retries(monkeypatch: pytest.Mon
     counters = Counters(None)
     store = FailingRedis()
     counters.redis = store  # type: ignore[assignment]
-    counters.memory.add_tokens("a", "d", 5)
+    counters.memory.settle((), [("tokens:a:d", 5, 100)])
     assert counters.tokens("a", "d") == 5 and store.calls == 1
     assert counters.tokens("a", "d") == 5 and store.calls == 1, "Redis is not asked while it is marked down"
     clock[0] += limits.REDIS_RETRY_SECONDS

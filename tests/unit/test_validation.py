@@ -36,6 +36,8 @@ BAD_SETTINGS = [
     ("RELAY_DEMO", "maybe", "RELAY_DEMO: expected 1/0, true/false, yes/no or on/off"),
     ("KEYS_FILE", "/nonexistent/keys.toml",
      "KEYS_FILE: cannot read the file it names (No such file or directory)"),
+    ("PRICES_FILE", "/nonexistent/prices.toml",
+     "PRICES_FILE: cannot read the file it names (No such file or directory)"),
     ("UPSTREAMS_FILE", "/nonexistent/up.toml", "UPSTREAMS_FILE: cannot read the file it names (No such file or "
                                                "directory)"),
     ("CORS_ORIGINS", "https://ok.example, not an origin",
@@ -183,7 +185,15 @@ A = '[keys.a]\nkey = "k-0123456789abcdef"\n'  # an entry with a long enough key
     ('[keys."bad name"]\nkey = "a"', "keys.bad name: a name is 1-64 letters, digits, '.', '_' or '-'"),
     ('keys.a = 3', 'keys.a must be a table with at least key = "..."'),
     (A + 'zz = 1\nyy = 2', "keys.a: unknown settings ['yy', 'zz']"),
-    ('[keys.a]\nmodels = ["m"]', "keys.a: 'key' must be a non-empty string"),
+    ('[keys.a]\nmodels = ["m"]', "keys.a: 'key' must be a non-empty string (or the entry a 'hash' made by "
+                                  "python -m proxy keys create)"),
+    ('[keys.a]\nhash = "sha256:00"', "keys.a: 'hash' must be \"sha256:\" and 64 lowercase hex digits "
+                                     "(python -m proxy keys create)"),
+    (A + f'hash = "sha256:{"0" * 64}"', "keys.a: give 'key' or 'hash', not both"),
+    (A + 'daily_spend = 0', "keys.a: 'daily_spend' must be a positive amount of money (a number, in "
+                            "PRICES_FILE's currency)"),
+    (A + 'monthly_spend = "5"', "keys.a: 'monthly_spend' must be a positive amount of money (a number, in "
+                                "PRICES_FILE's currency)"),
     ('[keys.a]\nkey = "  "', "keys.a: 'key' must be a non-empty string"),
     ('[keys.a]\nkey = 3', "keys.a: 'key' must be a non-empty string"),
     ('[keys.a]\nkey = " k"', "keys.a: 'key' must not contain commas or surrounding spaces"),
@@ -219,8 +229,8 @@ def test_keys_file_entry_is_parsed(tmp_path: Path) -> None:
 
 def test_every_file_field_has_a_message() -> None:
     """`messages()` raises for a field declared without its Says(...)."""
-    assert set(KeyEntry.messages()) == {"key", "requests_per_minute", "requests_per_day", "daily_tokens",
-                                        "max_streams", "models"}
+    assert set(KeyEntry.messages()) == {"key", "hash", "prefix", "requests_per_minute", "requests_per_day",
+                                        "daily_tokens", "max_streams", "daily_spend", "monthly_spend", "models"}
     assert set(UpstreamEntry.messages()) == {"name", "base_url", "api_key_env", "models", "api", "protocols",
                                              "model_map"}
 
