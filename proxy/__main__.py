@@ -66,7 +66,12 @@ def main(argv: list[str]) -> int:
         from proxy.doctor import main as doctor
 
         return doctor(argv[1:])
-    print(f"usage: python -m proxy run [gunicorn options] | python -m proxy doctor URL KEY"
+    if argv[0] in ("usage", "migrate"):
+        from proxy.ledger.cli import migrate_main, usage_main
+
+        return usage_main(argv[1:]) if argv[0] == "usage" else migrate_main(argv[1:])
+    print(f"usage: python -m proxy run [gunicorn options] | python -m proxy doctor URL KEY | python -m proxy "
+          f"usage [--key NAME] [--since 7d] [--by day|model|key] | python -m proxy migrate"
           f"  (unknown command {argv[0]!r})", file=sys.stderr)
     return 2
 

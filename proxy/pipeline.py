@@ -17,7 +17,8 @@ input is shaped) and nothing else. For every request, in this order:
 6. **input** (in the `@endpoint` wrapper): the body read within MAX_BODY_BYTES (and BODY_TIMEOUT), parsed,
    shaped into a typed request, the model authorized for the caller, the access record filled in;
 7. **close**, once, whichever way the request ends (`close_request`): the stream slot released, tokens
-   counted against the budget, the metrics recorded, the access-log line written.
+   counted against the budget, the metrics recorded, the access-log line written, the usage ledger's row
+   queued (`proxy/ledger`: written by a thread of its own, never waited for).
 
 `install_pipeline` refuses to build an app with a view that declares nothing, so a new endpoint cannot
 skip a step by forgetting it.
@@ -203,7 +204,8 @@ def _teardown(_error: BaseException | None) -> None:
 
 
 def close_request(relay: Relay, state: RequestState) -> None:
-    """Step 7, exactly once: the stream slot and token count, the metrics, then the access-log line."""
+    """Step 7, exactly once: the stream slot and token count, the metrics, then the access-log line and the
+    ledger's row (queued only: the ledger's own thread writes it)."""
     if state.closed:
         return
     state.closed = True
@@ -212,3 +214,5 @@ def close_request(relay: Relay, state: RequestState) -> None:
         relay.metrics.record(state)
     finally:
         state.access.write()
+        relay.ledger.record_request(state)
+        relay.ledger.publish(relay.metrics)

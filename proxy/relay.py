@@ -10,6 +10,7 @@ import openai
 from flask import current_app
 
 from proxy.config import Config
+from proxy.ledger import Ledger, build_ledger
 from proxy.limits import RequestLimits
 from proxy.metrics import Metrics
 from proxy.models import ModelCatalog
@@ -31,6 +32,7 @@ class Relay:
     metrics: Metrics
     redact: Callable[[str], str]  # the configuration's secrets out of upstream text and log lines
     catalog: ModelCatalog  # each upstream's own model list, cached (GET /v1/models)
+    ledger: Ledger  # the usage ledger (proxy/ledger): one row per request, written by a thread of its own
     draining: Draining = field(default_factory=Draining)  # set when this worker is asked to stop
     # UPSTREAMS_FILE's `api = "anthropic"` entries: only POST /v1/messages goes to them, and nothing else does.
     anthropic_upstreams: tuple[AnthropicUpstream, ...] = ()
@@ -45,7 +47,7 @@ def build_relay(config: Config) -> Relay:
     redact = Redactor(config.secrets)
     return Relay(config, configured_upstreams(config, redact), StreamTimers.from_config(config),
                  RequestLimits(config), Metrics(config), redact, ModelCatalog.from_config(config),
-                 anthropic_upstreams=anthropic_upstreams(config, redact))
+                 build_ledger(config), anthropic_upstreams=anthropic_upstreams(config, redact))
 
 
 def configured_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[Upstream, ...]:
