@@ -84,7 +84,6 @@ def on_starting(server):
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         _refuse(exc)
-    migrate_ledger()
     if isinstance(server.log, RelayServerLogger):
         server.log.redact_with(Redactor(config.secrets))
     keys = ", ".join(f"…{key[-4:]}" for key in config.authorization_keys) or "none"
@@ -121,34 +120,16 @@ def prepare_metrics_dir():
             os.remove(os.path.join(directory, name))
 
 
-LEDGER_MIGRATION_SECONDS = 60
-
-
-def migrate_ledger():
-    """The usage ledger's schema brought up to date once, before the workers start (each worker's ledger
-    thread checks again under a lock, and retries while the database is down). A separate process: the
-    master must not import SQLAlchemy, which imports ssl before the gevent workers patch it."""
-    import subprocess
-
-    try:
-        # In the master's working directory (DATA_DIR and .env are relative to it), the checkout importable.
-        checkout = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (checkout, os.environ.get("PYTHONPATH"))))}
-        subprocess.run([sys.executable, "-m", "proxy", "migrate"], check=False, timeout=LEDGER_MIGRATION_SECONDS,
-                       env=env)
-    except subprocess.TimeoutExpired:
-        print("relay: ledger: the database did not answer the migration in time; the workers retry on their own",
-              file=sys.stderr, flush=True)
+LEDGER_FLUSH_SECONDS = 10
 
 
 def worker_exit(server, worker):
-    """Graceful stop: the ledger rows still queued in this worker are written before it exits."""
+    """Graceful stop: the ledger rows still queued in this worker are written before it exits. (The ledger's
+    schema needs no hook: each worker's ledger thread runs the migrations under a lock, proxy/ledger/database.py.)"""
     relay = worker.wsgi.extensions.get("relay") if hasattr(worker, "wsgi") else None
     if relay is not None:
         relay.ledger.close(relay.metrics, timeout=LEDGER_FLUSH_SECONDS)
 
-
-LEDGER_FLUSH_SECONDS = 10
 
 
 def child_exit(server, worker):

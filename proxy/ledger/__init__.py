@@ -67,8 +67,12 @@ class Ledger:
     # --- writing (the request side: never waits) ---------------------------------------------------------
 
     def record_request(self, state: RequestState) -> None:
-        """The pipeline's close step: this request's row (not for a WebSocket whose answers wrote theirs)."""
-        if self.writer is None or state.access.method == "OPTIONS" or state.charged:
+        """The pipeline's close step: this request's row, for every endpoint that calls a model (those
+        declared `streams=True`: chat in every protocol, the forwarded /v1 families, /v1/messages, the
+        doctor), answered or refused; not health checks, metrics, model lists or static files; nor a
+        WebSocket connection whose answers wrote rows of their own."""
+        if (self.writer is None or state.access.method == "OPTIONS" or state.charged
+                or not state.declaration.streams):
             return
         self._put(lambda: row_of_request(state, self.cost_of))
 

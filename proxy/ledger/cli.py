@@ -1,5 +1,5 @@
 """`python -m proxy usage [--key NAME] [--since 7d] [--by day|model|key]`: the ledger's totals as a table;
-`python -m proxy migrate`: the ledger's schema brought up to date (gunicorn's master runs it at start-up).
+`python -m proxy migrate`: the ledger's schema brought up to date now (the workers also do it on their own).
 
 Both read only the ledger's settings (DATA_DIR, DATABASE_URL; `.env` in the working directory counts), so
 they run on the relay's host without its keys.

@@ -5,9 +5,10 @@ waits up to `BUSY_TIMEOUT_MS` for another process' write). PostgreSQL (psycopg 3
 set, so several relay instances share one ledger.
 
 The schema is Alembic's (`proxy/ledger/migrations`): `migrate` runs `upgrade head` inside one transaction
-holding a lock (an advisory lock on PostgreSQL, a file lock beside the SQLite file), so gunicorn's master
-(`deploy/gunicorn.conf.py`, through `python -m proxy migrate`), each worker's ledger thread and a second
-instance may all call it at once: one migrates, the others then find the schema current.
+holding a lock (an advisory lock on PostgreSQL, a file lock beside the SQLite file), so every gunicorn
+worker's ledger thread (before its first insert), a second instance and `python -m proxy migrate` may all
+call it at once: one migrates, the others then find the schema current. gunicorn's master never imports
+SQLAlchemy (it imports ssl, which the gevent workers must patch first).
 """
 
 from __future__ import annotations
