@@ -17,9 +17,12 @@ from typing import Any
 import httpx2
 import psycopg
 import pytest
+import simple_websocket
 
-from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, RelayProcess
+from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, UPSTREAM_KEY, RelayProcess
+from tests.fake_upstream import FakeUpstream
 from tests.servers import Postgres, running_postgres, wait_until
+from tests.test_anthropic import ANTHROPIC_KEY, root_of, upstreams_toml
 
 pytestmark = pytest.mark.serial  # stream timings under a stalled database
 
@@ -167,6 +170,48 @@ def test_a_graceful_stop_writes_what_is_queued(ledger_relay: RelayProcess, locke
     finally:
         releaser.join()
     assert sorted(row["request_id"] for row in sqlite_rows(ledger_relay)) == ["queued-0", "queued-1", "queued-2"]
+
+
+def test_every_route_and_protocol_leaves_its_rows(relay_factory: Callable[..., RelayProcess], fake: FakeUpstream,
+                                                  tmp_path: Path) -> None:
+    """NDJSON, OpenAI JSON and SSE, EventSource SSE, WebSocket (a row per answer), the forwarded /v1
+    families and Anthropic's /v1/messages: each request one row with its route, protocol and tokens."""
+    upstreams = tmp_path / "upstreams.toml"
+    upstreams.write_text(upstreams_toml(fake.base_url, [root_of(fake)]))
+    relay = relay_factory(fresh=True, UPSTREAMS_FILE=str(upstreams), OPENAI_UPSTREAM_KEY=UPSTREAM_KEY,
+                          ANTHROPIC_KEY=ANTHROPIC_KEY, OPENAI_API_KEY="")
+    headers, url = relay.headers(), relay.url
+    hello = [{"role": "user", "content": "Hello"}]
+    sent = [
+        httpx2.post(f"{url}/chat", json={"messages": hello}, headers=headers, timeout=20),
+        httpx2.post(f"{url}/v1/chat/completions", json={"messages": hello, "model": "gpt-4o-mini"},
+                    headers=headers, timeout=20),
+        httpx2.post(f"{url}/v1/chat/completions", json={"messages": hello, "model": "gpt-4o-mini", "stream": True},
+                    headers=headers, timeout=20),
+        httpx2.get(f"{url}/chat", params={"prompt": "Hello"}, headers=headers, timeout=20),
+        httpx2.post(f"{url}/v1/responses", json={"model": "gpt-4o-mini", "input": "Hello", "stream": True},
+                    headers=headers, timeout=20),
+        httpx2.post(f"{url}/v1/embeddings", json={"model": "gpt-4o-mini", "input": "Hello"}, headers=headers,
+                    timeout=20),
+        httpx2.post(f"{url}/v1/messages", json={"model": "claude-x", "max_tokens": 50, "messages": hello},
+                    headers=headers, timeout=20),
+    ]
+    assert [response.status_code for response in sent] == [200] * len(sent)
+    ws = simple_websocket.Client.connect(url.replace("http://", "ws://") + f"/ws?key={ACCESS_KEY}")
+    try:
+        for _ in range(2):
+            ws.send(json.dumps({"content": "Hello"}))
+            while not json.loads(ws.receive(timeout=10) or "{}").get("done"):
+                pass
+    finally:
+        ws.close()
+    rows = rows_when(lambda: sqlite_rows(relay), 9)
+    assert sorted((row["route"], row["protocol"]) for row in rows) == sorted([
+        ("/chat", "ndjson"), ("/v1/chat/completions", "openai"), ("/v1/chat/completions", "openai"),
+        ("/chat", "sse"), ("/v1/responses", "openai"), ("/v1/embeddings", "openai"),
+        ("/v1/messages", "anthropic"), ("/ws", "websocket"), ("/ws", "websocket")])
+    assert all(row["outcome"] == "ok" and row["key_name"] == "key1" for row in rows), rows
+    assert all(row["prompt_tokens"] + row["completion_tokens"] > 0 for row in rows), rows
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------------

@@ -106,7 +106,10 @@ def row_of(record: AccessRecord, route: str, protocol: str, cost_of: CostOf,
 def row_of_request(state: RequestState, cost_of: CostOf) -> LedgerRow:
     """The pipeline's close step: the request's row, its error kind when it was refused or failed."""
     error = state.error
-    return row_of(state.access, state.route, state.declaration.protocol, cost_of,
+    # A rule with variables (the forwarded families: /v1/<any(responses, ...)>/<path:rest>) says less than
+    # the path itself (/v1/responses, /v1/files/file-abc), which carries no key (accesslog redacts).
+    route = state.route if "<" not in state.route else state.access.path.split("?")[0]
+    return row_of(state.access, route, state.declaration.protocol, cost_of,
                   error.kind if error is not None else None)
 
 

@@ -16,6 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from proxy.config import Config
+from proxy.forwarding import anthropic_usage, normalized_usage
 from proxy.ledger.database import create_engine, migrate
 from proxy.ledger.report import ReportError, UsageQuery, parse_query, parse_since, table, usage
 from proxy.ledger.rollup import cutoff_day, roll_up
@@ -217,3 +218,14 @@ def test_a_full_queue_and_a_refusing_database_count_what_they_drop(engine: sa.En
     assert wait_until(lambda: writer.counts.dropped_failed + writer.counts.dropped_full == 8, timeout=10)
     assert "no such table" in writer.counts.last_error
     assert writer.close(timeout=5)
+
+
+@pytest.mark.parametrize(("usage", "expected"), [
+    (normalized_usage({"input_tokens": 9, "output_tokens": 5, "input_tokens_details": {"cached_tokens": 4},
+                       "output_tokens_details": {"reasoning_tokens": 2}}), LedgerUsage(9, 5, 2, 4, True)),
+    (anthropic_usage({"input_tokens": 3, "output_tokens": 5, "cache_read_input_tokens": 6}),
+     LedgerUsage(9, 5, 0, 6, True)),
+])
+def test_forwarded_usage_keeps_cached_and_reasoning_tokens(usage: dict[str, Any], expected: LedgerUsage) -> None:
+    """The forwarded families' usage, in the chat shape, still tells the ledger its cached and reasoning tokens."""
+    assert LedgerUsage.of_answer(usage, 0) == expected
