@@ -97,6 +97,7 @@ def test_completed_abandoned_failed_and_refused_requests_each_leave_a_row(ledger
     assert (rows["done"]["outcome"], rows["done"]["status"], rows["done"]["key_name"]) == ("ok", 200, "key1")
     assert rows["done"]["completion_tokens"] > 0 and rows["done"]["usage_reported"] == 1
     assert rows["done"]["upstream"] == "default" and rows["done"]["ttft_ms"] is not None
+    assert rows["done"]["answered_model"] == "gpt-4o-mini"
     assert rows["left"]["outcome"] == "client_gone"
     assert (rows["failed"]["status"], rows["failed"]["outcome"]) == (502, "upstream_error")
     assert (rows["refused"]["status"], rows["refused"]["outcome"]) == (429, "rate_limited")

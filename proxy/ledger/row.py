@@ -95,7 +95,7 @@ def row_of(record: AccessRecord, route: str, protocol: str, cost_of: CostOf,
     return LedgerRow(
         time=moment, day=moment.date(), request_id=record.request_id[:64], key_name=record.key_name[:200],
         route=route[:200], protocol=protocol, model=model, upstream=(stats.upstream or None) if stats else None,
-        answered_model=None, status=record.status,
+        answered_model=(stats.answered_model or "")[:200] or None if stats else None, status=record.status,
         outcome=(outcome or error_kind or ("ok" if record.status < 400 else f"http_{record.status}"))[:40],
         prompt_tokens=usage.prompt, completion_tokens=usage.completion, reasoning_tokens=usage.reasoning,
         cached_tokens=usage.cached, usage_reported=usage.reported, cost_nanos=_nanos(cost_of(model, usage)),

@@ -44,6 +44,8 @@ def chat_completions(shaped: OpenAIRequest) -> Response:
     answer = complete(relay.upstreams, shaped.upstream_body, relay.config.upstream_timeout,
                       relay.config.max_stream_seconds)
     stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
+    model = answer.data.get("model")
+    stats.answered_model = model if isinstance(model, str) else None
     usage = answer.data.get("usage")
     if isinstance(usage, dict):
         stats.usage = usage

@@ -73,6 +73,7 @@ def test_a_completed_stream_is_one_row_with_its_usage(ledger_client: FlaskClient
         "model": "gpt-4o-mini", "upstream": "fake", "status": 200, "outcome": "ok", "prompt_tokens": 1,
         "completion_tokens": 2, "usage_reported": True, "cost_nanos": None}
     assert row["ttft_ms"] is not None and row["duration_ms"] >= row["ttft_ms"]
+    assert row["answered_model"] == "gpt-4o-mini"  # as the upstream's chunks named it
 
 
 RefusedCase = Callable[[FlaskClient, FakeTransport], Any]
