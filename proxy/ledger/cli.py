@@ -14,7 +14,7 @@ import sys
 import sqlalchemy as sa
 
 from proxy.config import Config, ConfigError, ledger_settings, load_env_file
-from proxy.ledger.database import create_engine, database_url, migrate
+from proxy.ledger.database import SQLITE_FILE, create_engine, data_dir, database_url, migrate
 from proxy.ledger.report import GROUPINGS, ReportError, parse_query, table, usage
 
 
@@ -32,8 +32,14 @@ def usage_main(argv: list[str]) -> int:
     try:
         config = ledger_config()
         query = parse_query(args.since, args.key, args.by)
+        # Reads only: it never makes a file (run as root, it would leave one the relay cannot write).
+        if not config.database_url and not (data_dir(config) / SQLITE_FILE).is_file():
+            print(f"no usage recorded yet (no {data_dir(config) / SQLITE_FILE})")
+            return 0
         engine = create_engine(config)
-        migrate(engine)  # a ledger nothing wrote to yet reads as empty, not as an error
+        if not sa.inspect(engine).has_table("ledger_requests"):
+            print("no usage recorded yet")
+            return 0
         print(table(usage(engine, query), query.by), end="")
     except (ConfigError, ReportError) as exc:
         print(f"relay usage: {exc}", file=sys.stderr)

@@ -229,3 +229,31 @@ def test_a_full_queue_and_a_refusing_database_count_what_they_drop(engine: sa.En
 def test_forwarded_usage_keeps_cached_and_reasoning_tokens(usage: dict[str, Any], expected: LedgerUsage) -> None:
     """The forwarded families' usage, in the chat shape, still tells the ledger its cached and reasoning tokens."""
     assert LedgerUsage.of_answer(usage, 0) == expected
+
+
+def test_the_usage_command_prints_a_table(engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m proxy usage --by key --since 7d` reads DATA_DIR's ledger and prints one line per key."""
+    from proxy.ledger.cli import usage_main
+
+    today = datetime.now(UTC).date()
+    insert(engine, [a_row(day=today), a_row(day=today, key="bob"), a_row(day=today - timedelta(days=10))])
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert usage_main(["--by", "key", "--since", "7d"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[1:]] == [["alice", "1"], ["bob", "1"]]
+    assert usage_main(["--since", "soon"]) == 2
+    assert "'since' must be" in capsys.readouterr().err
+
+
+def test_the_usage_command_makes_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a ledger yet, the command says so and creates nothing."""
+    from proxy.ledger.cli import usage_main
+
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "none"))
+    monkeypatch.chdir(tmp_path)
+    assert usage_main([]) == 0
+    assert "no usage recorded yet" in capsys.readouterr().out
+    assert not (tmp_path / "none").exists()
