@@ -48,7 +48,8 @@ def roll_up(engine: sa.Engine, retention_days: int, max_batches: int = 50, today
 
 def roll_up_batch(engine: sa.Engine, before: date) -> int:
     with engine.begin() as connection:
-        query = (sa.select(requests).where(requests.c.day < before).order_by(requests.c.id).limit(BATCH_ROWS))
+        # Any BATCH_ROWS old rows will do: no ORDER BY, so the day index serves them without a sort.
+        query = sa.select(requests).where(requests.c.day < before).limit(BATCH_ROWS)
         if connection.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
         rows = connection.execute(query).mappings().all()
@@ -58,8 +59,7 @@ def roll_up_batch(engine: sa.Engine, before: date) -> int:
         deleted = connection.execute(sa.delete(requests).where(requests.c.id.in_(ids))).rowcount
         if deleted != len(ids):
             raise RaceLost
-        for totals in group_totals(rows):
-            add_to_daily(connection, totals)
+        add_to_daily(connection, group_totals(rows))
         return len(ids)
 
 
@@ -81,11 +81,11 @@ def group_totals(rows: Iterable[Any]) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
-def add_to_daily(connection: sa.Connection, totals: dict[str, Any]) -> None:
-    """INSERT the group's totals, or add them to the day's existing ones (both dialects say it the same)."""
+def add_to_daily(connection: sa.Connection, groups: list[dict[str, Any]]) -> None:
+    """INSERT each group's totals, or add them to the day's existing ones (both dialects say it the same)."""
     insert = (postgresql.insert(daily) if connection.dialect.name == "postgresql" else sqlite.insert(daily))
-    statement = insert.values(**totals).on_conflict_do_update(
+    statement = insert.on_conflict_do_update(
         index_elements=[daily.c.day, daily.c.key_name, daily.c.model],
         set_={column: daily.c[column] + insert.excluded[column] for column in SUMMED},
     )
-    connection.execute(statement)
+    connection.execute(statement, groups)

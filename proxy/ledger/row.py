@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +52,7 @@ def no_prices(_model: str, _usage: LedgerUsage) -> float | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LedgerRow:
     time: datetime
     day: date
@@ -75,7 +75,10 @@ class LedgerRow:
     duration_ms: float
 
     def values(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in ROW_FIELDS}
+
+
+ROW_FIELDS = tuple(field.name for field in fields(LedgerRow))
 
 
 def row_of(record: AccessRecord, route: str, protocol: str, cost_of: CostOf,
