@@ -55,8 +55,7 @@ def closed_request(rng: random.Random) -> RequestState:
 
 def request_side(count: int) -> float:
     """Microseconds a request spends leaving its row (build + queue), the writer not running."""
-    config = Config((), "", data_dir=Path(tempfile.mkdtemp()))
-    ledger = Ledger(config, None)
+    ledger = Ledger(Config((), ""), None)
     ledger.writer = LedgerWriter(sa.create_engine("sqlite://"), lambda: None, lambda: None, capacity=count + 1)
     rng = random.Random(1)
     states = [closed_request(rng) for _ in range(count)]
@@ -93,8 +92,8 @@ def sqlite_bytes(path: Path, engine: sa.Engine) -> int:
     return sum(file.stat().st_size for file in path.parent.glob(f"{SQLITE_FILE}*"))
 
 
-def measure(rows: int, database_url: str | None) -> dict[str, Any]:
-    directory = Path(tempfile.mkdtemp(prefix="relay-ledger-bench-"))
+def measure(rows: int, database_url: str | None, directory: Path | None = None) -> dict[str, Any]:
+    directory = directory or Path(tempfile.mkdtemp(prefix="relay-ledger-bench-"))
     config = Config((), "", data_dir=directory, database_url=database_url)
     engine = create_engine(config)
     migrate(engine)

@@ -14,6 +14,7 @@ row per answer); nothing else writes.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from collections.abc import Callable
@@ -63,6 +64,7 @@ class Ledger:
         self.writer = LedgerWriter(engine, lambda: migrate(engine), lambda: _roll_up(engine, retention),
                                    maintain_every=MAINTAIN_EVERY_SECONDS)
         self.writer.start()
+        atexit.register(self.close, None, 5.0)
 
     # --- writing (the request side: never waits) ---------------------------------------------------------
 
@@ -109,17 +111,18 @@ class Ledger:
             self._logged_at = now
         self._published = (written, dropped)
 
-    def close(self, metrics: Metrics, timeout: float = 10.0) -> None:
-        """Graceful shutdown: write what is queued (within `timeout`), stop the thread, say what was lost."""
+    def close(self, metrics: Metrics | None, timeout: float = 10.0) -> None:
+        """Graceful shutdown: write what is queued (within `timeout`), stop the thread, say what was lost.
+        gunicorn's `worker_exit` calls it; `atexit` too, for any other server (a second call is quick)."""
         writer = self.writer
         if writer is None:
             return
-        drained = writer.close(timeout)
-        if not drained:
-            writer.counts.dropped_failed += writer.depth
-            writer.queue.clear()
+        writer.close(timeout)
         self._logged_at = 0.0
-        self.publish(metrics)
+        if metrics is not None:
+            self.publish(metrics)
+        elif writer.counts.dropped_full + writer.counts.dropped_failed > self._published[1]:
+            log.warning("ledger: %d row(s) not written", writer.counts.dropped_full + writer.counts.dropped_failed)
 
     # --- reading (GET /usage, GET /v1/usage/me) ---------------------------------------------------------
 

@@ -62,12 +62,13 @@ class LedgerWriter:
     prepare: Callable[[], None]  # the schema migrated, before the first insert; retried until it works
     maintain: Callable[[], None]  # the periodic roll-up and pruning, run by this same thread
     maintain_every: float = 600.0
+    first_maintenance: float = 5.0  # seconds after start: soon, but not in the middle of start-up
     capacity: int = QUEUE_ROWS
     queue: deque[LedgerRow] = field(default_factory=deque)
     counts: WriterCounts = field(default_factory=WriterCounts)
     _stop: bool = False
     _running: bool = False
-    _idle: bool = True
+    _in_flight: int = 0  # rows taken from the queue and not yet written or counted as dropped
 
     def start(self) -> None:
         start_new_thread = _original("_thread", "start_new_thread")
@@ -92,13 +93,18 @@ class LedgerWriter:
         deadline = time.monotonic() + timeout
         while self._running and time.monotonic() < deadline:
             sleep(0.02)  # type: ignore[operator]
-        return not self.queue and not self._running
+        if self._running:  # the database still holds the thread: what it and the queue hold is lost
+            self.counts.dropped_failed += len(self.queue) + self._in_flight
+            self.queue.clear()
+            self._in_flight = 0
+            return False
+        return not self.queue
 
     def _run(self) -> None:
         sleep = _original("time", "sleep")
         try:
             self._until_prepared(sleep)
-            next_maintenance = time.monotonic() + 5.0  # soon after start, then every maintain_every
+            next_maintenance = time.monotonic() + self.first_maintenance
             while not (self._stop and not self.queue):
                 if not self.queue:
                     if self._stop:
@@ -121,14 +127,17 @@ class LedgerWriter:
 
     def _write_batch(self, sleep: object) -> None:
         batch = [self.queue.popleft() for _ in range(min(BATCH_ROWS, len(self.queue)))]
+        self._in_flight = len(batch)
         values = [row.values() for row in batch]
         for attempt in range(WRITE_ATTEMPTS):
             if self._guarded(lambda: self._insert(values)):
                 self.counts.written += len(batch)
+                self._in_flight = 0
                 return
             if attempt + 1 < WRITE_ATTEMPTS and not self._stop:
                 sleep(RETRY_SECONDS)  # type: ignore[operator]
         self.counts.dropped_failed += len(batch)
+        self._in_flight = 0
 
     def _insert(self, values: list[dict[str, object]]) -> None:
         with self.engine.begin() as connection:

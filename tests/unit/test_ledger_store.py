@@ -257,3 +257,41 @@ def test_the_usage_command_makes_no_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert usage_main([]) == 0
     assert "no usage recorded yet" in capsys.readouterr().out
     assert not (tmp_path / "none").exists()
+
+
+def test_the_writer_rolls_up_now_and_then(engine: sa.Engine) -> None:
+    """The roll-up runs in the writer's thread soon after it starts, then every `maintain_every` seconds."""
+    runs: list[float] = []
+    writer = LedgerWriter(engine, lambda: None, lambda: runs.append(time.monotonic()), maintain_every=0.3,
+                          first_maintenance=0.0)
+    writer.start()
+    try:
+        assert wait_until(lambda: len(runs) >= 2, timeout=5)
+        assert runs[1] - runs[0] >= 0.3
+    finally:
+        assert writer.close(timeout=5)
+
+
+def test_a_writer_stuck_in_the_database_at_close_counts_its_rows_as_lost(engine: sa.Engine) -> None:
+    """close() gives up at its deadline; the batch in flight and the queue are counted as dropped."""
+    release = threading.Event()
+
+    def stuck() -> None:
+        release.wait(10)
+
+    writer = LedgerWriter(engine, stuck, lambda: None)  # held in `prepare`: nothing gets written
+    for _ in range(5):
+        writer.put(a_row())
+    writer.start()
+    assert not writer.close(timeout=0.3)
+    assert writer.counts.dropped_failed == 5 and writer.depth == 0
+    release.set()
+
+
+def test_the_benchmark_runs(tmp_path: Path) -> None:
+    """bench/ledger.py measures a small ledger without error (its numbers are in docs/benchmarks.md)."""
+    from bench.ledger import measure
+
+    result = measure(300, None, tmp_path)
+    assert result["rows"] == 300 and result["bytes_per_million_rows"] > 0
+    assert result["daily_total_rows"] > 0 and result["writer_rows_per_second"] > 0
