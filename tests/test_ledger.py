@@ -244,6 +244,9 @@ def test_two_relays_share_one_postgresql_ledger(relay_factory: Callable[..., Rel
     rows = rows_when(lambda: pg_rows(postgres), 4, timeout=20)
     assert sorted(row["request_id"] for row in rows) == ["one-0", "one-1", "two-0", "two-1"]
     assert not ledger_file(first).exists()  # DATABASE_URL replaces the SQLite file
+    # Either instance reads the shared ledger: key1's four requests, two through each.
+    mine = httpx2.get(f"{second.url}/v1/usage/me", headers=second.headers(), timeout=10).json()
+    assert mine["key"] == "key1" and mine["today"]["requests"] == 4 and mine["this_month"]["requests"] == 4
 
     postgres.pause()
     try:
