@@ -48,7 +48,6 @@ def create_engine(config: Config) -> sa.Engine:
     pool lock is shared between the workers' greenlets and the ledger's own thread."""
     url = database_url(config)
     if url.startswith("sqlite"):
-        data_dir(config).mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, poolclass=sa.NullPool,
                                   connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
@@ -65,7 +64,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def migrate(engine: sa.Engine) -> None:
-    """`alembic upgrade head`, once whoever else is calling it at the same moment."""
+    """`alembic upgrade head`, once whoever else is calling it at the same moment. SQLite's directory is
+    made here, in the ledger's own thread, so one that cannot be made fails the ledger, not the relay."""
+    if engine.dialect.name == "sqlite" and engine.url.database:
+        Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
     with _migration_lock(engine), engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})

@@ -168,3 +168,31 @@ def test_usage_is_off_without_an_admin_key(make_client: Callable[..., FlaskClien
     """Without ADMIN_KEY nobody reads every key's usage."""
     client = make_client()
     assert client.get("/usage", headers=bearer()).status_code == 403
+
+
+def test_the_database_password_and_admin_key_are_secrets() -> None:
+    """DATABASE_URL's password and ADMIN_KEY are redacted like every other secret; the URL is spelled for psycopg."""
+    from proxy.config import Config
+
+    config = Config.from_env({"AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": "sk-upstream-0123456789",
+                              "DATABASE_URL": "postgresql://relay:pg-pass-5f2e9a@db.internal/relay",
+                              "ADMIN_KEY": ADMIN})
+    assert "pg-pass-5f2e9a" in config.secrets() and ADMIN in config.secrets()
+    assert config.database_url == "postgresql+psycopg://relay:pg-pass-5f2e9a@db.internal/relay"
+    assert "pg-pass" not in repr(config)
+
+
+def test_an_unwritable_data_dir_fails_the_ledger_not_the_relay(tmp_path: Path, transport: FakeTransport) -> None:
+    """DATA_DIR that cannot be made: the relay starts and answers; the rows are counted as not written."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    app = relay_app(unit_config(data_dir=blocker / "data"), transport)
+    relay = app.extensions["relay"]
+    try:
+        response = app.test_client().post("/chat", json=HELLO, headers=bearer())
+        assert response.status_code == 200
+        read_whole(response)
+        assert wait_until(lambda: relay.ledger.writer.counts.errors > 0, timeout=5)
+    finally:
+        relay.ledger.close(relay.metrics, timeout=1)
+    assert relay.ledger.writer.counts.dropped_failed == 1
