@@ -196,3 +196,29 @@ def test_an_unwritable_data_dir_fails_the_ledger_not_the_relay(tmp_path: Path, t
     finally:
         relay.ledger.close(relay.metrics, timeout=1)
     assert relay.ledger.writer.counts.dropped_failed == 1
+
+
+def test_lost_rows_are_logged_once_a_minute_and_counted() -> None:
+    """publish() turns the writer's counts into the metrics and one warning line, not one per request."""
+    import logging
+
+    from proxy.config import Config
+    from proxy.ledger.writer import LedgerWriter
+    from proxy.metrics import Metrics
+    from tests.unit.conftest import Lines
+
+    config = Config((), "")
+    ledger, metrics = Ledger(config, None), Metrics(config)
+    ledger.writer = LedgerWriter(sa.create_engine("sqlite://"), lambda: None, lambda: None)
+    handler = Lines()
+    logging.getLogger("relay.ledger").addHandler(handler)
+    try:
+        for _ in range(3):
+            ledger.writer.counts.errors += 1
+            ledger.writer.counts.dropped_failed += 2
+            ledger.writer.counts.last_error = "OperationalError: database is locked"
+            ledger.publish(metrics)
+    finally:
+        logging.getLogger("relay.ledger").removeHandler(handler)
+    assert len(handler.lines) == 1 and "database is locked" in handler.lines[0]
+    assert metrics.registry.get_sample_value("relay_ledger_rows_dropped_total") == 6
