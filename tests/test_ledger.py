@@ -176,11 +176,13 @@ def test_a_graceful_stop_writes_what_is_queued(ledger_relay: RelayProcess, locke
 def test_every_route_and_protocol_leaves_its_rows(relay_factory: Callable[..., RelayProcess], fake: FakeUpstream,
                                                   tmp_path: Path) -> None:
     """NDJSON, OpenAI JSON and SSE, EventSource SSE, WebSocket (a row per answer), the forwarded /v1
-    families and Anthropic's /v1/messages: each request one row with its route, protocol and tokens."""
+    families and Anthropic's /v1/messages: each request one row with its route, protocol and tokens, from
+    two workers sharing one SQLite file."""
     upstreams = tmp_path / "upstreams.toml"
     upstreams.write_text(upstreams_toml(fake.base_url, [root_of(fake)]))
+    # Two workers: both migrate the fresh SQLite file at start and write to it side by side.
     relay = relay_factory(fresh=True, UPSTREAMS_FILE=str(upstreams), OPENAI_UPSTREAM_KEY=UPSTREAM_KEY,
-                          ANTHROPIC_KEY=ANTHROPIC_KEY, OPENAI_API_KEY="")
+                          ANTHROPIC_KEY=ANTHROPIC_KEY, OPENAI_API_KEY="", GUNICORN_WORKERS="2")
     headers, url = relay.headers(), relay.url
     hello = [{"role": "user", "content": "Hello"}]
     sent = [
