@@ -258,3 +258,43 @@ def test_two_relays_share_one_postgresql_ledger(relay_factory: Callable[..., Rel
         postgres.resume()
     rows = rows_when(lambda: pg_rows(postgres), 8, timeout=30)
     assert {row["request_id"] for row in rows} >= {f"paused-{n}" for n in range(4)}
+
+
+def test_roll_up_on_postgresql_is_exact_even_run_twice_at_once(postgres: Postgres) -> None:
+    """PostgreSQL's roll-up (FOR UPDATE SKIP LOCKED, ON CONFLICT upserts), run by two workers at the same
+    moment, keeps every total exact; the reports read it as they read SQLite."""
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    from proxy.config import Config
+    from proxy.ledger.database import create_engine, migrate
+    from proxy.ledger.report import UsageQuery, usage
+    from proxy.ledger.rollup import roll_up
+    from proxy.ledger.schema import requests
+    from tests.unit.test_ledger_store import a_row
+
+    # A database of its own on the same server: the relays' ledger stays as the other test left it.
+    with psycopg.connect(postgres.url, autocommit=True) as connection:
+        connection.execute("DROP DATABASE IF EXISTS rollup")
+        connection.execute("CREATE DATABASE rollup")
+    config = Config.from_env({"AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": UPSTREAM_KEY,
+                              "DATABASE_URL": postgres.url.rsplit("/", 1)[0] + "/rollup"})
+    engine = create_engine(config)
+    migrate(engine)
+    today = datetime.now(UTC).date()
+    rows = [a_row(day=today - timedelta(days=n % 50), key=f"k{n % 3}", model=f"m{n % 4}", prompt=n,
+                  cost_nanos=None if n % 7 == 0 else n) for n in range(3000)]
+    with engine.begin() as connection:
+        connection.execute(sa.insert(requests), [row.values() for row in rows])
+    since = today - timedelta(days=60)
+    before = {by: usage(engine, UsageQuery(since, None, by)) for by in ("day", "model", "key")}
+    workers = [threading.Thread(target=roll_up, args=(engine, 30)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    with engine.connect() as connection:
+        oldest = connection.execute(sa.select(sa.func.min(requests.c.day))).scalar()
+    assert oldest is not None and oldest >= today - timedelta(days=29)
+    assert {by: usage(engine, UsageQuery(since, None, by)) for by in ("day", "model", "key")} == before
