@@ -120,6 +120,18 @@ def prepare_metrics_dir():
             os.remove(os.path.join(directory, name))
 
 
+LEDGER_FLUSH_SECONDS = 10
+
+
+def worker_exit(server, worker):
+    """Graceful stop: the ledger rows still queued in this worker are written before it exits. (The ledger's
+    schema needs no hook: each worker's ledger thread runs the migrations under a lock, proxy/ledger/database.py.)"""
+    relay = worker.wsgi.extensions.get("relay") if hasattr(worker, "wsgi") else None
+    if relay is not None:
+        relay.ledger.close(relay.metrics, timeout=LEDGER_FLUSH_SECONDS)
+
+
+
 def child_exit(server, worker):
     """A worker is gone (restart, HUP, crash): its open-streams gauge must stop counting."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

@@ -24,7 +24,7 @@ def create_app(config: Config | None = None) -> Flask:
     from proxy.errors import register_error_handlers
     from proxy.pipeline import check_every_view_declared, install_pipeline
     from proxy.relay import build_relay
-    from proxy.routes import anthropic, chat, docs, doctor, health, metrics, openai_api, passthrough, sse
+    from proxy.routes import anthropic, chat, docs, doctor, health, metrics, openai_api, passthrough, sse, usage
     from proxy.routes.websocket import register_websocket
     from proxy.web import create_web_blueprint
 
@@ -48,6 +48,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(passthrough.bp)
     app.register_blueprint(anthropic.bp)
     app.register_blueprint(sse.bp)
+    app.register_blueprint(usage.bp)
     register_websocket(app)
     app.register_blueprint(create_web_blueprint())
     if config.trusted_proxies:
@@ -57,6 +58,7 @@ def create_app(config: Config | None = None) -> Flask:
 
         app.register_blueprint(debug.bp)
     check_every_view_declared(app)
+    relay.ledger.start()  # this process' ledger thread (each gunicorn worker builds its own app)
     return app
 
 

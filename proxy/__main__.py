@@ -71,8 +71,13 @@ def main(argv: list[str]) -> int:
         from proxy.keys_cli import main as keys
 
         return keys(argv[1:])
+    if argv[0] in ("usage", "migrate"):
+        from proxy.ledger.cli import migrate_main, usage_main
+
+        return usage_main(argv[1:]) if argv[0] == "usage" else migrate_main(argv[1:])
     print(f"usage: python -m proxy run [gunicorn options] | python -m proxy doctor URL KEY"
           " | python -m proxy keys create|list|revoke|hash"
+          " | python -m proxy usage [--key NAME] [--since 7d] [--by day|model|key] | python -m proxy migrate"
           f"  (unknown command {argv[0]!r})", file=sys.stderr)
     return 2
 

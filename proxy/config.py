@@ -35,6 +35,9 @@ from proxy.validation import EntryError, FileEntry, Says
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 LOG_FORMATS = ("text", "json")
+DEFAULT_DATA_DIR = Path("data")  # relative to the working directory: the checkout for `make run`
+LEDGER_SETTINGS = ("DATA_DIR", "DATABASE_URL", "LEDGER_RETENTION_DAYS")
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 GUNICORN_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -109,6 +112,13 @@ class Config:
     prices: PriceTable = field(init=False, repr=False, compare=False)
     upstreams_file: str | None = None
     upstreams: tuple[UpstreamSpec, ...] = ()  # from UPSTREAMS_FILE; empty: the single OPENAI_* upstream
+    # The usage ledger (proxy/ledger): SQLite in DATA_DIR unless DATABASE_URL names a PostgreSQL server.
+    # from_env always sets it (default: ./data); a Config built directly without either has no ledger.
+    data_dir: Path | None = None
+    database_url: str | None = field(default=None, repr=False)
+    ledger_retention_days: int = 30
+    # Reads every key's usage (GET /usage); None: nobody can.
+    admin_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -138,9 +148,11 @@ class Config:
 
     def secrets(self) -> tuple[str, ...]:
         """Every credential the relay holds, read now: the keys file's keys change while it runs."""
-        urls = (self.openai_base_url, self.rate_limit_storage_uri or "", *(spec.base_url for spec in self.upstreams))
+        urls = (self.openai_base_url, self.rate_limit_storage_uri or "", self.database_url or "",
+                *(spec.base_url for spec in self.upstreams))
         return tuple(secret for secret in (
-            self.openai_api_key, self.metrics_key or "", *(spec.api_key for spec in self.upstreams),
+            self.openai_api_key, self.metrics_key or "", self.admin_key or "",
+            *(spec.api_key for spec in self.upstreams),
             *(policy.key for policy in self.keyring.policies), *(_url_password(url) for url in urls),
         ) if secret)
 
@@ -152,6 +164,7 @@ class Config:
     def from_env(cls, env: Mapping[str, str]) -> Config:
         """Build and validate the configuration from environment variables (the table is `SETTINGS`)."""
         values: dict[str, Any] = {"authorization_keys": (), "openai_api_key": "", **read_settings(SETTINGS, env)}
+        values.update(ledger_settings(env))
         upstreams_file = values.get("upstreams_file")
         upstreams = load_upstreams_file(upstreams_file, env) if upstreams_file else ()
         _require_keys(values, bool(upstreams))
@@ -163,6 +176,16 @@ class Config:
             raise ConfigError(f"DEFAULT_MODEL: '{default_model}' is not served by any upstream in "
                               f"UPSTREAMS_FILE {upstreams_file}")
         return cls(**values, upstreams=upstreams)
+
+
+def ledger_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """The usage ledger's settings alone (what `python -m proxy usage` and `migrate` need), DATA_DIR always
+    set: the variable, else systemd's StateDirectory= (deploy/relay.service: /var/lib/relay), else ./data."""
+    values = read_settings(tuple(s for s in SETTINGS if s.env in LEDGER_SETTINGS), env)
+    if "data_dir" not in values:
+        state_directory = env.get("STATE_DIRECTORY", "").split(":")[0].strip()
+        values["data_dir"] = Path(state_directory) if state_directory else DEFAULT_DATA_DIR
+    return values
 
 
 def _require_keys(values: Mapping[str, Any], has_upstreams: bool) -> None:
@@ -316,6 +339,14 @@ def _storage_uri(raw: str) -> str:
     return raw
 
 
+def _database_url(raw: str) -> str:
+    """A PostgreSQL URL, spelled for SQLAlchemy's psycopg 3 driver (`postgresql://` and `postgres://` too)."""
+    scheme, sep, rest = raw.partition("://")  # never echoed: the URL may carry a password
+    if not sep or scheme not in DATABASE_SCHEMES or not rest:
+        raise SettingError("expected a PostgreSQL URL like postgresql://user:password@host/dbname")
+    return f"postgresql+psycopg://{rest}"
+
+
 def _bind_address(raw: str) -> str:
     if raw.startswith(("unix:", "fd://")):
         return raw
@@ -369,6 +400,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("METRICS_KEY", "metrics_key", _text, secret=True),
     Setting("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", _text),
     Setting("LOG_FORMAT", "log_format", _one_of(LOG_FORMATS, "expected text or json")),
+    Setting("DATA_DIR", "data_dir", Path),
+    Setting("DATABASE_URL", "database_url", _database_url, secret=True),
+    Setting("LEDGER_RETENTION_DAYS", "ledger_retention_days", _positive_int),
+    Setting("ADMIN_KEY", "admin_key", _text, secret=True),
 )
 
 SERVER_SETTINGS: tuple[Setting, ...] = (

@@ -157,6 +157,13 @@ class UpstreamTimeout(RelayError):
     description = "the upstream API did not answer in time; try again in a moment"
 
 
+class LedgerUnavailable(RelayError):
+    code = 503
+    kind = "ledger_unavailable"
+    error_type = "api_error"
+    description = "the usage ledger cannot be read right now; try again in a moment"
+
+
 _BY_STATUS: dict[int, type[RelayError]] = {
     cls.code: cls
     for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, PayloadTooLarge,

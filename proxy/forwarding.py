@@ -227,7 +227,15 @@ def normalized_usage(usage: Any) -> dict[str, int] | None:
     prompt, completion = prompt or 0, completion or 0
     if not isinstance(total, int) or isinstance(total, bool):
         total = prompt + completion
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    found = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    # The details the usage ledger keeps (proxy/ledger/row.py), flat, only when reported.
+    for name, parents in (("cached_tokens", ("prompt_tokens_details", "input_tokens_details")),
+                          ("reasoning_tokens", ("completion_tokens_details", "output_tokens_details"))):
+        details = [usage.get(parent) for parent in parents]
+        count = next((_count(d, name) for d in details if isinstance(d, dict) and _count(d, name)), None)
+        if count:
+            found[name] = count
+    return found
 
 
 def _count(usage: dict[str, Any], *names: str) -> int | None:
@@ -247,10 +255,13 @@ def anthropic_usage(usage: Any) -> dict[str, int] | None:
     completion = _count(usage, "output_tokens")
     if prompt is None and completion is None:
         return None
-    prompt = (prompt or 0) + (_count(usage, "cache_creation_input_tokens") or 0) + (
-        _count(usage, "cache_read_input_tokens") or 0)
+    cached = _count(usage, "cache_read_input_tokens") or 0
+    prompt = (prompt or 0) + (_count(usage, "cache_creation_input_tokens") or 0) + cached
     completion = completion or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    found = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached:
+        found["cached_tokens"] = cached  # for the usage ledger (proxy/ledger/row.py)
+    return found
 
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -306,13 +317,17 @@ class AnthropicSseUsage(_UsageScanner):
     def __init__(self) -> None:
         self._prompt: int | None = None
         self._completion: int | None = None
+        self._cached = 0
 
     @property
     def usage(self) -> dict[str, int] | None:
         if self._prompt is None and self._completion is None:
             return None
         prompt, completion = self._prompt or 0, self._completion or 0
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        found = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self._cached:
+            found["cached_tokens"] = self._cached
+        return found
 
     def _read(self, event: bytes) -> None:
         payload = event_data(event)
@@ -329,6 +344,7 @@ class AnthropicSseUsage(_UsageScanner):
             return
         if "input_tokens" in raw:
             self._prompt = found["prompt_tokens"]
+            self._cached = found.get("cached_tokens", 0)
         if "output_tokens" in raw:
             self._completion = found["completion_tokens"]
 

@@ -54,6 +54,13 @@ class Metrics:
                                        ["kind", "upstream"], registry=registry)
         self.fallbacks = Counter("relay_fallbacks", "Fall-overs to another upstream, by the upstream that "
                                  "answered in the end", ["upstream"], registry=registry)
+        # The usage ledger's health (proxy/ledger/writer.py), published by each worker from its writer's counts.
+        self.ledger_queue_depth = Gauge("relay_ledger_queue_depth", "Ledger rows waiting to be written",
+                                        registry=registry, multiprocess_mode="livesum")
+        self.ledger_written = Counter("relay_ledger_rows_written", "Ledger rows written to the database",
+                                      registry=registry)
+        self.ledger_dropped = Counter("relay_ledger_rows_dropped", "Ledger rows that could not be written "
+                                      "(queue full, or the database refused them)", registry=registry)
 
     def stream_opened(self, state: RequestState) -> None:
         """A streaming response is going out (the pipeline's finish step): one more open stream."""
@@ -86,6 +93,14 @@ class Metrics:
                 self.tokens.labels(access.key_name, kind).inc(count)
         if stats.fallbacks:
             self.fallbacks.labels(stats.upstream or "-").inc(stats.fallbacks)
+
+    def ledger_health(self, written: int, dropped: int, depth: int) -> None:
+        """Rows written and dropped since the last call, and the queue's depth now."""
+        if written:
+            self.ledger_written.inc(written)
+        if dropped:
+            self.ledger_dropped.inc(dropped)
+        self.ledger_queue_depth.set(depth)
 
     def exposition(self) -> bytes:
         if self.config.prometheus_multiproc_dir:

@@ -19,7 +19,8 @@ input is shaped) and nothing else. For every request, in this order:
    most the request can cost reserved in the key's budgets (`proxy/budgets.py`; the forwarding views
    reserve from the body they forward);
 7. **close**, once, whichever way the request ends (`close_request`): the stream slot released, the
-   reservation settled from the reported usage, the metrics recorded, the access-log line written.
+   reservation settled from the reported usage, the metrics recorded, the access-log line written, the
+   usage ledger's row queued (`proxy/ledger`: written by a thread of its own, never waited for).
 
 `install_pipeline` refuses to build an app with a view that declares nothing, so a new endpoint cannot
 skip a step by forgetting it.
@@ -218,7 +219,8 @@ def route_label(rule: Rule | None, view_args: Mapping[str, Any] | None) -> str:
 
 
 def close_request(relay: Relay, state: RequestState) -> None:
-    """Step 7, exactly once: the stream slot and token count, the metrics, then the access-log line."""
+    """Step 7, exactly once: the stream slot and token count, the metrics, then the access-log line and the
+    ledger's row (queued only: the ledger's own thread writes it)."""
     if state.closed:
         return
     state.closed = True
@@ -227,3 +229,5 @@ def close_request(relay: Relay, state: RequestState) -> None:
         relay.metrics.record(state)
     finally:
         state.access.write()
+        relay.ledger.record_request(state)
+        relay.ledger.publish(relay.metrics)

@@ -62,6 +62,7 @@ class StreamStats:
     outcome: str = OPEN  # "ok", an error code, or "client_gone"
     keep_content: bool = False
     content: list[str] = field(default_factory=list)
+    answered_model: str | None = None  # as the upstream named it, for the usage ledger
 
     def take(self, outcome: Outcome) -> None:
         """Copy the machine's account of the stream. Not its `kind`: the pump sets `outcome` when it is
@@ -74,6 +75,7 @@ class StreamStats:
         self.finish_reason = outcome.finish_reason
         self.usage = outcome.usage
         self.content = outcome.content
+        self.answered_model = outcome.model
 
 
 def never_gone() -> bool:

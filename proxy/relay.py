@@ -10,9 +10,12 @@ import openai
 from flask import current_app
 
 from proxy.config import Config
+from proxy.ledger import Ledger, build_ledger
+from proxy.ledger.row import CostOf, LedgerUsage
 from proxy.limits import RequestLimits
 from proxy.metrics import Metrics
 from proxy.models import ModelCatalog
+from proxy.prices import PriceTable
 from proxy.pump import StreamTimers
 from proxy.redaction import Redactor
 from proxy.shutdown import Draining
@@ -31,6 +34,7 @@ class Relay:
     metrics: Metrics
     redact: Callable[[str], str]  # the configuration's secrets out of upstream text and log lines
     catalog: ModelCatalog  # each upstream's own model list, cached (GET /v1/models)
+    ledger: Ledger  # the usage ledger (proxy/ledger): one row per request, written by a thread of its own
     draining: Draining = field(default_factory=Draining)  # set when this worker is asked to stop
     # UPSTREAMS_FILE's `api = "anthropic"` entries: only POST /v1/messages goes to them, and nothing else does.
     anthropic_upstreams: tuple[AnthropicUpstream, ...] = ()
@@ -45,7 +49,18 @@ def build_relay(config: Config) -> Relay:
     redact = Redactor(config.secrets)
     return Relay(config, configured_upstreams(config, redact), StreamTimers.from_config(config),
                  RequestLimits(config), Metrics(config), redact, ModelCatalog.from_config(config),
+                 build_ledger(config, cost_of=priced_by(config.prices)),
                  anthropic_upstreams=anthropic_upstreams(config, redact))
+
+
+def priced_by(prices: PriceTable) -> CostOf:
+    """The ledger's cost of a request: PRICES_FILE's price of the model asked for (the name budgets
+    reserve under too), cached prompt tokens at the cached price; None where no entry prices it."""
+
+    def cost_of(model: str, usage: LedgerUsage) -> float | None:
+        return prices.cost(model, usage.as_token_usage())
+
+    return cost_of
 
 
 def configured_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[Upstream, ...]:

@@ -71,7 +71,8 @@ class RequestState:
     reservation: Reservation | None = None  # what its budgets hold for it until it closes (proxy/budgets.py)
     breach: tuple[str, int] | None = None  # (limit, seconds to retry) when a rate limit refused it
     streamed: bool = False  # a streaming response went out: it counts as an open stream until closed
-    charged: bool = False  # the view charged its tokens itself (a WebSocket, answer by answer), not the close
+    # The view charged its tokens and wrote its ledger rows itself (a WebSocket, answer by answer), not the close.
+    charged: bool = False
     closed: bool = False
 
 

@@ -105,6 +105,7 @@ class Outcome:
     finish_reason: str | None
     usage: dict[str, Any] | None
     content: list[str]  # the answer's text deltas, kept only when asked to (LOG_CONTENT)
+    model: str | None = None  # the model the upstream's chunks named (the usage ledger's answered_model)
 
 
 class Action(NamedTuple):
@@ -151,6 +152,7 @@ class StreamMachine:
         self._content: list[str] = []
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
+        self._model: str | None = None
         self._outcome: Outcome | None = None
 
     @property
@@ -227,7 +229,7 @@ class StreamMachine:
             log.warning("upstream %s failed before the first token (%s); falling over",
                         self._stream.upstream.name, failure.kind)
             self._held.clear()  # the client never saw them; the next upstream starts its answer afresh
-            self._finish_reason = self._usage = None
+            self._finish_reason = self._usage = self._model = None
             return Action(fall_over=True)
         return self._finish(failure.kind, now, self._release_held()
                             + self._encoder.error(failure.kind, failure.message) + self._end())
@@ -255,6 +257,8 @@ class StreamMachine:
                 self._finish_reason = chunk.finish_reason
             if chunk.usage is not None:
                 self._usage = chunk.usage
+            if chunk.model is not None:
+                self._model = chunk.model
         if progress and self._first_token_at is None:
             self._first_token_at = now
         return progress
@@ -286,7 +290,7 @@ class StreamMachine:
         return Outcome(kind=kind, upstream=self._stream.upstream.name, fallbacks=self._stream.fallbacks,
                        upstream_failures=self._failures, first_token_at=self._first_token_at, ended_at=ended_at,
                        tokens=self._tokens, finish_reason=self._finish_reason, usage=self._usage,
-                       content=self._content)
+                       content=self._content, model=self._model)
 
     def _check_open(self) -> None:
         if self._outcome is not None:

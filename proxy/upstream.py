@@ -45,6 +45,7 @@ class Chunk(NamedTuple):
     usage: dict[str, Any] | None
     progress: bool  # content, reasoning or a tool call: the model is making headway
     usage_only: bool = False  # the usage chunk OpenAI sends last when asked (`choices` empty)
+    model: str | None = None  # the model the upstream says answered (for the usage ledger)
 
 
 class StreamFailure(NamedTuple):
@@ -276,8 +277,9 @@ def parse_chunk(data: bytes, redact: Callable[[str], str] = redact_secret_like) 
         finish = choice.get("finish_reason")
     usage = obj.get("usage")
     usage = usage if isinstance(usage, dict) else None
+    model = obj.get("model")
     return Chunk(data, content, reasoning, finish if isinstance(finish, str) else None, usage, progress,
-                 usage is not None and not choices)
+                 usage is not None and not choices, model if isinstance(model, str) and model else None)
 
 
 class Candidates:

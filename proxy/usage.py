@@ -40,10 +40,25 @@ class TokenUsage:
 
 def cached_tokens(usage: dict[str, Any]) -> int:
     """The prompt tokens served from the cache, where the upstream says: OpenAI's chat
-    (`prompt_tokens_details`) and Responses (`input_tokens_details`) shapes; 0 when it does not."""
-    for details in ("prompt_tokens_details", "input_tokens_details"):
-        value = usage.get(details)
-        cached = value.get("cached_tokens") if isinstance(value, dict) else None
-        if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0:
-            return cached
+    (`prompt_tokens_details`) and Responses (`input_tokens_details`) shapes, the flat `cached_tokens` of
+    forwarding's chat-shaped usage and Anthropic's `cache_read_input_tokens`; 0 when it does not."""
+    return (_detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
+            or _count(usage.get("cached_tokens")) or _count(usage.get("cache_read_input_tokens")))
+
+
+def reasoning_tokens(usage: dict[str, Any]) -> int:
+    """The completion tokens spent reasoning, where the upstream says (its details, or the flat name)."""
+    return (_detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens")
+            or _count(usage.get("reasoning_tokens")))
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _detail(usage: dict[str, Any], parents: tuple[str, ...], name: str) -> int:
+    for parent in parents:
+        details = usage.get(parent)
+        if isinstance(details, dict) and _count(details.get(name)):
+            return _count(details.get(name))
     return 0

@@ -12,6 +12,8 @@ need caddy caddy                 # the shipped Caddyfile
 need openssl openssl             # a throwaway certificate for the TLS half of the nginx site
 need chromium chromium           # the chat page's browser tests (Playwright, never `playwright install`) and tests/test_sse_browser.py
 need npm npm                     # builds the chat page's bundle (scripts/build-web.sh)
+# the usage ledger's PostgreSQL tests (tests/test_ledger.py): initdb/pg_ctl live in /usr/lib/postgresql/N/bin
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || packages+=(postgresql)
 if ((${#packages[@]})); then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
@@ -24,7 +26,7 @@ fi
 if ((${#packages[@]})) && [ -d /run/systemd/system ]; then
   for package in "${packages[@]}"; do
     case $package in
-      nginx | redis-server | caddy) $sudo_cmd systemctl disable --now "$package" >/dev/null 2>&1 || true ;;
+      nginx | redis-server | caddy | postgresql) $sudo_cmd systemctl disable --now "$package" >/dev/null 2>&1 || true ;;
     esac
   done
 fi

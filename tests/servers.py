@@ -342,3 +342,83 @@ def running_caddy(directory: Path, relay_address: str) -> Iterator[Caddy]:
         yield Caddy(url=f"http://127.0.0.1:{port}", directory=directory, process=process)
     finally:
         stop_process(process)
+
+
+# ---------------------------------------------------------------- postgresql
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster (the usage ledger's server), trust authentication on loopback only."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://relay@127.0.0.1:{self.port}/postgres"
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster and its backends: a database that accepts connections and never answers."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
+
+    def _pids(self) -> list[int]:
+        children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True,
+                                  check=False).stdout.split()
+        return [self.process.pid, *(int(pid) for pid in children)]
+
+
+def postgres_program(name: str) -> str | None:
+    """initdb and postgres live in /usr/lib/postgresql/<version>/bin on Debian, not on PATH."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(found[-1]) if found else shutil.which(name)
+
+
+@contextmanager
+def running_postgres() -> Iterator[Postgres]:
+    """initdb in a fresh /tmp directory and postgres on a free loopback port; as the `postgres` system user
+    when the tests run as root (PostgreSQL refuses to run as root). No fsync: nothing here must survive."""
+    import pwd
+    import tempfile
+
+    initdb, postgres = postgres_program("initdb"), postgres_program("postgres")
+    if initdb is None or postgres is None:
+        raise ServerStartError("PostgreSQL is not installed (scripts/install-system-deps.sh installs it)")
+    directory = Path(tempfile.mkdtemp(prefix="relay-postgres-"))
+    user = "postgres" if os.geteuid() == 0 else None
+    if user is not None:
+        account = pwd.getpwnam(user)
+        os.chown(directory, account.pw_uid, account.pw_gid)
+    data, log = directory / "data", directory / "postgres.log"
+    try:
+        subprocess.run([initdb, "-D", str(data), "-U", "relay", "--auth=trust", "-E", "UTF8", "--no-sync"],
+                       check=True, capture_output=True, user=user, cwd=directory)
+        for _attempt in range(START_ATTEMPTS):
+            port = free_port()
+            with log.open("ab") as log_file:
+                process = subprocess.Popen(
+                    [postgres, "-D", str(data), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
+                     "-c", f"unix_socket_directories={directory}", "-c", "fsync=off",
+                     "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+                    stdout=log_file, stderr=subprocess.STDOUT, user=user, cwd=directory, start_new_session=True)
+            try:
+                _wait_until_listening(process, port, log)
+                break
+            except ServerStartError as error:
+                stop_process(process)
+                if "in use" not in str(error):
+                    raise
+        server = Postgres(port, directory, process)
+        try:
+            yield server
+        finally:
+            server.resume()
+            stop_process(process, signal.SIGINT)  # "fast" shutdown: ends the relays' sessions at once
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

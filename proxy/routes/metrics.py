@@ -17,5 +17,6 @@ bp = Blueprint("metrics", __name__)
 def metrics() -> Response:
     relay = current_relay()
     check_metrics_access(relay.config)
+    relay.ledger.publish(relay.metrics)  # this worker's ledger queue and counts, as of now
     return Response(relay.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST,
                                                          "Cache-Control": "no-store"})

@@ -50,6 +50,8 @@ def whole_answer_stats(answer: Completion, started_at: float) -> StreamStats:
     """A non-streaming chat completion's account for the access log, metrics and budgets (its usage)."""
     stats = StreamStats(started_at=started_at)
     stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
+    model = answer.data.get("model")
+    stats.answered_model = model if isinstance(model, str) else None
     usage = answer.data.get("usage")
     if isinstance(usage, dict):
         stats.usage = usage

@@ -27,6 +27,7 @@ message is then a request of its own, through `RequestLimits`' public checks, wh
 - one count in the key's per-minute and per-day buckets, the very ones its HTTP requests count in;
 - the key's budgets checked, and the most the answer can cost reserved (`proxy/budgets.py`), before the
   answer; the reservation settled from its usage when it ends;
+- one usage-ledger row per answer (not one per connection), written when the answer ends or is refused;
 - the connection's slot taken again under the key's current caps (a lowered max_streams applies); this
   also renews it, as does an idle connection every half MAX_STREAM_SECONDS, so it never expires while the
   connection lives. Refused, the connection holds no slot until a later message gets one.
@@ -383,6 +384,7 @@ def answer(session: Session, policy: KeyPolicy, message: str | bytes) -> None:
         send_records(ws, encoder.start() + encoder.error(refused.kind, str(refused.description))
                      + encoder.end(None, None))
         record.write()
+        relay.ledger.record_answer(record, session.state.route, refused.kind)
         return
     stats = StreamStats(keep_content=relay.config.log_content, started_at=record.started)
     record.stats = stats
@@ -399,6 +401,7 @@ def answer(session: Session, policy: KeyPolicy, message: str | bytes) -> None:
         else:
             conversation.drop_unanswered_question()
         record.write()
+        relay.ledger.record_answer(record, session.state.route)
         relay.limits.charge(policy, TokenUsage.of_answer(stats.usage, stats.tokens), reservation)
         if connection.stats is not None:
             add_answer(connection.stats, stats)

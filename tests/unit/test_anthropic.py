@@ -65,7 +65,7 @@ def test_usage_counts_cache_tokens_as_prompt() -> None:
     """input_tokens plus the cache's read and written tokens are the prompt; output_tokens the completion."""
     assert anthropic_usage({"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 4,
                             "cache_read_input_tokens": 3}) == {"prompt_tokens": 17, "completion_tokens": 5,
-                                                               "total_tokens": 22}
+                                                               "total_tokens": 22, "cached_tokens": 3}
     assert anthropic_usage({"output_tokens": 2}) == {"prompt_tokens": 0, "completion_tokens": 2, "total_tokens": 2}
     assert anthropic_usage({"service_tier": "standard"}) is None
     assert anthropic_usage(None) is None
@@ -76,9 +76,9 @@ def test_stream_usage_from_message_start_and_the_last_message_delta() -> None:
     usage = AnthropicSseUsage()
     assert usage.usage is None
     usage.feed(START + DELTA)
-    assert usage.usage == {"prompt_tokens": 17, "completion_tokens": 1, "total_tokens": 18}
+    assert usage.usage == {"prompt_tokens": 17, "completion_tokens": 1, "total_tokens": 18, "cached_tokens": 3}
     usage.feed(FINAL + STOP)
-    assert usage.usage == {"prompt_tokens": 17, "completion_tokens": 7, "total_tokens": 24}
+    assert usage.usage == {"prompt_tokens": 17, "completion_tokens": 7, "total_tokens": 24, "cached_tokens": 3}
     usage.feed(event("message_delta", {"type": "message_delta", "usage": {"input_tokens": 20, "output_tokens": 9}}))
     assert usage.usage == {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29}
 

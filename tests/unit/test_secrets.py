@@ -184,7 +184,8 @@ PASTED = "sk-pasted-by-mistake-0123456789abcdef"
 @pytest.mark.parametrize("setting", [s for s in (*SETTINGS, *SERVER_SETTINGS)
                                      if s.env not in {"AUTHORIZATION_KEY", "OPENAI_API_KEY", "DEFAULT_MODEL",
                                                       "ALLOWED_MODELS", "SYSTEM_PROMPT", "METRICS_KEY",
-                                                      "PROMETHEUS_MULTIPROC_DIR"}], ids=lambda s: s.env)
+                                                      "PROMETHEUS_MULTIPROC_DIR", "DATA_DIR", "ADMIN_KEY"}],
+                         ids=lambda s: s.env)
 def test_a_refused_setting_never_echoes_its_value(setting: Any) -> None:
     """A key pasted into any other setting is refused by name and reason, never shown."""
     with pytest.raises(ConfigError) as caught:

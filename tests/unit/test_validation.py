@@ -71,10 +71,13 @@ BAD_SETTINGS = [
     ("RATE_LIMIT_STORAGE_URI", "memcached://:s3cret-password@10.0.0.5",
      "RATE_LIMIT_STORAGE_URI: expected a URL starting with one of memory://, redis://, rediss://, redis+unix://"),
     ("LOG_FORMAT", "xml", "LOG_FORMAT: expected text or json"),
+    ("DATABASE_URL", "mysql://root:s3cret-password@db/relay",
+     "DATABASE_URL: expected a PostgreSQL URL like postgresql://user:password@host/dbname"),
+    ("LEDGER_RETENTION_DAYS", "0", "LEDGER_RETENTION_DAYS: expected a positive whole number"),
 ]
 # Free text, or checked only against other settings (the tests below): no value of their own is wrong.
 FREE_SETTINGS = {"AUTHORIZATION_KEY", "OPENAI_API_KEY", "DEFAULT_MODEL", "ALLOWED_MODELS", "SYSTEM_PROMPT",
-                 "METRICS_KEY", "PROMETHEUS_MULTIPROC_DIR"}
+                 "METRICS_KEY", "PROMETHEUS_MULTIPROC_DIR", "DATA_DIR", "ADMIN_KEY"}
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), BAD_SETTINGS)

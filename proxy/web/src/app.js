@@ -7,6 +7,8 @@ import * as store from './store.js';
 
 const CHAT_URL = 'chat';
 const MODELS_URL = 'v1/models';
+const USAGE_URL = 'v1/usage/me';
+const USAGE_REFRESH_DELAY_MS = 1000;
 const TITLE_LENGTH = 48;
 const NARROW_LAYOUT = window.matchMedia('(max-width: 760px)');
 
@@ -22,6 +24,7 @@ const elements = {
   settings: document.getElementById('settings'),
   accessKey: document.getElementById('access-key'),
   systemPrompt: document.getElementById('system-prompt'),
+  usage: document.getElementById('usage'),
   conversation: document.getElementById('conversation'),
   messages: document.getElementById('messages'),
   emptyState: document.getElementById('empty-state'),
@@ -365,6 +368,8 @@ async function runTurn(conversation) {
     setStreamingControls(false);
     updateMessage(conversation, reply);
     announce(reply.status === 'error' ? reply.error : `Answer ${reply.status === 'stopped' ? 'stopped' : 'complete'}.`);
+    // The ledger writes the answer's row just after it ends: read the totals a moment later.
+    setTimeout(loadUsage, USAGE_REFRESH_DELAY_MS);
   }
 }
 
@@ -445,7 +450,10 @@ function saveKeyFromField() {
   store.saveAccessKey(key);
   elements.accessKey.removeAttribute('aria-invalid');
   clearLocalNotice();
-  if (key) loadModels();
+  if (key) {
+    loadModels();
+    loadUsage();
+  }
   return true;
 }
 
@@ -483,6 +491,29 @@ async function loadModels() {
     if (payload && Array.isArray(payload.data)) fillModels(payload.data.map((model) => model && model.id));
   } catch {
     // No model list (older relay, network hiccup): the default model stays selectable.
+  }
+}
+
+// This key's usage today and this month (UTC), from the relay's ledger (GET /v1/usage/me).
+function describeUsage(label, period) {
+  const tokens = period.prompt_tokens + period.completion_tokens;
+  const cost = typeof period.cost === 'number' ? `, ${period.cost.toFixed(4)} spent` : '';
+  const requests = `${period.requests.toLocaleString()} request${period.requests === 1 ? '' : 's'}`;
+  return `${label}: ${requests}, ${tokens.toLocaleString()} tokens${cost}`;
+}
+
+async function loadUsage() {
+  if (!state.accessKey) return;
+  try {
+    const response = await fetch(USAGE_URL, { headers: authorizationHeaders() });
+    if (!response.ok) return;
+    const usage = await response.json();
+    if (!usage || !usage.today || !usage.this_month) return;
+    elements.usage.textContent = `This key's usage: ${describeUsage('today', usage.today)}; `
+      + `${describeUsage('this month', usage.this_month)}.`;
+    elements.usage.hidden = false;
+  } catch {
+    // No ledger (an older relay, a database that cannot be read now): the line stays as it was.
   }
 }
 
@@ -624,6 +655,7 @@ function start() {
   wireEvents();
   resizeComposer();
   loadModels();
+  loadUsage();
   document.body.dataset.ready = 'true';
   if (state.accessKey) elements.message.focus();
   else elements.accessKey.focus();
