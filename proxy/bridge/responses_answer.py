@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from proxy.bridge.responses_request import CUSTOM_INPUT, BridgedRequest, ToolTable, as_dict
+from proxy.usage import cached_tokens, reasoning_tokens
 
 IdMaker = Callable[[str], str]
 
@@ -52,14 +53,10 @@ def responses_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     prompt = _count(usage.get("prompt_tokens"))
     completion = _count(usage.get("completion_tokens"))
     total = usage.get("total_tokens")
-    prompt_details = usage.get("prompt_tokens_details")
-    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
-    if cached is None:
-        cached = usage.get("prompt_cache_hit_tokens")  # DeepSeek's name for it
-    completion_details = usage.get("completion_tokens_details")
-    reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": _count(cached), "cache_write_tokens": 0},
-            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": _count(reasoning)},
+    # DeepSeek names its cache hits `prompt_cache_hit_tokens`; proxy/usage.py reads the other shapes.
+    cached = cached_tokens(usage) or _count(usage.get("prompt_cache_hit_tokens"))
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning_tokens(usage)},
             "total_tokens": total if isinstance(total, int) else prompt + completion}
 
 
