@@ -41,9 +41,11 @@ class TokenUsage:
 def cached_tokens(usage: dict[str, Any]) -> int:
     """The prompt tokens served from the cache, where the upstream says: OpenAI's chat
     (`prompt_tokens_details`) and Responses (`input_tokens_details`) shapes, the flat `cached_tokens` of
-    forwarding's chat-shaped usage and Anthropic's `cache_read_input_tokens`; 0 when it does not."""
+    forwarding's chat-shaped usage, Anthropic's `cache_read_input_tokens` and DeepSeek's
+    `prompt_cache_hit_tokens`; 0 when it does not."""
     return (_detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
-            or _count(usage.get("cached_tokens")) or _count(usage.get("cache_read_input_tokens")))
+            or _count(usage.get("cached_tokens")) or _count(usage.get("cache_read_input_tokens"))
+            or _count(usage.get("prompt_cache_hit_tokens")))
 
 
 def reasoning_tokens(usage: dict[str, Any]) -> int:
