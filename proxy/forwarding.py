@@ -31,7 +31,7 @@ from typing import IO, Any, Protocol
 import httpx2
 import orjson
 
-from proxy.encoders import SSE_KEEPALIVE, sse_error_event
+from proxy.encoders import SSE_KEEPALIVE
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.pump import READER_THREAD_PREFIX, Inbox, StreamStats
 from proxy.stream_machine import StreamTimers
@@ -386,34 +386,81 @@ class UsageReader(Protocol):
 
 
 def openai_error_event(kind: str, message: str) -> bytes:
-    return sse_error_event(message, "api_error", kind, named=False)
+    """An `error` event both ways OpenAI's clients read one: the Responses API's own (`type`, `code`,
+    `message`) for readers that go by the event's type (Codex CLI, the SDKs' typed events), and an `error`
+    object, which the SDKs raise as an APIError mid-stream (as they do on a chat stream)."""
+    payload = orjson.dumps({"type": "error", "code": kind, "message": message, "param": None,
+                            "error": {"message": message, "type": "api_error", "code": kind}})
+    return b"event: error\ndata: " + payload + b"\n\n"
 
 
 ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+# The Anthropic error `type` of a stream the relay cuts short (the kinds of timers say timeout_error, as
+# Anthropic's own 504s do; everything else is api_error).
+_ANTHROPIC_STREAM_TYPES = {"upstream_timeout": "timeout_error", "stream_time_limit": "timeout_error"}
+
+
+def anthropic_error_type(kind: str) -> str:
+    return _ANTHROPIC_STREAM_TYPES.get(kind, "api_error")
 
 
 def anthropic_error_event(kind: str, message: str) -> bytes:
     """Anthropic's in-stream error event, which its SDKs raise as an APIStatusError mid-stream."""
-    payload = orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+    payload = orjson.dumps({"type": "error", "error": {"type": anthropic_error_type(kind), "message": message}})
     return b"event: error\ndata: " + payload + b"\n\n"
+
+
+# Responses events sent before the model says anything (they do not count as its first token), and those
+# that end a Responses stream. Other OpenAI event streams (audio, images, threads) end with `[DONE]` or an
+# event whose type says it is done.
+RESPONSES_OPENING = frozenset({"response.created", "response.in_progress", "response.queued"})
+RESPONSES_CLOSING = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+_DONE_SUFFIXES = (".done", ".completed", ".failed", ".cancelled", ".expired", ".incomplete")
+
+
+def openai_opens(kind: str | None) -> bool:
+    return kind in RESPONSES_OPENING
+
+
+def openai_closes(kind: str | None) -> bool:
+    if kind is None:
+        return False
+    if kind.startswith("response."):
+        return kind in RESPONSES_CLOSING
+    return kind == "error" or kind.endswith(_DONE_SUFFIXES)
+
+
+ANTHROPIC_OPENING = frozenset({"message_start", "content_block_start", "ping"})
+
+
+def anthropic_opens(kind: str | None) -> bool:
+    return kind in ANTHROPIC_OPENING
+
+
+def anthropic_closes(kind: str | None) -> bool:
+    return kind in ("message_stop", "error")
 
 
 @dataclass(frozen=True)
 class Dialect:
     """What the forwarding path writes and reads of a protocol's own, everything else being bytes passed on:
     the keep-alive sent during silence, the error event that ends a stream the relay must cut short (as
-    `error(kind, message)`), and where the usage is in an event stream and in a JSON answer."""
+    `error(kind, message)`), where the usage is in an event stream and in a JSON answer, and which event
+    types open a stream without being the model's first token (`opens`) or end it (`closes`)."""
 
     keepalive: bytes
     error: Callable[[str, str], bytes]
     sse_usage: Callable[[], UsageReader]
     json_usage: Callable[[Any], dict[str, int] | None]
+    opens: Callable[[str | None], bool]
+    closes: Callable[[str | None], bool]
 
 
-OPENAI = Dialect(SSE_KEEPALIVE, openai_error_event, SseUsage, normalized_usage)
+OPENAI = Dialect(SSE_KEEPALIVE, openai_error_event, SseUsage, normalized_usage, openai_opens, openai_closes)
 # Anthropic's clients expect `ping` events during silence (an SSE comment is within the standard, but
 # Anthropic's own stream never sends one, so not every client is known to skip it).
-ANTHROPIC = Dialect(ANTHROPIC_PING, anthropic_error_event, AnthropicSseUsage, anthropic_usage)
+ANTHROPIC = Dialect(ANTHROPIC_PING, anthropic_error_event, AnthropicSseUsage, anthropic_usage, anthropic_opens,
+                    anthropic_closes)
 
 
 # --- sending, with fall-over -----------------------------------------------------------------------------------
@@ -587,20 +634,24 @@ CLIENT_CHECK_SECONDS = 1.0
 @dataclass
 class SseClock:
     """When a forwarded event stream needs something: a keep-alive after KEEPALIVE_SECONDS without a write,
-    or its end when the first byte, the next byte (idle) or the whole stream takes too long. No I/O: time is
+    or its end when the first token, the next byte (idle) or the whole stream takes too long. The first token
+    is the first event that is more than the stream's opening (`response.created`, `message_start`, pings):
+    a reasoning model may think in silence after those, as chat's first-token timer allows. No I/O: time is
     an argument, so every rule is tested with a fake clock."""
 
     timers: StreamTimers
     started: float
-    first_byte: float | None = None
+    first_token: float | None = None
     last_byte: float = 0.0
     last_write: float = 0.0
 
     def __post_init__(self) -> None:
         self.last_write = self.started
 
-    def received(self, now: float) -> None:
-        self.first_byte = self.first_byte if self.first_byte is not None else now
+    def received(self, now: float, progress: bool) -> None:
+        """Bytes came; `progress`: among them the model's first token (or a later event)."""
+        if progress and self.first_token is None:
+            self.first_token = now
         self.last_byte = now
 
     def wrote(self, now: float) -> None:
@@ -611,9 +662,9 @@ class SseClock:
         if now >= self.started + self.timers.max_stream:
             return ("stream_time_limit", f"the answer ran past this relay's limit of {self.timers.max_stream:g} s; "
                                          "it is incomplete")
-        if self.first_byte is None and now >= self.started + self.timers.first_token:
+        if self.first_token is None and now >= self.started + self.timers.first_token:
             return ("upstream_timeout", f"the upstream did not start answering within {self.timers.first_token:g} s")
-        if self.first_byte is not None and now >= self.last_byte + self.timers.idle:
+        if self.first_token is not None and now >= self.last_byte + self.timers.idle:
             return ("upstream_timeout", f"the upstream went silent for {self.timers.idle:g} s mid-answer; "
                                         "the answer is incomplete")
         return None
@@ -623,7 +674,7 @@ class SseClock:
 
     def wait(self, now: float) -> float:
         """How long nothing needs doing (at most CLIENT_CHECK_SECONDS: the client is checked that often)."""
-        silence_end = (self.started + self.timers.first_token if self.first_byte is None
+        silence_end = (self.started + self.timers.first_token if self.first_token is None
                        else self.last_byte + self.timers.idle)
         due = min(self.last_write + self.timers.keepalive, silence_end, self.started + self.timers.max_stream)
         return max(0.0, min(due - now, CLIENT_CHECK_SECONDS))
@@ -631,22 +682,85 @@ class SseClock:
 
 class SseFramer:
     """Whole events out of arbitrary blocks: a keep-alive or an error event is only ever written between
-    events, never inside one the upstream is still sending."""
+    events, never inside one the upstream is still sending. A long event arriving in many blocks is
+    searched for its end only in what is new."""
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._pending: list[bytes] = []
+        self._tail = b""  # the pending bytes' last few, where an event end may begin
 
     def feed(self, block: bytes) -> bytes:
-        data = self._pending + block
+        data = self._tail + block
         end = 0
         for match in _EVENT_END.finditer(data):
             end = match.end()
-        self._pending = data[end:]
-        return data[:end]
+        if end == 0:
+            self._pending.append(block)
+            self._tail = data[-3:]
+            return b""
+        whole = b"".join([*self._pending, block])
+        cut = len(whole) - len(data) + end  # the last event end, in the pending bytes and this block
+        rest = whole[cut:]
+        self._pending, self._tail = ([rest] if rest else []), rest[-3:]
+        return whole[:cut]
 
     def rest(self) -> bytes:
-        rest, self._pending = self._pending, b""
+        rest = b"".join(self._pending)
+        self._pending, self._tail = [], b""
         return rest
+
+
+@dataclass
+class EventCheck:
+    """What the loop reads of each whole event it passes on: its data must be JSON (or `[DONE]`), or the
+    stream is malformed and ends there; whether it is the model's first token; whether the last event ends
+    the stream by its protocol, so that a body that stops before it is known to be incomplete."""
+
+    dialect: Dialect
+    finished: bool = False
+
+    def scan(self, events: bytes) -> tuple[bytes, bool, bool]:
+        """(the events to pass on, any of them is progress, a malformed event came after them)."""
+        passed, progress = 0, False
+        for match in _EVENT_END.finditer(events):
+            event = events[passed:match.end()]
+            verdict = self._one(event)
+            if verdict is None:
+                return events[:passed], progress, True
+            progress = progress or verdict
+            passed = match.end()
+        return events, progress, False
+
+    def _one(self, event: bytes) -> bool | None:
+        """None: malformed; else whether the event is progress."""
+        lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+        if not lines:
+            return False  # a comment, or an event without data: passed on, changes nothing
+        data = b"\n".join(lines)
+        if data.strip() == b"[DONE]":
+            self.finished = True
+            return False
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        kind = kind if isinstance(kind, str) else None
+        has_error = isinstance(payload, dict) and "error" in payload and kind is None
+        self.finished = has_error or self.dialect.closes(kind)
+        return not self.dialect.opens(kind)
+
+    def last_event(self, rest: bytes) -> bytes | None:
+        """A final event the body ended without its blank line: passed on when it is whole and ends the
+        stream, else None (it is an incomplete event, as SSE readers would drop it)."""
+        event = rest.rstrip(b"\r\n") + b"\n\n"
+        if not rest.strip() or self._one(event) is None or not self.finished:
+            return None
+        return event
+
+
+MALFORMED = "the upstream sent a malformed event; the answer is incomplete"
+ENDED_EARLY = "the upstream's answer ended before it was complete; the answer is incomplete"
 
 
 class Source(Protocol):
@@ -708,40 +822,43 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
               client_gone: Callable[[], bool] = never_gone, clock: Callable[[], float] = time.monotonic,
               dialect: Dialect = OPENAI) -> Iterator[bytes]:
     """An upstream event stream, whole events as they arrive, the dialect's keep-alives during silence; a
-    timer or a broken upstream ends it with the dialect's error event and nothing more. The source is closed
-    in `finally`."""
+    timer, a broken upstream, a malformed event or a body that ends before its protocol's last event ends
+    it with the dialect's error event and nothing more. The source is closed in `finally`."""
     times = SseClock(timers, clock())
-    framer, usage = SseFramer(), dialect.sse_usage()
+    framer, usage, check = SseFramer(), dialect.sse_usage(), EventCheck(dialect)
     try:
         while True:
+            item = source.get(times.wait(clock()))
             now = clock()
+            events, malformed = b"", False
+            if isinstance(item, bytes):
+                events, progress, malformed = check.scan(framer.feed(item))
+                times.received(now, progress)
+                if progress and stats.first_token_at is None:
+                    stats.first_token_at = now
+            # Checked after a read, never right after a write: time spent writing to a slow client, while
+            # the upstream's bytes wait in the inbox, is no silence of the upstream's.
             expired = times.expired(now)
             if expired is not None:
                 stats.outcome = expired[0]
                 yield dialect.error(expired[0], expired[1])
                 return
-            item = source.get(times.wait(now))
-            now = clock()
-            if isinstance(item, bytes):
-                times.received(now)
-                stats.first_token_at = stats.first_token_at or now
-                events = framer.feed(item)
-                if events:
-                    usage.feed(events)
-                    times.wrote(now)
-                    yield events
-            elif isinstance(item, StreamEnd):
-                stats.outcome = "ok"
-                rest = framer.rest()
-                usage.feed(rest)
-                if rest:
-                    yield rest
+            if events:
+                usage.feed(events)
+                times.wrote(now)
+                yield events
+            if malformed:
+                stats.outcome = "upstream_malformed"
+                yield dialect.error("upstream_malformed", MALFORMED)
                 return
-            elif isinstance(item, StreamFailure):
+            if isinstance(item, StreamEnd):
+                yield from _stream_end(framer.rest(), check, usage, stats, dialect)
+                return
+            if isinstance(item, StreamFailure):
                 stats.outcome = item.kind
                 yield dialect.error(item.kind, item.message)
                 return
-            else:
+            if item is None:
                 if times.keepalive_due(now):
                     times.wrote(now)
                     yield dialect.keepalive
@@ -755,3 +872,17 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
         source.close()
         stats.usage = usage.usage
         _settle_tokens(stats)
+
+
+def _stream_end(rest: bytes, check: EventCheck, usage: UsageReader, stats: StreamStats, dialect: Dialect
+                ) -> Iterator[bytes]:
+    """The upstream's body ended: fine after its protocol's last event, else the stream was cut short."""
+    last = check.last_event(rest) if rest.strip() else None
+    if last is not None:
+        usage.feed(last)
+        yield last
+    if check.finished:
+        stats.outcome = "ok"
+        return
+    stats.outcome = "upstream_disconnected"
+    yield dialect.error("upstream_disconnected", ENDED_EARLY)

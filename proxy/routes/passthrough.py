@@ -168,11 +168,12 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
                                kind="upstream_auth")
         error.upstream_failures = (*opened.failures, (opened.upstream.name, "upstream_auth"))
         raise error
+    content_type = response.headers.get("content-type", "application/octet-stream")
+    refuse_unreadable_failure(opened, content_type)
     headers = client_response_headers(response.headers.items())
     stats = StreamStats(started_at=state.access.started, upstream=opened.upstream.name, fallbacks=opened.fallbacks,
                         upstream_failures=opened.failures)
     state.access.stats = stats
-    content_type = response.headers.get("content-type", "application/octet-stream")
     if response.status_code >= 400:
         failure = failure_of_status(response)
         if failure is not None:  # the last upstream's 5xx/429, answered as it came: still a failure to count
@@ -193,6 +194,18 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
     usage = JsonUsage(dialect.json_usage) if "json" in content_type.lower() else None
     return Response(relay_bytes(response, stats, usage), status=response.status_code, headers=headers,
                     content_type=content_type)
+
+
+def refuse_unreadable_failure(opened: Opened, content_type: str) -> None:
+    """The last upstream's 5xx/429 is answered as it came when it is JSON (the provider's own error, which its
+    clients read); anything else (a load balancer's HTML page) becomes the relay's own error in the client's
+    protocol, with the same meaning (502 naming the status, or 429 with Retry-After)."""
+    failure = failure_of_status(opened.response)
+    if failure is None or "json" in content_type.lower():
+        return
+    opened.response.close()
+    failure.upstream_failures = (*opened.failures, (opened.upstream.name, failure.kind))
+    raise failure
 
 
 def _nothing() -> None:

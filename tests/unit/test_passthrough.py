@@ -164,22 +164,27 @@ def run(script: list[tuple[float, object]]) -> tuple[list[bytes], StreamStats, S
 
 def test_silence_gets_keepalives_between_whole_events() -> None:
     """A 3.5 s silence mid-event gets no keep-alive inside the event; whole events pass as they complete."""
-    out, stats, source = run([(0.5, b"event: a\ndata: 1\n\nevent: b\nda"), (4.0, b"ta: 2\n\n"), (4.2, StreamEnd())])
-    assert out == [b"event: a\ndata: 1\n\n", SSE_KEEPALIVE, SSE_KEEPALIVE, SSE_KEEPALIVE, b"event: b\ndata: 2\n\n"]
+    out, stats, source = run([(0.5, b"event: a\ndata: 1\n\nevent: b\nda"), (4.0, b"ta: 2\n\ndata: [DONE]\n\n"),
+                              (4.2, StreamEnd())])
+    assert out == [b"event: a\ndata: 1\n\n", SSE_KEEPALIVE, SSE_KEEPALIVE, SSE_KEEPALIVE,
+                   b"event: b\ndata: 2\n\ndata: [DONE]\n\n"]
     assert stats.outcome == "ok" and source.closed
 
 
 @pytest.mark.parametrize(("script", "kind"), [
     ([], "upstream_timeout"),  # nothing within FIRST_TOKEN_TIMEOUT
     ([(1.0, b"data: 1\n\n")], "upstream_timeout"),  # silent for IDLE_TIMEOUT after the first byte
-    ([(t / 2, b": ping\n\n") for t in range(1, 200)], "stream_time_limit"),  # never silent, never done
+    ([(t / 2, b"data: {}\n\n") for t in range(1, 200)], "stream_time_limit"),  # never silent, never done
+    ([(t / 2, b": ping\n\n") for t in range(1, 200)], "upstream_timeout"),  # comments are not a first token
     ([(1.0, StreamFailure("upstream_disconnected", "broke"))], "upstream_disconnected"),
 ])
 def test_stream_ends_with_one_error_event(script: list[tuple[float, object]], kind: str) -> None:
     """Timers and a broken upstream end the stream with an OpenAI error event and nothing after it."""
     out, stats, source = run(script)
-    last = orjson.loads(out[-1].removeprefix(b"data: "))
-    assert last["error"]["code"] == kind and stats.outcome == kind and source.closed
+    assert out[-1].startswith(b"event: error\ndata: ")
+    last = orjson.loads(out[-1].removeprefix(b"event: error\ndata: "))
+    assert last["type"] == "error" and last["code"] == kind and last["error"]["code"] == kind
+    assert stats.outcome == kind and source.closed
 
 
 def test_clock_waits_no_longer_than_the_next_deadline() -> None:
@@ -194,6 +199,53 @@ def test_framer_keeps_a_partial_event() -> None:
     framer = SseFramer()
     assert framer.feed(b"data: 1\r\n\r\ndata: 2") == b"data: 1\r\n\r\n"
     assert framer.feed(b"\n\n") == b"data: 2\n\n"
+
+
+CREATED = b'event: response.created\ndata: {"type":"response.created"}\n\n'
+DELTA = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
+COMPLETED = b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n'
+
+
+@pytest.mark.parametrize(("script", "passed", "outcome"), [
+    # the whole stream, its last event without the closing blank line: passed on with one
+    ([(0.1, CREATED + DELTA + COMPLETED[:-1]), (0.2, StreamEnd())], [CREATED + DELTA, COMPLETED], "ok"),
+    # the upstream's own error event (either shape) ends a stream as well as response.completed
+    ([(0.1, b'data: {"error":{"message":"overloaded"}}\n\n'), (0.2, StreamEnd())],
+     [b'data: {"error":{"message":"overloaded"}}\n\n'], "ok"),
+    ([(0.1, CREATED + DELTA), (0.2, StreamEnd())], [CREATED + DELTA], "upstream_disconnected"),  # cut short
+    ([(0.1, CREATED + b"data: {nope\n\n" + DELTA)], [CREATED], "upstream_malformed"),
+    ([(0.1, b"<html><body>502</body></html>\n"), (0.2, StreamEnd())], [], "upstream_disconnected"),
+])
+def test_stream_ends_only_after_its_last_event(script: list[tuple[float, object]], passed: list[bytes],
+                                               outcome: str) -> None:
+    """Events pass on until a malformed one; a body that ends before its protocol's last event (or in the
+    middle of one) gets the relay's error event: the client always knows whether the answer is whole."""
+    out, stats, _source = run(script)
+    if outcome == "ok":
+        assert out == passed
+    else:
+        assert out[:-1] == passed and b'"code":"' + outcome.encode() + b'"' in out[-1]
+    assert stats.outcome == outcome
+
+
+def test_opening_events_are_not_the_first_token() -> None:
+    """`response.created` comes at once, but a model that thinks longer than FIRST_TOKEN_TIMEOUT is cut off
+    by that timer (not by IDLE_TIMEOUT); a long thought within it is fine."""
+    out, stats, _source = run([(0.1, CREATED), (8.0, DELTA + COMPLETED), (8.1, StreamEnd())])
+    assert out[0] == CREATED and out[-1] == DELTA + COMPLETED and stats.outcome == "ok"
+    out, stats, _source = run([(0.1, CREATED), (11.0, DELTA)])
+    assert b"did not start answering within 10 s" in out[-1] and stats.outcome == "upstream_timeout"
+
+
+def test_framer_finds_the_end_of_an_event_sent_in_many_blocks() -> None:
+    """A 1 MiB event in 1 KiB blocks comes out whole, once, with what follows kept for later."""
+    framer = SseFramer()
+    event = b"data: " + b"x" * (1024 * 1024) + b"\r\n\r\n"
+    pieces = [event[i:i + 1024] for i in range(0, len(event), 1024)]
+    out = b"".join(framer.feed(piece) for piece in pieces[:-1])
+    assert out == b""
+    assert framer.feed(pieces[-1] + b"data: 2") == event
+    assert framer.rest() == b"data: 2"
 
 
 # --- the routes, in-process ------------------------------------------------------------------------------------
