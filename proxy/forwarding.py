@@ -34,6 +34,7 @@ import orjson
 from proxy.encoders import SSE_KEEPALIVE
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.pump import READER_THREAD_PREFIX, Inbox, StreamStats
+from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
 from proxy.stream_machine import StreamTimers
 from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
 
@@ -820,16 +821,23 @@ def never_gone() -> bool:
 
 def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
               client_gone: Callable[[], bool] = never_gone, clock: Callable[[], float] = time.monotonic,
-              dialect: Dialect = OPENAI) -> Iterator[bytes]:
+              dialect: Dialect = OPENAI, draining: Draining | None = None) -> Iterator[bytes]:
     """An upstream event stream, whole events as they arrive, the dialect's keep-alives during silence; a
-    timer, a broken upstream, a malformed event or a body that ends before its protocol's last event ends
-    it with the dialect's error event and nothing more. The source is closed in `finally`."""
+    timer, a broken upstream, a malformed event, a body that ends before its protocol's last event or the
+    worker's drain deadline (`draining`, a graceful stop) ends it with the dialect's error event and nothing
+    more. The source is closed in `finally`."""
     times = SseClock(timers, clock())
     framer, usage, check = SseFramer(), dialect.sse_usage(), EventCheck(dialect)
+    drain = draining or Draining()
     try:
         while True:
-            item = source.get(times.wait(clock()))
             now = clock()
+            item = source.get(max(0.0, min(times.wait(now), drain.deadline - now)))
+            now = clock()
+            if now >= drain.deadline:
+                stats.outcome = SERVER_RESTARTING
+                yield dialect.error(SERVER_RESTARTING, RESTART_MESSAGE)
+                return
             events, malformed = b"", False
             if isinstance(item, bytes):
                 events, progress, malformed = check.scan(framer.feed(item))

@@ -188,7 +188,7 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
         client = client_socket_watcher(request.environ)
         hang_up = client.hang_up if isinstance(client, ClientSocket) else _nothing
         body = relay_sse(ReaderSource(response, relay.timers.idle, hang_up), relay.timers, stats, client,
-                         dialect=dialect)
+                         dialect=dialect, draining=relay.draining)
         return Response(body, status=response.status_code, headers=[*headers, *SSE_HEADERS],
                         content_type=content_type)
     usage = JsonUsage(dialect.json_usage) if "json" in content_type.lower() else None

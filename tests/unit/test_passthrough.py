@@ -26,6 +26,7 @@ from proxy.forwarding import (
     upstream_request_headers,
 )
 from proxy.pump import StreamStats
+from proxy.shutdown import Draining
 from proxy.stream_machine import StreamTimers
 from proxy.upstream import StreamEnd, StreamFailure, Upstream
 from tests.conftest import UPSTREAM_KEY
@@ -347,3 +348,14 @@ def test_upstream_errors_pass_through_redacted_but_its_key_refusal_is_502(record
     assert UPSTREAM_KEY not in missing.text
     refused = client.get("/v1/responses/resp_1", headers=bearer())
     assert refused.status_code == 502 and refused.json["error"]["code"] == "upstream_auth"
+
+
+def test_drain_deadline_ends_a_forwarded_stream_with_a_restart_error() -> None:
+    """A graceful stop's deadline ends the stream with the dialect's error event (server_restarting)."""
+    draining = Draining()
+    draining.deadline = 2.0
+    source = ScriptedSource([(0.1, CREATED + DELTA), (5.0, COMPLETED)])
+    stats = StreamStats()
+    out = list(relay_sse(source, TIMERS, stats, clock=source.clock, draining=draining))
+    assert out[0] == CREATED + DELTA and b'"code":"server_restarting"' in out[-1] and b"restarting" in out[-1]
+    assert stats.outcome == "server_restarting" and source.now == pytest.approx(2.0)
