@@ -38,6 +38,9 @@ Wire details that clients may rely on:
   ``/v1/audio/speech`` (binary ``audio/mpeg``), ``/v1/audio/transcriptions`` (reads the multipart upload),
   ``/v1/images/generations`` and ``/v1/files`` (upload, list, retrieve, content, delete). The default
   behaviour's ``status``, delays and tokens apply to them; every request's headers are recorded.
+- Anthropic's Messages API (``/v1/messages``, ``/v1/messages/count_tokens``), streamed or whole, with the
+  same faults; ``GET /v1/models`` with an ``anthropic-version`` header answers Anthropic's list shape
+  (``ANTHROPIC_MODELS``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from typing import Any, cast
 
 DEFAULT_TOKENS = ("Hello", " from", " the", " fake", " upstream", ".")
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "fake-model")
+ANTHROPIC_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "kimi-k2-0905")  # GET /v1/models with anthropic-version
 FAKE_PREFIX = "#fake "
 MAX_HEADER_BYTES = 64 * 1024
 SPLIT_UTF8_PAUSE = 0.02
@@ -381,7 +385,7 @@ class _Connection(asyncio.Protocol):
                     keep_alive = await self._chat(parsed, keep_alive) and keep_alive
             elif route.endswith("/models") and method == "GET":
                 await self._pause(self.recorder.behaviour.models_delay)
-                self._send_models()
+                self._send_models(anthropic="anthropic-version" in headers)
             elif route.endswith("/messages/count_tokens") and method == "POST":
                 await self._pause(self.recorder.behaviour.headers_delay)
                 self._anthropic_count(parsed)
@@ -638,11 +642,17 @@ class _Connection(asyncio.Protocol):
         error = {"message": message, "type": error_type, "param": None, "code": code}
         self._send_json(status, {"error": error})
 
-    def _send_models(self) -> None:
+    def _send_models(self, anthropic: bool = False) -> None:
         behaviour = self.recorder.behaviour
         if behaviour.models_status != 200:
             self._send_error_json(behaviour.models_status, "The fake upstream was told not to list its models.",
                                   "api_error", None)
+            return
+        if anthropic:  # Anthropic's list shape, one page
+            data_ = [{"type": "model", "id": m, "display_name": f"Fake {m}", "created_at": "2025-09-29T00:00:00Z"}
+                     for m in ANTHROPIC_MODELS]
+            self._send_json(200, {"data": data_, "has_more": False, "first_id": data_[0]["id"],
+                                  "last_id": data_[-1]["id"]})
             return
         created = int(time.time())
         data = [
