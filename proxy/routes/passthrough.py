@@ -149,12 +149,27 @@ def read_upload(config: Config, state: RequestState, content_type: str, common: 
 
 def late_model(config: Config, state: RequestState, routed: str | None, named: str) -> None:
     """A form's `model` field: checked like any model; a second, different one is refused (which one the
-    upstream would read is its business, so the relay cannot know which it checked)."""
+    upstream would read is its business, so the relay cannot know which it checked). One that comes after
+    the first MODEL_PREFIX_BYTES, when the upload already goes to the first upstream (as a request naming
+    no model does), must be served by it: else it is refused before the upstream has the whole upload."""
     if not named:
         raise BadRequest("the form's 'model' field must be a short non-empty string")
     if routed is not None and named != routed:
         raise BadRequest("the form names two different models", kind="model_conflict")
     check_model(config, state, named)
+    if routed is None:
+        refuse_misrouted(current_relay().upstreams, named)
+
+
+def refuse_misrouted(upstreams: Sequence[Upstream], model: str) -> None:
+    """A model first named past the routing prefix: fine when the first upstream (where the upload goes) is
+    the one its name routes to; else a 400 naming the rule."""
+    serving = next((upstream for upstream in upstreams if upstream.serves(model)), None)
+    if upstreams and serving is not upstreams[0]:
+        raise BadRequest(f"the form's 'model' field ('{model[:100]}') comes after the first "
+                         f"{MODEL_PREFIX_BYTES // 1024} KiB of the upload, and the relay routes an upload by a "
+                         "model it finds there: put the 'model' field before the file (curl: -F model=... "
+                         "before -F file=@...)", kind="model_too_late")
 
 
 def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect = OPENAI) -> Response:

@@ -359,3 +359,28 @@ def test_drain_deadline_ends_a_forwarded_stream_with_a_restart_error() -> None:
     out = list(relay_sse(source, TIMERS, stats, clock=source.clock, draining=draining))
     assert out[0] == CREATED + DELTA and b'"code":"server_restarting"' in out[-1] and b"restarting" in out[-1]
     assert stats.outcome == "server_restarting" and source.now == pytest.approx(2.0)
+
+
+def test_a_model_named_after_the_routing_prefix_must_be_the_first_upstreams(recorder: Recorder) -> None:
+    """An upload whose `model` field comes after its first 64 KiB goes to the first upstream (routed before
+    the field arrives): accepted when that upstream is where the model routes, else a 400 naming the rule
+    before the upstream has the whole upload."""
+    app = create_app(unit_config())
+    other = Recorder()
+    upstreams = tuple(Upstream(name, openai.OpenAI(api_key=UPSTREAM_KEY, base_url="http://upstream.invalid/v1",
+                                                   max_retries=0, http_client=httpx2.Client(transport=transport)),
+                               models)
+                      for name, transport, models in (("whisper", recorder, ("whisper-*",)), ("rest", other, ())))
+    app.extensions["relay"] = dataclasses.replace(app.extensions["relay"], upstreams=upstreams)
+    client = app.test_client()
+    headers = {**bearer(), "Content-Type": "multipart/form-data; boundary=BOUNDARY"}
+    served = form(("file", "a.wav", b"RIFF" * 20_000), ("model", None, b"whisper-1"))
+    assert client.post("/v1/audio/transcriptions", data=served, headers=headers).status_code == 200
+    assert len(recorder.bodies) == 1 and other.bodies == []
+    elsewhere = form(("file", "a.wav", b"RIFF" * 20_000), ("model", None, b"gpt-4o-transcribe"))
+    refused = client.post("/v1/audio/transcriptions", data=elsewhere, headers=headers)
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "model_too_late"
+    assert "before the file" in refused.json["error"]["message"] and "64 KiB" in refused.json["error"]["message"]
+    early = form(("model", None, b"gpt-4o-transcribe"), ("file", "a.wav", b"RIFF" * 20_000))
+    assert client.post("/v1/audio/transcriptions", data=early, headers=headers).status_code == 200
+    assert len(other.bodies) == 1 and len(recorder.bodies) == 1
