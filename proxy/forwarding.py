@@ -17,6 +17,7 @@ relay's rules.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -505,13 +506,17 @@ class Opened:
     upstream: ForwardTarget
     fallbacks: int
     failures: list[tuple[str, str]] = field(default_factory=list)
+    # The same request sent to the candidates after this one (a replayable body only): the stream falls
+    # over to them when this answer fails before anything of it reached the client.
+    next_open: Callable[[], Opened] | None = None
 
 
 def forward(candidates: Sequence[ForwardTarget], outgoing: Outgoing, upstream_timeout: float,
-            whole_answer_timeout: float) -> Opened:
+            whole_answer_timeout: float, failures: list[tuple[str, str]] | None = None, skipped: int = 0) -> Opened:
     """Send `outgoing` to the first candidate that answers; on connection errors, timeouts, 5xx and 429 the
-    next one gets it (a replayable body only). The last candidate's 5xx/429 is answered as it came."""
-    failures: list[tuple[str, str]] = []
+    next one gets it (a replayable body only). The last candidate's 5xx/429 is answered as it came.
+    `failures` and `skipped` carry on from candidates tried before (a fall-over after the headers)."""
+    failures = [] if failures is None else failures
     for attempt, upstream in enumerate(candidates):
         last = attempt == len(candidates) - 1 or not outgoing.replayable
         try:
@@ -524,7 +529,11 @@ def forward(candidates: Sequence[ForwardTarget], outgoing: Outgoing, upstream_ti
         else:
             status_error = failure_of_status(response)
             if status_error is None or last:
-                return Opened(response, upstream, attempt, failures)
+                rest = candidates[attempt + 1:]
+                next_open = functools.partial(forward, rest, outgoing, upstream_timeout, whole_answer_timeout,
+                                              failures, skipped + attempt + 1)
+                return Opened(response, upstream, skipped + attempt, failures,
+                              next_open if rest and outgoing.replayable else None)
             response.close()
             error = status_error
         failures.append((upstream.name, error.kind))
@@ -719,6 +728,7 @@ class EventCheck:
 
     dialect: Dialect
     finished: bool = False
+    errored: bool = False  # the stream's last event is the upstream's own error
 
     def scan(self, events: bytes) -> tuple[bytes, bool, bool]:
         """(the events to pass on, any of them is progress, a malformed event came after them)."""
@@ -748,8 +758,9 @@ class EventCheck:
         kind = payload.get("type") if isinstance(payload, dict) else None
         kind = kind if isinstance(kind, str) else None
         has_error = isinstance(payload, dict) and "error" in payload and kind is None
+        self.errored = has_error or kind in FAILED_EVENTS
         self.finished = has_error or self.dialect.closes(kind)
-        return not self.dialect.opens(kind)
+        return not self.dialect.opens(kind) and not self.errored
 
     def last_event(self, rest: bytes) -> bytes | None:
         """A final event the body ended without its blank line: passed on when it is whole and ends the
@@ -760,6 +771,8 @@ class EventCheck:
         return event
 
 
+# Event types by which an upstream says its answer failed (not the model's first token: worth a fall-over).
+FAILED_EVENTS = frozenset({"error", "response.failed"})
 MALFORMED = "the upstream sent a malformed event; the answer is incomplete"
 ENDED_EARLY = "the upstream's answer ended before it was complete; the answer is incomplete"
 
@@ -819,52 +832,83 @@ def never_gone() -> bool:
     return False
 
 
+class Held:
+    """A forwarded stream's events until the model's first token (or its whole answer): held back, so that
+    while the client has seen none of them (keep-alives aside) a failing upstream can be replaced by the next
+    one (`fall_over`) and the client never sees two beginnings. Then events pass as they come."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.started = False  # something the upstream sent has reached the client
+        self.restart()
+
+    def restart(self) -> None:
+        """A new upstream's stream: its own framing, checks and usage; what was held is dropped."""
+        self.framer, self.check, self.usage = SseFramer(), EventCheck(self.dialect), self.dialect.sse_usage()
+        self._held: list[bytes] = []
+
+    def hold(self, events: bytes) -> None:
+        self._held.append(events)
+
+    def take(self, events: bytes, progress: bool) -> bytes:
+        """What to write of these events now: nothing before the first token, else all that waited."""
+        self._held.append(events)
+        return self.release() if progress or self.started else b""
+
+    def release(self) -> bytes:
+        out, self._held = b"".join(self._held), []
+        self.started = self.started or bool(out)
+        self.usage.feed(out)
+        return out
+
+
 def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
               client_gone: Callable[[], bool] = never_gone, clock: Callable[[], float] = time.monotonic,
-              dialect: Dialect = OPENAI, draining: Draining | None = None) -> Iterator[bytes]:
-    """An upstream event stream, whole events as they arrive, the dialect's keep-alives during silence; a
-    timer, a broken upstream, a malformed event, a body that ends before its protocol's last event or the
-    worker's drain deadline (`draining`, a graceful stop) ends it with the dialect's error event and nothing
-    more. The source is closed in `finally`."""
+              dialect: Dialect = OPENAI, draining: Draining | None = None,
+              fall_over: Callable[[str], Source | None] | None = None) -> Iterator[bytes]:
+    """An upstream event stream, whole events as they arrive (held back until the first token), the
+    dialect's keep-alives during silence. A broken upstream, a malformed event, an upstream error event or a
+    body that ends before its protocol's last event, before the first token: `fall_over(kind)` gives the
+    next upstream's stream (None: there is none). Those, a timer or the worker's drain deadline (`draining`,
+    a graceful stop) otherwise end it with the dialect's error event and nothing more. The source is closed
+    in `finally`."""
     times = SseClock(timers, clock())
-    framer, usage, check = SseFramer(), dialect.sse_usage(), EventCheck(dialect)
+    held = Held(dialect)
     drain = draining or Draining()
     try:
         while True:
             now = clock()
             item = source.get(max(0.0, min(times.wait(now), drain.deadline - now)))
             now = clock()
-            if now >= drain.deadline:
-                stats.outcome = SERVER_RESTARTING
-                yield dialect.error(SERVER_RESTARTING, RESTART_MESSAGE)
-                return
-            events, malformed = b"", False
+            events, malformed, progress = b"", False, False
             if isinstance(item, bytes):
-                events, progress, malformed = check.scan(framer.feed(item))
+                events, progress, malformed = held.check.scan(held.framer.feed(item))
                 times.received(now, progress)
                 if progress and stats.first_token_at is None:
                     stats.first_token_at = now
             # Checked after a read, never right after a write: time spent writing to a slow client, while
             # the upstream's bytes wait in the inbox, is no silence of the upstream's.
-            expired = times.expired(now)
-            if expired is not None:
-                stats.outcome = expired[0]
-                yield dialect.error(expired[0], expired[1])
+            stop = (SERVER_RESTARTING, RESTART_MESSAGE) if now >= drain.deadline else times.expired(now)
+            if stop is not None:
+                stats.outcome = stop[0]
+                yield from _end(stop, held, stats, dialect)
                 return
-            if events:
-                usage.feed(events)
+            out = held.take(events, progress) if events else b""
+            if out:
                 times.wrote(now)
-                yield events
-            if malformed:
-                stats.outcome = "upstream_malformed"
-                yield dialect.error("upstream_malformed", MALFORMED)
-                return
+                yield out
+            failure = _failure(item, malformed, held)
+            if failure is not None:
+                replacement = None if held.started or fall_over is None else fall_over(failure[0])
+                if replacement is None:
+                    yield from _end(failure, held, stats, dialect)
+                    return
+                source.close()
+                source = replacement
+                held.restart()
+                continue
             if isinstance(item, StreamEnd):
-                yield from _stream_end(framer.rest(), check, usage, stats, dialect)
-                return
-            if isinstance(item, StreamFailure):
-                stats.outcome = item.kind
-                yield dialect.error(item.kind, item.message)
+                yield from _end(None, held, stats, dialect)
                 return
             if item is None:
                 if times.keepalive_due(now):
@@ -878,19 +922,119 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
         raise
     finally:
         source.close()
-        stats.usage = usage.usage
+        stats.usage = held.usage.usage
         _settle_tokens(stats)
 
 
-def _stream_end(rest: bytes, check: EventCheck, usage: UsageReader, stats: StreamStats, dialect: Dialect
-                ) -> Iterator[bytes]:
-    """The upstream's body ended: fine after its protocol's last event, else the stream was cut short."""
-    last = check.last_event(rest) if rest.strip() else None
+def _failure(item: object, malformed: bool, held: Held) -> tuple[str, str] | None:
+    """Why this upstream's stream failed, if it did: a malformed event, a broken connection, its own error
+    event, or a body that ended before its protocol's last event."""
+    if malformed:
+        return ("upstream_malformed", MALFORMED)
+    if isinstance(item, StreamFailure):
+        return (item.kind, item.message)
+    if not isinstance(item, StreamEnd):
+        return None
+    last = held.check.last_event(held.framer.rest())
     if last is not None:
-        usage.feed(last)
-        yield last
-    if check.finished:
-        stats.outcome = "ok"
-        return
-    stats.outcome = "upstream_disconnected"
-    yield dialect.error("upstream_disconnected", ENDED_EARLY)
+        held.hold(last)
+    if not held.check.finished:
+        return ("upstream_disconnected", ENDED_EARLY)
+    return ("upstream_error", "") if held.check.errored else None
+
+
+def _end(failure: tuple[str, str] | None, held: Held, stats: StreamStats, dialect: Dialect) -> Iterator[bytes]:
+    """The stream's last bytes: what was held, then the relay's error event (none for a whole answer, or
+    for the upstream's own error event, which is already among them)."""
+    out = held.release()
+    stats.outcome = "ok" if failure is None else failure[0]
+    if out:
+        yield out
+    if failure is not None and failure[1]:
+        yield dialect.error(*failure)
+
+
+class ReopenedSource:
+    """The next upstream's stream, opened by a thread (greenlet) of its own so that the loop keeps its
+    keep-alives, timers and client checks while it opens: nothing until it is open, then its blocks; a
+    StreamFailure when it cannot be had."""
+
+    def __init__(self, open_next: Callable[[], Source]) -> None:
+        self._open_next = open_next
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._source: Source | None = None
+        self._failure: StreamFailure | None = None
+        self._closed = False
+        threading.Thread(target=self._open, daemon=True, name=f"{READER_THREAD_PREFIX}fall-over").start()
+
+    def _open(self) -> None:
+        try:
+            source = self._open_next()
+        except RelayError as error:
+            self._failure = StreamFailure(error.kind, str(error.description))
+        except Exception:  # a bug: the stream still ends properly
+            log.exception("forwarded stream could not fall over")
+            self._failure = StreamFailure("upstream_error", "the relay could not reach another upstream")
+        else:
+            with self._lock:
+                if self._closed:
+                    source.close()
+                else:
+                    self._source = source
+        finally:
+            self._ready.set()
+
+    def get(self, timeout: float) -> object:
+        if not self._ready.is_set() and not self._ready.wait(timeout):
+            return None
+        if self._failure is not None:
+            return self._failure
+        assert self._source is not None
+        return self._source.get(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            source = self._source
+        if source is not None:
+            source.close()
+
+
+def next_upstreams(opened: Opened, stats: StreamStats, read: Callable[[httpx2.Response], Source]
+                   ) -> Callable[[str], Source | None]:
+    """The loop's `fall_over`: the same request to the upstreams after the one that failed (the stats name
+    the one answering, its fall-overs and every failure), read by `read` once it answers 200 with an event
+    stream; None when there is no upstream left to ask."""
+    current = opened
+    exhausted = False
+
+    def fall_over(kind: str) -> Source | None:
+        nonlocal current, exhausted
+        if exhausted or current.next_open is None:
+            return None
+        failed, open_rest = current, current.next_open
+        failed.failures.append((failed.upstream.name, kind))
+        stats.upstream_failures = failed.failures
+        log.warning("upstream %s failed a forwarded stream before its first token (%s); falling over",
+                    failed.upstream.name, kind)
+
+        def open_next() -> Source:
+            nonlocal current, exhausted
+            try:
+                current = open_rest()
+            except RelayError:
+                exhausted = True
+                raise
+            stats.upstream, stats.fallbacks = current.upstream.name, current.fallbacks
+            response = current.response
+            if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
+                    "text/event-stream"):
+                response.close()
+                raise failure_of_status(response) or UpstreamFailed(
+                    f"the upstream API failed (HTTP {response.status_code}); try again in a moment")
+            return read(response)
+
+        return ReopenedSource(open_next)
+
+    return fall_over

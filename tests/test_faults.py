@@ -249,6 +249,13 @@ FALL_OVER_FAULTS = (
     Fault("server_error_json", {"status": 500}, 200, None, 3.0),
     Fault("html_error_page", {"status": 502, "error_raw_body": HTML_PAGE}, 200, None, 3.0),
     Fault("rate_limited", {"status": 429, "retry_after": "30"}, 200, None, 3.0),
+    # After the headers, before the first token (what the faulty upstream sent is held back, then dropped):
+    Fault("closes_before_the_first_token", {"disconnect_after": 0}, 200, None, 3.0),
+    Fault("resets_before_the_first_token", {"reset_after": 0}, 200, None, 3.0),
+    Fault("malformed_first_event", {"malformed_after": 0}, 200, None, 3.0),
+    Fault("half_sse_line_then_closes", {"raw_body": HALF_SSE_LINE}, 200, None, 3.0),
+    Fault("html_page_in_a_200_stream", {"raw_body": HTML_PAGE}, 200, None, 3.0),
+    Fault("error_event_in_a_200_stream", {"raw_body": JSON_ERROR_EVENT}, 200, None, 3.0),
 )
 
 
@@ -273,8 +280,9 @@ def fall_over_relay(relay_factory: Callable[..., RelayProcess], fake: FakeUpstre
 @pytest.mark.parametrize("fault", FALL_OVER_FAULTS, ids=lambda fault: fault.name)
 def test_forwarded_streams_fall_over_before_the_answer(fault: Fault, faulty: FakeUpstream,
                                                        fall_over_relay: RelayProcess) -> None:
-    """A refused connection, then any fault before the answer's headers (no answer, late headers, 5xx, an
-    HTML error page, 429): the next upstream answers and the client sees only the whole answer, no leaks."""
+    """A refused connection, then any fault before the answer's first token (no answer, late headers, 5xx,
+    an HTML error page, 429; after the headers a broken, malformed or failed stream): the next upstream
+    answers and the client sees only its whole answer, no leaks."""
     relays = dict.fromkeys((endpoint.name for endpoint in FORWARDED_STREAM_ENDPOINTS), fall_over_relay)
     faulty.reset()
     on_every_endpoint(healthy_answer, relays, FORWARDED_STREAM_ENDPOINTS)  # warm

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import httpx2
 from flask import Blueprint, Response, request
 from werkzeug.wsgi import get_input_stream
 
@@ -35,6 +36,7 @@ from proxy.forwarding import (
     json_object,
     model_of,
     multipart_boundary,
+    next_upstreams,
     read_prefix,
     relay_bytes,
     relay_sse,
@@ -198,12 +200,16 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
         stats.ended_at = time.monotonic()
         return Response(refusal, status=response.status_code, headers=headers, content_type=content_type)
     if content_type.lower().startswith("text/event-stream"):
-        # From here the loop's first-byte and idle timers govern; the read timeout is only a backstop.
-        response.request.extensions["timeout"]["read"] = relay.body_read_timeout
         client = client_socket_watcher(request.environ)
         hang_up = client.hang_up if isinstance(client, ClientSocket) else _nothing
-        body = relay_sse(ReaderSource(response, relay.timers.idle, hang_up), relay.timers, stats, client,
-                         dialect=dialect, draining=relay.draining)
+
+        def read(answer: httpx2.Response) -> ReaderSource:
+            # From here the loop's first-byte and idle timers govern; the read timeout is only a backstop.
+            answer.request.extensions["timeout"]["read"] = relay.body_read_timeout
+            return ReaderSource(answer, relay.timers.idle, hang_up)
+
+        body = relay_sse(read(response), relay.timers, stats, client, dialect=dialect, draining=relay.draining,
+                         fall_over=next_upstreams(opened, stats, read))
         return Response(body, status=response.status_code, headers=[*headers, *SSE_HEADERS],
                         content_type=content_type)
     usage = JsonUsage(dialect.json_usage) if "json" in content_type.lower() else None

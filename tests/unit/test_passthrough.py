@@ -207,25 +207,27 @@ DELTA = b'event: response.output_text.delta\ndata: {"type":"response.output_text
 COMPLETED = b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n'
 
 
-@pytest.mark.parametrize(("script", "passed", "outcome"), [
+@pytest.mark.parametrize(("script", "passed", "outcome", "relays_error"), [
     # the whole stream, its last event without the closing blank line: passed on with one
-    ([(0.1, CREATED + DELTA + COMPLETED[:-1]), (0.2, StreamEnd())], [CREATED + DELTA, COMPLETED], "ok"),
-    # the upstream's own error event (either shape) ends a stream as well as response.completed
+    ([(0.1, CREATED + DELTA + COMPLETED[:-1]), (0.2, StreamEnd())], [CREATED + DELTA, COMPLETED], "ok", False),
+    # the upstream's own error event (either shape) ends a stream as well as response.completed; it passes on
+    # as it came (nothing to add), counted as an upstream error
     ([(0.1, b'data: {"error":{"message":"overloaded"}}\n\n'), (0.2, StreamEnd())],
-     [b'data: {"error":{"message":"overloaded"}}\n\n'], "ok"),
-    ([(0.1, CREATED + DELTA), (0.2, StreamEnd())], [CREATED + DELTA], "upstream_disconnected"),  # cut short
-    ([(0.1, CREATED + b"data: {nope\n\n" + DELTA)], [CREATED], "upstream_malformed"),
-    ([(0.1, b"<html><body>502</body></html>\n"), (0.2, StreamEnd())], [], "upstream_disconnected"),
+     [b'data: {"error":{"message":"overloaded"}}\n\n'], "upstream_error", False),
+    ([(0.1, CREATED + DELTA), (0.2, StreamEnd())], [CREATED + DELTA], "upstream_disconnected", True),  # cut short
+    # events before a malformed one pass (held ones too), then the error
+    ([(0.1, CREATED + b"data: {nope\n\n" + DELTA)], [CREATED], "upstream_malformed", True),
+    ([(0.1, b"<html><body>502</body></html>\n"), (0.2, StreamEnd())], [], "upstream_disconnected", True),
 ])
 def test_stream_ends_only_after_its_last_event(script: list[tuple[float, object]], passed: list[bytes],
-                                               outcome: str) -> None:
+                                               outcome: str, relays_error: bool) -> None:
     """Events pass on until a malformed one; a body that ends before its protocol's last event (or in the
     middle of one) gets the relay's error event: the client always knows whether the answer is whole."""
     out, stats, _source = run(script)
-    if outcome == "ok":
-        assert out == passed
-    else:
+    if relays_error:
         assert out[:-1] == passed and b'"code":"' + outcome.encode() + b'"' in out[-1]
+    else:
+        assert out == passed
     assert stats.outcome == outcome
 
 
@@ -233,7 +235,8 @@ def test_opening_events_are_not_the_first_token() -> None:
     """`response.created` comes at once, but a model that thinks longer than FIRST_TOKEN_TIMEOUT is cut off
     by that timer (not by IDLE_TIMEOUT); a long thought within it is fine."""
     out, stats, _source = run([(0.1, CREATED), (8.0, DELTA + COMPLETED), (8.1, StreamEnd())])
-    assert out[0] == CREATED and out[-1] == DELTA + COMPLETED and stats.outcome == "ok"
+    # response.created waits with the first token (keep-alives meanwhile): see the fall-over tests
+    assert out == [SSE_KEEPALIVE] * 7 + [CREATED + DELTA + COMPLETED] and stats.outcome == "ok"
     out, stats, _source = run([(0.1, CREATED), (11.0, DELTA)])
     assert b"did not start answering within 10 s" in out[-1] and stats.outcome == "upstream_timeout"
 
@@ -384,3 +387,36 @@ def test_a_model_named_after_the_routing_prefix_must_be_the_first_upstreams(reco
     early = form(("model", None, b"gpt-4o-transcribe"), ("file", "a.wav", b"RIFF" * 20_000))
     assert client.post("/v1/audio/transcriptions", data=early, headers=headers).status_code == 200
     assert len(other.bodies) == 1 and len(recorder.bodies) == 1
+
+
+@pytest.mark.parametrize(("first_script", "falls_over_on"), [
+    ([(0.1, CREATED), (0.2, StreamFailure("upstream_disconnected", "broke"))], "upstream_disconnected"),
+    ([(0.1, CREATED + b"data: {nope\n\n")], "upstream_malformed"),
+    ([(0.1, CREATED + b'event: error\ndata: {"type":"error","code":"x","message":"overloaded"}\n\n'),
+      (0.2, StreamEnd())], "upstream_error"),
+    ([(0.1, CREATED), (0.2, StreamEnd())], "upstream_disconnected"),
+    ([(0.1, CREATED + DELTA), (0.2, StreamFailure("upstream_disconnected", "broke"))], None),  # text was sent
+    ([(0.1, CREATED)], None),  # a slow first token is no reason: the model is thinking
+])
+def test_falls_over_only_before_the_first_token(first_script: list[tuple[float, object]],
+                                                falls_over_on: str | None) -> None:
+    """A stream failing before its first token is replaced by the next upstream's (what the first sent,
+    held back, is dropped: the client sees one beginning); after the first token, or on a timer, it ends
+    with the error event."""
+    first = ScriptedSource(first_script)
+    second = ScriptedSource([(0.0, CREATED + DELTA + COMPLETED), (0.0, StreamEnd())])
+    sources, kinds = [first], []
+
+    def fall_over(kind: str) -> ScriptedSource | None:
+        kinds.append(kind)
+        second.now = first.now
+        sources.append(second)
+        return second
+
+    stats = StreamStats()
+    out = list(relay_sse(first, TIMERS, stats, clock=lambda: sources[-1].now, fall_over=fall_over))
+    assert first.closed and second.closed == (falls_over_on is not None)
+    if falls_over_on is None:
+        assert kinds == [] and b'"type":"error"' in out[-1] and stats.outcome != "ok"
+    else:
+        assert kinds == [falls_over_on] and b"".join(out) == CREATED + DELTA + COMPLETED and stats.outcome == "ok"
