@@ -876,6 +876,7 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
     held = Held(dialect)
     drain = draining or Draining()
     try:
+        yield b""  # the status and headers go out now, whatever the upstream holds back (as chat's start())
         while True:
             now = clock()
             item = source.get(max(0.0, min(times.wait(now), drain.deadline - now)))

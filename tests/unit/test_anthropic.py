@@ -105,7 +105,7 @@ def test_whole_answer_usage() -> None:
 def run(script: list[tuple[float, object]]) -> tuple[list[bytes], StreamStats]:
     source = ScriptedSource(script)
     stats = StreamStats()
-    return list(relay_sse(source, TIMERS, stats, clock=source.clock, dialect=ANTHROPIC)), stats
+    return [part for part in relay_sse(source, TIMERS, stats, clock=source.clock, dialect=ANTHROPIC) if part], stats
 
 
 def test_silence_gets_ping_events_and_usage_is_charged() -> None:

@@ -159,7 +159,7 @@ class ScriptedSource:
 def run(script: list[tuple[float, object]]) -> tuple[list[bytes], StreamStats, ScriptedSource]:
     source = ScriptedSource(script)
     stats = StreamStats()
-    out = list(relay_sse(source, TIMERS, stats, clock=source.clock))
+    out = [part for part in relay_sse(source, TIMERS, stats, clock=source.clock) if part]
     return out, stats, source
 
 
@@ -359,7 +359,7 @@ def test_drain_deadline_ends_a_forwarded_stream_with_a_restart_error() -> None:
     draining.deadline = 2.0
     source = ScriptedSource([(0.1, CREATED + DELTA), (5.0, COMPLETED)])
     stats = StreamStats()
-    out = list(relay_sse(source, TIMERS, stats, clock=source.clock, draining=draining))
+    out = [part for part in relay_sse(source, TIMERS, stats, clock=source.clock, draining=draining) if part]
     assert out[0] == CREATED + DELTA and b'"code":"server_restarting"' in out[-1] and b"restarting" in out[-1]
     assert stats.outcome == "server_restarting" and source.now == pytest.approx(2.0)
 
@@ -414,9 +414,19 @@ def test_falls_over_only_before_the_first_token(first_script: list[tuple[float, 
         return second
 
     stats = StreamStats()
-    out = list(relay_sse(first, TIMERS, stats, clock=lambda: sources[-1].now, fall_over=fall_over))
+    out = [part for part in relay_sse(first, TIMERS, stats, clock=lambda: sources[-1].now, fall_over=fall_over)
+           if part]
     assert first.closed and second.closed == (falls_over_on is not None)
     if falls_over_on is None:
         assert kinds == [] and b'"type":"error"' in out[-1] and stats.outcome != "ok"
     else:
         assert kinds == [falls_over_on] and b"".join(out) == CREATED + DELTA + COMPLETED and stats.outcome == "ok"
+
+
+def test_headers_go_out_before_anything_is_read() -> None:
+    """The loop's first part is empty, so the server sends the status and headers at once, even while the
+    opening events are held back for the first token."""
+    source = ScriptedSource([(5.0, CREATED + DELTA + COMPLETED), (5.1, StreamEnd())])
+    stream = relay_sse(source, TIMERS, StreamStats(), clock=source.clock)
+    assert next(stream) == b"" and source.now == 0.0
+    assert b"".join(stream).endswith(CREATED + DELTA + COMPLETED)
