@@ -292,8 +292,15 @@ def test_forwarded_streams_fall_over_before_the_answer(fault: Fault, faulty: Fak
         outcome = healthy_answer(endpoint, relay)
         assert outcome.elapsed < fault.within, f"took {outcome.elapsed:.1f} s, bound {fault.within} s"
 
+    earlier = len(fall_over_relay.log_text().splitlines())
     on_every_endpoint(check, relays, FORWARDED_STREAM_ENDPOINTS)
     paths = {request.path.split("?")[0] for request in faulty.requests}
     assert {"/v1/responses", "/v1/messages"} <= paths, "the faulty upstream was asked first"
+
+    def logged() -> list[str]:  # each answer's access line names the third upstream, after two fall-overs
+        return [line for line in fall_over_relay.log_text().splitlines()[earlier:]
+                if "upstream=" in line and "fallbacks=2 outcome=ok" in line]
+    assert wait_until(lambda: {"upstream=openai-2", "upstream=anthropic-2"} <= {
+        word for line in logged() for word in line.split()}), fall_over_relay.log_text()[-3000:]
     faulty.reset()
     assert_settles(fall_over_relay, before, pooled=2 * len(FORWARDED_STREAM_ENDPOINTS))
