@@ -10,9 +10,14 @@ relay's rules.
   to the next upstream serving the model on the same failures as chat (`forward`), while the client has
   seen nothing and the body can be sent again.
 - **Answer**: streamed back as it arrives. `text/event-stream` answers go through `relay_sse`, a small
-  byte-level loop (keep-alives, first-byte/idle/whole-stream timers, client departure) whose decisions are
-  `SseClock`'s, testable with a fake clock; everything else through `relay_bytes`. Usage is read from the
-  bytes as they pass (`SseUsage`, `JsonUsage`) for the token budgets, never re-encoded.
+  byte-level loop (keep-alives, first-token/idle/whole-stream timers, client departure, the drain deadline)
+  whose time decisions are `SseClock`'s, testable with a fake clock. It reads just enough of each event
+  (`EventCheck`) to know a malformed stream, the model's first token and an answer's last event: events
+  are held back until the first token (`Held`), so a stream failing before it falls over to the next
+  upstream (`next_upstreams`, `ReopenedSource`), and a stream that fails after it, or ends before its last
+  event, ends with the protocol's own error event (`Dialect`). Everything else goes through `relay_bytes`.
+  Usage is read from the bytes as they pass (`SseUsage`, `JsonUsage`) for the token budgets, never
+  re-encoded.
 """
 
 from __future__ import annotations
