@@ -417,10 +417,12 @@ def anthropic_error_event(kind: str, message: str) -> bytes:
     return b"event: error\ndata: " + payload + b"\n\n"
 
 
-# Responses events sent before the model says anything (they do not count as its first token), and those
-# that end a Responses stream. Other OpenAI event streams (audio, images, threads) end with `[DONE]` or an
-# event whose type says it is done.
-RESPONSES_OPENING = frozenset({"response.created", "response.in_progress", "response.queued"})
+# Responses events sent before the model says anything (they do not count as its first token: a reasoning
+# model opens its reasoning item at once, then may think in silence for minutes), and those that end a
+# Responses stream. Other OpenAI event streams (audio, images, threads) end with `[DONE]` or an event whose
+# type says it is done.
+RESPONSES_OPENING = frozenset({"response.created", "response.in_progress", "response.queued",
+                               "response.output_item.added", "response.content_part.added"})
 RESPONSES_CLOSING = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 _DONE_SUFFIXES = (".done", ".completed", ".failed", ".cancelled", ".expired", ".incomplete")
 
@@ -837,6 +839,9 @@ def never_gone() -> bool:
     return False
 
 
+HELD_LIMIT = 256 * 1024
+
+
 class Held:
     """A forwarded stream's events until the model's first token (or its whole answer): held back, so that
     while the client has seen none of them (keep-alives aside) a failing upstream can be replaced by the next
@@ -851,17 +856,20 @@ class Held:
         """A new upstream's stream: its own framing, checks and usage; what was held is dropped."""
         self.framer, self.check, self.usage = SseFramer(), EventCheck(self.dialect), self.dialect.sse_usage()
         self._held: list[bytes] = []
+        self._size = 0
 
     def hold(self, events: bytes) -> None:
         self._held.append(events)
 
     def take(self, events: bytes, progress: bool) -> bytes:
-        """What to write of these events now: nothing before the first token, else all that waited."""
+        """What to write of these events now: nothing before the first token, else all that waited (or all
+        of it when an upstream's opening grows past HELD_LIMIT: holding is for a few small events)."""
         self._held.append(events)
-        return self.release() if progress or self.started else b""
+        self._size += len(events)
+        return self.release() if progress or self.started or self._size > HELD_LIMIT else b""
 
     def release(self) -> bytes:
-        out, self._held = b"".join(self._held), []
+        out, self._held, self._size = b"".join(self._held), [], 0
         self.started = self.started or bool(out)
         self.usage.feed(out)
         return out

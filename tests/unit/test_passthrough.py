@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from proxy import create_app
 from proxy.encoders import SSE_KEEPALIVE
 from proxy.forwarding import (
+    HELD_LIMIT,
     JsonUsage,
     ModelFieldWatch,
     SseClock,
@@ -430,3 +431,11 @@ def test_headers_go_out_before_anything_is_read() -> None:
     stream = relay_sse(source, TIMERS, StreamStats(), clock=source.clock)
     assert next(stream) == b"" and source.now == 0.0
     assert b"".join(stream).endswith(CREATED + DELTA + COMPLETED)
+
+
+def test_opening_events_held_back_are_bounded() -> None:
+    """An upstream whose opening (events before the first token) grows past HELD_LIMIT has it passed on."""
+    ping = b'event: response.in_progress\ndata: {"type":"response.in_progress","pad":"' + b"x" * 1000 + b'"}\n\n'
+    out, stats, _source = run([(0.1 + n / 1000, ping) for n in range(300)] + [(0.5, DELTA + COMPLETED),
+                                                                            (0.6, StreamEnd())])
+    assert len(out[0]) > HELD_LIMIT and b"".join(out) == ping * 300 + DELTA + COMPLETED and stats.outcome == "ok"
