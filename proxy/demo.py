@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from proxy.standin import SSE_END, Timed, sse_chunk, stand_in_upstream
-from proxy.upstream import Upstream
+from proxy.standin import SSE_END, Timed, sse_chunk, stand_in_anthropic, stand_in_upstream
+from proxy.upstream import AnthropicUpstream, Upstream
 
 DEMO_MODEL = "relay-demo"
 WORD_INTERVAL_SECONDS = 0.03
@@ -131,6 +131,50 @@ def _input_text(given: Any) -> str:
     return ""
 
 
+def demo_message_answer(body: dict[str, Any]) -> dict[str, Any] | Iterator[Timed]:
+    """Anthropic's Messages API (`POST /v1/messages`): the same stand-in answer, whole or as the event
+    sequence Claude Code and the SDKs read."""
+    model, prompt = str(body.get("model")), _input_text(body.get("messages"))
+    words = demo_words(prompt)
+    if body.get("stream") is not True:
+        text = {"type": "text", "text": "".join(words)}
+        return {**_message(model, prompt, "end_turn", len(words)), "content": [text]}
+    return _message_events(model, prompt, words)
+
+
+def _message(model: str, prompt: str, stop_reason: str | None, output_tokens: int) -> dict[str, Any]:
+    return {"id": "msg_demo", "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": {"input_tokens": len(prompt.split()), "output_tokens": output_tokens}}
+
+
+def _message_events(model: str, prompt: str, words: list[str]) -> Iterator[Timed]:
+    """message_start, a text block opened, a `text_delta` per word, the block closed, message_delta with the
+    stop reason and the output tokens (the relay's budgets count them), message_stop."""
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": _message(model, prompt, None, 1)},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        *({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}
+          for word in words),
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": {"output_tokens": len(words)}},
+        {"type": "message_stop"},
+    ]
+    for event in events:
+        wait = WORD_INTERVAL_SECONDS if event["type"] == "content_block_delta" else 0.0
+        yield wait, b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def demo_count_tokens(body: dict[str, Any]) -> dict[str, Any]:
+    """`POST /v1/messages/count_tokens`: a word counts as a token, as in the demo's usage."""
+    system = body.get("system")
+    text = " ".join([system if isinstance(system, str) else "",
+                     *(_input_text([message]) for message in body.get("messages") or [])])
+    return {"input_tokens": len(text.split())}
+
+
 EMBEDDING_SIZE = 8
 
 
@@ -151,6 +195,19 @@ def _vector(text: str) -> list[float]:
     return [round(value / norm, 6) for value in raw]
 
 
+# Anthropic's `GET /v1/models` shape, which the demo's Anthropic stand-in answers (the relay lists it).
+DEMO_ANTHROPIC_MODELS = {"data": [{"type": "model", "id": DEMO_MODEL, "display_name": "Relay demo (stand-in)",
+                                   "created_at": "2025-01-01T00:00:00Z"}],
+                         "has_more": False, "first_id": DEMO_MODEL, "last_id": DEMO_MODEL}
+
+
+def demo_anthropic_upstream() -> AnthropicUpstream:
+    return stand_in_anthropic("demo-anthropic", {"/v1/messages": demo_message_answer,
+                                                 "/v1/messages/count_tokens": demo_count_tokens},
+                              DEMO_ANTHROPIC_MODELS)
+
+
 def demo_upstream() -> Upstream:
-    return stand_in_upstream("demo", demo_answer, models=(),
+    listing = {"object": "list", "data": [{"id": DEMO_MODEL, "object": "model", "created": 0, "owned_by": "demo"}]}
+    return stand_in_upstream("demo", demo_answer, models=(), listing=listing,
                              more={"/responses": demo_response_answer, "/embeddings": demo_embeddings})

@@ -10,13 +10,19 @@ relay's rules.
   to the next upstream serving the model on the same failures as chat (`forward`), while the client has
   seen nothing and the body can be sent again.
 - **Answer**: streamed back as it arrives. `text/event-stream` answers go through `relay_sse`, a small
-  byte-level loop (keep-alives, first-byte/idle/whole-stream timers, client departure) whose decisions are
-  `SseClock`'s, testable with a fake clock; everything else through `relay_bytes`. Usage is read from the
-  bytes as they pass (`SseUsage`, `JsonUsage`) for the token budgets, never re-encoded.
+  byte-level loop (keep-alives, first-token/idle/whole-stream timers, client departure, the drain deadline)
+  whose time decisions are `SseClock`'s, testable with a fake clock. It reads just enough of each event
+  (`EventCheck`) to know a malformed stream, the model's first token and an answer's last event: events
+  are held back until the first token (`Held`), so a stream failing before it falls over to the next
+  upstream (`next_upstreams`, `ReopenedSource`), and a stream that fails after it, or ends before its last
+  event, ends with the protocol's own error event (`Dialect`). Everything else goes through `relay_bytes`.
+  Usage is read from the bytes as they pass (`SseUsage`, `JsonUsage`) for the token budgets, never
+  re-encoded.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -31,9 +37,10 @@ from typing import IO, Any, Protocol
 import httpx2
 import orjson
 
-from proxy.encoders import SSE_KEEPALIVE, sse_error_event
+from proxy.encoders import SSE_KEEPALIVE
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.pump import READER_THREAD_PREFIX, Inbox, StreamStats
+from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
 from proxy.stream_machine import StreamTimers
 from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
 
@@ -402,34 +409,83 @@ class UsageReader(Protocol):
 
 
 def openai_error_event(kind: str, message: str) -> bytes:
-    return sse_error_event(message, "api_error", kind, named=False)
+    """An `error` event both ways OpenAI's clients read one: the Responses API's own (`type`, `code`,
+    `message`) for readers that go by the event's type (Codex CLI, the SDKs' typed events), and an `error`
+    object, which the SDKs raise as an APIError mid-stream (as they do on a chat stream)."""
+    payload = orjson.dumps({"type": "error", "code": kind, "message": message, "param": None,
+                            "error": {"message": message, "type": "api_error", "code": kind}})
+    return b"event: error\ndata: " + payload + b"\n\n"
 
 
 ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+# The Anthropic error `type` of a stream the relay cuts short (the kinds of timers say timeout_error, as
+# Anthropic's own 504s do; everything else is api_error).
+_ANTHROPIC_STREAM_TYPES = {"upstream_timeout": "timeout_error", "stream_time_limit": "timeout_error"}
+
+
+def anthropic_error_type(kind: str) -> str:
+    return _ANTHROPIC_STREAM_TYPES.get(kind, "api_error")
 
 
 def anthropic_error_event(kind: str, message: str) -> bytes:
     """Anthropic's in-stream error event, which its SDKs raise as an APIStatusError mid-stream."""
-    payload = orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+    payload = orjson.dumps({"type": "error", "error": {"type": anthropic_error_type(kind), "message": message}})
     return b"event: error\ndata: " + payload + b"\n\n"
+
+
+# Responses events sent before the model says anything (they do not count as its first token: a reasoning
+# model opens its reasoning item at once, then may think in silence for minutes), and those that end a
+# Responses stream. Other OpenAI event streams (audio, images, threads) end with `[DONE]` or an event whose
+# type says it is done.
+RESPONSES_OPENING = frozenset({"response.created", "response.in_progress", "response.queued",
+                               "response.output_item.added", "response.content_part.added"})
+RESPONSES_CLOSING = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+_DONE_SUFFIXES = (".done", ".completed", ".failed", ".cancelled", ".expired", ".incomplete")
+
+
+def openai_opens(kind: str | None) -> bool:
+    return kind in RESPONSES_OPENING
+
+
+def openai_closes(kind: str | None) -> bool:
+    if kind is None:
+        return False
+    if kind.startswith("response."):
+        return kind in RESPONSES_CLOSING
+    return kind == "error" or kind.endswith(_DONE_SUFFIXES)
+
+
+ANTHROPIC_OPENING = frozenset({"message_start", "content_block_start", "ping"})
+
+
+def anthropic_opens(kind: str | None) -> bool:
+    return kind in ANTHROPIC_OPENING
+
+
+def anthropic_closes(kind: str | None) -> bool:
+    return kind in ("message_stop", "error")
 
 
 @dataclass(frozen=True)
 class Dialect:
     """What the forwarding path writes and reads of a protocol's own, everything else being bytes passed on:
     the keep-alive sent during silence, the error event that ends a stream the relay must cut short (as
-    `error(kind, message)`), and where the usage is in an event stream and in a JSON answer."""
+    `error(kind, message)`), where the usage is in an event stream and in a JSON answer, and which event
+    types open a stream without being the model's first token (`opens`) or end it (`closes`)."""
 
     keepalive: bytes
     error: Callable[[str, str], bytes]
     sse_usage: Callable[[], UsageReader]
     json_usage: Callable[[Any], dict[str, int] | None]
+    opens: Callable[[str | None], bool]
+    closes: Callable[[str | None], bool]
 
 
-OPENAI = Dialect(SSE_KEEPALIVE, openai_error_event, SseUsage, normalized_usage)
+OPENAI = Dialect(SSE_KEEPALIVE, openai_error_event, SseUsage, normalized_usage, openai_opens, openai_closes)
 # Anthropic's clients expect `ping` events during silence (an SSE comment is within the standard, but
 # Anthropic's own stream never sends one, so not every client is known to skip it).
-ANTHROPIC = Dialect(ANTHROPIC_PING, anthropic_error_event, AnthropicSseUsage, anthropic_usage)
+ANTHROPIC = Dialect(ANTHROPIC_PING, anthropic_error_event, AnthropicSseUsage, anthropic_usage, anthropic_opens,
+                    anthropic_closes)
 
 
 # --- sending, with fall-over -----------------------------------------------------------------------------------
@@ -485,13 +541,17 @@ class Opened:
     upstream: ForwardTarget
     fallbacks: int
     failures: list[tuple[str, str]] = field(default_factory=list)
+    # The same request sent to the candidates after this one (a replayable body only): the stream falls
+    # over to them when this answer fails before anything of it reached the client.
+    next_open: Callable[[], Opened] | None = None
 
 
 def forward(candidates: Sequence[ForwardTarget], outgoing: Outgoing, upstream_timeout: float,
-            whole_answer_timeout: float) -> Opened:
+            whole_answer_timeout: float, failures: list[tuple[str, str]] | None = None, skipped: int = 0) -> Opened:
     """Send `outgoing` to the first candidate that answers; on connection errors, timeouts, 5xx and 429 the
-    next one gets it (a replayable body only). The last candidate's 5xx/429 is answered as it came."""
-    failures: list[tuple[str, str]] = []
+    next one gets it (a replayable body only). The last candidate's 5xx/429 is answered as it came.
+    `failures` and `skipped` carry on from candidates tried before (a fall-over after the headers)."""
+    failures = [] if failures is None else failures
     for attempt, upstream in enumerate(candidates):
         last = attempt == len(candidates) - 1 or not outgoing.replayable
         try:
@@ -504,7 +564,11 @@ def forward(candidates: Sequence[ForwardTarget], outgoing: Outgoing, upstream_ti
         else:
             status_error = failure_of_status(response)
             if status_error is None or last:
-                return Opened(response, upstream, attempt, failures)
+                rest = candidates[attempt + 1:]
+                next_open = functools.partial(forward, rest, outgoing, upstream_timeout, whole_answer_timeout,
+                                              failures, skipped + attempt + 1)
+                return Opened(response, upstream, skipped + attempt, failures,
+                              next_open if rest and outgoing.replayable else None)
             response.close()
             error = status_error
         failures.append((upstream.name, error.kind))
@@ -616,20 +680,24 @@ CLIENT_CHECK_SECONDS = 1.0
 @dataclass
 class SseClock:
     """When a forwarded event stream needs something: a keep-alive after KEEPALIVE_SECONDS without a write,
-    or its end when the first byte, the next byte (idle) or the whole stream takes too long. No I/O: time is
+    or its end when the first token, the next byte (idle) or the whole stream takes too long. The first token
+    is the first event that is more than the stream's opening (`response.created`, `message_start`, pings):
+    a reasoning model may think in silence after those, as chat's first-token timer allows. No I/O: time is
     an argument, so every rule is tested with a fake clock."""
 
     timers: StreamTimers
     started: float
-    first_byte: float | None = None
+    first_token: float | None = None
     last_byte: float = 0.0
     last_write: float = 0.0
 
     def __post_init__(self) -> None:
         self.last_write = self.started
 
-    def received(self, now: float) -> None:
-        self.first_byte = self.first_byte if self.first_byte is not None else now
+    def received(self, now: float, progress: bool) -> None:
+        """Bytes came; `progress`: among them the model's first token (or a later event)."""
+        if progress and self.first_token is None:
+            self.first_token = now
         self.last_byte = now
 
     def wrote(self, now: float) -> None:
@@ -640,9 +708,9 @@ class SseClock:
         if now >= self.started + self.timers.max_stream:
             return ("stream_time_limit", f"the answer ran past this relay's limit of {self.timers.max_stream:g} s; "
                                          "it is incomplete")
-        if self.first_byte is None and now >= self.started + self.timers.first_token:
+        if self.first_token is None and now >= self.started + self.timers.first_token:
             return ("upstream_timeout", f"the upstream did not start answering within {self.timers.first_token:g} s")
-        if self.first_byte is not None and now >= self.last_byte + self.timers.idle:
+        if self.first_token is not None and now >= self.last_byte + self.timers.idle:
             return ("upstream_timeout", f"the upstream went silent for {self.timers.idle:g} s mid-answer; "
                                         "the answer is incomplete")
         return None
@@ -652,7 +720,7 @@ class SseClock:
 
     def wait(self, now: float) -> float:
         """How long nothing needs doing (at most CLIENT_CHECK_SECONDS: the client is checked that often)."""
-        silence_end = (self.started + self.timers.first_token if self.first_byte is None
+        silence_end = (self.started + self.timers.first_token if self.first_token is None
                        else self.last_byte + self.timers.idle)
         due = min(self.last_write + self.timers.keepalive, silence_end, self.started + self.timers.max_stream)
         return max(0.0, min(due - now, CLIENT_CHECK_SECONDS))
@@ -660,22 +728,89 @@ class SseClock:
 
 class SseFramer:
     """Whole events out of arbitrary blocks: a keep-alive or an error event is only ever written between
-    events, never inside one the upstream is still sending."""
+    events, never inside one the upstream is still sending. A long event arriving in many blocks is
+    searched for its end only in what is new."""
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._pending: list[bytes] = []
+        self._tail = b""  # the pending bytes' last few, where an event end may begin
 
     def feed(self, block: bytes) -> bytes:
-        data = self._pending + block
+        data = self._tail + block
         end = 0
         for match in _EVENT_END.finditer(data):
             end = match.end()
-        self._pending = data[end:]
-        return data[:end]
+        if end == 0:
+            self._pending.append(block)
+            self._tail = data[-3:]
+            return b""
+        whole = b"".join([*self._pending, block])
+        cut = len(whole) - len(data) + end  # the last event end, in the pending bytes and this block
+        rest = whole[cut:]
+        self._pending, self._tail = ([rest] if rest else []), rest[-3:]
+        return whole[:cut]
 
     def rest(self) -> bytes:
-        rest, self._pending = self._pending, b""
+        rest = b"".join(self._pending)
+        self._pending, self._tail = [], b""
         return rest
+
+
+@dataclass
+class EventCheck:
+    """What the loop reads of each whole event it passes on: its data must be JSON (or `[DONE]`), or the
+    stream is malformed and ends there; whether it is the model's first token; whether the last event ends
+    the stream by its protocol, so that a body that stops before it is known to be incomplete."""
+
+    dialect: Dialect
+    finished: bool = False
+    errored: bool = False  # the stream's last event is the upstream's own error
+
+    def scan(self, events: bytes) -> tuple[bytes, bool, bool]:
+        """(the events to pass on, any of them is progress, a malformed event came after them)."""
+        passed, progress = 0, False
+        for match in _EVENT_END.finditer(events):
+            event = events[passed:match.end()]
+            verdict = self._one(event)
+            if verdict is None:
+                return events[:passed], progress, True
+            progress = progress or verdict
+            passed = match.end()
+        return events, progress, False
+
+    def _one(self, event: bytes) -> bool | None:
+        """None: malformed; else whether the event is progress."""
+        lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+        if not lines:
+            return False  # a comment, or an event without data: passed on, changes nothing
+        data = b"\n".join(lines)
+        if data.strip() == b"[DONE]":
+            self.finished = True
+            return False
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        kind = kind if isinstance(kind, str) else None
+        has_error = isinstance(payload, dict) and "error" in payload and kind is None
+        self.errored = has_error or kind in FAILED_EVENTS
+        self.finished = has_error or self.dialect.closes(kind)
+        return not self.dialect.opens(kind) and not self.errored
+
+    def last_event(self, rest: bytes) -> bytes | None:
+        """A final event the body ended without its blank line: passed on when it is whole and ends the
+        stream, else None (it is an incomplete event, as SSE readers would drop it)."""
+        event = rest.rstrip(b"\r\n") + b"\n\n"
+        if not rest.strip() or self._one(event) is None or not self.finished:
+            return None
+        return event
+
+
+# Event types by which an upstream says its answer failed (not the model's first token: worth a fall-over).
+FAILED_EVENTS = frozenset({"error", "response.failed"})
+MALFORMED = "the upstream sent a malformed event; the answer is incomplete"
+ENDED_EARLY = "the upstream's answer ended before it was complete; the answer is incomplete"
 
 
 class Source(Protocol):
@@ -733,44 +868,92 @@ def never_gone() -> bool:
     return False
 
 
+HELD_LIMIT = 256 * 1024
+
+
+class Held:
+    """A forwarded stream's events until the model's first token (or its whole answer): held back, so that
+    while the client has seen none of them (keep-alives aside) a failing upstream can be replaced by the next
+    one (`fall_over`) and the client never sees two beginnings. Then events pass as they come."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.started = False  # something the upstream sent has reached the client
+        self.restart()
+
+    def restart(self) -> None:
+        """A new upstream's stream: its own framing, checks and usage; what was held is dropped."""
+        self.framer, self.check, self.usage = SseFramer(), EventCheck(self.dialect), self.dialect.sse_usage()
+        self._held: list[bytes] = []
+        self._size = 0
+
+    def hold(self, events: bytes) -> None:
+        self._held.append(events)
+
+    def take(self, events: bytes, progress: bool) -> bytes:
+        """What to write of these events now: nothing before the first token, else all that waited (or all
+        of it when an upstream's opening grows past HELD_LIMIT: holding is for a few small events)."""
+        self._held.append(events)
+        self._size += len(events)
+        return self.release() if progress or self.started or self._size > HELD_LIMIT else b""
+
+    def release(self) -> bytes:
+        out, self._held, self._size = b"".join(self._held), [], 0
+        self.started = self.started or bool(out)
+        self.usage.feed(out)
+        return out
+
+
 def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
               client_gone: Callable[[], bool] = never_gone, clock: Callable[[], float] = time.monotonic,
-              dialect: Dialect = OPENAI) -> Iterator[bytes]:
-    """An upstream event stream, whole events as they arrive, the dialect's keep-alives during silence; a
-    timer or a broken upstream ends it with the dialect's error event and nothing more. The source is closed
+              dialect: Dialect = OPENAI, draining: Draining | None = None,
+              fall_over: Callable[[str], Source | None] | None = None) -> Iterator[bytes]:
+    """An upstream event stream, whole events as they arrive (held back until the first token), the
+    dialect's keep-alives during silence. A broken upstream, a malformed event, an upstream error event or a
+    body that ends before its protocol's last event, before the first token: `fall_over(kind)` gives the
+    next upstream's stream (None: there is none). Those, a timer or the worker's drain deadline (`draining`,
+    a graceful stop) otherwise end it with the dialect's error event and nothing more. The source is closed
     in `finally`."""
     times = SseClock(timers, clock())
-    framer, usage = SseFramer(), dialect.sse_usage()
+    held = Held(dialect)
+    drain = draining or Draining()
     try:
+        yield b""  # the status and headers go out now, whatever the upstream holds back (as chat's start())
         while True:
             now = clock()
-            expired = times.expired(now)
-            if expired is not None:
-                stats.outcome = expired[0]
-                yield dialect.error(expired[0], expired[1])
-                return
-            item = source.get(times.wait(now))
+            item = source.get(max(0.0, min(times.wait(now), drain.deadline - now)))
             now = clock()
+            events, malformed, progress = b"", False, False
             if isinstance(item, bytes):
-                times.received(now)
-                stats.first_token_at = stats.first_token_at or now
-                events = framer.feed(item)
-                if events:
-                    usage.feed(events)
-                    times.wrote(now)
-                    yield events
-            elif isinstance(item, StreamEnd):
-                stats.outcome = "ok"
-                rest = framer.rest()
-                usage.feed(rest)
-                if rest:
-                    yield rest
+                events, progress, malformed = held.check.scan(held.framer.feed(item))
+                times.received(now, progress)
+                if progress and stats.first_token_at is None:
+                    stats.first_token_at = now
+            # Checked after a read, never right after a write: time spent writing to a slow client, while
+            # the upstream's bytes wait in the inbox, is no silence of the upstream's.
+            stop = (SERVER_RESTARTING, RESTART_MESSAGE) if now >= drain.deadline else times.expired(now)
+            if stop is not None:
+                stats.outcome = stop[0]
+                yield from _end(stop, held, stats, dialect)
                 return
-            elif isinstance(item, StreamFailure):
-                stats.outcome = item.kind
-                yield dialect.error(item.kind, item.message)
+            out = held.take(events, progress) if events else b""
+            if out:
+                times.wrote(now)
+                yield out
+            failure = _failure(item, malformed, held)
+            if failure is not None:
+                replacement = None if held.started or fall_over is None else fall_over(failure[0])
+                if replacement is None:
+                    yield from _end(failure, held, stats, dialect)
+                    return
+                source.close()
+                source = replacement
+                held.restart()
+                continue
+            if isinstance(item, StreamEnd):
+                yield from _end(None, held, stats, dialect)
                 return
-            else:
+            if item is None:
                 if times.keepalive_due(now):
                     times.wrote(now)
                     yield dialect.keepalive
@@ -782,5 +965,119 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
         raise
     finally:
         source.close()
-        stats.usage = usage.usage
+        stats.usage = held.usage.usage
         _settle_tokens(stats)
+
+
+def _failure(item: object, malformed: bool, held: Held) -> tuple[str, str] | None:
+    """Why this upstream's stream failed, if it did: a malformed event, a broken connection, its own error
+    event, or a body that ended before its protocol's last event."""
+    if malformed:
+        return ("upstream_malformed", MALFORMED)
+    if isinstance(item, StreamFailure):
+        return (item.kind, item.message)
+    if not isinstance(item, StreamEnd):
+        return None
+    last = held.check.last_event(held.framer.rest())
+    if last is not None:
+        held.hold(last)
+    if not held.check.finished:
+        return ("upstream_disconnected", ENDED_EARLY)
+    return ("upstream_error", "") if held.check.errored else None
+
+
+def _end(failure: tuple[str, str] | None, held: Held, stats: StreamStats, dialect: Dialect) -> Iterator[bytes]:
+    """The stream's last bytes: what was held, then the relay's error event (none for a whole answer, or
+    for the upstream's own error event, which is already among them)."""
+    out = held.release()
+    stats.outcome = "ok" if failure is None else failure[0]
+    if out:
+        yield out
+    if failure is not None and failure[1]:
+        yield dialect.error(*failure)
+
+
+class ReopenedSource:
+    """The next upstream's stream, opened by a thread (greenlet) of its own so that the loop keeps its
+    keep-alives, timers and client checks while it opens: nothing until it is open, then its blocks; a
+    StreamFailure when it cannot be had."""
+
+    def __init__(self, open_next: Callable[[], Source]) -> None:
+        self._open_next = open_next
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._source: Source | None = None
+        self._failure: StreamFailure | None = None
+        self._closed = False
+        threading.Thread(target=self._open, daemon=True, name=f"{READER_THREAD_PREFIX}fall-over").start()
+
+    def _open(self) -> None:
+        try:
+            source = self._open_next()
+        except RelayError as error:
+            self._failure = StreamFailure(error.kind, str(error.description))
+        except Exception:  # a bug: the stream still ends properly
+            log.exception("forwarded stream could not fall over")
+            self._failure = StreamFailure("upstream_error", "the relay could not reach another upstream")
+        else:
+            with self._lock:
+                if self._closed:
+                    source.close()
+                else:
+                    self._source = source
+        finally:
+            self._ready.set()
+
+    def get(self, timeout: float) -> object:
+        if not self._ready.is_set() and not self._ready.wait(timeout):
+            return None
+        if self._failure is not None:
+            return self._failure
+        assert self._source is not None
+        return self._source.get(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            source = self._source
+        if source is not None:
+            source.close()
+
+
+def next_upstreams(opened: Opened, stats: StreamStats, read: Callable[[httpx2.Response], Source]
+                   ) -> Callable[[str], Source | None]:
+    """The loop's `fall_over`: the same request to the upstreams after the one that failed (the stats name
+    the one answering, its fall-overs and every failure), read by `read` once it answers 200 with an event
+    stream; None when there is no upstream left to ask."""
+    current = opened
+    exhausted = False
+
+    def fall_over(kind: str) -> Source | None:
+        nonlocal current, exhausted
+        if exhausted or current.next_open is None:
+            return None
+        failed, open_rest = current, current.next_open
+        failed.failures.append((failed.upstream.name, kind))
+        stats.upstream_failures = failed.failures
+        log.warning("upstream %s failed a forwarded stream before its first token (%s); falling over",
+                    failed.upstream.name, kind)
+
+        def open_next() -> Source:
+            nonlocal current, exhausted
+            try:
+                current = open_rest()
+            except RelayError:
+                exhausted = True
+                raise
+            stats.upstream, stats.fallbacks = current.upstream.name, current.fallbacks
+            response = current.response
+            if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
+                    "text/event-stream"):
+                response.close()
+                raise failure_of_status(response) or UpstreamFailed(
+                    f"the upstream API failed (HTTP {response.status_code}); try again in a moment")
+            return read(response)
+
+        return ReopenedSource(open_next)
+
+    return fall_over

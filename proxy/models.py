@@ -8,6 +8,13 @@ fails keeps its last good list (or none) and is not asked again before the back-
 configured exact names (DEFAULT_MODEL, ALLOWED_MODELS', the upstreams file's) are listed whatever the
 upstreams say, so a relay whose upstream cannot be asked still lists what it is configured to serve.
 
+Anthropic-protocol upstreams (`api = "anthropic"`) are asked too, in their protocol (`GET /v1/models` with
+`x-api-key` and `anthropic-version`, following `has_more` pages), and their entries (`type`, `id`,
+`display_name`, `created_at`) become OpenAI entries that keep `display_name` and `created_at`; all upstreams
+are merged in UPSTREAMS_FILE order (`in_file_order`). A caller speaking Anthropic's protocol (its request
+carries `anthropic-version`, as the anthropic SDKs and Claude Code send on every request) gets the same list
+in Anthropic's shape and pagination (`anthropic_page`, `anthropic_model`).
+
 The merge (`model_entries`) is a pure function: configured exact names first, in configuration order (the
 chat page offers the first, DEFAULT_MODEL, as its default), then each upstream's list in upstream order. The
 first upstream to list a model owns it; an upstream's list counts only where its own `models` globs match.
@@ -21,8 +28,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx2
@@ -30,7 +38,7 @@ import openai
 import orjson
 
 from proxy.config import Config
-from proxy.upstream import Upstream, model_allowed
+from proxy.upstream import AnthropicUpstream, Upstream, model_allowed
 
 log = logging.getLogger("relay.models")
 
@@ -43,6 +51,11 @@ LIST_TIMEOUT_SECONDS = 5.0
 FAILURE_BACKOFF_SECONDS = 15.0
 
 Entry = dict[str, Any]
+# An upstream whose models are listed: OpenAI's protocol (through its SDK client) or Anthropic's.
+Lister = Upstream | AnthropicUpstream
+ANTHROPIC_VERSION = "2023-06-01"
+ANTHROPIC_PAGE_LIMIT = 1000  # Anthropic's largest page
+ANTHROPIC_MAX_PAGES = 5  # a list longer than 5000 models is cut there: listing is a side errand
 
 
 @dataclass
@@ -69,7 +82,7 @@ class ModelCatalog:
     def from_config(cls, config: Config) -> ModelCatalog:
         return cls(ttl=config.models_cache_seconds, timeout=min(config.upstream_timeout, LIST_TIMEOUT_SECONDS))
 
-    def listed(self, upstreams: Iterable[Upstream]) -> dict[str, tuple[Entry, ...]]:
+    def listed(self, upstreams: Iterable[Lister]) -> dict[str, tuple[Entry, ...]]:
         """Each upstream's models (its globs applied), asking those whose list is due; waits `timeout` at most."""
         upstreams = tuple(upstreams)
         waits = [event for upstream in upstreams if (event := self._start_if_due(upstream)) is not None]
@@ -79,7 +92,7 @@ class ModelCatalog:
         with self._lock:
             return {upstream.name: self._listings[upstream.name].models for upstream in upstreams}
 
-    def _start_if_due(self, upstream: Upstream) -> threading.Event | None:
+    def _start_if_due(self, upstream: Lister) -> threading.Event | None:
         """The event of this upstream's fetch under way (started now when its list is due), or None."""
         with self._lock:
             listing = self._listings.setdefault(upstream.name, _Listing())
@@ -90,11 +103,14 @@ class ModelCatalog:
                                  name=f"models-{upstream.name}").start()
             return listing.fetching
 
-    def _fetch(self, upstream: Upstream, done: threading.Event) -> None:
+    def _fetch(self, upstream: Lister, done: threading.Event) -> None:
         models: tuple[Entry, ...] | None = None
         try:
-            models = fetch_models(upstream, self.timeout)
-        except openai.APIError as exc:
+            if isinstance(upstream, AnthropicUpstream):
+                models = fetch_anthropic_models(upstream, self.timeout)
+            else:
+                models = fetch_models(upstream, self.timeout)
+        except (openai.APIError, httpx2.HTTPError) as exc:
             log.warning("upstream %s did not list its models (%s); listing the configured names",
                         upstream.name, type(exc).__name__)
         except ValueError:
@@ -126,7 +142,87 @@ def fetch_models(upstream: Upstream, timeout: float) -> tuple[Entry, ...]:
                  and upstream.serves(entry["id"]))
 
 
-def configured_names(config: Config, upstreams: Iterable[Upstream]) -> list[str]:
+def fetch_anthropic_models(upstream: AnthropicUpstream, timeout: float) -> tuple[Entry, ...]:
+    """An Anthropic-protocol upstream's `GET /v1/models`, page after page, as OpenAI entries (whose id its
+    globs serve). httpx2.HTTPError when a request fails, ValueError when an answer is not Anthropic's list."""
+    headers = {**upstream.auth_headers(), "anthropic-version": ANTHROPIC_VERSION}
+    params = {"limit": str(ANTHROPIC_PAGE_LIMIT)}
+    entries: list[Entry] = []
+    for _page in range(ANTHROPIC_MAX_PAGES):
+        response = upstream.http.get(f"{upstream.root_url}/v1/models", params=params, headers=headers,
+                                     timeout=httpx2.Timeout(timeout))
+        response.raise_for_status()
+        document = orjson.loads(response.content)
+        data = document.get("data") if isinstance(document, dict) else None
+        if not isinstance(data, list):
+            raise ValueError("no 'data' array")
+        entries.extend(openai_entry(entry) for entry in data
+                       if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"].strip()
+                       and upstream.serves(entry["id"]))
+        last = document.get("last_id")
+        if document.get("has_more") is not True or not isinstance(last, str):
+            break
+        params = {"limit": str(ANTHROPIC_PAGE_LIMIT), "after_id": last}
+    return tuple(entries)
+
+
+def openai_entry(anthropic: Entry) -> Entry:
+    """An Anthropic model entry as an OpenAI one, keeping `display_name` and `created_at`."""
+    entry: Entry = {"id": anthropic["id"], "object": "model", "created": _epoch(anthropic.get("created_at"))}
+    for name in ("display_name", "created_at"):
+        if isinstance(anthropic.get(name), str):
+            entry[name] = anthropic[name]
+    return entry
+
+
+def _epoch(stamp: Any) -> int:
+    try:
+        return int(datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+def anthropic_model(entry: Entry) -> Entry:
+    """A model entry in Anthropic's shape (`GET /v1/models/{id}` for an Anthropic client)."""
+    created = entry.get("created_at")
+    if not isinstance(created, str):
+        stamp = entry.get("created")
+        created = datetime.fromtimestamp(stamp if isinstance(stamp, int) else 0, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"type": "model", "id": entry["id"], "display_name": entry.get("display_name") or entry["id"],
+            "created_at": created}
+
+
+def anthropic_page(entries: Sequence[Entry], args: Mapping[str, str]) -> dict[str, Any]:
+    """One page of the list in Anthropic's shape, with its pagination: `limit` (1 to 1000, default 20),
+    `after_id` or `before_id` (an id of the list; an unknown one gives an empty page)."""
+    try:
+        limit = min(max(int(args.get("limit", "20")), 1), ANTHROPIC_PAGE_LIMIT)
+    except ValueError:
+        limit = 20
+    ids = [entry["id"] for entry in entries]
+    start, end = 0, len(entries)
+    if "after_id" in args:
+        start = ids.index(args["after_id"]) + 1 if args["after_id"] in ids else end
+        end = min(end, start + limit)
+    elif "before_id" in args:
+        end = ids.index(args["before_id"]) if args["before_id"] in ids else 0
+        start = max(0, end - limit)
+    else:
+        end = min(end, limit)
+    page = [anthropic_model(entry) for entry in entries[start:end]]
+    has_more = end < len(entries) if "before_id" not in args else start > 0
+    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
+
+
+def in_file_order(config: Config, upstreams: Iterable[Lister]) -> tuple[Lister, ...]:
+    """Every upstream in UPSTREAMS_FILE order, whatever its protocol (others, as the demo's, in the order
+    given)."""
+    order = {spec.name: number for number, spec in enumerate(config.upstreams)}
+    return tuple(sorted(upstreams, key=lambda upstream: order.get(upstream.name, len(order))))
+
+
+def configured_names(config: Config, upstreams: Iterable[Lister]) -> list[str]:
     """The exact model names the configuration gives, in its order: default, allow-list, upstreams file."""
     names = [config.default_model, *config.allowed_models]
     for upstream in upstreams:
@@ -135,7 +231,7 @@ def configured_names(config: Config, upstreams: Iterable[Upstream]) -> list[str]
     return [name for name in dict.fromkeys(names) if not GLOB_CHARACTERS & set(name)]
 
 
-def model_entries(config: Config, upstreams: tuple[Upstream, ...], listed: Mapping[str, tuple[Entry, ...]],
+def model_entries(config: Config, upstreams: tuple[Lister, ...], listed: Mapping[str, tuple[Entry, ...]],
                   key_models: tuple[str, ...] = ()) -> list[Entry]:
     """The model list one caller sees: configured exact names, then every upstream's listed models, each
     once, owned by the first upstream listing it (else the first serving it), filtered by ALLOWED_MODELS
@@ -154,7 +250,7 @@ def model_entries(config: Config, upstreams: tuple[Upstream, ...], listed: Mappi
     return list(entries.values())
 
 
-def _configured_entry(name: str, upstreams: tuple[Upstream, ...]) -> tuple[str, Entry]:
+def _configured_entry(name: str, upstreams: tuple[Lister, ...]) -> tuple[str, Entry]:
     # A configured name no upstream listed: routed to the first upstream whose globs serve it, as a request is.
     serving = next((upstream for upstream in upstreams if upstream.serves(name)), None)
     return (serving.name if serving is not None else "", {"id": name})

@@ -79,7 +79,11 @@ def configured_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[
 
 def anthropic_upstreams(config: Config, redact: Callable[[str], str]) -> tuple[AnthropicUpstream, ...]:
     """UPSTREAMS_FILE's Anthropic-protocol upstreams, each on its own pooled client (no SDK: requests are
-    forwarded as sent, so timeouts are set per request by proxy/forwarding.py)."""
+    forwarded as sent, so timeouts are set per request by proxy/forwarding.py); in demo mode, the stand-in."""
+    if config.demo:
+        from proxy.demo import demo_anthropic_upstream
+
+        return (demo_anthropic_upstream(),)
     return tuple(AnthropicUpstream(spec.name, spec.base_url.rstrip("/"),
                                    httpx2.Client(limits=UPSTREAM_POOL, timeout=config.upstream_timeout),
                                    spec.api_key, spec.models, redact, frozenset(spec.protocols), spec.model_map)

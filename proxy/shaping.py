@@ -148,6 +148,9 @@ INCLUDE_REASONING = Flag(nullable=False)  # read by the relay, not sent upstream
 STREAM = Flag(nullable=True)  # /v1/chat/completions reads these two and passes them on
 STREAM_OPTIONS = StreamOptions()
 MODEL_SCHEMA: dict[str, Any] = {"type": ["string", "null"], "pattern": "\\S"}
+# Anthropic's Messages API (routes/anthropic.py): the relay reads only the body's `model` (forwarding.model_of),
+# which must be there; the rest goes upstream as sent.
+MESSAGES_MODEL_SCHEMA: dict[str, Any] = {"type": "string", "pattern": "\\S"}
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,7 @@ def request_schemas() -> dict[str, dict[str, Any]]:
         "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
             "messages": _messages_schema("OpenAIMessage"), "model": MODEL_SCHEMA,
             "stream": STREAM.schema(), "stream_options": STREAM_OPTIONS.schema()}},
+        "MessagesRequest": {"type": "object", "required": ["model"], "properties": {"model": MESSAGES_MODEL_SCHEMA}},
     }
 
 

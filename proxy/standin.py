@@ -15,7 +15,7 @@ import httpx2
 import openai
 import orjson
 
-from proxy.upstream import Upstream
+from proxy.upstream import AnthropicUpstream, Upstream
 
 # One timed piece of an answer: seconds to wait before it, and its bytes (or what makes them when it is due).
 Timed = tuple[float, "bytes | Callable[[], bytes]"]
@@ -56,15 +56,17 @@ SSE_END = b"data: [DONE]\n\n"
 
 class StandInTransport(httpx2.BaseTransport):
     """POST .../chat/completions goes to `answer`, any other POST path ending in a key of `more` to that
-    answer; GET .../models is an empty list (a stand-in serves whatever it is asked: the relay lists its
-    configured names); anything else is a 404 in OpenAI's shape."""
+    answer; GET .../models is `listing` (by default an empty list: a stand-in serves whatever it is asked,
+    and the relay lists its configured names); anything else is a 404 in OpenAI's shape."""
 
-    def __init__(self, answer: Answer, more: Mapping[str, Answer] | None = None) -> None:
+    def __init__(self, answer: Answer, more: Mapping[str, Answer] | None = None,
+                 listing: Mapping[str, Any] | None = None) -> None:
         self.answers = {"/chat/completions": answer, **(more or {})}
+        self.listing = listing or {"object": "list", "data": []}
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         if request.method == "GET" and request.url.path.endswith("/models"):
-            return httpx2.Response(200, json={"object": "list", "data": []})
+            return httpx2.Response(200, json=self.listing)
         answer = next((answer for suffix, answer in self.answers.items() if request.url.path.endswith(suffix)),
                       None)
         if request.method != "POST" or answer is None:
@@ -75,8 +77,17 @@ class StandInTransport(httpx2.BaseTransport):
         return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=TimedStream(answered))
 
 
+def stand_in_anthropic(name: str, answers: Mapping[str, Answer], listing: Mapping[str, Any]) -> AnthropicUpstream:
+    """An Anthropic-protocol upstream answered in-process: POST paths ending in a key of `answers` (such as
+    `/v1/messages`), GET `/v1/models` with `listing`. It serves every model, as the demo's chat model does."""
+    first, *_ = answers.values()
+    transport = StandInTransport(first, answers, listing)
+    return AnthropicUpstream(name, f"http://{name}.invalid", httpx2.Client(transport=transport), api_key=name)
+
+
 def stand_in_upstream(name: str, answer: Answer, models: tuple[str, ...] = ("*",),
-                      more: Mapping[str, Answer] | None = None) -> Upstream:
+                      more: Mapping[str, Answer] | None = None, listing: Mapping[str, Any] | None = None
+                      ) -> Upstream:
     client = openai.OpenAI(api_key=name, base_url=f"http://{name}.invalid/v1", max_retries=0,
-                           http_client=httpx2.Client(transport=StandInTransport(answer, more)))
+                           http_client=httpx2.Client(transport=StandInTransport(answer, more, listing)))
     return Upstream(name, client, models)

@@ -40,6 +40,9 @@ Wire details that clients may rely on:
   ``/v1/audio/speech`` (binary ``audio/mpeg``), ``/v1/audio/transcriptions`` (reads the multipart upload),
   ``/v1/images/generations`` and ``/v1/files`` (upload, list, retrieve, content, delete). The default
   behaviour's ``status``, delays and tokens apply to them; every request's headers are recorded.
+- Anthropic's Messages API (``/v1/messages``, ``/v1/messages/count_tokens``), streamed or whole, with the
+  same faults; ``GET /v1/models`` with an ``anthropic-version`` header answers Anthropic's list shape
+  (``ANTHROPIC_MODELS``).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from typing import Any, cast
 
 DEFAULT_TOKENS = ("Hello", " from", " the", " fake", " upstream", ".")
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "fake-model")
+ANTHROPIC_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "kimi-k2-0905")  # GET /v1/models with anthropic-version
 FAKE_PREFIX = "#fake "
 MAX_HEADER_BYTES = 64 * 1024
 SPLIT_UTF8_PAUSE = 0.02
@@ -197,19 +201,37 @@ def _count_prompt_tokens(messages: Any) -> int:
 
 
 def _request_override(body: Any) -> dict[str, Any] | None:
-    """The ``#fake {...}`` object in the last user message, if any."""
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+    """The ``#fake {...}`` object in the last user message (chat's and Anthropic's ``messages``, or a
+    Responses ``input``: a string or a list of messages), if any."""
+    if not isinstance(body, dict):
         return None
-    for message in reversed(body["messages"]):
+    messages = body.get("messages")
+    if isinstance(body.get("input"), str):
+        messages = [{"role": "user", "content": body["input"]}]
+    elif isinstance(body.get("input"), list):
+        messages = body["input"]
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str) and content.startswith(FAKE_PREFIX):
+            content = _text_of(message.get("content"))
+            if content.startswith(FAKE_PREFIX):
                 override, _end = json.JSONDecoder().raw_decode(content[len(FAKE_PREFIX) :].lstrip())
                 if not isinstance(override, dict):
                     raise ValueError("#fake must be followed by a JSON object")
                 return override
             return None
     return None
+
+
+def _text_of(content: Any) -> str:
+    """A message's text: a string, or its first text part (chat, Responses and Anthropic parts alike)."""
+    if isinstance(content, str):
+        return content
+    for part in content if isinstance(content, list) else []:
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            return cast(str, part["text"])
+    return ""
 
 
 def _behaviour_with(base: Behaviour, override: dict[str, Any]) -> Behaviour:
@@ -368,7 +390,7 @@ class _Connection(asyncio.Protocol):
                     keep_alive = await self._chat(parsed, keep_alive) and keep_alive
             elif route.endswith("/models") and method == "GET":
                 await self._pause(self.recorder.behaviour.models_delay)
-                self._send_models()
+                self._send_models(anthropic="anthropic-version" in headers)
             elif route.endswith("/messages/count_tokens") and method == "POST":
                 await self._pause(self.recorder.behaviour.headers_delay)
                 self._anthropic_count(parsed)
@@ -393,8 +415,11 @@ class _Connection(asyncio.Protocol):
 
     async def _api(self, method: str, route: str, headers: dict[str, str], body: bytes, parsed: Any) -> bool:
         """Answer one of the non-chat API paths; the default behaviour's status, headers_delay,
-        first_token_delay, token_interval and tokens apply to them too."""
-        behaviour = self.recorder.behaviour
+        first_token_delay, token_interval and tokens apply to them too (with a Responses request's ``#fake``
+        override)."""
+        behaviour = self._behaviour_for(parsed)
+        if behaviour is None:
+            return True
         await self._pause(behaviour.headers_delay)
         if behaviour.status != 200:
             await self._answer_error(behaviour)
@@ -463,41 +488,57 @@ class _Connection(asyncio.Protocol):
         """A Responses API event stream, the sequence OpenAI sends and the Codex CLI reads: created; after the
         first token's delay the message item and its text part opened (output_item.added, content_part.added);
         one delta per token (with the behaviour's delays); the text, part and item closed (output_text.done,
-        content_part.done, output_item.done); completed with usage. StreamClosed records it like a chat stream."""
+        content_part.done, output_item.done); completed with usage. StreamClosed records it like a chat stream;
+        the behaviour's stream faults apply (`_faulty_stream`)."""
         model = request.get("model")
         sequence = itertools.count()
 
         def event(name: str, fields: dict[str, Any]) -> bytes:
-            return _chunk(_named_event(name, {"type": name, "sequence_number": next(sequence), **fields}))
+            return _named_event(name, {"type": name, "sequence_number": next(sequence), **fields})
 
         text_at = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
-        self._write(self._head(200, "text/event-stream; charset=utf-8", None))
-        self._write(event("response.created", {"response": _response_object(model, "", "in_progress")}))
+        created = event("response.created", {"response": _response_object(model, "", "in_progress")})
         opening = (event("response.output_item.added", {"output_index": 0, "item": _message_item("", "in_progress")})
                    + event("response.content_part.added", {**text_at, "part": _text_part("")}))
         tokens = behaviour.content_tokens()
-        for number, token in enumerate(tokens, start=1):
-            await self._pause(behaviour.first_token_delay if number == 1 else behaviour.token_interval)
-            if number == 1:
-                self._write(opening)
-            self._write(event("response.output_text.delta", {**text_at, "delta": token, "logprobs": []}))
-            stream.tokens_sent += 1
-        if not tokens:
-            self._write(opening)
+        deltas = [(opening if number == 0 else b"")
+                  + event("response.output_text.delta", {**text_at, "delta": token, "logprobs": []})
+                  for number, token in enumerate(tokens)]
         text = "".join(tokens)
-        self._write(event("response.output_text.done", {**text_at, "text": text, "logprobs": []})
-                    + event("response.content_part.done", {**text_at, "part": _text_part(text)})
-                    + event("response.output_item.done", {"output_index": 0, "item": _message_item(text, "completed")})
-                    + event("response.completed", {"response": _response_object(model, text, "completed")})
-                    + b"0\r\n\r\n")
-        stream.completed = True
+        closing = ((b"" if tokens else opening)
+                   + event("response.output_text.done", {**text_at, "text": text, "logprobs": []})
+                   + event("response.content_part.done", {**text_at, "part": _text_part(text)})
+                   + event("response.output_item.done", {"output_index": 0, "item": _message_item(text, "completed")})
+                   + event("response.completed", {"response": _response_object(model, text, "completed")}))
+        malformed = b"event: response.output_text.delta\ndata: {this is not json\n\n"
+        await self._faulty_stream(_EventPlan([created], deltas, closing, malformed, behaviour), behaviour, stream)
+
+    async def _faulty_stream(self, plan: _EventPlan, behaviour: Behaviour, stream: _StreamRecord) -> None:
+        """An event stream (Responses, Messages) with the behaviour's faults: never answering, stalling after
+        the headers, a raw body instead of events, or the plan's spliced faults (disconnect, reset, malformed)."""
+        if behaviour.never_answer:
+            await self.closed_event.wait()
+            raise _ClientGone
+        head = self._head(200, "text/event-stream; charset=utf-8", None)
+        if behaviour.stall_after_headers:
+            self._write(head)
+            await self.closed_event.wait()
+            raise _ClientGone
+        if behaviour.raw_body is not None:
+            raw = behaviour.raw_body.encode() if isinstance(behaviour.raw_body, str) else behaviour.raw_body
+            self._write(head + (_chunk(raw) if raw else b"") + b"0\r\n\r\n")
+            stream.completed = True
+            return
+        await self._play(head, plan, behaviour, stream)
 
     # --- Anthropic's Messages API (/v1/messages, as Anthropic, Kimi and DeepSeek serve it) ----------
 
     async def _anthropic(self, parsed: Any) -> bool:
         """A Messages answer: an Anthropic error body for a non-200 behaviour, else the message, streamed
-        (the real event sequence) or whole. The behaviour's delays, tokens and disconnect_after apply."""
-        behaviour = self.recorder.behaviour
+        (the real event sequence) or whole. The behaviour (with the request's ``#fake`` override) applies."""
+        behaviour = self._behaviour_for(parsed)
+        if behaviour is None:
+            return True
         request = parsed if isinstance(parsed, dict) else {}
         await self._pause(behaviour.headers_delay)
         if behaviour.status != 200:
@@ -511,35 +552,38 @@ class _Connection(asyncio.Protocol):
             return True
         stream = _StreamRecord(self.recorder)
         try:
-            return await self._anthropic_stream(request, behaviour, stream)
+            await self._anthropic_stream(request, behaviour, stream)
         finally:
             stream.finish()
+        return True
 
-    async def _anthropic_stream(self, request: dict[str, Any], behaviour: Behaviour, stream: _StreamRecord) -> bool:
-        self._write(self._head(200, "text/event-stream; charset=utf-8", None))
+    async def _anthropic_stream(self, request: dict[str, Any], behaviour: Behaviour, stream: _StreamRecord) -> None:
         start = _anthropic_message(request.get("model"), "", 1)
         start["stop_reason"] = None
-        self._write(_chunk(_named_event("message_start", {"type": "message_start", "message": start})))
-        self._write(_chunk(_named_event("content_block_start", {
-            "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})))
-        self._write(_chunk(_named_event("ping", {"type": "ping"})))
+        opening = [_named_event("message_start", {"type": "message_start", "message": start}),
+                   _named_event("content_block_start", {
+                       "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                   _named_event("ping", {"type": "ping"})]
         tokens = behaviour.content_tokens()
-        for number, token in enumerate(tokens, start=1):
-            await self._pause(behaviour.first_token_delay if number == 1 else behaviour.token_interval)
-            self._write(_chunk(_named_event("content_block_delta", {
-                "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token}})))
-            stream.tokens_sent += 1
-            if behaviour.disconnect_after == number:
-                if self.transport is not None:
-                    self.transport.close()  # no last chunk: the relay sees the body break off
-                return False
-        self._write(_chunk(_named_event("content_block_stop", {"type": "content_block_stop", "index": 0})))
-        self._write(_chunk(_named_event("message_delta", {
-            "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-            "usage": {"output_tokens": len(tokens)}})))
-        self._write(_chunk(_named_event("message_stop", {"type": "message_stop"})) + b"0\r\n\r\n")
-        stream.completed = True
-        return True
+        deltas = [_named_event("content_block_delta", {
+            "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token}})
+            for token in tokens]
+        closing = (_named_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                   + _named_event("message_delta", {
+                       "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                       "usage": {"output_tokens": len(tokens)}})
+                   + _named_event("message_stop", {"type": "message_stop"}))
+        malformed = b"event: content_block_delta\ndata: {this is not json\n\n"
+        await self._faulty_stream(_EventPlan(opening, deltas, closing, malformed, behaviour), behaviour, stream)
+
+    def _behaviour_for(self, parsed: Any) -> Behaviour | None:
+        """The default behaviour with the request's ``#fake`` override; None after answering a bad one."""
+        try:
+            override = _request_override(parsed)
+            return _behaviour_with(self.recorder.behaviour, override) if override else self.recorder.behaviour
+        except (ValueError, TypeError) as error:
+            self._send_error_json(400, f"Bad #fake override: {error}", "invalid_request_error", None)
+            return None
 
     def _anthropic_count(self, parsed: Any) -> None:
         behaviour = self.recorder.behaviour
@@ -550,6 +594,9 @@ class _Connection(asyncio.Protocol):
         self._send_json(200, {"input_tokens": ANTHROPIC_INPUT_TOKENS + _count_prompt_tokens(messages)})
 
     def _anthropic_error(self, behaviour: Behaviour) -> None:
+        if behaviour.error_raw_body is not None:  # e.g. a load balancer's HTML page
+            self._write_raw_error(behaviour)
+            return
         extra: tuple[tuple[str, str], ...] = ()
         if behaviour.retry_after is not None:
             extra = (("retry-after", str(behaviour.retry_after)),)
@@ -600,11 +647,17 @@ class _Connection(asyncio.Protocol):
         error = {"message": message, "type": error_type, "param": None, "code": code}
         self._send_json(status, {"error": error})
 
-    def _send_models(self) -> None:
+    def _send_models(self, anthropic: bool = False) -> None:
         behaviour = self.recorder.behaviour
         if behaviour.models_status != 200:
             self._send_error_json(behaviour.models_status, "The fake upstream was told not to list its models.",
                                   "api_error", None)
+            return
+        if anthropic:  # Anthropic's list shape, one page
+            data_ = [{"type": "model", "id": m, "display_name": f"Fake {m}", "created_at": "2025-09-29T00:00:00Z"}
+                     for m in ANTHROPIC_MODELS]
+            self._send_json(200, {"data": data_, "has_more": False, "first_id": data_[0]["id"],
+                                  "last_id": data_[-1]["id"]})
             return
         created = int(time.time())
         data = [
@@ -643,10 +696,7 @@ class _Connection(asyncio.Protocol):
         if behaviour.retry_after is not None:
             extra = (("retry-after", str(behaviour.retry_after)),)
         if behaviour.error_raw_body is not None:
-            raw = behaviour.error_raw_body
-            raw_bytes = raw.encode() if isinstance(raw, str) else raw
-            content_type = behaviour.error_content_type or "text/html; charset=utf-8"
-            self._write(self._head(behaviour.status, content_type, len(raw_bytes), extra=extra) + raw_bytes)
+            self._write_raw_error(behaviour)
             return
         error_type = behaviour.error_type
         if error_type is None:
@@ -660,6 +710,13 @@ class _Connection(asyncio.Protocol):
             "code": behaviour.error_code,
         }
         self._send_json(behaviour.status, {"error": error}, extra=extra)
+
+    def _write_raw_error(self, behaviour: Behaviour) -> None:
+        extra = (("retry-after", str(behaviour.retry_after)),) if behaviour.retry_after is not None else ()
+        raw = behaviour.error_raw_body or b""
+        raw_bytes = raw.encode() if isinstance(raw, str) else raw
+        content_type = behaviour.error_content_type or "text/html; charset=utf-8"
+        self._write(self._head(behaviour.status, content_type, len(raw_bytes), extra=extra) + raw_bytes)
 
     async def _answer_plain(self, body: dict[str, Any], behaviour: Behaviour) -> bool:
         await self._pause(behaviour.headers_delay)
@@ -732,7 +789,7 @@ class _Connection(asyncio.Protocol):
         return True
 
     async def _play(
-        self, head: bytes, plan: _StreamPlan, behaviour: Behaviour, stream: _StreamRecord
+        self, head: bytes, plan: _StreamPlan | _EventPlan, behaviour: Behaviour, stream: _StreamRecord
     ) -> None:
         """Write the planned events, batching everything that is due at the same moment."""
         pending: list[bytes] = [head]
@@ -1016,6 +1073,29 @@ class _StreamPlan:
         cuts = sorted(self.random.sample(range(1, len(event)), count - 1))
         bounds = [0, *cuts, len(event)]
         return [event[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+class _EventPlan:
+    """A named-event stream (Responses, Messages) as `_play` steps: the opening events at once, one event per
+    token with the behaviour's delays, the closing events; the behaviour's malformed event, disconnect or
+    reset spliced in after that many tokens."""
+
+    split_pause = SPLIT_LINES_PAUSE
+
+    def __init__(self, opening: list[bytes], tokens: list[bytes], closing: bytes, malformed: bytes,
+                 behaviour: Behaviour) -> None:
+        faults = (("meta", malformed, behaviour.malformed_after), ("disconnect", b"", behaviour.disconnect_after),
+                  ("reset", b"", behaviour.reset_after))
+        steps: list[tuple[str, bytes, float]] = [("meta", event, 0.0) for event in opening]
+        steps += [(kind, event, 0.0) for kind, event, after in faults if after == 0]
+        for number, event in enumerate(tokens, start=1):
+            steps.append(("token", event, behaviour.first_token_delay if number == 1 else behaviour.token_interval))
+            steps += [(kind, event, 0.0) for kind, event, after in faults if after == number]
+        steps.append(("meta", closing, 0.0))
+        self.steps = steps
+
+    def split(self, event: bytes) -> list[bytes]:
+        return [event]
 
 
 class FakeUpstream:

@@ -1,7 +1,9 @@
 """Helpers shared by the fault, client-fault, fuzz, soak and security tests.
 
 - `STREAM_ENDPOINTS`: every streaming endpoint the relay has, each knowing how to ask for an answer and how
-  to read its stream back into one neutral `Outcome` (contents, error records, end markers).
+  to read its stream back into one neutral `Outcome` (contents, error records, end markers);
+  `FORWARDED_STREAM_ENDPOINTS`: the forwarded streams (`/v1/responses`, Anthropic's `/v1/messages`), which
+  need a relay with an Anthropic-protocol upstream (`forwarding_upstreams`).
 - `worker_stats` / `assert_settles`: the counters of `GET /debug/stats` (RELAY_DEBUG_STATS=1) before and
   after a fault, so a leaked greenlet, thread, socket or upstream reader fails the test.
 - `assert_no_secrets`: no access key or upstream key in a text (logs, bodies, headers).
@@ -18,8 +20,9 @@ from typing import Any
 import httpx2
 import simple_websocket
 
+from proxy.forwarding import anthropic_error_type
 from proxy.relay import UPSTREAM_POOL
-from tests.conftest import ACCESS_KEY, SECRETS, RelayProcess
+from tests.conftest import ACCESS_KEY, SECRETS, UPSTREAM_KEY, RelayProcess
 from tests.fake_upstream import FAKE_PREFIX
 
 # Counters that must come back to (or below) their value from before a fault. Outbound sockets are not among
@@ -79,6 +82,8 @@ class StreamEndpoint:
     parse: Callable[[Outcome], None]  # fills contents/errors/ends from outcome.raw
     error_content_type: str  # the content type of its errors before the stream starts
     ok_status: int = 200  # the status of an answer that streams (101 for a WebSocket)
+    forwarded: bool = False  # bytes forwarded by proxy/forwarding.py: upstream errors in its body pass on
+    code_of: Callable[[str], str] = str  # the relay's error kind as this endpoint's clients see it
 
     def request(self, relay: RelayProcess, text: str, timeout: float = 20.0,
                 headers: Mapping[str, str] | None = None) -> Outcome:
@@ -236,6 +241,118 @@ WEBSOCKET_ENDPOINT = WebSocketEndpoint("WS /ws", "GET", "/ws", _chat_body, parse
 ALL_STREAM_ENDPOINTS = (*STREAM_ENDPOINTS, WEBSOCKET_ENDPOINT)
 
 
+def _sse_events(outcome: Outcome) -> list[tuple[str | None, str | None]]:
+    """(event name, data) of each event of a complete event stream; comments count as keep-alives."""
+    text = outcome.raw.decode("utf-8")
+    assert text.endswith("\n\n"), f"the stream does not end with a complete event: {text[-200:]!r}"
+    events: list[tuple[str | None, str | None]] = []
+    for event in text[:-2].split("\n\n"):
+        lines = event.split("\n")
+        data = [line[5:].lstrip(" ") for line in lines if line.startswith("data:")]
+        names = [line[6:].strip() for line in lines if line.startswith("event:")]
+        if not data and all(line.startswith(":") for line in lines):
+            outcome.keepalives += 1
+            continue
+        events.append((names[0] if names else None, "\n".join(data) if data else None))
+    return events
+
+
+def _json_error(outcome: Outcome) -> bool:
+    """An error answered before the stream (OpenAI's or Anthropic's JSON error body) counts as a whole
+    answer with one error record; True when the answer was one."""
+    if not outcome.headers.get("content-type", "").startswith("application/json"):
+        return False
+    error = json.loads(outcome.raw)["error"]
+    outcome.errors.append({"code": error.get("code") or error.get("type"), "message": error["message"]})
+    outcome.ends, outcome.last_is_end = 1, True
+    return True
+
+
+RESPONSES_ENDS = ("response.completed", "response.failed", "response.incomplete", "error")
+
+
+def parse_responses(outcome: Outcome) -> None:
+    """`POST /v1/responses` streams: named Responses events, text in `response.output_text.delta`, ending in
+    `response.completed` (or failed/incomplete) or an `error` event (the upstream's, or the relay's own,
+    which also carries an `error` object); keep-alives are SSE comments."""
+    if _json_error(outcome):
+        return
+    last = None
+    for _name, data in _sse_events(outcome):
+        payload: dict[str, Any] = json.loads(data) if data is not None else {}
+        kind = payload.get("type")
+        last = kind if kind is not None or "error" not in payload else "error"
+        if last == "response.output_text.delta":
+            outcome.contents.append(payload["delta"])
+        elif last == "error":
+            error: dict[str, Any] = payload["error"] if isinstance(payload.get("error"), dict) else payload
+            outcome.errors.append({"code": error.get("code"), "message": error["message"]})
+        if last in RESPONSES_ENDS:
+            outcome.ends += 1
+    outcome.last_is_end = last in RESPONSES_ENDS
+
+
+def parse_messages(outcome: Outcome) -> None:
+    """Anthropic's `POST /v1/messages` streams: text in `content_block_delta` text deltas, ending in
+    `message_stop` or an `error` event; keep-alives are `ping` events (and SSE comments, if any)."""
+    if _json_error(outcome):
+        return
+    last = None
+    for _name, data in _sse_events(outcome):
+        payload: dict[str, Any] = json.loads(data) if data is not None else {}
+        last = payload.get("type") or ("error" if "error" in payload else None)
+        if last == "ping":
+            outcome.keepalives += 1
+        elif last == "content_block_delta" and payload["delta"].get("type") == "text_delta":
+            outcome.contents.append(payload["delta"]["text"])
+        elif last == "error":
+            error = payload["error"]
+            outcome.errors.append({"code": error.get("code") or error.get("type"), "message": error["message"]})
+        if last in ("message_stop", "error"):
+            outcome.ends += 1
+    outcome.last_is_end = last in ("message_stop", "error")
+
+
+ANTHROPIC_MODEL = "claude-sonnet-4-5"
+ANTHROPIC_UPSTREAM_KEY = "sk-ant-upstream-key-for-hardening-9e8d7c"
+
+
+def _responses_body(text: str) -> dict[str, Any]:
+    return {"json": {"model": "gpt-4o-mini", "stream": True, "input": text}}
+
+
+def _messages_body(text: str) -> dict[str, Any]:
+    return {"json": {"model": ANTHROPIC_MODEL, "max_tokens": 256, "stream": True,
+                     "messages": [{"role": "user", "content": text}]}}
+
+
+FORWARDED_STREAM_ENDPOINTS: tuple[StreamEndpoint, ...] = (
+    StreamEndpoint("POST /v1/responses", "POST", "/v1/responses", _responses_body, parse_responses,
+                   "application/json", forwarded=True),
+    StreamEndpoint("POST /v1/messages", "POST", "/v1/messages", _messages_body, parse_messages,
+                   "application/json", forwarded=True, code_of=anthropic_error_type),
+)
+
+
+def forwarding_upstreams(openai_urls: Iterable[str], anthropic_roots: Iterable[str]) -> str:
+    """An UPSTREAMS_FILE: OpenAI-protocol upstreams (serving gpt-*), then Anthropic-protocol ones (claude-*),
+    each list in the order given; keys from OPENAI_UPSTREAM_KEY and ANTHROPIC_UPSTREAM_KEY."""
+    text = ""
+    for number, url in enumerate(openai_urls):
+        text += (f'[[upstreams]]\nname = "openai-{number}"\nbase_url = "{url}"\n'
+                 'api_key_env = "OPENAI_UPSTREAM_KEY"\nmodels = ["gpt-*"]\n\n')
+    for number, root in enumerate(anthropic_roots):
+        text += (f'[[upstreams]]\nname = "anthropic-{number}"\napi = "anthropic"\nbase_url = "{root}"\n'
+                 'api_key_env = "ANTHROPIC_UPSTREAM_KEY"\nmodels = ["claude-*"]\n\n')
+    return text
+
+
+def forwarding_settings(upstreams_file: str) -> dict[str, str]:
+    """The relay settings that go with `forwarding_upstreams`' file (keys named, no OPENAI_API_KEY)."""
+    return {"UPSTREAMS_FILE": upstreams_file, "OPENAI_UPSTREAM_KEY": UPSTREAM_KEY,
+            "ANTHROPIC_UPSTREAM_KEY": ANTHROPIC_UPSTREAM_KEY, "OPENAI_API_KEY": ""}
+
+
 def worker_stats(relay: RelayProcess) -> dict[str, int]:
     """The gunicorn worker's counters from `GET /debug/stats`, on a connection of its own."""
     response = httpx2.get(f"{relay.url}/debug/stats", headers={"Authorization": f"Bearer {ACCESS_KEY}"},
@@ -264,7 +381,7 @@ def assert_settles(relay: RelayProcess, before: Mapping[str, int], timeout: floa
 def assert_no_secrets(text: str | bytes, where: str) -> None:
     """None of the test keys (access keys, upstream key) appears in `text`."""
     haystack = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-    for secret in SECRETS:
+    for secret in (*SECRETS, ANTHROPIC_UPSTREAM_KEY):
         assert secret not in haystack, f"a key leaked into {where}"
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import anthropic
 import httpx2
+import openai
 import pytest
 
+from proxy.demo import DEMO_MODEL
 from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, UPSTREAM_KEY, RelayProcess
-from tests.fake_upstream import ANTHROPIC_INPUT_TOKENS, FakeUpstream
+from tests.fake_upstream import ANTHROPIC_INPUT_TOKENS, ANTHROPIC_MODELS, FakeUpstream
 from tests.servers import wait_until
 
 ANTHROPIC_KEY = "sk-ant-upstream-key-for-tests-5c6d7e8f"
@@ -262,3 +264,52 @@ def test_base_url_probes_and_chat_still_work(relay: RelayProcess, fake: FakeUpst
                            json={"model": "gpt-4o-mini", "messages": HELLO})
     assert response.status_code == 200
     assert fake.requests[-1].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+# --- model lists, both SDKs ------------------------------------------------------------------------------------
+
+def test_model_lists_hold_the_anthropic_upstreams_models(relay: RelayProcess, sdk: Sdk) -> None:
+    """GET /v1/models lists the Anthropic-protocol upstream's own models (asked in its protocol, its globs
+    applied) after the OpenAI upstream's, in file order: in OpenAI's shape for the openai SDK, in Anthropic's
+    (display names, pages) for the anthropic SDK, which sends anthropic-version."""
+    expected = ["gpt-4o-mini", *ANTHROPIC_MODELS]
+    with openai.OpenAI(base_url=f"{relay.url}/v1", api_key=ACCESS_KEY, max_retries=0) as client:
+        listed = client.models.list()
+        assert [model.id for model in listed] == expected
+        assert client.models.retrieve("claude-sonnet-4-5").owned_by == "anthropic-0"
+    claude = sdk(relay)
+    assert [model.id for model in claude.models.list(limit=2)] == expected  # the SDK follows the pages
+    first = claude.models.list(limit=2)
+    assert first.has_more and [model.id for model in first.data] == expected[:2]
+    model = claude.models.retrieve("claude-sonnet-4-5")
+    assert model.display_name == "Fake claude-sonnet-4-5" and model.type == "model"
+    assert model.created_at.year == 2025
+
+
+# --- demo mode ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
+    """The demo: no upstream key, the stand-in model answers."""
+    return relay_factory(RELAY_DEMO="1", OPENAI_API_KEY="", KEEPALIVE_SECONDS="0.3")
+
+
+def test_demo_answers_anthropic_clients(demo_relay: RelayProcess, sdk: Sdk) -> None:
+    """In demo mode the anthropic SDK gets a whole message, a stream with the real event sequence (text
+    deltas, end_turn, usage), a token count and the demo model in the model list."""
+    claude = sdk(demo_relay)
+    prompt = [{"role": "user", "content": "Hello demo"}]
+    message = claude.messages.create(model=MODEL, max_tokens=100, messages=prompt)  # type: ignore[arg-type]
+    text = message.content[0].text  # type: ignore[union-attr]
+    assert "Demo mode" in text and "Hello demo" in text
+    assert message.stop_reason == "end_turn" and message.usage.input_tokens == 2
+    with claude.messages.stream(model=MODEL, max_tokens=100, messages=prompt) as stream:  # type: ignore[arg-type]
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert kinds.count("text") > 10 and "content_block_stop" in kinds and "message_delta" in kinds
+    assert final.content[0].text == text and final.stop_reason == "end_turn"  # type: ignore[union-attr]
+    assert final.usage.output_tokens == len(text.split(" "))
+    count = claude.messages.count_tokens(model=MODEL, messages=prompt)  # type: ignore[arg-type]
+    assert count.input_tokens == 2
+    assert DEMO_MODEL in [model.id for model in claude.models.list()]

@@ -148,3 +148,18 @@ def test_claude_print_completes_a_prompt_through_the_relay(relay: RelayProcess, 
     assert CLAUDE_KEY not in log and ACCESS_KEY not in log and ANTHROPIC_KEY not in log
 
     assert trap.caught == [], trap.caught
+
+
+def test_claude_print_works_against_the_demo(relay_factory: Callable[..., RelayProcess], trap: ProxyTrap,
+                                             tmp_path: Path) -> None:
+    """Without any upstream key (demo mode, what `make run` starts), `claude -p` gets the stand-in's answer
+    through the relay's Anthropic Messages API, and nothing tried to leave loopback."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[keys.{KEY_NAME}]\nkey = "{CLAUDE_KEY}"\n')
+    demo = relay_factory(RELAY_DEMO="1", OPENAI_API_KEY="", KEYS_FILE=str(keys), KEEPALIVE_SECONDS="0.3")
+    done = run_claude(demo, trap, tmp_path / "home", "ANTHROPIC_API_KEY", PROMPT)
+    report = f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, report
+    assert "Demo mode" in done.stdout and PROMPT in done.stdout, report
+    assert wait_until(lambda: "method=POST path=/v1/messages" in demo.log_text()), demo.log_text()
+    assert trap.caught == [], trap.caught

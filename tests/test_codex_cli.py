@@ -157,3 +157,18 @@ def test_codex_exec_completes_a_prompt_through_the_relay(relay: RelayProcess, fa
     assert CODEX_KEY not in log and ACCESS_KEY not in log and UPSTREAM_KEY not in log
 
     assert trap.caught == [], trap.caught
+
+
+def test_codex_exec_works_against_the_demo(relay_factory: Callable[..., RelayProcess], trap: ProxyTrap,
+                                           tmp_path: Path) -> None:
+    """Without any upstream key (demo mode, what `make run` starts), `codex exec` gets the stand-in's answer
+    through the relay's Responses API, and nothing tried to leave loopback."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[keys.{KEY_NAME}]\nkey = "{CODEX_KEY}"\n')
+    demo = relay_factory(RELAY_DEMO="1", OPENAI_API_KEY="", KEYS_FILE=str(keys), KEEPALIVE_SECONDS="0.3")
+    done = run_codex(demo, trap, tmp_path / "home", PROMPT)
+    report = f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, report
+    assert "Demo mode" in done.stdout, report
+    assert wait_until(lambda: "method=POST path=/v1/responses status=200" in demo.log_text()), demo.log_text()
+    assert trap.caught == [], trap.caught

@@ -168,7 +168,7 @@ def test_demo_mode_serves_the_stand_in_model(tmp_path: Path) -> None:
         assert events[-1]["usage"]["completion_tokens"] > 0
         assert sse.status_code == 200 and "Demo" in sse.text
         models = httpx2.get(f"{relay.url}/v1/models", headers=relay.headers(), timeout=5).json()
-        assert [model["id"] for model in models["data"]] == ["gpt-4o-mini"]
+        assert [model["id"] for model in models["data"]] == ["gpt-4o-mini", "relay-demo"]  # default, stand-in
         assert httpx2.get(f"{relay.url}/healthz", timeout=5).json()["demo"] is True
         page = httpx2.get(f"{relay.url}/", timeout=5)  # the bundle is built by make test
         assert page.status_code == 200 and 'id="demo-notice"' in page.text

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: `POST /v1/chat/completions`, `GET /v1/models` and `GET /v1/models/{model}`.
+"""The OpenAI-compatible API: `POST /v1/chat/completions`, `GET /v1/models` and `GET /v1/models/{model}`
+(the last two in Anthropic's shape for a request that carries `anthropic-version`).
 
 Point any OpenAI client at `http://host/v1` with an access key as its API key. Requests go upstream as
 sent, apart from the relay's model allow-list, `MAX_TOKENS` cap and `SYSTEM_PROMPT`; streamed chunks come
@@ -11,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from proxy.encoders import SseEncoder
 from proxy.errors import NotFound
-from proxy.models import model_entries
+from proxy.models import anthropic_model, anthropic_page, in_file_order, model_entries
 from proxy.pipeline import endpoint
 from proxy.pump import StreamStats
 from proxy.relay import current_relay
@@ -63,6 +64,10 @@ def whole_answer_stats(answer: Completion, started_at: float) -> StreamStats:
 @bp.get("/v1/models")
 @endpoint("openai")
 def models() -> Response:
+    # An Anthropic client (its SDKs and Claude Code send anthropic-version on every request) gets Anthropic's
+    # list shape and pagination; everyone else OpenAI's.
+    if request.headers.get("anthropic-version"):
+        return Response(orjson.dumps(anthropic_page(caller_models(), request.args)), mimetype="application/json")
     return Response(orjson.dumps({"object": "list", "data": caller_models()}), mimetype="application/json")
 
 
@@ -74,6 +79,8 @@ def retrieve_model(model: str) -> Response:
         # The same answer for a model that does not exist and one this key may not use: keys learn nothing.
         raise NotFound(f"the model '{model}' does not exist or you do not have access to it",
                        kind="model_not_found")
+    if request.headers.get("anthropic-version"):
+        return Response(orjson.dumps(anthropic_model(entry)), mimetype="application/json")
     return Response(orjson.dumps(entry), mimetype="application/json")
 
 
@@ -81,5 +88,6 @@ def caller_models() -> list[dict[str, Any]]:
     """The model entries this request's caller may use (proxy/models.py: listed, configured, filtered)."""
     relay = current_relay()
     caller = request_state().caller
-    listed = relay.catalog.listed(relay.upstreams)
-    return model_entries(relay.config, relay.upstreams, listed, caller.models if caller is not None else ())
+    upstreams = in_file_order(relay.config, (*relay.upstreams, *relay.anthropic_upstreams))
+    listed = relay.catalog.listed(upstreams)
+    return model_entries(relay.config, upstreams, listed, caller.models if caller is not None else ())

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import httpx2
 from flask import Blueprint, Response, request
 from werkzeug.wsgi import get_input_stream
 
@@ -37,6 +38,7 @@ from proxy.forwarding import (
     json_object,
     model_of,
     multipart_boundary,
+    next_upstreams,
     read_prefix,
     relay_bytes,
     relay_sse,
@@ -169,12 +171,27 @@ def read_upload(config: Config, state: RequestState, content_type: str, common: 
 
 def late_model(config: Config, state: RequestState, routed: str | None, named: str) -> None:
     """A form's `model` field: checked like any model; a second, different one is refused (which one the
-    upstream would read is its business, so the relay cannot know which it checked)."""
+    upstream would read is its business, so the relay cannot know which it checked). One that comes after
+    the first MODEL_PREFIX_BYTES, when the upload already goes to the first upstream (as a request naming
+    no model does), must be served by it: else it is refused before the upstream has the whole upload."""
     if not named:
         raise BadRequest("the form's 'model' field must be a short non-empty string")
     if routed is not None and named != routed:
         raise BadRequest("the form names two different models", kind="model_conflict")
     check_model(config, state, named)
+    if routed is None:
+        refuse_misrouted(current_relay().upstreams, named)
+
+
+def refuse_misrouted(upstreams: Sequence[Upstream], model: str) -> None:
+    """A model first named past the routing prefix: fine when the first upstream (where the upload goes) is
+    the one its name routes to; else a 400 naming the rule."""
+    serving = next((upstream for upstream in upstreams if upstream.serves(model)), None)
+    if upstreams and serving is not upstreams[0]:
+        raise BadRequest(f"the form's 'model' field ('{model[:100]}') comes after the first "
+                         f"{MODEL_PREFIX_BYTES // 1024} KiB of the upload, and the relay routes an upload by a "
+                         "model it finds there: put the 'model' field before the file (curl: -F model=... "
+                         "before -F file=@...)", kind="model_too_late")
 
 
 def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect = OPENAI) -> Response:
@@ -188,11 +205,12 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
                                kind="upstream_auth")
         error.upstream_failures = (*opened.failures, (opened.upstream.name, "upstream_auth"))
         raise error
+    content_type = response.headers.get("content-type", "application/octet-stream")
+    refuse_unreadable_failure(opened, content_type)
     headers = client_response_headers(response.headers.items())
     stats = StreamStats(started_at=state.access.started, upstream=opened.upstream.name, fallbacks=opened.fallbacks,
                         upstream_failures=opened.failures)
     state.access.stats = stats
-    content_type = response.headers.get("content-type", "application/octet-stream")
     if response.status_code >= 400:
         failure = failure_of_status(response)
         if failure is not None:  # the last upstream's 5xx/429, answered as it came: still a failure to count
@@ -202,17 +220,33 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
         stats.ended_at = time.monotonic()
         return Response(refusal, status=response.status_code, headers=headers, content_type=content_type)
     if content_type.lower().startswith("text/event-stream"):
-        # From here the loop's first-byte and idle timers govern; the read timeout is only a backstop.
-        response.request.extensions["timeout"]["read"] = relay.body_read_timeout
         client = client_socket_watcher(request.environ)
         hang_up = client.hang_up if isinstance(client, ClientSocket) else _nothing
-        body = relay_sse(ReaderSource(response, relay.timers.idle, hang_up), relay.timers, stats, client,
-                         dialect=dialect)
+
+        def read(answer: httpx2.Response) -> ReaderSource:
+            # From here the loop's first-byte and idle timers govern; the read timeout is only a backstop.
+            answer.request.extensions["timeout"]["read"] = relay.body_read_timeout
+            return ReaderSource(answer, relay.timers.idle, hang_up)
+
+        body = relay_sse(read(response), relay.timers, stats, client, dialect=dialect, draining=relay.draining,
+                         fall_over=next_upstreams(opened, stats, read))
         return Response(body, status=response.status_code, headers=[*headers, *SSE_HEADERS],
                         content_type=content_type)
     usage = JsonUsage(dialect.json_usage) if "json" in content_type.lower() else None
     return Response(relay_bytes(response, stats, usage), status=response.status_code, headers=headers,
                     content_type=content_type)
+
+
+def refuse_unreadable_failure(opened: Opened, content_type: str) -> None:
+    """The last upstream's 5xx/429 is answered as it came when it is JSON (the provider's own error, which its
+    clients read); anything else (a load balancer's HTML page) becomes the relay's own error in the client's
+    protocol, with the same meaning (502 naming the status, or 429 with Retry-After)."""
+    failure = failure_of_status(opened.response)
+    if failure is None or "json" in content_type.lower():
+        return
+    opened.response.close()
+    failure.upstream_failures = (*opened.failures, (opened.upstream.name, failure.kind))
+    raise failure
 
 
 def _nothing() -> None:

@@ -105,27 +105,38 @@ def test_whole_answer_usage() -> None:
 def run(script: list[tuple[float, object]]) -> tuple[list[bytes], StreamStats]:
     source = ScriptedSource(script)
     stats = StreamStats()
-    return list(relay_sse(source, TIMERS, stats, clock=source.clock, dialect=ANTHROPIC)), stats
+    return [part for part in relay_sse(source, TIMERS, stats, clock=source.clock, dialect=ANTHROPIC) if part], stats
 
 
 def test_silence_gets_ping_events_and_usage_is_charged() -> None:
-    """A silence gets `ping` events (never SSE comments); the output tokens are the stream's tokens."""
+    """A silence gets `ping` events (never SSE comments); the output tokens are the stream's tokens.
+    message_start waits for the first text (held back for a fall-over), pings go out meanwhile."""
     out, stats = run([(0.1, START), (2.5, DELTA + FINAL + STOP), (2.6, StreamEnd())])
-    assert out == [START, ANTHROPIC_PING, ANTHROPIC_PING, DELTA + FINAL + STOP]
+    assert out == [ANTHROPIC_PING, ANTHROPIC_PING, START + DELTA + FINAL + STOP]
     assert ANTHROPIC_PING == b'event: ping\ndata: {"type": "ping"}\n\n'
     assert stats.outcome == "ok" and stats.tokens == 7 and stats.usage is not None
     assert stats.usage["prompt_tokens"] == 17
 
 
-@pytest.mark.parametrize(("script", "kind", "message"), [
-    ([(0.1, START), (0.2, StreamFailure("upstream_disconnected", "it broke"))], "upstream_disconnected", "it broke"),
-    ([(0.1, START)], "upstream_timeout", "the upstream went silent for 5 s mid-answer; the answer is incomplete"),
+@pytest.mark.parametrize(("script", "kind", "error_type", "message"), [
+    ([(0.1, START), (0.2, StreamFailure("upstream_disconnected", "it broke"))], "upstream_disconnected",
+     "api_error", "it broke"),
+    # message_start (and pings) are the stream's opening, not its first token: the first-token timer runs.
+    ([(0.1, START), (3.0, ANTHROPIC_PING)], "upstream_timeout", "timeout_error",
+     "the upstream did not start answering within 10 s"),
+    ([(0.1, START + DELTA)], "upstream_timeout", "timeout_error",
+     "the upstream went silent for 5 s mid-answer; the answer is incomplete"),
+    ([(0.1, START + DELTA), (0.2, StreamEnd())], "upstream_disconnected", "api_error",
+     "the upstream's answer ended before it was complete; the answer is incomplete"),
+    ([(0.1, START + b"event: content_block_delta\ndata: {nope\n\n" + STOP)], "upstream_malformed", "api_error",
+     "the upstream sent a malformed event; the answer is incomplete"),
 ])
 def test_a_cut_stream_ends_with_an_anthropic_error_event(script: list[tuple[float, object]], kind: str,
-                                                         message: str) -> None:
-    """A broken upstream or a timer ends the stream with Anthropic's `error` event (api_error)."""
+                                                         error_type: str, message: str) -> None:
+    """A broken upstream, a timer, a body ending before `message_stop` or a malformed event end the stream
+    with Anthropic's `error` event (timeout_error for the timers, else api_error)."""
     out, stats = run(script)
-    payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+    payload = {"type": "error", "error": {"type": error_type, "message": message}}
     assert out[-1] == b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
     assert stats.outcome == kind
 

@@ -17,10 +17,11 @@ from flask.testing import FlaskClient
 
 from proxy import create_app
 from proxy.access import allowed_request_headers
-from proxy.config import Config
+from proxy.config import Config, UpstreamSpec
+from proxy.demo import DEMO_MODEL
 from proxy.errors import SERVED_ENDPOINTS, unknown_endpoint
 from proxy.models import ModelCatalog, model_entries
-from proxy.upstream import Upstream
+from proxy.upstream import AnthropicUpstream, Upstream
 from tests.conftest import ACCESS_KEY, UPSTREAM_KEY
 from tests.unit.conftest import FakeTransport, Reply, bearer, fake_upstream, unit_config
 
@@ -209,10 +210,13 @@ def test_a_slow_upstream_holds_the_request_only_briefly() -> None:
 
 
 def test_demo_mode_lists_its_model() -> None:
-    """Demo mode's stand-in lists nothing of its own; the relay lists the model it answers as (DEFAULT_MODEL)."""
+    """Demo mode lists the model it answers as by default (DEFAULT_MODEL) and the stand-in's own name,
+    which both its chat and its Anthropic stand-ins list (and answer, as they answer any model)."""
     client = create_app(Config(authorization_keys=(ACCESS_KEY,), openai_api_key="", demo=True)).test_client()
-    assert ids(client) == ["gpt-4o-mini"]
+    assert ids(client) == ["gpt-4o-mini", DEMO_MODEL]
     assert client.get("/v1/models/gpt-4o-mini", headers=bearer()).json["owned_by"] == "demo"
+    anthropic = client.get("/v1/models", headers={**bearer(), "anthropic-version": "2023-06-01"}).json
+    assert [entry["id"] for entry in anthropic["data"]] == ["gpt-4o-mini", DEMO_MODEL]
 
 
 # --- GET /v1/models/{id} ----------------------------------------------------------------------------------------
@@ -331,3 +335,98 @@ def test_allowed_request_headers_rule() -> None:
     assert allowed_request_headers(" Accept ,accept, anthropic-beta, x-stainless-arch, x-forwarded-for, ,") == [
         "accept", "anthropic-beta", "x-stainless-arch"]
     assert allowed_request_headers("x-stainless-a\r\nset-cookie") == []
+
+
+# --- Anthropic-protocol upstreams and Anthropic clients ---------------------------------------------------------
+
+def anthropic_lister(pages: list[dict[str, Any]] | None, seen: list[httpx2.Request], name: str = "claude",
+                     models: tuple[str, ...] = ()) -> AnthropicUpstream:
+    """An in-process Anthropic upstream whose GET /v1/models answers `pages` in turn (None: a 500)."""
+    answers = list(pages or [])
+
+    def handle(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        if pages is None:
+            return httpx2.Response(500, json={"type": "error", "error": {"type": "api_error", "message": "down"}})
+        return httpx2.Response(200, json=answers.pop(0))
+
+    return AnthropicUpstream(name, "http://anthropic.invalid", httpx2.Client(transport=httpx2.MockTransport(handle)),
+                             "sk-ant-unit", models)
+
+
+def anthropic_listing(*ids: str, more: bool = False) -> dict[str, Any]:
+    return {"data": [{"type": "model", "id": model, "display_name": model.title(),
+                      "created_at": "2025-02-19T00:00:00Z"} for model in ids],
+            "has_more": more, "first_id": ids[0], "last_id": ids[-1]}
+
+
+def spec(name: str, api: str = "openai") -> UpstreamSpec:
+    return UpstreamSpec(name, "http://x.invalid", "KEY", (), api=api)
+
+
+def anthropic_relay(openai_upstreams: list[Upstream], anthropic_upstreams: list[AnthropicUpstream],
+                    order: list[UpstreamSpec], **overrides: Any) -> FlaskClient:
+    app = create_app(unit_config(**overrides))
+    relay = app.extensions["relay"]
+    config = dataclasses.replace(relay.config, upstreams=tuple(order))
+    app.extensions["relay"] = dataclasses.replace(
+        relay, config=config, upstreams=tuple(openai_upstreams), anthropic_upstreams=tuple(anthropic_upstreams),
+        catalog=ModelCatalog(ttl=60, timeout=2.0, clock=Clock()))
+    return app.test_client()
+
+
+def test_anthropic_upstreams_lists_merge_in_file_order() -> None:
+    """An Anthropic-protocol upstream is asked in its protocol (x-api-key, anthropic-version, every page) and
+    its models join the list where it stands in UPSTREAMS_FILE, keeping display_name and created_at."""
+    first, last = FakeTransport(), FakeTransport()
+    first.models, last.models = listing("gpt-a"), listing("gpt-z")
+    seen: list[httpx2.Request] = []
+    claude = anthropic_lister([anthropic_listing("claude-1", more=True), anthropic_listing("claude-2")], seen)
+    client = anthropic_relay([fake_upstream(first, "first"), fake_upstream(last, "last")], [claude],
+                             [spec("first"), spec("claude", "anthropic"), spec("last")], default_model="gpt-a")
+    data = client.get("/v1/models", headers=bearer()).json["data"]
+    assert [(entry["id"], entry["owned_by"]) for entry in data] == [
+        ("gpt-a", "first"), ("claude-1", "claude"), ("claude-2", "claude"), ("gpt-z", "last")]
+    assert data[1] == {"id": "claude-1", "object": "model", "created": 1739923200, "owned_by": "claude",
+                       "display_name": "Claude-1", "created_at": "2025-02-19T00:00:00Z"}
+    assert [request.url.params.get("after_id") for request in seen] == [None, "claude-1"]
+    assert all(request.headers["x-api-key"] == "sk-ant-unit" and request.headers["anthropic-version"]
+               for request in seen)
+
+
+def test_a_failing_anthropic_upstream_never_breaks_the_list() -> None:
+    """An Anthropic upstream that answers 500 lists nothing; the others and the configured names stay, and
+    the allow-list filters its models like any other."""
+    good_seen: list[httpx2.Request] = []
+    down = anthropic_lister(None, [], name="down", models=("claude-exact", "claude-*"))
+    good = anthropic_lister([anthropic_listing("claude-a", "kimi-k2")], good_seen, name="good")
+    client = anthropic_relay([], [down, good], [spec("down", "anthropic"), spec("good", "anthropic")],
+                             default_model="claude-exact", allowed_models=("claude-*",))
+    assert ids(client) == ["claude-exact", "claude-a"]
+
+
+@pytest.mark.parametrize(("query", "page", "has_more"), [
+    ("", ["m0", "m1", "m2", "m3", "m4"], False),
+    ("?limit=2", ["m0", "m1"], True),
+    ("?limit=2&after_id=m1", ["m2", "m3"], True),
+    ("?limit=2&after_id=m3", ["m4"], False),
+    ("?limit=2&before_id=m2", ["m0", "m1"], False),
+    ("?limit=1&before_id=m3", ["m2"], True),
+    ("?after_id=unknown", [], False),
+])
+def test_anthropic_clients_get_anthropics_shape_and_pages(query: str, page: list[str], has_more: bool) -> None:
+    """A request carrying anthropic-version gets Anthropic's list shape (type, id, display_name, created_at)
+    with its pagination (limit, after_id, before_id), which the anthropic SDK's models.list() follows."""
+    transport = FakeTransport()
+    transport.models = listing(*(f"m{n}" for n in range(5)))
+    client = relay_client([fake_upstream(transport, "u")], default_model="m0")
+    headers = {**bearer(), "anthropic-version": "2023-06-01"}
+    answer = client.get(f"/v1/models{query}", headers=headers).json
+    assert [entry["id"] for entry in answer["data"]] == page
+    assert answer["has_more"] is has_more
+    assert answer["first_id"] == (page[0] if page else None) and answer["last_id"] == (page[-1] if page else None)
+    if page:
+        assert answer["data"][0] == {"type": "model", "id": page[0], "display_name": page[0],
+                                     "created_at": "2023-11-14T22:13:20Z"}
+    one = client.get("/v1/models/m1", headers=headers).json
+    assert one == {"type": "model", "id": "m1", "display_name": "m1", "created_at": "2023-11-14T22:13:20Z"}

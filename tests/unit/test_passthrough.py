@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from proxy import create_app
 from proxy.encoders import SSE_KEEPALIVE
 from proxy.forwarding import (
+    HELD_LIMIT,
     JsonUsage,
     ModelFieldWatch,
     SseClock,
@@ -26,6 +27,7 @@ from proxy.forwarding import (
     upstream_request_headers,
 )
 from proxy.pump import StreamStats
+from proxy.shutdown import Draining
 from proxy.stream_machine import StreamTimers
 from proxy.upstream import StreamEnd, StreamFailure, Upstream
 from tests.conftest import UPSTREAM_KEY
@@ -158,28 +160,33 @@ class ScriptedSource:
 def run(script: list[tuple[float, object]]) -> tuple[list[bytes], StreamStats, ScriptedSource]:
     source = ScriptedSource(script)
     stats = StreamStats()
-    out = list(relay_sse(source, TIMERS, stats, clock=source.clock))
+    out = [part for part in relay_sse(source, TIMERS, stats, clock=source.clock) if part]
     return out, stats, source
 
 
 def test_silence_gets_keepalives_between_whole_events() -> None:
     """A 3.5 s silence mid-event gets no keep-alive inside the event; whole events pass as they complete."""
-    out, stats, source = run([(0.5, b"event: a\ndata: 1\n\nevent: b\nda"), (4.0, b"ta: 2\n\n"), (4.2, StreamEnd())])
-    assert out == [b"event: a\ndata: 1\n\n", SSE_KEEPALIVE, SSE_KEEPALIVE, SSE_KEEPALIVE, b"event: b\ndata: 2\n\n"]
+    out, stats, source = run([(0.5, b"event: a\ndata: 1\n\nevent: b\nda"), (4.0, b"ta: 2\n\ndata: [DONE]\n\n"),
+                              (4.2, StreamEnd())])
+    assert out == [b"event: a\ndata: 1\n\n", SSE_KEEPALIVE, SSE_KEEPALIVE, SSE_KEEPALIVE,
+                   b"event: b\ndata: 2\n\ndata: [DONE]\n\n"]
     assert stats.outcome == "ok" and source.closed
 
 
 @pytest.mark.parametrize(("script", "kind"), [
     ([], "upstream_timeout"),  # nothing within FIRST_TOKEN_TIMEOUT
     ([(1.0, b"data: 1\n\n")], "upstream_timeout"),  # silent for IDLE_TIMEOUT after the first byte
-    ([(t / 2, b": ping\n\n") for t in range(1, 200)], "stream_time_limit"),  # never silent, never done
+    ([(t / 2, b"data: {}\n\n") for t in range(1, 200)], "stream_time_limit"),  # never silent, never done
+    ([(t / 2, b": ping\n\n") for t in range(1, 200)], "upstream_timeout"),  # comments are not a first token
     ([(1.0, StreamFailure("upstream_disconnected", "broke"))], "upstream_disconnected"),
 ])
 def test_stream_ends_with_one_error_event(script: list[tuple[float, object]], kind: str) -> None:
     """Timers and a broken upstream end the stream with an OpenAI error event and nothing after it."""
     out, stats, source = run(script)
-    last = orjson.loads(out[-1].removeprefix(b"data: "))
-    assert last["error"]["code"] == kind and stats.outcome == kind and source.closed
+    assert out[-1].startswith(b"event: error\ndata: ")
+    last = orjson.loads(out[-1].removeprefix(b"event: error\ndata: "))
+    assert last["type"] == "error" and last["code"] == kind and last["error"]["code"] == kind
+    assert stats.outcome == kind and source.closed
 
 
 def test_clock_waits_no_longer_than_the_next_deadline() -> None:
@@ -194,6 +201,56 @@ def test_framer_keeps_a_partial_event() -> None:
     framer = SseFramer()
     assert framer.feed(b"data: 1\r\n\r\ndata: 2") == b"data: 1\r\n\r\n"
     assert framer.feed(b"\n\n") == b"data: 2\n\n"
+
+
+CREATED = b'event: response.created\ndata: {"type":"response.created"}\n\n'
+DELTA = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
+COMPLETED = b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n'
+
+
+@pytest.mark.parametrize(("script", "passed", "outcome", "relays_error"), [
+    # the whole stream, its last event without the closing blank line: passed on with one
+    ([(0.1, CREATED + DELTA + COMPLETED[:-1]), (0.2, StreamEnd())], [CREATED + DELTA, COMPLETED], "ok", False),
+    # the upstream's own error event (either shape) ends a stream as well as response.completed; it passes on
+    # as it came (nothing to add), counted as an upstream error
+    ([(0.1, b'data: {"error":{"message":"overloaded"}}\n\n'), (0.2, StreamEnd())],
+     [b'data: {"error":{"message":"overloaded"}}\n\n'], "upstream_error", False),
+    ([(0.1, CREATED + DELTA), (0.2, StreamEnd())], [CREATED + DELTA], "upstream_disconnected", True),  # cut short
+    # events before a malformed one pass (held ones too), then the error
+    ([(0.1, CREATED + b"data: {nope\n\n" + DELTA)], [CREATED], "upstream_malformed", True),
+    ([(0.1, b"<html><body>502</body></html>\n"), (0.2, StreamEnd())], [], "upstream_disconnected", True),
+])
+def test_stream_ends_only_after_its_last_event(script: list[tuple[float, object]], passed: list[bytes],
+                                               outcome: str, relays_error: bool) -> None:
+    """Events pass on until a malformed one; a body that ends before its protocol's last event (or in the
+    middle of one) gets the relay's error event: the client always knows whether the answer is whole."""
+    out, stats, _source = run(script)
+    if relays_error:
+        assert out[:-1] == passed and b'"code":"' + outcome.encode() + b'"' in out[-1]
+    else:
+        assert out == passed
+    assert stats.outcome == outcome
+
+
+def test_opening_events_are_not_the_first_token() -> None:
+    """`response.created` comes at once, but a model that thinks longer than FIRST_TOKEN_TIMEOUT is cut off
+    by that timer (not by IDLE_TIMEOUT); a long thought within it is fine."""
+    out, stats, _source = run([(0.1, CREATED), (8.0, DELTA + COMPLETED), (8.1, StreamEnd())])
+    # response.created waits with the first token (keep-alives meanwhile): see the fall-over tests
+    assert out == [SSE_KEEPALIVE] * 7 + [CREATED + DELTA + COMPLETED] and stats.outcome == "ok"
+    out, stats, _source = run([(0.1, CREATED), (11.0, DELTA)])
+    assert b"did not start answering within 10 s" in out[-1] and stats.outcome == "upstream_timeout"
+
+
+def test_framer_finds_the_end_of_an_event_sent_in_many_blocks() -> None:
+    """A 1 MiB event in 1 KiB blocks comes out whole, once, with what follows kept for later."""
+    framer = SseFramer()
+    event = b"data: " + b"x" * (1024 * 1024) + b"\r\n\r\n"
+    pieces = [event[i:i + 1024] for i in range(0, len(event), 1024)]
+    out = b"".join(framer.feed(piece) for piece in pieces[:-1])
+    assert out == b""
+    assert framer.feed(pieces[-1] + b"data: 2") == event
+    assert framer.rest() == b"data: 2"
 
 
 # --- the routes, in-process ------------------------------------------------------------------------------------
@@ -295,3 +352,90 @@ def test_upstream_errors_pass_through_redacted_but_its_key_refusal_is_502(record
     assert UPSTREAM_KEY not in missing.text
     refused = client.get("/v1/responses/resp_1", headers=bearer())
     assert refused.status_code == 502 and refused.json["error"]["code"] == "upstream_auth"
+
+
+def test_drain_deadline_ends_a_forwarded_stream_with_a_restart_error() -> None:
+    """A graceful stop's deadline ends the stream with the dialect's error event (server_restarting)."""
+    draining = Draining()
+    draining.deadline = 2.0
+    source = ScriptedSource([(0.1, CREATED + DELTA), (5.0, COMPLETED)])
+    stats = StreamStats()
+    out = [part for part in relay_sse(source, TIMERS, stats, clock=source.clock, draining=draining) if part]
+    assert out[0] == CREATED + DELTA and b'"code":"server_restarting"' in out[-1] and b"restarting" in out[-1]
+    assert stats.outcome == "server_restarting" and source.now == pytest.approx(2.0)
+
+
+def test_a_model_named_after_the_routing_prefix_must_be_the_first_upstreams(recorder: Recorder) -> None:
+    """An upload whose `model` field comes after its first 64 KiB goes to the first upstream (routed before
+    the field arrives): accepted when that upstream is where the model routes, else a 400 naming the rule
+    before the upstream has the whole upload."""
+    app = create_app(unit_config())
+    other = Recorder()
+    upstreams = tuple(Upstream(name, openai.OpenAI(api_key=UPSTREAM_KEY, base_url="http://upstream.invalid/v1",
+                                                   max_retries=0, http_client=httpx2.Client(transport=transport)),
+                               models)
+                      for name, transport, models in (("whisper", recorder, ("whisper-*",)), ("rest", other, ())))
+    app.extensions["relay"] = dataclasses.replace(app.extensions["relay"], upstreams=upstreams)
+    client = app.test_client()
+    headers = {**bearer(), "Content-Type": "multipart/form-data; boundary=BOUNDARY"}
+    served = form(("file", "a.wav", b"RIFF" * 20_000), ("model", None, b"whisper-1"))
+    assert client.post("/v1/audio/transcriptions", data=served, headers=headers).status_code == 200
+    assert len(recorder.bodies) == 1 and other.bodies == []
+    elsewhere = form(("file", "a.wav", b"RIFF" * 20_000), ("model", None, b"gpt-4o-transcribe"))
+    refused = client.post("/v1/audio/transcriptions", data=elsewhere, headers=headers)
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "model_too_late"
+    assert "before the file" in refused.json["error"]["message"] and "64 KiB" in refused.json["error"]["message"]
+    early = form(("model", None, b"gpt-4o-transcribe"), ("file", "a.wav", b"RIFF" * 20_000))
+    assert client.post("/v1/audio/transcriptions", data=early, headers=headers).status_code == 200
+    assert len(other.bodies) == 1 and len(recorder.bodies) == 1
+
+
+@pytest.mark.parametrize(("first_script", "falls_over_on"), [
+    ([(0.1, CREATED), (0.2, StreamFailure("upstream_disconnected", "broke"))], "upstream_disconnected"),
+    ([(0.1, CREATED + b"data: {nope\n\n")], "upstream_malformed"),
+    ([(0.1, CREATED + b'event: error\ndata: {"type":"error","code":"x","message":"overloaded"}\n\n'),
+      (0.2, StreamEnd())], "upstream_error"),
+    ([(0.1, CREATED), (0.2, StreamEnd())], "upstream_disconnected"),
+    ([(0.1, CREATED + DELTA), (0.2, StreamFailure("upstream_disconnected", "broke"))], None),  # text was sent
+    ([(0.1, CREATED)], None),  # a slow first token is no reason: the model is thinking
+])
+def test_falls_over_only_before_the_first_token(first_script: list[tuple[float, object]],
+                                                falls_over_on: str | None) -> None:
+    """A stream failing before its first token is replaced by the next upstream's (what the first sent,
+    held back, is dropped: the client sees one beginning); after the first token, or on a timer, it ends
+    with the error event."""
+    first = ScriptedSource(first_script)
+    second = ScriptedSource([(0.0, CREATED + DELTA + COMPLETED), (0.0, StreamEnd())])
+    sources, kinds = [first], []
+
+    def fall_over(kind: str) -> ScriptedSource | None:
+        kinds.append(kind)
+        second.now = first.now
+        sources.append(second)
+        return second
+
+    stats = StreamStats()
+    out = [part for part in relay_sse(first, TIMERS, stats, clock=lambda: sources[-1].now, fall_over=fall_over)
+           if part]
+    assert first.closed and second.closed == (falls_over_on is not None)
+    if falls_over_on is None:
+        assert kinds == [] and b'"type":"error"' in out[-1] and stats.outcome != "ok"
+    else:
+        assert kinds == [falls_over_on] and b"".join(out) == CREATED + DELTA + COMPLETED and stats.outcome == "ok"
+
+
+def test_headers_go_out_before_anything_is_read() -> None:
+    """The loop's first part is empty, so the server sends the status and headers at once, even while the
+    opening events are held back for the first token."""
+    source = ScriptedSource([(5.0, CREATED + DELTA + COMPLETED), (5.1, StreamEnd())])
+    stream = relay_sse(source, TIMERS, StreamStats(), clock=source.clock)
+    assert next(stream) == b"" and source.now == 0.0
+    assert b"".join(stream).endswith(CREATED + DELTA + COMPLETED)
+
+
+def test_opening_events_held_back_are_bounded() -> None:
+    """An upstream whose opening (events before the first token) grows past HELD_LIMIT has it passed on."""
+    ping = b'event: response.in_progress\ndata: {"type":"response.in_progress","pad":"' + b"x" * 1000 + b'"}\n\n'
+    out, stats, _source = run([(0.1 + n / 1000, ping) for n in range(300)] + [(0.5, DELTA + COMPLETED),
+                                                                            (0.6, StreamEnd())])
+    assert len(out[0]) > HELD_LIMIT and b"".join(out) == ping * 300 + DELTA + COMPLETED and stats.outcome == "ok"
