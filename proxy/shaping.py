@@ -272,7 +272,18 @@ def request_schemas() -> dict[str, dict[str, Any]]:
         "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
             "messages": _messages_schema("OpenAIMessage"), "model": MODEL_SCHEMA,
             "stream": STREAM.schema(), "stream_options": STREAM_OPTIONS.schema()}},
-        "MessagesRequest": {"type": "object", "required": ["model"], "properties": {"model": MESSAGES_MODEL_SCHEMA}},
+        # Forwarded as sent to Anthropic-protocol upstreams; translated (proxy/bridge/messages_request.py,
+        # whose refusals these are) for chat-completions ones: a role other than user/assistant, content
+        # that is neither a string nor an array of blocks.
+        "MessagesRequest": {"type": "object", "required": ["model", "messages"], "properties": {
+            "model": MESSAGES_MODEL_SCHEMA,
+            "messages": {"type": "array", "items": {"$ref": "#/components/schemas/AnthropicMessage"}}}},
+        "AnthropicMessage": {"type": "object", "required": ["role", "content"], "properties": {
+            "role": {"type": "string", "enum": ["user", "assistant"]},
+            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+                "$ref": "#/components/schemas/AnthropicTextBlock"}}]}}},
+        "AnthropicTextBlock": {"type": "object", "required": ["type", "text"], "properties": {
+            "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}},
     }
 
 

@@ -112,7 +112,7 @@ def assistant_message(blocks: list[Any]) -> dict[str, Any]:
     for block in blocks:
         kind = _block_type(block)
         if kind == "text":
-            texts.append(str(block.get("text", "")))
+            texts.append(_text(block))
         elif kind == "tool_use":
             arguments = orjson.dumps(block.get("input") or {}).decode()
             calls.append({"id": block.get("id"), "type": "function",
@@ -180,7 +180,7 @@ def content_part(block: Any, where: str) -> dict[str, Any]:
     """A text or image block as a chat content part; other blocks are refused, naming their type."""
     kind = _block_type(block)
     if kind == "text":
-        return {"type": "text", "text": str(block.get("text", ""))}
+        return {"type": "text", "text": _text(block)}
     if kind == "image":
         return {"type": "image_url", "image_url": {"url": image_url(block.get("source"))}}
     if kind == "document":
@@ -284,6 +284,13 @@ def _list(value: Any, what: str) -> list[Any]:
     if not isinstance(value, list):
         raise MessagesRefused(f"{what} must be a list")
     return value
+
+
+def _text(block: dict[str, Any]) -> str:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise MessagesRefused("a text block's 'text' must be a string")
+    return text
 
 
 def _block_type(block: Any) -> str:

@@ -77,12 +77,12 @@ def bridged_messages(relay: Relay, state: RequestState, outgoing: Outgoing, chos
     state.access.bridge = BRIDGE
     assert isinstance(outgoing.body, bytes) and outgoing.model is not None  # the view read a JSON body
     body = orjson.loads(outgoing.body)
-    if outgoing.path.endswith("count_tokens"):
-        return Response(orjson.dumps({"input_tokens": estimate_input_tokens(body)}), mimetype="application/json")
-    try:
+    try:  # count_tokens too: a request the bridge could not send is refused, not counted
         request = to_chat_request(body, outgoing.model)
     except MessagesRefused as exc:
         raise BadRequest(str(exc), kind="bridge_untranslatable") from None
+    if outgoing.path.endswith("count_tokens"):
+        return Response(orjson.dumps({"input_tokens": estimate_input_tokens(body)}), mimetype="application/json")
     state.access.dropped_tools = tuple(request.dropped_tools)
     cap_max_tokens(request.body, relay.config)
     try:

@@ -103,6 +103,8 @@ def test_messages_map_to_chat_messages(message: dict[str, Any], expected: list[d
     ({"role": "tool", "content": "x"}, "role"),
     ({"role": "user", "content": [{"text": "no type"}]}, "'type'"),
     ({"role": "user", "content": 7}, "must be a list"),
+    ({"role": "user", "content": [{"type": "text", "text": 7}]}, "'text' must be a string"),
+    ({"role": "assistant", "content": [{"type": "text"}]}, "'text' must be a string"),
 ])
 def test_untranslatable_content_is_refused_naming_it(message: dict[str, Any], named: str) -> None:
     """Block types a chat upstream cannot take are refused (a 400 in the view) naming what to change."""

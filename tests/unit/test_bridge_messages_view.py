@@ -83,6 +83,13 @@ def test_count_tokens_is_an_estimate(client: FlaskClient, transport: FakeTranspo
     assert transport.requests == []
 
 
+def test_count_tokens_refuses_what_the_bridge_could_not_send(client: FlaskClient, transport: FakeTransport) -> None:
+    """A count for a request with no messages (or untranslatable ones) is the 400 the request itself gets."""
+    response = client.post("/v1/messages/count_tokens", json={"model": MODEL}, headers=bearer())
+    assert response.status_code == 400 and response.get_json()["error"]["type"] == "invalid_request_error"
+    assert "messages must be a list" in response.get_json()["error"]["message"]
+
+
 def test_untranslatable_content_is_an_anthropic_400(client: FlaskClient, transport: FakeTransport) -> None:
     """A PDF document block is refused with Anthropic's invalid_request_error naming the block type."""
     pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}
