@@ -36,7 +36,7 @@ The rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -57,6 +57,7 @@ DAY_TTL = 2 * DAY_SECONDS  # a day's counters outlive the day, for `keys list` a
 MONTH_TTL = 40 * DAY_SECONDS
 IN_FLIGHT_RETRY_SECONDS = 5
 TOKENS, DAILY, MONTHLY = "token_budget_exhausted", "daily_spend_exhausted", "monthly_spend_exhausted"
+Charge = tuple[str, float, int]  # (counter, amount, seconds the counter is kept)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,17 @@ class Reservation:
     model: str
     prompt_tokens: int
     holds: tuple[Hold, ...]
-    in_redis: bool
+    store: str  # the counters that granted it: "redis", "host" (DATA_DIR/limits.db) or "memory"
+
+
+def refused_by(holds: Sequence[Hold], committed: Sequence[float]) -> int:
+    """The admission rule every store applies (Redis's Lua script spells it again): 0 when every hold has
+    room beside what its counter has committed (spent + reserved), else the first refusing hold's 1-based
+    index. Strict (money): the amount must fit under the limit; else committed must be under it."""
+    for index, (hold, already) in enumerate(zip(holds, committed, strict=True), start=1):
+        if already + hold.amount > hold.limit if hold.strict else already >= hold.limit:
+            return index
+    return 0
 
 
 def utc_day(now: datetime | None = None) -> str:

@@ -11,21 +11,25 @@ file within a second: a created key works, a revoked one is refused (an open Web
 1008), without a restart. `create` prints the key once; only its SHA-256 hash and its first characters
 (`prefix`, to recognize it) are written.
 
-`list` shows each key's last use and this month's spend from the limits storage: with
-RATE_LIMIT_STORAGE_URI=redis://... they are the relay's, shared by every worker; with the default memory
-storage each worker keeps its own, out of this command's reach, and `list` says so.
+`list` shows each key's last use and this month's spend from where the relay counts them: with
+RATE_LIMIT_STORAGE_URI=redis://... in Redis; with the default memory storage in the host's file
+DATA_DIR/limits.db (`proxy/host_counters.py`), read-only (a missing file is read as empty, never created).
+Spend is counted there for keys with a budget (a key without one shows 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from proxy.budgets import spend_counter, utc_month
+from proxy.config import ledger_settings
+from proxy.host_counters import SQLITE_FILE, HostCounters
 from proxy.keyfile import (
     KeyFileEditError,
     add_entry,
@@ -116,7 +120,11 @@ def edit(args: argparse.Namespace, path: Path, env: Mapping[str, str]) -> int:
 def list_keys(path: Path, env: Mapping[str, str]) -> int:
     policies = load_keys_file(path) if path.exists() else ()
     storage = env.get("RATE_LIMIT_STORAGE_URI", "").strip() or "memory://"
-    counters = Counters(storage) if storage != "memory://" else None
+    counters: Counters | HostCounters
+    if storage != "memory://":
+        counters = Counters(storage)
+    else:
+        counters = HostCounters(ledger_settings(env)["data_dir"] / SQLITE_FILE, read_only=True)
     month = utc_month()
     rows = [("NAME", "PREFIX", "LIMITS", "LAST USE (UTC)", f"SPEND {month}")]
     for policy in policies:
@@ -125,9 +133,8 @@ def list_keys(path: Path, env: Mapping[str, str]) -> int:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    if counters is None:
-        print("\nlast use and spend: the relay counts in each worker's memory (RATE_LIMIT_STORAGE_URI is not set), "
-              "out of this command's reach; set a redis:// URL to share them")
+    if isinstance(counters, HostCounters):
+        print(f"\nlast use and spend: from {counters.path} (this host's workers; spend of keys with a budget)")
     return 0
 
 
@@ -141,11 +148,12 @@ def describe_limits(policy: KeyPolicy) -> str:
     return "; ".join(parts) or "defaults"
 
 
-def usage_columns(counters: Counters | None, policy: KeyPolicy, month: str) -> tuple[str, str]:
-    if counters is None:
+def usage_columns(counters: Counters | HostCounters, policy: KeyPolicy, month: str) -> tuple[str, str]:
+    try:
+        last = counters.last_use(policy.name)
+        spent, _held = counters.amounts([spend_counter(policy.name, month)])[0]
+    except sqlite3.Error:  # unreadable (or locked) file: the list still shows the keys
         return "-", "-"
-    last = counters.last_use(policy.name)
-    spent, _held = counters.amounts([spend_counter(policy.name, month)])[0]
     when = datetime.fromtimestamp(last, UTC).strftime("%Y-%m-%d %H:%M") if last is not None else "never"
     return when, f"{spent:.4f}"
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -47,11 +49,13 @@ from proxy.budgets import (
     DAILY,
     MONTHLY,
     TOKENS,
+    Charge,
     Hold,
     Reservation,
     actual_charges,
     plan,
     refusal,
+    refused_by,
     spend_counter,
     tokens_counter,
     utc_day,
@@ -59,6 +63,7 @@ from proxy.budgets import (
 )
 from proxy.config import Config
 from proxy.errors import RateLimited, render_error
+from proxy.host_counters import HostCounters, host_file
 from proxy.keys import KeyPolicy
 from proxy.request_state import RequestState, current_request_state
 from proxy.usage import TokenUsage
@@ -66,7 +71,9 @@ from proxy.usage import TokenUsage
 log = logging.getLogger("relay.limits")
 
 REDIS_TIMEOUT_SECONDS = 0.5  # a Redis that hangs must not hang requests
-REDIS_RETRY_SECONDS = 5.0  # after a Redis failure, count in memory this long before trying Redis again
+REDIS_RETRY_SECONDS = 5.0  # after a Redis failure, count elsewhere this long before trying Redis again
+HOST_RETRY_SECONDS = 30.0  # after the budget file failed, count budgets in memory this long before trying it again
+REDIS, HOST, MEMORY = "redis", "host", "memory"  # where a reservation was granted (Reservation.store)
 STREAM_RETRY_AFTER_SECONDS = 5
 LEASE_MARGIN_SECONDS = 60.0
 GLOBAL_BUCKET = "*"  # cannot collide with a key name (names start with a letter or digit)
@@ -74,7 +81,6 @@ KEY_PREFIX = "relay"
 RATE_SCOPE = "per-key"  # the scope of the one shared per-key limit, as Flask-Limiter names its buckets
 LAST_USE_SECONDS = 60.0  # a key's last use is written to the store at most this often (per process)
 LAST_USE_TTL = 400 * 86400
-Charge = tuple[str, float, int]  # (counter, amount, seconds the counter is kept)
 
 # KEYS: the buckets' sorted sets. ARGV: now, lease expiry, lease id, then one limit per bucket.
 # Drops expired leases, refuses (returning the full bucket's 1-based index) or leases in every bucket.
@@ -158,10 +164,10 @@ class MemoryCounters:
         now = now if now is not None else time.time()
         with self._lock:
             self._forget(now)
-            for index, hold in enumerate(holds, start=1):
-                committed = self._spent.get(hold.counter, 0.0) + max(0.0, self._held.get(hold.counter, 0.0))
-                if committed + hold.amount > hold.limit if hold.strict else committed >= hold.limit:
-                    return index
+            refused = refused_by(holds, [self._spent.get(hold.counter, 0.0)
+                                         + max(0.0, self._held.get(hold.counter, 0.0)) for hold in holds])
+            if refused:
+                return refused
             for hold in holds:
                 self._held[hold.counter] = self._held.get(hold.counter, 0.0) + hold.amount
                 self._forget_at[hold.counter] = now + hold.ttl
@@ -182,8 +188,8 @@ class MemoryCounters:
             for table in (self._spent, self._held, self._forget_at):
                 table.pop(counter, None)
 
-    def touch(self, name: str, when: float) -> None:
-        self._last_use[name] = when
+    def touch(self, name: str, when: float, ttl: int = LAST_USE_TTL) -> None:
+        self._last_use[name] = max(when, self._last_use.get(name, when))
 
     def last_use(self, name: str) -> float | None:
         return self._last_use.get(name)
@@ -233,8 +239,8 @@ class RedisCounters:
             pipe.expire(_spent_key(counter), ttl)
         pipe.execute()
 
-    def touch(self, name: str, when: float) -> None:
-        self.client.set(f"{KEY_PREFIX}:last-use:{name}", repr(when), ex=LAST_USE_TTL)
+    def touch(self, name: str, when: float, ttl: int = LAST_USE_TTL) -> None:
+        self.client.set(f"{KEY_PREFIX}:last-use:{name}", repr(when), ex=ttl)
 
     def last_use(self, name: str) -> float | None:
         value = self.client.get(f"{KEY_PREFIX}:last-use:{name}")
@@ -249,39 +255,84 @@ def _held_key(counter: str) -> str:
     return f"{KEY_PREFIX}:held:{counter}"
 
 
-class Counters:
-    """Redis when configured and answering, this process's memory otherwise."""
+class Outage:
+    """A store that failed: left alone for `retry_seconds`, then tried again; the first failure and the
+    recovery are logged once each."""
 
-    def __init__(self, storage_uri: str | None) -> None:
+    def __init__(self, failed: str, recovered: str, retry_seconds: float) -> None:
+        self._failed, self._recovered, self.retry_seconds = failed, recovered, retry_seconds
+        self._down_until = 0.0
+
+    def usable(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def failed(self, exc: Exception) -> None:
+        if self._down_until == 0.0:
+            log.warning(self._failed, type(exc).__name__, self.retry_seconds)
+        self._down_until = time.monotonic() + self.retry_seconds
+
+    def answered(self) -> None:
+        if self._down_until != 0.0:
+            log.info(self._recovered)
+            self._down_until = 0.0
+
+
+class Counters:
+    """Redis when configured and answering, this process's memory otherwise; for the budgets and last uses,
+    the host's file (`proxy/host_counters.py`, DATA_DIR/limits.db) comes between the two: it is where they
+    live without Redis, and where they fall back to while Redis is down."""
+
+    def __init__(self, storage_uri: str | None, host_path: Path | None = None) -> None:
         self.memory = MemoryCounters()
         self.redis = RedisCounters(storage_uri) if storage_uri and storage_uri != "memory://" else None
-        self._redis_down_until = 0.0
-
-    def _use_redis(self) -> bool:
-        return self.redis is not None and time.monotonic() >= self._redis_down_until
-
-    def _redis_failed(self, exc: redis.RedisError) -> None:
-        if self._redis_down_until == 0.0:
-            log.warning("rate limit storage unreachable (%s); counting in this process's memory and "
-                        "retrying every %g s", type(exc).__name__, REDIS_RETRY_SECONDS)
-        self._redis_down_until = time.monotonic() + REDIS_RETRY_SECONDS
-
-    def _redis_answered(self) -> None:
-        if self._redis_down_until != 0.0:
-            log.info("rate limit storage reachable again")
-            self._redis_down_until = 0.0
+        self.host = HostCounters(host_path) if host_path is not None else None
+        fallback = "DATA_DIR/limits.db for budgets, this process's memory for the rest" if self.host else \
+            "this process's memory"
+        self._redis_outage = Outage(f"rate limit storage unreachable (%s); counting in {fallback} and retrying "
+                                    "every %g s", "rate limit storage reachable again", REDIS_RETRY_SECONDS)
+        self._host_outage = Outage("budget counters file unusable (%s); counting budgets in this process's memory "
+                                   "and retrying every %g s", "budget counters file usable again",
+                                   HOST_RETRY_SECONDS)
 
     def _call(self, operation: Callable[[Any], Any]) -> tuple[Any, bool]:
         """Run `operation` on Redis if possible, else on memory; return its result and where it ran."""
-        if self.redis is not None and self._use_redis():
+        if self.redis is not None and self._redis_outage.usable():
             try:
                 result = operation(self.redis)
             except redis.RedisError as exc:
-                self._redis_failed(exc)
+                self._redis_outage.failed(exc)
             else:
-                self._redis_answered()
+                self._redis_outage.answered()
                 return result, True
         return operation(self.memory), False
+
+    def _budget_store(self) -> str:
+        """Where budget counters are counted now."""
+        if self.redis is not None and self._redis_outage.usable():
+            return REDIS
+        return HOST if self.host is not None and self._host_outage.usable() else MEMORY
+
+    def _budget_call(self, operation: Callable[[Any], Any], start: str | None = None) -> tuple[Any, str]:
+        """Run `operation` on the budgets' store (Redis, else the host's file, else memory), falling back down
+        that order when one fails; return its result and where it ran."""
+        store = start or self._budget_store()
+        if store == REDIS and self.redis is not None:
+            try:
+                result = operation(self.redis)
+            except redis.RedisError as exc:
+                self._redis_outage.failed(exc)
+                return self._budget_call(operation, HOST if self.host is not None else MEMORY)
+            self._redis_outage.answered()
+            return result, REDIS
+        if store == HOST and self.host is not None and self._host_outage.usable():
+            try:
+                result = operation(self.host)
+            except (sqlite3.Error, OSError) as exc:
+                self._host_outage.failed(exc)
+            else:
+                self._host_outage.answered()
+                return result, HOST
+        return operation(self.memory), MEMORY
 
     def acquire(self, buckets: Sequence[tuple[str, int]], max_seconds: float, renewing: Lease | None = None
                 ) -> Lease | str:
@@ -303,40 +354,58 @@ class Counters:
             try:
                 self.redis.release(lease.buckets, lease.lease_id)
             except redis.RedisError as exc:
-                self._redis_failed(exc)  # the lease expires by itself
+                self._redis_outage.failed(exc)  # the lease expires by itself
             return
         self.memory.release(lease.buckets, lease.lease_id)
 
     def amounts(self, counters: Sequence[str]) -> list[tuple[float, float]]:
         """(spent, reserved) of each counter."""
-        found, _ = self._call(lambda store: store.amounts(counters))
+        found, _ = self._budget_call(lambda store: store.amounts(counters))
         return list(found)
 
     def tokens(self, name: str, day: str) -> int:
         return int(self.amounts([tokens_counter(name, day)])[0][0])
 
-    def reserve(self, holds: Sequence[Hold]) -> tuple[int, bool]:
+    def reserve(self, holds: Sequence[Hold]) -> tuple[int, str]:
         """0 and where the holds were reserved, or the 1-based index of the budget without room."""
-        refused, in_redis = self._call(lambda store: store.reserve(holds))
-        return int(refused), in_redis
+        refused, store = self._budget_call(lambda counters: counters.reserve(holds))
+        return int(refused), store
 
-    def settle(self, reserved_in_redis: bool, held: Sequence[tuple[str, float]], charges: Sequence[Charge]) -> None:
-        """Give the holds back to the store that granted them; add the charges where counting happens now."""
-        if held and reserved_in_redis and self.redis is not None:
-            try:
-                self.redis.settle(held, ())
-            except redis.RedisError as exc:
-                self._redis_failed(exc)  # what it held stays reserved until its period ends: refusing errs safe
-        elif held:
-            self.memory.settle(held, ())
+    def settle(self, reserved_in: str, held: Sequence[tuple[str, float]], charges: Sequence[Charge],
+               budgeted: bool = True) -> None:
+        """Give the holds back to the store that granted them (which may not be the one used now); add the
+        charges where counting happens now. One call (one transaction) when both are the same store. The
+        charges of a key without budgets never go to the host's file (no file I/O for such keys)."""
+        now_in = self._budget_store()
+        if now_in == HOST and not budgeted:
+            now_in = MEMORY
+        if held and reserved_in == now_in:
+            self._budget_call(lambda store: store.settle(held, charges), now_in)
+            return
+        if held:
+            self._give_back(reserved_in, held)
         if charges:
-            self._call(lambda store: store.settle((), charges))
+            self._budget_call(lambda store: store.settle((), charges), now_in)
+
+    def _give_back(self, reserved_in: str, held: Sequence[tuple[str, float]]) -> None:
+        # A store that fails now keeps what it held until its period ends: refusing errs safe.
+        try:
+            if reserved_in == REDIS and self.redis is not None:
+                self.redis.settle(held, ())
+            elif reserved_in == HOST and self.host is not None:
+                self.host.settle(held, ())
+            else:
+                self.memory.settle(held, ())
+        except redis.RedisError as exc:
+            self._redis_outage.failed(exc)
+        except (sqlite3.Error, OSError) as exc:
+            self._host_outage.failed(exc)
 
     def touch(self, name: str, when: float) -> None:
-        self._call(lambda store: store.touch(name, when))
+        self._budget_call(lambda store: store.touch(name, when, LAST_USE_TTL))
 
     def last_use(self, name: str) -> float | None:
-        found, _ = self._call(lambda store: store.last_use(name))
+        found, _ = self._budget_call(lambda store: store.last_use(name))
         return float(found) if found is not None else None
 
 
@@ -349,7 +418,7 @@ class RequestLimits:
         self._use_noted: dict[str, float] = {}  # key name -> when this process last recorded its use (monotonic)
         storage_uri = config.rate_limit_storage_uri or "memory://"
         is_redis = storage_uri != "memory://"
-        self.counters = Counters(storage_uri)
+        self.counters = Counters(storage_uri, host_file(config))
         # redis-py takes float timeouts; Flask-Limiter's annotation says str | int.
         redis_options: dict[str, Any] = {
             "socket_timeout": REDIS_TIMEOUT_SECONDS, "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
@@ -479,14 +548,14 @@ class RequestLimits:
         if not self.config.limits_configured:
             return None
         prompt, holds = plan(policy, self.config, self.config.prices, model, body, raw)
-        refused, in_redis = self.counters.reserve(holds) if holds else (0, False)
+        refused, store = self.counters.reserve(holds) if holds else (0, MEMORY)
         if refused:
             hold = holds[refused - 1]
             spent, _ = self.counters.amounts([hold.counter])[0]
             # Would it fit once the requests in flight settle? Then it is worth retrying soon.
             in_flight = (spent + hold.amount <= hold.limit) if hold.strict else spent < hold.limit
             raise refusal(hold, in_flight)
-        return Reservation(policy.name, model, prompt, holds, in_redis)
+        return Reservation(policy.name, model, prompt, holds, store)
 
     def reserve_request(self, state: RequestState, model: str, body: Mapping[str, Any], raw: bytes | None = None
                         ) -> None:
@@ -498,7 +567,7 @@ class RequestLimits:
     def release_reservation(self, reservation: Reservation | None) -> None:
         """Give a reservation back unspent (the request never reached the upstream)."""
         if reservation is not None and reservation.holds:
-            self.counters.settle(reservation.in_redis, _held(reservation), ())
+            self.counters.settle(reservation.store, _held(reservation), ())
 
     def note_use(self, policy: KeyPolicy) -> None:
         """Record the key's last use in the shared store, at most once a LAST_USE_SECONDS per process."""
@@ -528,7 +597,8 @@ class RequestLimits:
         charges = actual_charges(reservation, policy, self.config, self.config.prices, model, usage)
         held = _held(reservation) if reservation is not None else []
         if held or charges:
-            self.counters.settle(reservation is not None and reservation.in_redis, held, charges)
+            self.counters.settle(reservation.store if reservation is not None else MEMORY, held, charges,
+                                 budgeted=bool(held) or bool(self.budgets_of(policy)))
 
     # -- the pipeline's hooks
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from proxy import keys as keys_module
+from proxy.budgets import spend_counter, utc_month
+from proxy.host_counters import HostCounters
 from proxy.keyfile import KeyFileEditError, add_entry, hash_entries, new_key, remove_entry
 from proxy.keys import KeyRing, key_digest, load_keys_file
 from proxy.keys_cli import main
@@ -107,16 +110,34 @@ def test_hash_converts_clear_keys_in_place(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_list_shows_names_prefixes_and_limits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """One row per key; with memory storage, last use and spend are out of reach and it says so."""
+    """One row per key; with memory storage and no DATA_DIR/limits.db yet, nobody has used a key, and the
+    command creates neither the directory nor the file."""
     path = tmp_path / "keys.toml"
     path.write_text(FILE)
+    env = {"DATA_DIR": str(tmp_path / "data")}
     run(path, capsys, "create", "carol", "--daily-spend", "3")
-    code, out, _ = run(path, capsys, "list")
+    code, out, _ = run(path, capsys, "list", env=env)
     rows = out.splitlines()
     assert code == 0 and rows[0].split()[:3] == ["NAME", "PREFIX", "LIMITS"]
-    assert re.match(r"old\s+\(clear text\)\s+5 tokens/day\s+-\s+-$", rows[1])
+    assert re.match(r"old\s+\(clear text\)\s+5 tokens/day\s+never\s+0\.0000$", rows[1])
     assert re.match(r"carol\s+rk-\S{7}\s+3 spend/day", rows[3])
-    assert "RATE_LIMIT_STORAGE_URI is not set" in out and OLD_KEY not in out
+    assert str(tmp_path / "data" / "limits.db") in out and OLD_KEY not in out
+    assert not (tmp_path / "data").exists()
+
+
+def test_list_reads_last_use_and_spend_from_the_host_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """With memory storage `list` reads what the workers wrote in DATA_DIR/limits.db: last use, month's spend."""
+    path = tmp_path / "keys.toml"
+    path.write_text(FILE)
+    store = HostCounters(tmp_path / "data" / "limits.db")
+    used = datetime(2026, 12, 4, 9, 30, tzinfo=UTC).timestamp()
+    store.touch("old", used, 10**9)
+    store.settle((), [(spend_counter("old", utc_month()), 1.25, 86400)])
+    code, out, _ = run(path, capsys, "list", env={"DATA_DIR": str(tmp_path / "data")})
+    assert code == 0
+    assert re.search(r"^old\s+\(clear text\)\s+5 tokens/day\s+2026-12-04 09:30\s+1\.2500$", out, re.MULTILINE), out
+    assert re.search(r"^bob\s+\(clear text\)\s+defaults\s+never\s+0\.0000$", out, re.MULTILINE), out
 
 
 def test_no_keys_file_named(capsys: pytest.CaptureFixture[str]) -> None:
