@@ -98,8 +98,9 @@ def on_starting(server):
           file=sys.stderr, flush=True)
     print(f"relay: listening on {settings.bind}; the chat page is at {settings.url}", file=sys.stderr, flush=True)
     if config.limits_configured and not config.rate_limit_storage_uri and server.cfg.workers > 1:
-        print(f"relay: note: limits count in each of the {server.cfg.workers} worker processes on its own, so a "
-              "key gets up to that many times its limits; set RATE_LIMIT_STORAGE_URI=redis://... (or "
+        print(f"relay: note: request rates and stream slots count in each of the {server.cfg.workers} worker "
+              "processes on its own, so a key gets up to that many times those limits (budgets are shared by "
+              "the workers in DATA_DIR/limits.db); set RATE_LIMIT_STORAGE_URI=redis://... (or "
               "GUNICORN_WORKERS=1) for exact limits", file=sys.stderr, flush=True)
 
 

@@ -4,8 +4,9 @@ A key's budgets: `daily_tokens` (or DAILY_TOKEN_BUDGET) and, in money, `daily_sp
 (priced by PRICES_FILE, `proxy/prices.py`). Counting after the fact lets concurrent requests overshoot: ten
 requests admitted at once against the same remaining dollar each see it free. So once the request's body is
 known (`RequestLimits.reserve`: chat's shaped body, a forwarded /v1 JSON body, an Anthropic body, a WebSocket
-message) the most it can cost is reserved, atomically across workers and instances (one Redis Lua script,
-or one lock in memory), and when it ends the reservation is released and what it really cost is added.
+message) the most it can cost is reserved, atomically across workers and instances (one Redis Lua script;
+without Redis, one SQLite transaction in the host's DATA_DIR/limits.db, shared by its workers; one lock in
+memory as the last fallback), and when it ends the reservation is released and what it really cost is added.
 
 The most a request can cost:
 - its prompt: the body's UTF-8 bytes / 3, rounded up (`prompt_estimate`). English text runs about 4 bytes a

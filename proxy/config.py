@@ -99,7 +99,8 @@ class Config:
     daily_token_budget: int | None = None
     max_streams_per_key: int | None = None
     max_open_streams: int | None = None
-    # Where the counters live: memory (one process) or a Redis URL shared by every process and instance.
+    # Where the counters live: memory (one process; budgets in DATA_DIR/limits.db, shared by the host's
+    # workers) or a Redis URL shared by every process and instance.
     rate_limit_storage_uri: str | None = None
     metrics_key: str | None = field(default=None, repr=False)
     # prometheus_client's multiprocess directory (deploy/gunicorn.conf.py sets one up when unset).

@@ -6,7 +6,7 @@
 - A daily token budget per key, counted from the usage the upstream reports at the end of each answer
   (the number of content deltas when it reports none), renewed at 00:00 UTC; and daily and monthly spend
   limits in money. All three are reserved before the upstream is called and settled when the request
-  closes (`proxy/budgets.py` says how much and by which rule), atomically across processes.
+  closes (`proxy/budgets.py` says how much and by which rule), atomically across processes (see below).
 - Each key's last use, recorded at most once a LAST_USE_SECONDS per key and process, for `keys list`.
 
 Every refusal is a 429 with Retry-After, rendered by the endpoint's own error shape. A WebSocket connection
@@ -14,11 +14,14 @@ Every refusal is a 429 with Retry-After, rendered by the endpoint's own error sh
 the same public checks (`admit_message`, `renew_stream`, `charge`): one count in the same per-key buckets,
 the same budget, the same slots.
 
-Counters live in memory (one process: each gunicorn worker counts on its own) or, with
-RATE_LIMIT_STORAGE_URI=redis://..., in Redis, shared by every worker and every relay instance. When Redis
-cannot be reached the relay keeps serving: every counter falls back to the process's memory (logged
-once), Redis is tried again after a few seconds and used as soon as it answers. While it is down, limits
-hold per process instead of across processes, and counts made in memory are not carried over to Redis.
+Counters live, with RATE_LIMIT_STORAGE_URI=redis://..., in Redis, shared by every worker and every relay
+instance. With the default memory://, rates and stream slots live in memory (one process: each gunicorn
+worker counts on its own), and the budget counters and last uses in the host's file DATA_DIR/limits.db
+(`proxy/host_counters.py`), shared by every worker of the host. When Redis cannot be reached the relay
+keeps serving: rates and slots fall back to the process's memory, budgets to the host's file (logged
+once), Redis is tried again after a few seconds and used as soon as it answers; counts made meanwhile are
+not carried over to Redis. When the host's file cannot be used, budgets fall back to the process's memory
+(logged once), and the file is tried again after HOST_RETRY_SECONDS.
 A leased stream slot always expires by itself after MAX_STREAM_SECONDS (plus a minute), so a crashed
 instance cannot hold slots for ever.
 """
@@ -126,7 +129,7 @@ class Lease:
 
 
 class MemoryCounters:
-    """Stream leases and token counts of this process."""
+    """Stream leases and budget counters of this process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

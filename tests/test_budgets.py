@@ -1,12 +1,13 @@
-"""Money budgets under concurrency, for real: gunicorn (2 workers) and the fake upstream, with the memory storage
-and with a real redis-server. Bursts of concurrent requests against a key's daily spend limit never spend more
-than the limit (per worker with memory storage, whose counters are each process's own; across workers and
-instances with Redis), because each request reserves its most expensive outcome before the upstream is called."""
+"""Money budgets under concurrency, for real: gunicorn (2 workers) and the fake upstream, with the default storage
+(budgets in DATA_DIR/limits.db, shared by the host's workers) and with a real redis-server (shared by every
+instance). Bursts of concurrent requests against a key's daily spend limit never spend more than the limit,
+because each request reserves its most expensive outcome before the upstream is called."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import httpx2
 import pytest
 
 from proxy.budgets import Hold
-from proxy.limits import RedisCounters
+from proxy.host_counters import HostCounters
+from proxy.limits import MemoryCounters, RedisCounters
 from tests.conftest import UPSTREAM_KEY, RelayProcess, relay_env, start_relay
 from tests.fake_upstream import FakeUpstream
 from tests.servers import find_program, running_redis
@@ -79,16 +81,19 @@ def assert_within_budget(answered: int, budgets: int) -> None:
 
 
 def test_burst_never_overshoots_the_money_budget_with_memory_storage(tmp_path: Path, fake: FakeUpstream) -> None:
-    """Memory storage, 2 workers: each worker holds the limit on its own (its counters are its own, as for
-    every limit with memory storage), so at most 2 x the limit is spent, never more."""
+    """Default storage, 2 workers: the budget counters are the host's (DATA_DIR/limits.db), one for both
+    workers, so the spend never passes the limit (it used to be up to 2 x the limit, each worker counting
+    on its own), and the limit is used up to one reservation's worth."""
     relay = start_relay(tmp_path / "relay", relay_env(fake.base_url, GUNICORN_WORKERS="2",
                                                       **keys_and_prices(tmp_path / "files")))
     try:
         answered = spend_until_refused([relay])
+        log = relay.log_text()
     finally:
         relay.stop()
-    assert answered * COST <= 2 * LIMIT + 1e-9
-    assert answered * COST >= LIMIT - 3.5 * COST  # at least one worker's budget was used up
+    assert_within_budget(answered, budgets=1)
+    assert (tmp_path / "relay" / "data" / "limits.db").exists()
+    assert "budget counters file unusable" not in log
 
 
 @pytest.mark.skipif(find_program("redis-server") is None, reason="redis-server is not installed")
@@ -144,7 +149,18 @@ def test_every_protocol_reserves_and_refuses_in_its_own_shape(relay_factory: Cal
                        timeout=20).status_code == 200
 
 
-@pytest.mark.skipif(find_program("redis-server") is None, reason="redis-server is not installed")
+@pytest.fixture(params=["redis", "host"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisCounters | HostCounters]:
+    """Each store shared across processes: Redis (its Lua script) and the host's SQLite file."""
+    if request.param == "host":
+        yield HostCounters(tmp_path / "limits.db")
+        return
+    if find_program("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    with running_redis(tmp_path / "redis") as redis:
+        yield RedisCounters(redis.url)
+
+
 @pytest.mark.parametrize(("spent", "held", "amount", "limit", "strict", "admitted"), [
     (0, 0, 10, 10, True, True),
     (0, 0, 10.5, 10, True, False),
@@ -153,13 +169,13 @@ def test_every_protocol_reserves_and_refuses_in_its_own_shape(relay_factory: Cal
     (9, 0, 100, 10, False, True),
     (4, 6, 1, 10, False, False),
 ])
-def test_redis_reservation_script_follows_the_memory_rules(tmp_path: Path, spent: float, held: float,
-                                                           amount: float, limit: float, strict: bool,
-                                                           admitted: bool) -> None:
-    """The Lua script admits and refuses exactly as MemoryCounters does (tests/unit/test_budget_reservation.py),
-    all or nothing across budgets, and settling gives the hold back."""
-    with running_redis(tmp_path / "redis") as redis:
-        store = RedisCounters(redis.url)
+def test_shared_stores_follow_the_memory_rules(shared_store: RedisCounters | HostCounters, spent: float,
+                                               held: float, amount: float, limit: float, strict: bool,
+                                               admitted: bool) -> None:
+    """The Lua script and the SQLite file admit and refuse exactly as MemoryCounters does (the same case, run
+    on memory here), all or nothing across budgets, and settling gives the hold back."""
+    memory = MemoryCounters()
+    for store in (memory, shared_store):
         store.settle((), [("c", spent, 100)])
         assert store.reserve([Hold("k", "c", held, 1e9, True, 100)]) == 0
         refused = store.reserve([Hold("k", "other", 1, 1e9, True, 100), Hold("k", "c", amount, limit, strict, 100)])
@@ -169,4 +185,7 @@ def test_redis_reservation_script_follows_the_memory_rules(tmp_path: Path, spent
                                                  (0.0, 1.0 if admitted else 0.0)]
         store.settle([("c", expected_held)], [("c", 0.25, 100)])
         assert store.amounts(["c"]) == [(spent + 0.25, pytest.approx(0.0))]
-        assert 0 < store.client.ttl("relay:c") <= 100
+    if isinstance(shared_store, RedisCounters):
+        assert 0 < shared_store.client.ttl("relay:c") <= 100
+    else:
+        assert shared_store.amounts(["c"], now=time.time() + 101) == [(0.0, 0.0)], "expired with its period"

@@ -1,6 +1,7 @@
 """`python -m proxy keys create|list|revoke|hash` as an operator runs it (a subprocess) against the KEYS_FILE of a
 running relay (gunicorn, 2 workers): every worker picks each change up within a second, a revoked key's open
-WebSocket is closed with 1008, and `keys list` shows last use and spend from the shared Redis storage."""
+WebSocket is closed with 1008, and `keys list` shows last use and spend from Redis or, with the default storage,
+from the host's DATA_DIR/limits.db."""
 
 from __future__ import annotations
 
@@ -139,3 +140,17 @@ def test_list_shows_last_use_and_spend_from_redis(tmp_path: Path, fake: FakeUpst
     bob = re.search(rf"^bob\s+rk-\S+\s+10 spend/month\s+{today} \d\d:\d\d\s+(\d+\.\d+)$", listed, re.MULTILINE)
     assert bob is not None and float(bob.group(1)) > 0, listed
     assert re.search(r"^legacy\s+\(clear text\)\s+defaults\s+never\s+0\.0000$", listed, re.MULTILINE), listed
+
+
+def test_list_shows_last_use_and_spend_from_the_host_file(relay: RelayProcess, files: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    """With the default storage, `keys list` reads DATA_DIR/limits.db, which both workers write: today's last
+    use and this month's spend of the key with a budget that was used."""
+    keys, _ = files
+    key = created_key(keys_cli(keys, "create", "dora", "--monthly-spend", "10"))
+    assert every_worker_answers(relay, key, 200, timeout=3)
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    listed = keys_cli(keys, "list", DATA_DIR=str(tmp_path / "relay" / "data"))
+    dora = re.search(rf"^dora\s+rk-\S+\s+10 spend/month\s+{today} \d\d:\d\d\s+(\d+\.\d+)$", listed, re.MULTILINE)
+    assert dora is not None and float(dora.group(1)) > 0, listed
+    assert "limits.db" in listed

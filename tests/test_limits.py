@@ -237,9 +237,11 @@ def test_keys_file_alone_is_enough(keys_path: Path) -> None:
 
 def test_start_up_says_when_memory_limits_are_per_worker(relay_factory: Callable[..., RelayProcess],
                                                          keys_path: Path) -> None:
-    """With limits, in-memory counting and several workers, the start-up log says limits are per worker."""
+    """With limits, in-memory counting and several workers, the start-up log says rates and stream slots are
+    per worker, and budgets shared by the workers in DATA_DIR/limits.db."""
     relay = relay_factory(KEYS_FILE=str(keys_path), GUNICORN_WORKERS="2")
-    assert "limits count in each of the 2 worker processes" in relay.log_text()
+    assert "stream slots count in each of the 2 worker processes" in relay.log_text()
+    assert "budgets are shared by the workers in DATA_DIR/limits.db" in relay.log_text()
     assert "RATE_LIMIT_STORAGE_URI=redis://" in relay.log_text()
 
 

@@ -9,8 +9,10 @@ import multiprocessing
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from proxy import host_counters, limits
 from proxy.budgets import Hold, spend_counter, utc_day
@@ -179,3 +181,25 @@ def test_under_gevent_calls_run_in_the_threadpool(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(store, "_amounts", spy)
     assert store.amounts(["x"]) == [(0.0, 0.0)]
     assert callers and callers[0] != threading.get_ident()
+
+
+class DownRedis:
+    """A configured Redis that does not answer."""
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: object, **kwargs: object) -> None:
+            raise redis.ConnectionError("down")
+
+        return fail
+
+
+def test_redis_down_falls_back_to_the_host_file(tmp_path: Path) -> None:
+    """While Redis is down, budgets go to the host's file (shared by the workers), not to process memory;
+    stream slots go to memory as before."""
+    counters = Counters(None, tmp_path / "limits.db")
+    counters.redis = DownRedis()  # type: ignore[assignment]
+    assert counters.reserve([Hold("m", "c", 2, 10, True, 100)]) == (0, HOST)
+    counters.settle(HOST, [("c", 2)], [("c", 1.5, 100)])
+    assert HostCounters(tmp_path / "limits.db").amounts(["c"]) == [(1.5, 0.0)]
+    lease = counters.acquire([("k", 1)], max_seconds=10)
+    assert isinstance(lease, limits.Lease) and not lease.in_redis
