@@ -47,11 +47,9 @@ CREATE INDEX IF NOT EXISTS counters_expires ON counters (expires);
 def host_file(config: Config) -> Path | None:
     """DATA_DIR/limits.db, beside the ledger's file (`proxy/ledger/database.py`'s DATA_DIR); None for a
     Config without DATA_DIR (built directly, as in-process tests do): counters then stay in memory."""
-    if config.data_dir is None:
-        return None
-    from proxy.ledger.database import data_dir
-
-    return data_dir(config) / SQLITE_FILE
+    # Not through proxy/ledger/database.py's data_dir(): that module imports SQLAlchemy, which gunicorn's
+    # master must not (see there); from_env resolves DATA_DIR (the variable, StateDirectory, ./data) for both.
+    return config.data_dir / SQLITE_FILE if config.data_dir is not None else None
 
 
 class HostCounters:
@@ -124,7 +122,7 @@ class HostCounters:
 
     def _write(self, change: Callable[[sqlite3.Connection], T], now: float | None = None) -> T:
         """One BEGIN IMMEDIATE transaction: the write lock is taken before anything is read, so no other
-        process reads between this one's read and its write. Expired counters are dropped first."""
+        process writes between this one's read and its write. Expired counters are dropped first."""
         if self.read_only:
             raise sqlite3.OperationalError("the limits file is opened read-only")
         with closing(self._connect()) as db:
