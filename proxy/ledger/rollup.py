@@ -4,7 +4,7 @@ per-model totals (`ledger_daily`) and deleted, in small batches, each batch one 
 Totals stay exact: a batch's rows are added and deleted in the same transaction, so every row is counted in
 exactly one of the two tables at any moment (`proxy/ledger/report.py` reads both). Two relays rolling up at
 once cannot count a row twice: each batch deletes exactly the rows it read or rolls back (on PostgreSQL the
-rows are read `FOR UPDATE SKIP LOCKED`, so two workers take different batches).
+rows are read `FOR UPDATE SKIP LOCKED`, so two workers take different batches, and batches take turns).
 """
 
 from __future__ import annotations
@@ -46,8 +46,15 @@ def roll_up(engine: sa.Engine, retention_days: int, max_batches: int = 50, today
     return moved
 
 
+# Roll-ups of every relay on one PostgreSQL take turns (a transaction-scoped advisory lock): two batches
+# adding to the same daily totals in different orders would otherwise deadlock.
+ROLL_UP_LOCK = 0x72656C6179  # "relay"
+
+
 def roll_up_batch(engine: sa.Engine, before: date) -> int:
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(ROLL_UP_LOCK)))
         # Any BATCH_ROWS old rows will do: no ORDER BY, so the day index serves them without a sort.
         query = sa.select(requests).where(requests.c.day < before).limit(BATCH_ROWS)
         if connection.dialect.name == "postgresql":
@@ -78,7 +85,7 @@ def group_totals(rows: Iterable[Any]) -> list[dict[str, Any]]:
             totals["unpriced"] += 1
         else:
             totals["cost_nanos"] += row["cost_nanos"]
-    return list(groups.values())
+    return [groups[group] for group in sorted(groups)]  # one order for every writer of the same totals
 
 
 def add_to_daily(connection: sa.Connection, groups: list[dict[str, Any]]) -> None:
