@@ -4,8 +4,10 @@
     python -m bench --profile quick # a shorter run for development
     python -m bench --profile smoke --out /tmp/x --no-litellm   # what CI runs (seconds)
 
-Targets: the fake upstream directly (the limit), the relay's `/chat` and `/v1/chat/completions` under
-gunicorn with the production config (`deploy/gunicorn.conf.py`), and the LiteLLM proxy in its own venv.
+Targets: the fake upstream directly (the limit; its chat and Responses streams), the bare forwarder
+(bench/forwarder.py: the stack's floor for a Python forwarder), the relay's `/chat`, `/v1/chat/completions` and
+`/v1/responses` under gunicorn with the production config (`deploy/gunicorn.conf.py`; the forwarder under the
+same server settings), and the LiteLLM proxy in its own venv.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from bench.procs import (
     StartError,
     raise_open_file_limit,
     start_fake_upstream,
+    start_forwarder,
     start_relay,
 )
 
@@ -70,7 +73,7 @@ PROFILES = {
         throughput_concurrency=32,
         throughput_seconds=8.0,
         throughput_tokens=200,
-        capacity_levels=(1000, 2000),
+        capacity_levels=(1000, 2000, 5000),
         capacity_spec=StreamSpec(n_tokens=60, token_interval=1.0, first_token_delay=1.0),
         capacity_ramp=10.0,
     ),
@@ -104,10 +107,14 @@ PROFILES = {
 }
 
 
+ALL_SCENARIOS = frozenset({"ttft", "throughput", "capacity"})
+
+
 @dataclasses.dataclass
 class LiveTarget:
     target: Target
     sampler: ProcessSampler | None  # the processes whose CPU and memory count for this target
+    scenarios: frozenset[str] = ALL_SCENARIOS  # the scenarios it takes part in
 
 
 def _summary(load: LoadResult) -> dict[str, Any]:
@@ -162,10 +169,11 @@ class Benchmark:
         self.fake_sampler: ProcessSampler | None = None
         self.results: dict[str, Any] = {"ttft": {}, "throughput": {}, "capacity": {}}
 
-    def order(self, round_index: int) -> list[LiveTarget]:
-        """Targets in a rotating order, so no target always runs first or last in a round."""
-        shift = round_index % len(self.targets)
-        return self.targets[shift:] + self.targets[:shift]
+    def order(self, round_index: int, scenario: str) -> list[LiveTarget]:
+        """The scenario's targets in a rotating order, so no target always runs first or last in a round."""
+        targets = [live for live in self.targets if scenario in live.scenarios]
+        shift = round_index % len(targets)
+        return targets[shift:] + targets[:shift]
 
     async def warm_up(self) -> None:
         for live in self.targets:
@@ -180,7 +188,7 @@ class Benchmark:
         for concurrency, per_worker, spec in levels:
             collected: dict[str, list[LoadResult]] = {}
             for round_index in range(profile.rounds):
-                for live in self.order(round_index):
+                for live in self.order(round_index, "ttft"):
                     self.log(f"ttft c={concurrency} round {round_index + 1}: {live.target.name}")
                     load = await run_load(
                         live.target,
@@ -199,7 +207,7 @@ class Benchmark:
         spec = StreamSpec(n_tokens=profile.throughput_tokens)
         collected: dict[str, list[dict[str, Any]]] = {}
         for round_index in range(profile.rounds):
-            for live in self.order(round_index):
+            for live in self.order(round_index, "throughput"):
                 self.log(f"throughput round {round_index + 1}: {live.target.name}")
                 fake_before = self.fake_sampler.sample() if self.fake_sampler else None
                 target_before = live.sampler.sample() if live.sampler else None
@@ -243,7 +251,7 @@ class Benchmark:
         failed: set[str] = set()
         top = max(profile.capacity_levels)
         for level_index, level in enumerate(profile.capacity_levels):
-            for live in self.order(level_index):
+            for live in self.order(level_index, "capacity"):
                 name = live.target.name
                 if name in failed:
                     self.log(f"capacity {level}: {name} skipped (failed at a lower level)")
@@ -417,6 +425,28 @@ async def run(args: argparse.Namespace) -> int:
                 Target("direct", fake.host, fake.port, "/v1/chat/completions", "sse", f"Bearer {FAKE_KEY}", MODEL), None
             )
         )
+        bench.targets.append(
+            LiveTarget(
+                Target("direct responses", fake.host, fake.port, "/v1/responses", "responses", f"Bearer {FAKE_KEY}",
+                       MODEL),
+                None,
+                frozenset({"ttft"}),
+            )
+        )
+        forwarder = start_forwarder(fake_url, FAKE_KEY, args.relay_workers)
+        servers.append(forwarder)
+        meta["settings"]["bare forwarder"] = (
+            "bench/forwarder.py: a Flask view forwarding through a pooled urllib3 connection, one JSON record per "
+            "token, no batching, no checks; gunicorn with deploy/gunicorn.conf.py's server settings "
+            f"(bench/forwarder_gunicorn.py), GUNICORN_WORKERS={args.relay_workers}"
+        )
+        log(f"bare forwarder at http://{forwarder.host}:{forwarder.port}")
+        bench.targets.append(
+            LiveTarget(
+                Target("bare forwarder", forwarder.host, forwarder.port, "/chat", "ndjson", "none", MODEL),
+                ProcessSampler(forwarder.process.pid),
+            )
+        )
 
         relay_key = "bench-" + secrets.token_hex(8)
         relay_env = {
@@ -451,6 +481,17 @@ async def run(args: argparse.Namespace) -> int:
         else:
             meta["skipped"]["relay /v1"] = "the relay has no /v1/chat/completions route yet"
             log("relay /v1/chat/completions: not there yet, skipped")
+        if _route_exists(relay.host, relay.port, "/v1/responses", f"Bearer {relay_key}"):
+            bench.targets.append(
+                LiveTarget(
+                    Target("relay /v1/responses", relay.host, relay.port, "/v1/responses", "responses",
+                           f"Bearer {relay_key}", MODEL),
+                    relay_sampler,
+                    frozenset({"ttft", "throughput"}),
+                )
+            )
+        else:
+            meta["skipped"]["relay /v1/responses"] = "the relay has no /v1/responses route yet"
 
         if args.no_litellm:
             meta["skipped"]["litellm"] = "not requested (--no-litellm)"

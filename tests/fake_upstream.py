@@ -33,7 +33,8 @@ Wire details that clients may rely on:
 - Beside chat it answers, for the relay's forwarding tests: ``POST /v1/responses`` (a Responses object, or
   with ``stream: true`` the named events OpenAI sends: ``response.created``, the message item and its text
   part opened, ``response.output_text.delta`` per token, text, part and item closed, and
-  ``response.completed`` with usage, recorded as a ``StreamClosed``; the Codex CLI accepts it),
+  ``response.completed`` with usage, recorded as a ``StreamClosed``; the Codex CLI accepts it; a ``#fake``
+  override in the last user item of its ``input`` applies as for chat),
   ``/v1/embeddings``,
   ``/v1/audio/speech`` (binary ``audio/mpeg``), ``/v1/audio/transcriptions`` (reads the multipart upload),
   ``/v1/images/generations`` and ``/v1/files`` (upload, list, retrieve, content, delete). The default
@@ -205,6 +206,14 @@ def _request_override(body: Any) -> dict[str, Any] | None:
                 return override
             return None
     return None
+
+
+def _responses_messages(given: Any) -> list[Any]:
+    """A Responses request's `input` (a string, or a list of items) as chat messages, so that a ``#fake``
+    override in its last user message applies to a streamed Responses answer too (the benchmark uses it)."""
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    return [item for item in given if isinstance(item, dict)] if isinstance(given, list) else []
 
 
 def _behaviour_with(base: Behaviour, override: dict[str, Any]) -> Behaviour:
@@ -396,6 +405,12 @@ class _Connection(asyncio.Protocol):
             return True
         name = _api_route(route, method)
         if name == "responses" and isinstance(parsed, dict) and parsed.get("stream") is True:
+            try:
+                override = _request_override({"messages": _responses_messages(parsed.get("input"))})
+                behaviour = _behaviour_with(behaviour, override) if override else behaviour
+            except (ValueError, TypeError) as error:
+                self._send_error_json(400, f"Bad #fake override: {error}", "invalid_request_error", None)
+                return True
             stream = _StreamRecord(self.recorder)
             try:
                 await self._responses_stream(parsed, behaviour, stream)
