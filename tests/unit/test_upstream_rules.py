@@ -30,24 +30,19 @@ from tests.unit.conftest import chunk_event
 REQUEST = httpx2.Request("POST", "http://upstream.invalid/v1/chat/completions")
 
 
-class _HttpResponse:
-    def __init__(self, blocks: list[bytes], error: Exception | None) -> None:
+class _Response:
+    """What UpstreamStream reads: the upstream's streamed HTTP response, reduced to its body."""
+
+    def __init__(self, blocks: list[bytes], error: Exception | None = None) -> None:
         self.blocks = blocks
         self.error = error
         self.extensions: dict[str, Any] = {}
+        self.closed = False
 
     def iter_bytes(self) -> Iterator[bytes]:
         yield from self.blocks
         if self.error is not None:
             raise self.error
-
-
-class _Response:
-    """What UpstreamStream reads: the SDK's streaming response, reduced to its body."""
-
-    def __init__(self, blocks: list[bytes], error: Exception | None = None) -> None:
-        self.http_response = _HttpResponse(blocks, error)
-        self.closed = False
 
     def close(self) -> None:
         self.closed = True
