@@ -35,6 +35,7 @@ from bench.procs import (
     Sample,
     Server,
     StartError,
+    export_revision,
     raise_open_file_limit,
     start_fake_upstream,
     start_forwarder,
@@ -187,9 +188,11 @@ class Benchmark:
         levels += [(c, per, profile.ttft_spec) for c, per in profile.ttft_levels]
         for concurrency, per_worker, spec in levels:
             collected: dict[str, list[LoadResult]] = {}
+            cpu: dict[str, float] = {}
             for round_index in range(profile.rounds):
                 for live in self.order(round_index, "ttft"):
                     self.log(f"ttft c={concurrency} round {round_index + 1}: {live.target.name}")
+                    before = live.sampler.sample().cpu_seconds if live.sampler else None
                     load = await run_load(
                         live.target,
                         spec,
@@ -197,10 +200,15 @@ class Benchmark:
                         requests_per_worker=per_worker,
                         ramp_seconds=spec.n_tokens * spec.token_interval,
                     )
+                    if live.sampler is not None and before is not None:
+                        name = live.target.name
+                        cpu[name] = cpu.get(name, 0.0) + live.sampler.sample().cpu_seconds - before
                     collected.setdefault(live.target.name, []).append(load)
-            self.results["ttft"][str(concurrency)] = {
-                name: _summary(_merge(loads)) for name, loads in collected.items()
-            }
+            rows = {name: _summary(_merge(loads)) for name, loads in collected.items()}
+            for name, seconds in cpu.items():
+                # CPU time of the target's processes per stream: robust where latency on a shared machine is not.
+                rows[name]["target_cpu_us_per_stream"] = round(seconds / max(1, rows[name]["streams"]) * 1e6, 1)
+            self.results["ttft"][str(concurrency)] = rows
 
     async def scenario_throughput(self) -> None:
         profile = self.profile
@@ -493,6 +501,9 @@ async def run(args: argparse.Namespace) -> int:
         else:
             meta["skipped"]["relay /v1/responses"] = "the relay has no /v1/responses route yet"
 
+        if args.compare:
+            servers.append(_add_compared_relay(bench, meta, args, relay_env, relay_key, log))
+
         if args.no_litellm:
             meta["skipped"]["litellm"] = "not requested (--no-litellm)"
         else:
@@ -551,6 +562,26 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compared_relay(bench: Benchmark, meta: dict[str, Any], args: argparse.Namespace,
+                        relay_env: dict[str, str], relay_key: str, log: Callable[[str], None]) -> Server:
+    """A second relay, from an earlier revision of this checkout, as targets named `<rev> /chat` etc. beside
+    the current one's (TTFT and throughput only): a change measured before/after in one run."""
+    import tempfile
+
+    checkout = export_revision(args.compare, Path(tempfile.mkdtemp(prefix="bench-compare-")))
+    other = start_relay(relay_env, checkout=checkout)
+    meta["settings"][f"relay {args.compare}"] = f"the same relay settings, source from git revision {args.compare}"
+    log(f"relay at {args.compare} on http://{other.host}:{other.port}")
+    sampler = ProcessSampler(other.process.pid)
+    for name, path, protocol in (("/chat", "/chat", "ndjson"), ("/v1", "/v1/chat/completions", "sse"),
+                                 ("/v1/responses", "/v1/responses", "responses")):
+        authorization = relay_key if protocol == "ndjson" else f"Bearer {relay_key}"
+        if _route_exists(other.host, other.port, path, f"Bearer {relay_key}"):
+            target = Target(f"{args.compare} {name}", other.host, other.port, path, protocol, authorization, MODEL)
+            bench.targets.append(LiveTarget(target, sampler, frozenset({"ttft", "throughput"})))
+    return other
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -560,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="ttft,throughput,capacity")
     parser.add_argument("--relay-workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--compare", metavar="GIT_REV",
+                        help="also run the relay as of this git revision, beside the current one (before/after)")
+    parser.add_argument("--ttft-single", type=int, help="override the profile's sequential streams at c=1")
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--no-charts", action="store_true")
     parser.add_argument(
@@ -568,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         help="only rewrite benchmarks.md and the charts from an earlier run's results.json",
     )
     args = parser.parse_args(argv)
+    if args.ttft_single:
+        PROFILES[args.profile] = dataclasses.replace(PROFILES[args.profile], ttft_single=args.ttft_single)
     if args.rewrite_report:
         from bench import report
 

@@ -152,6 +152,18 @@ def _start_gunicorn(name: str, config: str, app: str, env: Mapping[str, str], ti
     return Server(name, process, output, "127.0.0.1", int(match.group(1)))
 
 
+def export_revision(revision: str, into: Path) -> Path:
+    """The source tree of `revision` (any git revision of this checkout) exported into `into`, to run a
+    second relay from it beside this one (`--compare`): before/after in one run."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", revision], cwd=REPO_ROOT, capture_output=True,
+                             check=False)
+    if archive.returncode != 0:
+        raise StartError(f"git archive {revision} failed: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
 # --- sampling ------------------------------------------------------------------------------------
 
 

@@ -60,8 +60,9 @@ def added_ms(rows: dict[str, Any], name: str, key: str) -> float | None:
 def _ttft_table(document: dict[str, Any]) -> list[str]:
     lines = [
         "| concurrency | target | streams | errors | TTFT p50 ms | TTFT p99 ms | added over direct p50 ms "
-        "| added over direct p99 ms | added p50 ÷ bare forwarder's | p50 ratio to direct |",
-        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| added over direct p99 ms | added p50 ÷ bare forwarder's | p50 ratio to direct "
+        "| target CPU µs per stream |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level, rows in document["ttft"].items():
         forwarder = added_ms(rows, FORWARDER, "p50")
@@ -76,7 +77,8 @@ def _ttft_table(document: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {level} | {name} | {row['streams']} | {_errors(row['errors'])} | {_fmt(ttft['p50'], 3)} "
                 f"| {_fmt(ttft['p99'], 3)} | {_fmt(added50, 3)} | {_fmt(added99, 3)} | {_fmt(share)}"
-                f"{'×' if share is not None else ''} | {_fmt(ratio)}× |"
+                f"{'×' if share is not None else ''} | {_fmt(ratio)}× "
+                f"| {_fmt(row.get('target_cpu_us_per_stream'), 0)} |"
             )
     return lines
 
