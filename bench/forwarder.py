@@ -32,19 +32,17 @@ def chat() -> Response:
     def records() -> Iterator[bytes]:
         pending = b""
         try:
-            for block in answer.stream(None):  # one read per HTTP chunk
+            for block in answer.stream(None):  # one read per HTTP chunk, to the body's end: the connection is reused
                 *lines, pending = (pending + block).split(b"\n")
                 for line in lines:
                     if line == b"data: [DONE]":
                         yield b'{"done":true}\n'
-                        return
-                    if line.startswith(b"data: "):
+                    elif line.startswith(b"data: "):
                         choices = orjson.loads(line[6:]).get("choices")
                         content = choices[0]["delta"].get("content") if choices else None
                         if content:
                             yield orjson.dumps({"content": content}) + b"\n"
         finally:
-            answer.drain_conn()
             answer.release_conn()
 
     return Response(records(), content_type="application/x-ndjson")
