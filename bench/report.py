@@ -275,7 +275,9 @@ def write(document: dict[str, Any], out_dir: Path, charts: bool = True) -> None:
         "writing the request to receiving the first content token; *added over direct* is the target's "
         "percentile minus the direct upstream's (its Responses stream for the Responses targets), and the "
         "*÷ bare forwarder's* column divides that by what the bare forwarder adds in the same scenario "
-        "(below 1× means the target adds less than the stack's floor for a forwarder).",
+        "(below 1× means the target adds less than the stack's floor for a forwarder). *Target CPU per stream* is "
+        "the user+system time of the target's processes during its runs divided by its streams: on a shared "
+        "machine it is steadier than latency.",
         "",
         *_ttft_table(document),
         "",
