@@ -243,13 +243,15 @@ class CheapIdleCheckBackend(httpcore2.SyncBackend):
         return _CheapIdleCheck(super().connect_tcp(host, port, timeout, local_address, socket_options))
 
 
-def upstream_transport(limits: httpx2.Limits) -> httpx2.HTTPTransport:
-    """The upstream clients' transport: httpx2's own, with `CheapIdleCheckBackend` under its pool."""
-    transport = httpx2.HTTPTransport(limits=limits)
-    pool = transport._pool
-    if type(pool) is httpcore2.ConnectionPool:  # not through a proxy (their pools connect differently)
+def with_cheap_idle_check(client: httpx2.Client) -> httpx2.Client:
+    """`client` with `CheapIdleCheckBackend` under its own direct transport's pool. The client is built as
+    usual first (not handed a transport), so HTTP(S)_PROXY and NO_PROXY still apply; proxied upstreams keep
+    httpcore's backend."""
+    transport = client._transport
+    pool = getattr(transport, "_pool", None)
+    if isinstance(transport, httpx2.HTTPTransport) and type(pool) is httpcore2.ConnectionPool:
         pool._network_backend = CheapIdleCheckBackend()
-    return transport
+    return client
 
 
 _POLL = _native_poll()

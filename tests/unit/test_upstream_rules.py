@@ -28,7 +28,7 @@ from proxy.upstream import (
     map_sdk_error,
     model_allowed,
     parse_chunk,
-    upstream_transport,
+    with_cheap_idle_check,
 )
 from tests.unit.conftest import chunk_event
 
@@ -311,9 +311,13 @@ def test_idle_check_sees_what_httpcore_checks_for(peer_does: str, readable: bool
         peer.close()
 
 
-def test_upstream_transport_uses_the_cheap_idle_check() -> None:
-    """The upstream clients' transport keeps httpx2's pool (limits included) with the cheaper check under it."""
-    transport = upstream_transport(httpx2.Limits(max_connections=None, max_keepalive_connections=7))
-    pool = transport._pool
+def test_upstream_client_uses_the_cheap_idle_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream client keeps httpx2's own pool (its limits) with the cheaper check under it, and still
+    honours HTTPS_PROXY (a proxied URL goes through the proxy's pool, left as httpx2 made it)."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    client = with_cheap_idle_check(httpx2.Client(limits=httpx2.Limits(max_keepalive_connections=7)))
+    pool = client._transport._pool  # type: ignore[attr-defined]
     assert isinstance(pool, httpcore2.ConnectionPool) and isinstance(pool._network_backend, CheapIdleCheckBackend)
     assert pool._max_keepalive_connections == 7
+    proxied = client._transport_for_url(httpx2.URL("https://api.example/v1"))
+    assert isinstance(proxied._pool, httpcore2.HTTPProxy)  # type: ignore[attr-defined]
