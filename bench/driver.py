@@ -4,8 +4,10 @@
     python -m bench --profile quick # a shorter run for development
     python -m bench --profile smoke --out /tmp/x --no-litellm   # what CI runs (seconds)
 
-Targets: the fake upstream directly (the limit), the relay's `/chat` and `/v1/chat/completions` under
-gunicorn with the production config (`deploy/gunicorn.conf.py`), and the LiteLLM proxy in its own venv.
+Targets: the fake upstream directly (the limit; its chat and Responses streams), the bare forwarder
+(bench/forwarder.py: the stack's floor for a Python forwarder), the relay's `/chat`, `/v1/chat/completions` and
+`/v1/responses` under gunicorn with the production config (`deploy/gunicorn.conf.py`; the forwarder under the
+same server settings), and the LiteLLM proxy in its own venv.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from bench.procs import (
     Sample,
     Server,
     StartError,
+    export_revision,
     raise_open_file_limit,
     start_fake_upstream,
+    start_forwarder,
     start_relay,
 )
 
@@ -70,7 +74,7 @@ PROFILES = {
         throughput_concurrency=32,
         throughput_seconds=8.0,
         throughput_tokens=200,
-        capacity_levels=(1000, 2000),
+        capacity_levels=(1000, 2000, 5000),
         capacity_spec=StreamSpec(n_tokens=60, token_interval=1.0, first_token_delay=1.0),
         capacity_ramp=10.0,
     ),
@@ -104,10 +108,14 @@ PROFILES = {
 }
 
 
+ALL_SCENARIOS = frozenset({"ttft", "throughput", "capacity"})
+
+
 @dataclasses.dataclass
 class LiveTarget:
     target: Target
     sampler: ProcessSampler | None  # the processes whose CPU and memory count for this target
+    scenarios: frozenset[str] = ALL_SCENARIOS  # the scenarios it takes part in
 
 
 def _summary(load: LoadResult) -> dict[str, Any]:
@@ -162,10 +170,11 @@ class Benchmark:
         self.fake_sampler: ProcessSampler | None = None
         self.results: dict[str, Any] = {"ttft": {}, "throughput": {}, "capacity": {}}
 
-    def order(self, round_index: int) -> list[LiveTarget]:
-        """Targets in a rotating order, so no target always runs first or last in a round."""
-        shift = round_index % len(self.targets)
-        return self.targets[shift:] + self.targets[:shift]
+    def order(self, round_index: int, scenario: str) -> list[LiveTarget]:
+        """The scenario's targets in a rotating order, so no target always runs first or last in a round."""
+        targets = [live for live in self.targets if scenario in live.scenarios]
+        shift = round_index % len(targets)
+        return targets[shift:] + targets[:shift]
 
     async def warm_up(self) -> None:
         for live in self.targets:
@@ -179,9 +188,11 @@ class Benchmark:
         levels += [(c, per, profile.ttft_spec) for c, per in profile.ttft_levels]
         for concurrency, per_worker, spec in levels:
             collected: dict[str, list[LoadResult]] = {}
+            cpu: dict[str, float] = {}
             for round_index in range(profile.rounds):
-                for live in self.order(round_index):
+                for live in self.order(round_index, "ttft"):
                     self.log(f"ttft c={concurrency} round {round_index + 1}: {live.target.name}")
+                    before = live.sampler.sample().cpu_seconds if live.sampler else None
                     load = await run_load(
                         live.target,
                         spec,
@@ -189,17 +200,22 @@ class Benchmark:
                         requests_per_worker=per_worker,
                         ramp_seconds=spec.n_tokens * spec.token_interval,
                     )
+                    if live.sampler is not None and before is not None:
+                        name = live.target.name
+                        cpu[name] = cpu.get(name, 0.0) + live.sampler.sample().cpu_seconds - before
                     collected.setdefault(live.target.name, []).append(load)
-            self.results["ttft"][str(concurrency)] = {
-                name: _summary(_merge(loads)) for name, loads in collected.items()
-            }
+            rows = {name: _summary(_merge(loads)) for name, loads in collected.items()}
+            for name, seconds in cpu.items():
+                # CPU time of the target's processes per stream: robust where latency on a shared machine is not.
+                rows[name]["target_cpu_us_per_stream"] = round(seconds / max(1, rows[name]["streams"]) * 1e6, 1)
+            self.results["ttft"][str(concurrency)] = rows
 
     async def scenario_throughput(self) -> None:
         profile = self.profile
         spec = StreamSpec(n_tokens=profile.throughput_tokens)
         collected: dict[str, list[dict[str, Any]]] = {}
         for round_index in range(profile.rounds):
-            for live in self.order(round_index):
+            for live in self.order(round_index, "throughput"):
                 self.log(f"throughput round {round_index + 1}: {live.target.name}")
                 fake_before = self.fake_sampler.sample() if self.fake_sampler else None
                 target_before = live.sampler.sample() if live.sampler else None
@@ -243,7 +259,7 @@ class Benchmark:
         failed: set[str] = set()
         top = max(profile.capacity_levels)
         for level_index, level in enumerate(profile.capacity_levels):
-            for live in self.order(level_index):
+            for live in self.order(level_index, "capacity"):
                 name = live.target.name
                 if name in failed:
                     self.log(f"capacity {level}: {name} skipped (failed at a lower level)")
@@ -417,6 +433,28 @@ async def run(args: argparse.Namespace) -> int:
                 Target("direct", fake.host, fake.port, "/v1/chat/completions", "sse", f"Bearer {FAKE_KEY}", MODEL), None
             )
         )
+        bench.targets.append(
+            LiveTarget(
+                Target("direct responses", fake.host, fake.port, "/v1/responses", "responses", f"Bearer {FAKE_KEY}",
+                       MODEL),
+                None,
+                frozenset({"ttft"}),
+            )
+        )
+        forwarder = start_forwarder(fake_url, FAKE_KEY, args.relay_workers)
+        servers.append(forwarder)
+        meta["settings"]["bare forwarder"] = (
+            "bench/forwarder.py: a Flask view forwarding through a pooled urllib3 connection, one JSON record per "
+            "token, no batching, no checks; gunicorn with deploy/gunicorn.conf.py's server settings "
+            f"(bench/forwarder_gunicorn.py), GUNICORN_WORKERS={args.relay_workers}"
+        )
+        log(f"bare forwarder at http://{forwarder.host}:{forwarder.port}")
+        bench.targets.append(
+            LiveTarget(
+                Target("bare forwarder", forwarder.host, forwarder.port, "/chat", "ndjson", "none", MODEL),
+                ProcessSampler(forwarder.process.pid),
+            )
+        )
 
         relay_key = "bench-" + secrets.token_hex(8)
         relay_env = {
@@ -451,6 +489,20 @@ async def run(args: argparse.Namespace) -> int:
         else:
             meta["skipped"]["relay /v1"] = "the relay has no /v1/chat/completions route yet"
             log("relay /v1/chat/completions: not there yet, skipped")
+        if _route_exists(relay.host, relay.port, "/v1/responses", f"Bearer {relay_key}"):
+            bench.targets.append(
+                LiveTarget(
+                    Target("relay /v1/responses", relay.host, relay.port, "/v1/responses", "responses",
+                           f"Bearer {relay_key}", MODEL),
+                    relay_sampler,
+                    frozenset({"ttft", "throughput"}),
+                )
+            )
+        else:
+            meta["skipped"]["relay /v1/responses"] = "the relay has no /v1/responses route yet"
+
+        if args.compare:
+            servers.append(_add_compared_relay(bench, meta, args, relay_env, relay_key, log))
 
         if args.no_litellm:
             meta["skipped"]["litellm"] = "not requested (--no-litellm)"
@@ -510,6 +562,26 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compared_relay(bench: Benchmark, meta: dict[str, Any], args: argparse.Namespace,
+                        relay_env: dict[str, str], relay_key: str, log: Callable[[str], None]) -> Server:
+    """A second relay, from an earlier revision of this checkout, as targets named `<rev> /chat` etc. beside
+    the current one's (TTFT and throughput only): a change measured before/after in one run."""
+    import tempfile
+
+    checkout = export_revision(args.compare, Path(tempfile.mkdtemp(prefix="bench-compare-")))
+    other = start_relay(relay_env, checkout=checkout)
+    meta["settings"][f"relay {args.compare}"] = f"the same relay settings, source from git revision {args.compare}"
+    log(f"relay at {args.compare} on http://{other.host}:{other.port}")
+    sampler = ProcessSampler(other.process.pid)
+    for name, path, protocol in (("/chat", "/chat", "ndjson"), ("/v1", "/v1/chat/completions", "sse"),
+                                 ("/v1/responses", "/v1/responses", "responses")):
+        authorization = relay_key if protocol == "ndjson" else f"Bearer {relay_key}"
+        if _route_exists(other.host, other.port, path, f"Bearer {relay_key}"):
+            target = Target(f"{args.compare} {name}", other.host, other.port, path, protocol, authorization, MODEL)
+            bench.targets.append(LiveTarget(target, sampler, frozenset({"ttft", "throughput"})))
+    return other
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -519,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="ttft,throughput,capacity")
     parser.add_argument("--relay-workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--compare", metavar="GIT_REV",
+                        help="also run the relay as of this git revision, beside the current one (before/after)")
+    parser.add_argument("--ttft-single", type=int, help="override the profile's sequential streams at c=1")
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--no-charts", action="store_true")
     parser.add_argument(
@@ -527,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         help="only rewrite benchmarks.md and the charts from an earlier run's results.json",
     )
     args = parser.parse_args(argv)
+    if args.ttft_single:
+        PROFILES[args.profile] = dataclasses.replace(PROFILES[args.profile], ttft_single=args.ttft_single)
     if args.rewrite_report:
         from bench import report
 

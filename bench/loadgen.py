@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import orjson
 
-Protocol = Literal["ndjson", "sse"]
+# ndjson: the relay's /chat records; sse: chat completion chunks; responses: the Responses API's named events.
+Protocol = Literal["ndjson", "sse", "responses"]
 READ_SIZE = 256 * 1024
 
 
@@ -101,7 +102,9 @@ class StreamFailed(Exception):
 def build_request(target: Target, spec: StreamSpec) -> bytes:
     message = {"role": "user", "content": spec.fake_override()}
     body: dict[str, Any] = {"model": target.model, "messages": [message]}
-    if target.protocol == "sse":
+    if target.protocol == "responses":
+        body = {"model": target.model, "input": spec.fake_override(), "stream": True}
+    elif target.protocol == "sse":
         body["stream"] = True
     payload = orjson.dumps(body)
     head = (
@@ -119,7 +122,8 @@ class RecordReader:
     """Turns a response body into content pieces, for NDJSON records or SSE `data:` events."""
 
     def __init__(self, protocol: Protocol) -> None:
-        self.sse = protocol == "sse"
+        self.sse = protocol != "ndjson"
+        self.responses = protocol == "responses"
         self.pending = b""
         self.parts: list[str] = []
         self.done = False
@@ -154,6 +158,9 @@ class RecordReader:
             except orjson.JSONDecodeError:
                 self.error = "bad_record"
                 return
+            if self.responses:
+                self._event(record)
+                return
             if record.get("error"):
                 self.error = "stream_error"
                 return
@@ -176,6 +183,17 @@ class RecordReader:
             content = record.get("content")
             if content:
                 self.parts.append(content)
+
+
+    def _event(self, record: dict[str, Any]) -> None:
+        kind = record.get("type")
+        if kind == "response.output_text.delta":
+            if record.get("delta"):
+                self.parts.append(record["delta"])
+        elif kind == "response.completed":
+            self.done = True
+        elif kind in ("error", "response.failed", "response.incomplete"):
+            self.error = "stream_error"
 
 
 class ChunkedDecoder:

@@ -129,15 +129,39 @@ def start_relay(env: Mapping[str, str], timeout: float = 30.0, checkout: Path = 
     """The relay under real gunicorn with the production config, bound to a free loopback port.
 
     `checkout` is the source tree to run (another checkout makes before/after comparisons easy)."""
+    return _start_gunicorn("relay", "deploy/gunicorn.conf.py", "wsgi:app", env, timeout, checkout)
+
+
+def start_forwarder(upstream_url: str, upstream_key: str, workers: int, timeout: float = 30.0) -> Server:
+    """The bare forwarder (bench/forwarder.py) under gunicorn with the relay's production server settings."""
+    env = {"FORWARD_UPSTREAM": upstream_url, "FORWARD_KEY": upstream_key, "GUNICORN_WORKERS": str(workers)}
+    return _start_gunicorn("bare forwarder", "bench/forwarder_gunicorn.py", "bench.forwarder:app", env, timeout,
+                           REPO_ROOT)
+
+
+def _start_gunicorn(name: str, config: str, app: str, env: Mapping[str, str], timeout: float,
+                    checkout: Path) -> Server:
     full_env = {**os.environ, **env, "GUNICORN_BIND": "127.0.0.1:0"}
-    command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"]
+    command = [sys.executable, "-m", "gunicorn", "-c", config, app]
     process, output = spawn(command, full_env, checkout)
     match = output.wait_for(re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)"), timeout)
     booted = output.wait_for(re.compile(r"Booting worker"), timeout) if match else None
     if match is None or booted is None:
         process.kill()
-        raise StartError(f"the relay did not start under gunicorn:\n{output.text()}")
-    return Server("relay", process, output, "127.0.0.1", int(match.group(1)))
+        raise StartError(f"the {name} did not start under gunicorn:\n{output.text()}")
+    return Server(name, process, output, "127.0.0.1", int(match.group(1)))
+
+
+def export_revision(revision: str, into: Path) -> Path:
+    """The source tree of `revision` (any git revision of this checkout) exported into `into`, to run a
+    second relay from it beside this one (`--compare`): before/after in one run."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", revision], cwd=REPO_ROOT, capture_output=True,
+                             check=False)
+    if archive.returncode != 0:
+        raise StartError(f"git archive {revision} failed: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
 
 
 # --- sampling ------------------------------------------------------------------------------------

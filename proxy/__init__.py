@@ -66,17 +66,19 @@ def configure_logging(log_format: str = "text", redact: Callable[[str], str] | N
     """Point the `relay` loggers at stderr in `log_format`, every record redacted by `redact` (the
     configuration's secrets) and on one line. Logging is the process's, so each app applies its own setting
     when it is built (the handler of an earlier app is replaced, not kept)."""
-    from proxy.accesslog import JsonLogFormatter
-    from proxy.redaction import RedactingFilter, redact_secret_like
+    from proxy.accesslog import TEXT_FORMAT, DirectWriter, JsonLogFormatter, write_directly
+    from proxy.redaction import RedactingFilter, escape_control, redact_secret_like
 
     logger = logging.getLogger("relay")
     for handler in [h for h in logger.handlers if getattr(h, "relay_handler", False)]:
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.relay_handler = True  # type: ignore[attr-defined]
-    handler.setFormatter(JsonLogFormatter() if log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(RedactingFilter(redact or redact_secret_like))
     logger.addHandler(handler)
+    # The text access line skips the record machinery while these loggers stay as set here (proxy/accesslog.py).
+    write_directly(DirectWriter(handler, redact or redact_secret_like, escape_control) if log_format == "text"
+                   else None)
     logger.setLevel(logging.INFO)
     logger.propagate = False

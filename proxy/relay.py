@@ -19,7 +19,7 @@ from proxy.prices import PriceTable
 from proxy.pump import StreamTimers
 from proxy.redaction import Redactor
 from proxy.shutdown import Draining
-from proxy.upstream import AnthropicUpstream, Upstream
+from proxy.upstream import AnthropicUpstream, Upstream, with_cheap_idle_check
 
 # Each open stream holds one upstream connection; the SDK's default pool (1,000) would queue the rest.
 UPSTREAM_POOL = httpx2.Limits(max_connections=None, max_keepalive_connections=256)
@@ -96,7 +96,7 @@ def upstream_client(base_url: str, api_key: str, config: Config) -> openai.OpenA
         base_url=base_url,
         max_retries=0,  # a failing upstream is reported (or fallen over) at once, not retried with backoff
         timeout=config.upstream_timeout,
-        http_client=openai.DefaultHttpx2Client(limits=UPSTREAM_POOL),
+        http_client=with_cheap_idle_check(openai.DefaultHttpx2Client(limits=UPSTREAM_POOL)),
     )
 
 

@@ -1,22 +1,31 @@
 """Talking to OpenAI-compatible upstreams.
 
-The SDK does what it is good at (auth, the request, error classes); the response body is read through its
-raw-response interface and the SSE lines are parsed here, once, with orjson. Building the SDK's typed
-objects for every chunk costs two orders of magnitude more CPU per token than this.
+The SDK does what it is good at (auth, base URL, headers, its pooled HTTP client, error classes), once, at
+start-up: each upstream's chat request line and headers are taken from the SDK when first used
+(`RequestTemplate`), and every request after that is the client's shaped body, serialized once with orjson,
+sent on the SDK's own httpx2 client. Failures are turned into the SDK's own exception classes, so the error
+mapping (`map_sdk_error`) is the SDK's. Going through `chat.completions.create` instead cost about a
+millisecond of CPU per request (its option models, transforms and header merging; docs/benchmarks.md). The
+response body's SSE lines are parsed here, once, with orjson: building the SDK's typed objects for every
+chunk costs two orders of magnitude more CPU per token.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import select
 import socket
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Any, NamedTuple
 
+import httpcore2
 import httpx2
 import openai
 import orjson
@@ -82,7 +91,16 @@ class Upstream:
 
     def upstream_model(self, model: str) -> str:
         """The name this upstream knows `model` by (UPSTREAMS_FILE's `model_map`), else `model` itself."""
-        return dict(self.model_map).get(model, model)
+        return self._model_names.get(model, model) if self.model_map else model
+
+    @cached_property
+    def _model_names(self) -> dict[str, str]:
+        return dict(self.model_map)
+
+    @cached_property
+    def chat_request(self) -> RequestTemplate:
+        """The chat completions request as the SDK would send it, built once (the first request)."""
+        return RequestTemplate.of(self.client, "/chat/completions")
 
     # What proxy/forwarding.py needs of an upstream it forwards raw requests to (`ForwardTarget`).
     @property
@@ -138,14 +156,116 @@ def model_allowed(patterns: Iterable[str], model: str) -> bool:
     return not patterns or any(fnmatchcase(model, pattern) for pattern in patterns)
 
 
+class RequestTemplate(NamedTuple):
+    """One upstream endpoint's URL and headers, taken from the SDK once: its base URL joined as it joins it,
+    its HTTP client's headers overlaid with its own default and auth headers (User-Agent, X-Stainless-*,
+    OpenAI-Organization/-Project when set, Authorization), as the SDK's request builder merges them."""
+
+    url: httpx2.URL
+    headers: httpx2.Headers
+
+    @classmethod
+    def of(cls, client: openai.OpenAI, path: str) -> RequestTemplate:
+        headers = httpx2.Headers(client._client.headers)
+        sdk = {**client.default_headers, **client.auth_headers, "X-Stainless-Retry-Count": "0"}
+        headers.update({name: value for name, value in sdk.items() if isinstance(value, str)})
+        return cls(client._prepare_url(path), headers)
+
+    def send(self, upstream: Upstream, body: bytes, timeout: httpx2.Timeout, stream: bool) -> httpx2.Response:
+        """POST `body` on the upstream's pooled client; failures raised as the SDK raises them (max_retries 0):
+        APITimeoutError, APIConnectionError, or the APIStatusError subclass for an HTTP error status."""
+        request = httpx2.Request("POST", self.url, headers=self.headers, content=body,
+                                 extensions={"timeout": timeout.as_dict()})
+        request.headers["X-Stainless-Read-Timeout"] = str(timeout.read)
+        try:
+            response = upstream.http.send(request, stream=stream)
+        except httpx2.TimeoutException as exc:
+            raise openai.APITimeoutError(request=request) from exc
+        except (httpx2.HTTPError, OSError) as exc:
+            raise openai.APIConnectionError(request=request) from exc
+        if not response.is_success:
+            try:
+                response.read()
+            except (httpx2.HTTPError, OSError):
+                response.close()
+            raise upstream.client._make_status_error_from_response(response)
+        return response
+
+
+def _native_poll() -> Callable[[], Any]:
+    """The operating system's poll, also when gevent has patched `select` with its cooperative one."""
+    if "gevent.monkey" in sys.modules:
+        from gevent import monkey
+
+        if monkey.is_module_patched("select"):
+            return monkey.get_original("select", "poll")
+    return select.poll
+
+
+class _CheapIdleCheck(httpcore2.NetworkStream):
+    """A pooled upstream connection whose "is it still usable" check is one poll(0) system call. httpcore
+    checks every idle pooled connection at each request's start and end; through gevent's cooperative poll
+    that took watchers and a hub switch per connection, so it grew with the pool (15% of a worker's CPU at
+    200 concurrent streams: docs/benchmarks.md). poll(0) never blocks, so the native one is safe here."""
+
+    def __init__(self, stream: httpcore2.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore2.NetworkStream:
+        return _CheapIdleCheck(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info != "is_readable":
+            return self._stream.get_extra_info(info)
+        sock = self._stream.get_extra_info("socket")
+        descriptor = sock.fileno() if sock is not None else -1
+        if descriptor < 0:
+            return True  # gone: as httpcore treats it, readable (its next read returns the end)
+        poller = _POLL()
+        poller.register(descriptor, select.POLLIN)
+        return bool(poller.poll(0))
+
+
+class CheapIdleCheckBackend(httpcore2.SyncBackend):
+    """httpcore's own TCP backend, its streams wrapped in `_CheapIdleCheck`."""
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore2.NetworkStream:
+        return _CheapIdleCheck(super().connect_tcp(host, port, timeout, local_address, socket_options))
+
+
+def with_cheap_idle_check(client: httpx2.Client) -> httpx2.Client:
+    """`client` with `CheapIdleCheckBackend` under its own direct transport's pool. The client is built as
+    usual first (not handed a transport), so HTTP(S)_PROXY and NO_PROXY still apply; proxied upstreams keep
+    httpcore's backend."""
+    transport = client._transport
+    pool = getattr(transport, "_pool", None)
+    if isinstance(transport, httpx2.HTTPTransport) and type(pool) is httpcore2.ConnectionPool:
+        pool._network_backend = CheapIdleCheckBackend()
+    return client
+
+
+_POLL = _native_poll()
+
+
 class UpstreamStream:
     """An open streaming response from one upstream: read it with `read_into`, end it with `abort`."""
 
-    def __init__(self, upstream: Upstream, response: Any, fallbacks: int,
+    def __init__(self, upstream: Upstream, response: httpx2.Response, fallbacks: int,
                  candidates: Candidates | None = None) -> None:
         self.upstream = upstream
         self.fallbacks = fallbacks
-        self._response = response  # openai APIResponse opened with with_streaming_response
+        self._response = response  # the upstream's streamed HTTP response
         self._aborted = False
         self._candidates = candidates
 
@@ -171,7 +291,7 @@ class UpstreamStream:
     def read_into(self, put: Callable[[object], None]) -> None:
         """Read the SSE body, `put` lists of Chunks, then one StreamEnd or StreamFailure. Closes in finally."""
         try:
-            blocks = self._response.http_response.iter_bytes()
+            blocks = self._response.iter_bytes()
             outcome = self._parse(blocks, put)
             put(outcome)  # before draining: an upstream that never ends its body must not hold the answer
             if isinstance(outcome, StreamEnd):
@@ -238,7 +358,7 @@ class UpstreamStream:
     def abort(self) -> None:
         """Close the upstream connection now, from any thread, waking a reader blocked on it."""
         self._aborted = True
-        network_stream = self._response.http_response.extensions.get("network_stream")
+        network_stream = self._response.extensions.get("network_stream")
         sock = network_stream.get_extra_info("socket") if network_stream is not None else None
         if sock is None:
             self._response.close()  # in-process transports (demo mode) close through the response
@@ -318,7 +438,7 @@ class Candidates:
                 last_error = self._failed(upstream, map_sdk_error(exc, self.model, upstream.redact))
                 continue
             # From here the relay's own first-token and idle timers govern; this is only a backstop.
-            response.http_response.request.extensions["timeout"]["read"] = self.body_read_timeout
+            response.request.extensions["timeout"]["read"] = self.body_read_timeout
             return UpstreamStream(upstream, response, fallbacks=attempt, candidates=self)
         raise last_error or UpstreamFailed("no upstream serving this model is left to try")
 
@@ -373,30 +493,22 @@ def complete(upstreams: Iterable[Upstream], body: dict[str, Any], upstream_timeo
     return Candidates(upstreams, body, upstream_timeout, whole_answer_timeout).complete(whole_answer_timeout)
 
 
-def _request(upstream: Upstream, body: dict[str, Any], timeout: float) -> Any:
-    # The body travels in `extra_body`, which the SDK merges over its own fields: the client's messages
-    # reach the upstream exactly as sent, and the SDK does not walk them through its type transforms
-    # (about a millisecond of CPU per request for a modest conversation).
+def _request(upstream: Upstream, body: dict[str, Any], timeout: float) -> httpx2.Response:
+    # The client's shaped body goes upstream as it is, the model renamed as this upstream knows it.
     model = upstream.upstream_model(body["model"])
-    manager = upstream.client.chat.completions.with_streaming_response.create(
-        model=model, messages=(), stream=True, extra_body={**body, "model": model, "stream": True},
-        timeout=httpx2.Timeout(timeout),
-    )
-    # The manager's only job is to close on exit; the relay closes the response itself in the pump.
-    return manager.__enter__()
+    content = orjson.dumps({**body, "model": model, "stream": True})
+    return upstream.chat_request.send(upstream, content, httpx2.Timeout(timeout), stream=True)
 
 
 def _request_whole(upstream: Upstream, body: dict[str, Any], timeout: float, whole_answer_timeout: float
                    ) -> bytes:
     # The upstream sends its headers only once the whole answer exists: the read timeout must cover it.
-    # As in `_request`, the body travels in `extra_body`; `stream` (false or absent) stays as the client sent it.
+    # `stream` (false or absent) stays as the client sent it.
     model = upstream.upstream_model(body["model"])
-    response = upstream.client.chat.completions.with_raw_response.create(
-        model=model, messages=(), extra_body={**body, "model": model},
-        timeout=httpx2.Timeout(whole_answer_timeout, connect=timeout),
-    )
-    content: bytes = response.http_response.content
-    return content
+    content = orjson.dumps({**body, "model": model})
+    response = upstream.chat_request.send(upstream, content, httpx2.Timeout(whole_answer_timeout, connect=timeout),
+                                          stream=False)
+    return response.content
 
 
 def _worth_falling_over(error: RelayError) -> bool:

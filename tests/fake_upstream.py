@@ -35,7 +35,8 @@ Wire details that clients may rely on:
 - Beside chat it answers, for the relay's forwarding tests: ``POST /v1/responses`` (a Responses object, or
   with ``stream: true`` the named events OpenAI sends: ``response.created``, the message item and its text
   part opened, ``response.output_text.delta`` per token, text, part and item closed, and
-  ``response.completed`` with usage, recorded as a ``StreamClosed``; the Codex CLI accepts it),
+  ``response.completed`` with usage, recorded as a ``StreamClosed``; the Codex CLI accepts it; a ``#fake``
+  override in the last user item of its ``input`` applies as for chat),
   ``/v1/embeddings``,
   ``/v1/audio/speech`` (binary ``audio/mpeg``), ``/v1/audio/transcriptions`` (reads the multipart upload),
   ``/v1/images/generations`` and ``/v1/files`` (upload, list, retrieve, content, delete). The default

@@ -68,3 +68,30 @@ def test_json_formatter() -> None:
         failure = logging.LogRecord("relay.x", logging.ERROR, __file__, 1, "failed %s", ("here",), sys.exc_info())
     entry = json.loads(formatter.format(failure))
     assert entry["message"] == "failed here" and "ValueError: boom" in entry["traceback"]
+
+
+@pytest.mark.parametrize("model", ["m", "sk-abcdefghijkl0123", "two words\nand a line"])
+def test_direct_writer_writes_what_logging_writes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                  model: str) -> None:
+    """The access line written without the logging module's records is the same line, redaction and escaping
+    included, as the relay's text handler writes through logging (which it falls back to as soon as anything
+    else listens on the access logger)."""
+    from proxy import configure_logging
+    from proxy.redaction import redact_secret_like
+
+    monkeypatch.setattr("proxy.accesslog.time.monotonic", lambda: 100.25)
+    configure_logging("text", redact_secret_like)
+    capsys.readouterr()
+    record(model=model).write()
+    direct = capsys.readouterr().err
+    extra = logging.Filter()  # any filter on the access logger: the ordinary path
+    logging.getLogger("relay.access").addFilter(extra)
+    try:
+        record(model=model).write()
+    finally:
+        logging.getLogger("relay.access").removeFilter(extra)
+    through_logging = capsys.readouterr().err
+    assert direct.count("\n") == through_logging.count("\n") == 1
+    assert direct[23:] == through_logging[23:] and "relay.access" in direct  # after the timestamp
+    assert direct[:19] == through_logging[:19] or direct[:17] == through_logging[:17]  # same second/minute
+    assert "sk-abcdefghijkl0123" not in direct

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
+import httpcore2
 import httpx2
 import openai
 import pytest
@@ -14,40 +16,38 @@ from proxy.redaction import redact_secret_like
 from proxy.upstream import (
     MALFORMED,
     Candidates,
+    CheapIdleCheckBackend,
     Chunk,
     StreamEnd,
     StreamFailure,
     Upstream,
     UpstreamStream,
+    _CheapIdleCheck,
     _retry_after,
     _upstream_message,
     map_sdk_error,
     model_allowed,
     parse_chunk,
+    with_cheap_idle_check,
 )
 from tests.unit.conftest import chunk_event
 
 REQUEST = httpx2.Request("POST", "http://upstream.invalid/v1/chat/completions")
 
 
-class _HttpResponse:
-    def __init__(self, blocks: list[bytes], error: Exception | None) -> None:
+class _Response:
+    """What UpstreamStream reads: the upstream's streamed HTTP response, reduced to its body."""
+
+    def __init__(self, blocks: list[bytes], error: Exception | None = None) -> None:
         self.blocks = blocks
         self.error = error
         self.extensions: dict[str, Any] = {}
+        self.closed = False
 
     def iter_bytes(self) -> Iterator[bytes]:
         yield from self.blocks
         if self.error is not None:
             raise self.error
-
-
-class _Response:
-    """What UpstreamStream reads: the SDK's streaming response, reduced to its body."""
-
-    def __init__(self, blocks: list[bytes], error: Exception | None = None) -> None:
-        self.http_response = _HttpResponse(blocks, error)
-        self.closed = False
 
     def close(self) -> None:
         self.closed = True
@@ -276,3 +276,48 @@ def test_no_upstream_serving_the_model_is_400() -> None:
     assert caught.value.kind == "model_not_served"
     candidates = Candidates([*upstreams, Upstream("b", None)], {"model": "kimi-k2"}, 1.0, 1.0)  # type: ignore[arg-type]
     assert candidates.remaining() == 2
+
+
+# ------------------------------------------------------------------ the pooled connection's idle check
+
+
+class _SocketStream(httpcore2.NetworkStream):
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.sock if info == "socket" else None
+
+
+@pytest.mark.parametrize(("peer_does", "readable"), [
+    ("nothing", False),  # an idle keep-alive connection: reusable
+    ("sends", True),  # stray bytes: httpcore drops the connection
+    ("closes", True),  # the upstream hung up: dropped, not reused
+])
+def test_idle_check_sees_what_httpcore_checks_for(peer_does: str, readable: bool) -> None:
+    """The cheaper idle-connection check answers as httpcore's own: readable means data or the end is
+    waiting (the connection must not be reused), silent means reusable; other extra info passes through."""
+    ours, peer = socket.socketpair()
+    try:
+        if peer_does == "sends":
+            peer.sendall(b"x")
+        elif peer_does == "closes":
+            peer.close()
+        stream = _CheapIdleCheck(_SocketStream(ours))
+        assert stream.get_extra_info("is_readable") is readable
+        assert stream.get_extra_info("socket") is ours
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_upstream_client_uses_the_cheap_idle_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream client keeps httpx2's own pool (its limits) with the cheaper check under it, and still
+    honours HTTPS_PROXY (a proxied URL goes through the proxy's pool, left as httpx2 made it)."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    client = with_cheap_idle_check(httpx2.Client(limits=httpx2.Limits(max_keepalive_connections=7)))
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    assert isinstance(pool, httpcore2.ConnectionPool) and isinstance(pool._network_backend, CheapIdleCheckBackend)
+    assert pool._max_keepalive_connections == 7
+    proxied = client._transport_for_url(httpx2.URL("https://api.example/v1"))
+    assert isinstance(proxied._pool, httpcore2.HTTPProxy)  # type: ignore[attr-defined]
