@@ -26,18 +26,12 @@ The caller's own key is checked by the relay before any upstream is asked (401 a
 
 from __future__ import annotations
 
-# Upstream statuses that keep their meaning for a Messages client as they are.
-KEPT_STATUSES = frozenset({404, 413, 429, 503, 529})
-# Relay error kinds whose status is already the client's (the relay's own wording and status).
-KIND_STATUS = {"context_too_long": 400, "upstream_bad_request": 400, "upstream_auth": 502,
-               "upstream_rate_limited": 429, "model_not_found": 404}
+from proxy.bridge.statuses import ClientStatuses
 
-
-def client_status(kind: str, status: int, upstream_status: int | None) -> int:
-    """The status a Messages client gets for a relay error of `kind` and `status` that the upstream's
-    `upstream_status` (None: no HTTP answer) caused."""
-    if kind in KIND_STATUS:
-        return KIND_STATUS[kind]
-    if upstream_status in KEPT_STATUSES:
-        return upstream_status
-    return status
+MESSAGES = ClientStatuses(
+    # Upstream statuses that keep their meaning for a Messages client as they are.
+    kept=frozenset({404, 413, 429, 503, 529}),
+    by_kind={"context_too_long": 400, "upstream_bad_request": 400, "upstream_auth": 502,
+             "upstream_rate_limited": 429, "model_not_found": 404},
+)
+client_status = MESSAGES.of

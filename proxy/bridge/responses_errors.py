@@ -26,17 +26,11 @@ own key is checked by the relay before any upstream is asked (401).
 
 from __future__ import annotations
 
-# Upstream statuses that keep their meaning for an OpenAI client as they are.
-KEPT_STATUSES = frozenset({404, 409, 413, 422, 429})
-# Relay error kinds whose status is already the client's, whatever the upstream's status was.
-KIND_STATUS = {"context_too_long": 400, "upstream_auth": 502, "upstream_rate_limited": 429}
+from proxy.bridge.statuses import ClientStatuses
 
-
-def client_status(kind: str, status: int, upstream_status: int | None) -> int:
-    """The status a Responses client gets for a relay error of `kind` and `status` that the upstream's
-    `upstream_status` (None: no HTTP answer) caused."""
-    if kind in KIND_STATUS:
-        return KIND_STATUS[kind]
-    if upstream_status in KEPT_STATUSES:
-        return upstream_status
-    return status
+RESPONSES = ClientStatuses(
+    # Upstream statuses that keep their meaning for an OpenAI client as they are.
+    kept=frozenset({404, 409, 413, 422, 429}),
+    by_kind={"context_too_long": 400, "upstream_auth": 502, "upstream_rate_limited": 429},
+)
+client_status = RESPONSES.of
