@@ -168,6 +168,9 @@ class _Recorder:
         self.behaviour = Behaviour()
         self.requests: list[RecordedRequest] = []
         self.streams_closed: list[StreamClosed] = []
+        # Bumped by FakeUpstream.reset: a stream begun before it (a previous test's, finishing late) is not
+        # recorded after it.
+        self.generation = 0
         self.connections_opened = 0
         self.connections_closed = 0
         self.live: set[_Connection] = set()
@@ -951,11 +954,13 @@ class _StreamRecord:
 
     def __init__(self, recorder: _Recorder) -> None:
         self.recorder = recorder
+        self.generation = recorder.generation
         self.tokens_sent = 0
         self.completed = False
 
     def finish(self) -> None:
-        self.recorder.streams_closed.append(StreamClosed(time.monotonic(), self.tokens_sent, self.completed))
+        if self.generation == self.recorder.generation:
+            self.recorder.streams_closed.append(StreamClosed(time.monotonic(), self.tokens_sent, self.completed))
 
 
 class _StreamPlan:
@@ -1167,6 +1172,7 @@ class FakeUpstream:
 
     def reset(self) -> None:
         """Forget recorded requests, streams and connection counts; restore the default behaviour."""
+        self._recorder.generation += 1
         self._recorder.behaviour = Behaviour()
         self._recorder.requests.clear()
         self._recorder.streams_closed.clear()
