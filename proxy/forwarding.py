@@ -923,12 +923,7 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
             now = clock()
             item = source.get(max(0.0, min(times.wait(now), drain.deadline - now)))
             now = clock()
-            events, malformed, progress = b"", False, False
-            if isinstance(item, bytes):
-                events, progress, malformed = held.check.scan(held.framer.feed(item))
-                times.received(now, progress)
-                if progress and stats.first_token_at is None:
-                    stats.first_token_at = now
+            events, progress, malformed = _scan(item, held, times, stats, now)
             # Checked after a read, never right after a write: time spent writing to a slow client, while
             # the upstream's bytes wait in the inbox, is no silence of the upstream's.
             stop = (SERVER_RESTARTING, RESTART_MESSAGE) if now >= drain.deadline else times.expired(now)
@@ -967,6 +962,18 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
         source.close()
         stats.usage = held.usage.usage
         _settle_tokens(stats)
+
+
+def _scan(item: object, held: Held, times: SseClock, stats: StreamStats, now: float) -> tuple[bytes, bool, bool]:
+    """The whole events in what arrived (when it is bytes), whether they are progress, whether one is
+    malformed; the timers and the first token's time told."""
+    if not isinstance(item, bytes):
+        return b"", False, False
+    events, progress, malformed = held.check.scan(held.framer.feed(item))
+    times.received(now, progress)
+    if progress and stats.first_token_at is None:
+        stats.first_token_at = now
+    return events, progress, malformed
 
 
 def _failure(item: object, malformed: bool, held: Held) -> tuple[str, str] | None:
