@@ -31,14 +31,8 @@ PROMPT = "Say which way this request went, in one short sentence."
 ANSWER_TOKENS = ("Codex", " reached", " the", " fake", " upstream", " through", " the", " relay", ".")
 ANSWER = "".join(ANSWER_TOKENS)
 
-CONFIG_TOML = """\
-model = "gpt-4o-mini"
-model_provider = "relay"
-approval_policy = "never"
-sandbox_mode = "read-only"
-check_for_update_on_startup = false
-web_search = "disabled"
-
+# What every Codex run here shares: the relay as its provider, and nothing it would send elsewhere.
+RELAY_PROVIDER_TOML = """\
 [model_providers.relay]
 name = "relay"
 base_url = "{relay_url}/v1"
@@ -65,6 +59,17 @@ persistence = "none"
 
 [tui]
 notifications = false
+"""
+
+CONFIG_TOML = """\
+model = "gpt-4o-mini"
+model_provider = "relay"
+approval_policy = "never"
+sandbox_mode = "read-only"
+check_for_update_on_startup = false
+web_search = "disabled"
+
+""" + RELAY_PROVIDER_TOML + """\
 
 # No tool the fake would never call, and nothing that fetches plugins, apps or updates from the internet.
 [features]

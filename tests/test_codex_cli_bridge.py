@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import UPSTREAM_KEY, ProxyTrap, RelayProcess
 from tests.fake_upstream import FakeUpstream
 from tests.servers import wait_until
-from tests.test_codex_cli import CODEX, CODEX_KEY, KEY_NAME, run_codex
+from tests.test_codex_cli import CODEX, CODEX_KEY, KEY_NAME, RELAY_PROVIDER_TOML, run_codex
 
 MODEL = "gpt-5-codex"
 # Codex 0.171.0's own default model when the configuration names none. For it, Codex offers its tools through
@@ -45,32 +45,7 @@ approval_policy = "never"
 sandbox_mode = "read-only"
 check_for_update_on_startup = false
 
-[model_providers.relay]
-name = "relay"
-base_url = "{{relay_url}}/v1"
-wire_api = "responses"
-env_key = "RELAY_ACCESS_KEY"
-request_max_retries = 0
-stream_max_retries = 0
-supports_websockets = false
-
-[analytics]
-enabled = false
-
-[feedback]
-enabled = false
-
-[otel]
-exporter = "none"
-trace_exporter = "none"
-metrics_exporter = "none"
-log_user_prompt = false
-
-[history]
-persistence = "none"
-
-[tui]
-notifications = false
+""" + RELAY_PROVIDER_TOML + """\
 
 # Only what would fetch from the internet; every tool keeps its default.
 [features]
