@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values, load_dotenv
 from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo, model_validator
 
 from proxy.keys import MIN_ACCESS_KEY_LENGTH, KeyRing, KeysFileError
@@ -35,6 +35,8 @@ from proxy.validation import EntryError, FileEntry, Says
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 LOG_FORMATS = ("text", "json")
+# The checkout: where `python -m proxy run` and the keys commands find `.env` and deploy/gunicorn.conf.py.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path("data")  # relative to the working directory: the checkout for `make run`
 LEDGER_SETTINGS = ("DATA_DIR", "DATABASE_URL", "LEDGER_RETENTION_DAYS")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
@@ -236,6 +238,16 @@ class ServerSettings:
 def load_env_file() -> None:
     """Read `.env` from the working directory (only there), never overriding real environment variables."""
     load_dotenv(Path.cwd() / ".env", override=False)
+
+
+def run_environment(environ: Mapping[str, str], env_file: Path) -> dict[str, str]:
+    """The environment gunicorn starts with (`python -m proxy run`) and the keys commands read: the real
+    variables, and `.env`'s settings under them (real variables win), so that every documented setting,
+    GUNICORN_* included, counts when set in `.env`."""
+    from_file = dotenv_values(env_file) if env_file.is_file() else {}
+    env = {name: value for name, value in from_file.items() if value is not None}
+    env.update(environ)
+    return env
 
 
 # --- the environment: one row per variable --------------------------------------------------------------------

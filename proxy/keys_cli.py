@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from proxy.budgets import spend_counter, utc_month
-from proxy.config import ledger_settings
+from proxy.config import PROJECT_ROOT, ledger_settings, run_environment
 from proxy.host_counters import SQLITE_FILE, HostCounters
 from proxy.keyfile import (
     KeyFileEditError,
@@ -163,6 +163,4 @@ def _csv(text: str) -> list[str]:
 
 
 def _environment() -> dict[str, str]:
-    from proxy.__main__ import ROOT, run_environment
-
-    return run_environment(os.environ, ROOT / ".env")
+    return run_environment(os.environ, PROJECT_ROOT / ".env")
