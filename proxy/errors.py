@@ -51,7 +51,7 @@ class RelayError(HTTPException):
 
     def __init__(self, description: str | None = None, *, kind: str | None = None,
                  retry_after: int | None = None) -> None:
-        super().__init__(description or self.description)
+        super().__init__(description=description or self.description)  # by name: werkzeug's 405 takes methods first
         if kind is not None:
             self.kind = kind
         if retry_after is not None:
@@ -60,6 +60,10 @@ class RelayError(HTTPException):
     @property
     def status(self) -> int:
         return self.code
+
+    @status.setter
+    def status(self, status: int) -> None:
+        self.code = status
 
 
 class BadRequest(RelayError, werkzeug_errors.BadRequest):
@@ -107,7 +111,7 @@ def unknown_endpoint(path: str) -> NotFound:
     return NotFound(f"no such endpoint: {shown}; this relay serves {', '.join(SERVED_ENDPOINTS)}")
 
 
-class MethodNotAllowed(RelayError):
+class MethodNotAllowed(RelayError, werkzeug_errors.MethodNotAllowed):
     code = 405
     kind = "method_not_allowed"
     error_type = "invalid_request_error"
@@ -179,7 +183,7 @@ def as_relay_error(error: HTTPException) -> RelayError:
     cls = _BY_STATUS.get(status)
     if cls is None:
         generic = RelayError(_plain_description(error))
-        generic.code = status
+        generic.status = status
         return generic
     if cls is NotFound:
         return unknown_endpoint(request.path if has_request_context() else "(this path)")

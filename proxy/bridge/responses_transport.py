@@ -67,7 +67,7 @@ def serve_bridged_responses(relay: Relay, state: RequestState, method: str, path
         answer = complete(upstreams, bridged.chat, relay.config.upstream_timeout, relay.config.max_stream_seconds)
     except RelayError as error:
         # An upstream failure before the first token: the status the openai SDKs read as the same trouble.
-        error.code = client_status(error.kind, error.status, error.upstream_status)
+        error.status = client_status(error.kind, error.status, error.upstream_status)
         raise
     state.access.stats = whole_answer_stats(answer, state.access.started)
     response = response_of_completion(answer.data, bridged, frame, bridged_id)

@@ -93,7 +93,7 @@ def bridged_messages(relay: Relay, state: RequestState, outgoing: Outgoing, chos
                           relay.config.max_stream_seconds)
     except RelayError as error:
         # An upstream failure before the first token: the status Anthropic's SDKs read as the same trouble.
-        error.code = client_status(error.kind, error.status, error.upstream_status)
+        error.status = client_status(error.kind, error.status, error.upstream_status)
         raise
     state.access.stats = whole_answer_stats(answer, state.access.started)
     message = to_anthropic_message(answer.data, outgoing.model, request.body.get("stop", ()))
