@@ -114,3 +114,16 @@ def test_no_function_longer_than_the_rule() -> None:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None
             and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION_LINES]
     assert long == []
+
+
+# Where an answer's reported usage is turned into tokens: the reader itself, the stream's stats (what the budgets,
+# the metrics and a WebSocket's charge read), the ledger's row (which adds reasoning tokens), and a WebSocket
+# connection's running total (its log line's sum of the answers already counted).
+USAGE_READERS = {"proxy.usage", "proxy.pump", "proxy.ledger.row", "proxy.routes.websocket"}
+
+
+def test_usage_is_counted_in_one_place() -> None:
+    """No other module reads tokens out of an upstream's usage (`TokenUsage.of_answer`): a new consumer reads
+    `StreamStats.token_usage()`, so the limits, metrics and ledger never count one answer differently."""
+    readers = {name for name, path in MODULES.items() if "TokenUsage.of_answer(" in path.read_text()}
+    assert readers <= USAGE_READERS
