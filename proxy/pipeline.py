@@ -1,4 +1,4 @@
-"""The one request pipeline every endpoint goes through. Read this first, then `proxy/pump.py`.
+"""The one request pipeline every endpoint goes through. Read this first, then `proxy/stream_machine.py`.
 
 A view states what it is with `@endpoint(...)` (its protocol, who may call it, whether it streams, how its
 input is shaped) and nothing else. For every request, in this order:
