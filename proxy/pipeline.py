@@ -59,7 +59,7 @@ from proxy.request_state import (
     request_state,
 )
 from proxy.server_errors import SECURITY_HEADERS
-from proxy.shaping import parse_json_object, read_body
+from proxy.shaping import choose_model, parse_json_object, read_body
 
 F = TypeVar("F", bound=Callable[..., Response])
 
@@ -169,6 +169,16 @@ def admit_shaped(record: AccessRecord, caller: KeyPolicy | None, shaped: Shaped,
         authorize_model(caller, shaped.model)
     if config.log_content:
         record.prompt = last_user_text(shaped.upstream_body.get("messages", []))
+
+
+def admit_model(state: RequestState, model: str, config: Config) -> None:
+    """A model named in a body the view forwards as sent: recorded, checked against ALLOWED_MODELS (400) and
+    the caller's own models (403). The forwarding views (`routes/passthrough.py`, `routes/anthropic.py`) read
+    their bodies themselves, since the bytes go upstream unchanged and a multipart upload names its model as
+    it streams, and admit each model they find here; every other view's model is admitted by `shape_input`."""
+    state.access.model = model
+    choose_model(model, config)
+    authorize_model(state.caller, model)
 
 
 def last_user_text(messages: list[Any]) -> str:

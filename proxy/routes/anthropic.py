@@ -23,12 +23,12 @@ from proxy.bridge.messages_request import MessagesRefused, estimate_input_tokens
 from proxy.bridge.messages_stream import MessagesStream
 from proxy.errors import BadRequest, RelayError
 from proxy.forwarding import ANTHROPIC, Outgoing, forward, json_object, model_of
-from proxy.pipeline import endpoint
+from proxy.pipeline import admit_model, endpoint
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
 from proxy.routes.chat import stream_response
 from proxy.routes.openai_api import SSE_HEADERS, whole_answer_stats
-from proxy.routes.passthrough import answer, check_model
+from proxy.routes.passthrough import answer
 from proxy.routing import Route, route
 from proxy.shaping import cap_max_tokens, read_body
 from proxy.upstream import complete
@@ -50,7 +50,7 @@ def messages(rest: str) -> Response:
     model = model_of(body)
     if body is None or model is None:
         raise BadRequest("the request body must be a JSON object naming a 'model'")
-    check_model(relay.config, state, model)
+    admit_model(state, model, relay.config)
     if not rest:  # counting tokens costs nothing
         relay.limits.reserve_request(state, model, body, raw)
     headers = list(request.headers.items())

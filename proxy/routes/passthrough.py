@@ -17,7 +17,6 @@ import httpx2
 from flask import Blueprint, Response, request
 from werkzeug.wsgi import get_input_stream
 
-from proxy.access import authorize_model
 from proxy.bridge.responses_transport import refuse_bridged_lookup, serve_bridged_responses
 from proxy.config import Config
 from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, UpstreamFailed
@@ -44,13 +43,13 @@ from proxy.forwarding import (
     relay_sse,
     upload_blocks,
 )
-from proxy.pipeline import endpoint
+from proxy.pipeline import admit_model, endpoint
 from proxy.pump import ClientSocket, StreamStats
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
 from proxy.routes.chat import client_socket_watcher
 from proxy.routing import Route, not_served, route
-from proxy.shaping import choose_model, read_body
+from proxy.shaping import read_body
 from proxy.upstream import Upstream
 
 bp = Blueprint("passthrough", __name__)
@@ -115,13 +114,6 @@ def refuse_unchecked_models(config: Config, state: RequestState) -> None:
                         "models inside their input file", kind="model_not_allowed")
 
 
-def check_model(config: Config, state: RequestState, model: str) -> None:
-    """ALLOWED_MODELS (400) and the calling key's own models (403), as for chat."""
-    state.access.model = model
-    choose_model(model, config)
-    authorize_model(state.caller, model)
-
-
 def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoing, str | None]:
     """The request to forward and the model it names (checked)."""
     content_type = request.headers.get("Content-Type", "")
@@ -133,7 +125,7 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     body = json_object(raw, "json" in content_type.lower())
     model = model_of(body)
     if model is not None:
-        check_model(config, state, model)
+        admit_model(state, model, config)
         current_relay().limits.reserve_request(state, model, body or {}, raw)
     streaming = body is not None and body.get("stream") is True
     return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming,
@@ -178,7 +170,7 @@ def late_model(config: Config, state: RequestState, routed: str | None, named: s
         raise BadRequest("the form's 'model' field must be a short non-empty string")
     if routed is not None and named != routed:
         raise BadRequest("the form names two different models", kind="model_conflict")
-    check_model(config, state, named)
+    admit_model(state, named, config)
     if routed is None:
         refuse_misrouted(current_relay().upstreams, named)
 
