@@ -109,8 +109,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def check_metrics_access(config: Config) -> None:
-    """Bearer METRICS_KEY; with none set, only a loopback peer whose request no proxy forwarded."""
+def check_metrics_access(_state: RequestState, config: Config) -> None:
+    """`GET /metrics`' guard (proxy/pipeline.py): Bearer METRICS_KEY; with none set, only a loopback peer whose
+    request no proxy forwarded."""
     if config.metrics_key:
         presented = presented_key(request.headers.get("Authorization")).encode()
         if not hmac.compare_digest(presented, config.metrics_key.encode()):

@@ -10,8 +10,10 @@ input is shaped) and nothing else. For every request, in this order:
    header, or the `key` query parameter that EventSource and WebSocket pages must use; two of them present
    and different is refused) and every later
    step (authentication, per-key models, limits, budgets, logs, metrics) reads that one decision;
-4. **authentication**, as the declaration says: an access key, nothing (public), or the view's own check
-   (a WebSocket refuses with a close frame; `/metrics` has its own key);
+4. **authentication**, as the declaration says: an access key, nothing (public), or the endpoint's own
+   credential, its declared `guard` (`/metrics`: METRICS_KEY or this host; `/usage`: ADMIN_KEY;
+   `/debug/stats`: loopback and a key), checked here; a WebSocket (`own`, no guard) refuses in its own
+   protocol, with a close frame;
 5. **limits** (`proxy/limits.py`, after this hook): requests per minute/day and the budgets (refused when
    used up) for keyed endpoints, a stream slot for streaming ones;
 6. **input** (in the `@endpoint` wrapper): the body read within MAX_BODY_BYTES (and BODY_TIMEOUT), parsed,
@@ -51,6 +53,7 @@ from proxy.request_state import (
     Access,
     BodyShaper,
     Declaration,
+    Guard,
     QueryShaper,
     RequestState,
     Shaped,
@@ -68,9 +71,10 @@ _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 
 def endpoint(protocol: WireProtocol, *, access: Access = "key", streams: bool = False,
              body: BodyShaper | None = None, query: QueryShaper | None = None,
-             checks_model: bool = True) -> Callable[[F], F]:
-    """Declare a view to the pipeline. A view with `body` or `query` is called with the shaped request."""
-    declaration = Declaration(protocol, access, streams, body, query, checks_model)
+             checks_model: bool = True, guard: Guard | None = None) -> Callable[[F], F]:
+    """Declare a view to the pipeline. A view with `body` or `query` is called with the shaped request; a
+    `guard` (an admin or metrics key, loopback only) is checked before the view and its limits."""
+    declaration = Declaration(protocol, access, streams, body, query, checks_model, guard)
 
     def wrap(view: F) -> F:
         @functools.wraps(view)
@@ -136,13 +140,14 @@ def _begin() -> Response | None:
     if request.method == "OPTIONS":
         return preflight_response(relay.config)
     limit_body_time(request.environ, relay.config.body_timeout)
-    if declaration.access == "public":
-        return None
-    state.caller = decide_caller(relay.config)
-    if state.caller is not None:
-        record.key_name = state.caller.name
-    elif declaration.access == "key":
-        raise Unauthorized()
+    if declaration.access != "public":
+        state.caller = decide_caller(relay.config)
+        if state.caller is not None:
+            record.key_name = state.caller.name
+        elif declaration.access == "key":
+            raise Unauthorized()
+    if declaration.guard is not None:
+        declaration.guard(state, relay.config)
     return None
 
 

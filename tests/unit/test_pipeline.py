@@ -223,3 +223,32 @@ def test_metrics_route_label_names_the_family_not_the_rule_s_whole_list(path: st
                                                       return_rule=True)
     assert route_label(rule, args) == label
     assert route_label(None, None) == "unmatched"
+
+
+def test_every_own_credential_is_a_declared_guard() -> None:
+    """A view that is not behind an access key checks its own credential as a declared `guard` the pipeline
+    runs (before the view and its limits), not inside the view: only the WebSocket, which must refuse with
+    close frames in its own protocol, is `own` without one."""
+    app = make_app(debug_stats=True)
+    unguarded = sorted(name for name, view in app.view_functions.items()
+                       if getattr(view, "declaration", None) is not None and view.declaration.access == "own"
+                       and view.declaration.guard is None)
+    assert unguarded == ["websocket.chat"]
+    guarded = {name for name, view in app.view_functions.items()
+               if getattr(getattr(view, "declaration", None), "guard", None) is not None}
+    assert guarded == {"metrics.metrics", "usage.all_usage", "debug.debug_stats"}
+
+
+@pytest.mark.parametrize(("settings", "path", "headers", "status"), [
+    ({}, "/usage", {}, 403),  # ADMIN_KEY unset: off
+    ({"admin_key": "a" * 24}, "/usage", {"Authorization": f"Bearer {KEY}"}, 401),  # an access key is not it
+    ({"metrics_key": "m" * 24}, "/metrics", {"Authorization": "Bearer wrong"}, 401),
+    ({"debug_stats": True}, "/debug/stats", {"Authorization": f"Bearer {KEY}", "X-Forwarded-For": "1.2.3.4"}, 200),
+])
+def test_guards_refuse_before_the_view(settings: dict[str, object], path: str, headers: dict[str, str],
+                                       status: int) -> None:
+    """Each guard gives its refusal in the endpoint's JSON shape (the test client is a loopback peer)."""
+    response = make_app(**settings).test_client().get(path, headers=headers)
+    assert response.status_code == status, response.data
+    if status != 200:
+        assert response.json is not None and "error" in response.json
