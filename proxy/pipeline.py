@@ -186,6 +186,13 @@ def admit_model(state: RequestState, model: str, config: Config) -> None:
     authorize_model(state.caller, model)
 
 
+def admit_forwarded(state: RequestState, model: str, body: Mapping[str, Any], raw: bytes, config: Config) -> None:
+    """A whole JSON body a view forwards as sent: its model admitted (`admit_model`), then the most it can
+    cost reserved in the caller's budgets, as `shape_input` does for shaped bodies."""
+    admit_model(state, model, config)
+    current_relay().limits.reserve_request(state, model, body, raw)
+
+
 def last_user_text(messages: list[Any]) -> str:
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):

@@ -23,7 +23,7 @@ from proxy.bridge.messages_request import MessagesRefused, estimate_input_tokens
 from proxy.bridge.messages_stream import MessagesStream
 from proxy.errors import BadRequest, RelayError
 from proxy.forwarding import ANTHROPIC, Outgoing, forward, json_object, model_of
-from proxy.pipeline import admit_model, endpoint
+from proxy.pipeline import admit_forwarded, admit_model, endpoint
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
 from proxy.routes.chat import stream_response
@@ -50,9 +50,10 @@ def messages(rest: str) -> Response:
     model = model_of(body)
     if body is None or model is None:
         raise BadRequest("the request body must be a JSON object naming a 'model'")
-    admit_model(state, model, relay.config)
-    if not rest:  # counting tokens costs nothing
-        relay.limits.reserve_request(state, model, body, raw)
+    if rest:  # counting tokens costs nothing: nothing to reserve
+        admit_model(state, model, relay.config)
+    else:
+        admit_forwarded(state, model, body, raw, relay.config)
     headers = list(request.headers.items())
     if not any(name.lower() == "anthropic-version" for name, _value in headers):
         headers.append(("anthropic-version", DEFAULT_ANTHROPIC_VERSION))

@@ -43,7 +43,7 @@ from proxy.forwarding import (
     relay_sse,
     upload_blocks,
 )
-from proxy.pipeline import admit_model, endpoint
+from proxy.pipeline import admit_forwarded, admit_model, endpoint
 from proxy.pump import ClientSocket, StreamStats
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
@@ -125,8 +125,7 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     body = json_object(raw, "json" in content_type.lower())
     model = model_of(body)
     if model is not None:
-        admit_model(state, model, config)
-        current_relay().limits.reserve_request(state, model, body or {}, raw)
+        admit_forwarded(state, model, body or {}, raw, config)
     streaming = body is not None and body.get("stream") is True
     return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming,
                     model=model), model

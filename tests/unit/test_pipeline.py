@@ -142,11 +142,15 @@ def test_a_form_field_model_outside_the_keys_list_is_refused(tmp_path: Path) -> 
 
 
 def test_only_the_pipeline_checks_a_callers_models() -> None:
-    """`authorize_model` is called by proxy/pipeline.py alone (`shape_input`, `admit_shaped`, `admit_model`):
-    a view cannot hold a check of its own that the next endpoint family would forget to copy."""
+    """`authorize_model` and a request's reservation (`reserve_request`) are called by proxy/pipeline.py alone
+    (`shape_input`, `admit_shaped`, `admit_model`, `admit_forwarded`): a view cannot hold a check of its own
+    that the next endpoint family would forget to copy."""
     callers = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "proxy").rglob("*.py")
                      if "authorize_model(" in path.read_text())
     assert callers == ["proxy/access.py", "proxy/pipeline.py"]
+    reservers = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "proxy").rglob("*.py")
+                       if "reserve_request(" in path.read_text())
+    assert reservers == ["proxy/limits.py", "proxy/pipeline.py"]  # a request's budget hold, likewise
 
 
 def test_a_view_without_a_declaration_is_refused_at_start() -> None:
