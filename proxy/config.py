@@ -20,7 +20,6 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values, load_dotenv
 from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo, model_validator
 
+from proxy.globs import serves
 from proxy.keys import MIN_ACCESS_KEY_LENGTH, KeyRing, KeysFileError
 from proxy.prices import PricesFileError, PriceTable, load_prices
 from proxy.validation import EntryError, FileEntry, Says
@@ -175,7 +175,7 @@ class Config:
         # DEFAULT_MODEL is chat's: only the OpenAI-protocol upstreams can serve it (a file of Anthropic ones
         # alone serves /v1/messages only, and chat then names the model it lacks).
         chat_upstreams = [spec for spec in upstreams if spec.api == "openai"]
-        if chat_upstreams and not any(_serves(spec, default_model) for spec in chat_upstreams):
+        if chat_upstreams and not any(serves(spec.models, spec.model_map, default_model) for spec in chat_upstreams):
             raise ConfigError(f"DEFAULT_MODEL: '{default_model}' is not served by any upstream in "
                               f"UPSTREAMS_FILE {upstreams_file}")
         return cls(**values, upstreams=upstreams)
@@ -534,11 +534,6 @@ def _upstream_entry(where: str, entry: dict[str, Any], env: Mapping[str, str]) -
                         tuple(model.strip() for model in checked.models), env[checked.api_key_env].strip(),
                         checked.api, checked.native_protocols,
                         tuple((name.strip(), own.strip()) for name, own in checked.model_map.items()))
-
-
-def _serves(spec: UpstreamSpec, model: str) -> bool:
-    return any(model == name for name, _own in spec.model_map) or any(fnmatchcase(model, pattern)
-                                                                      for pattern in spec.models)
 
 
 def _is_http_url(url: str) -> bool:

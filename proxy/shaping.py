@@ -13,7 +13,7 @@ import orjson
 
 from proxy.config import Config
 from proxy.errors import BadRequest
-from proxy.upstream import model_allowed
+from proxy.globs import model_allowed
 
 # The one list of message roles: what /chat accepts, what its errors list, and openapi.yaml's enum.
 ROLES = ("system", "user", "assistant", "tool", "function", "developer")
