@@ -21,14 +21,13 @@ from proxy.bridge.messages_encoder import MessagesEncoder
 from proxy.bridge.messages_errors import client_status
 from proxy.bridge.messages_request import MessagesRefused, estimate_input_tokens, to_chat_request
 from proxy.bridge.messages_stream import MessagesStream
+from proxy.chat_stream import SSE_HEADERS, stream_response, whole_answer_stats
 from proxy.errors import BadRequest, RelayError
+from proxy.forwarded_answer import answer
 from proxy.forwarding import ANTHROPIC, Outgoing, forward, json_object, model_of
 from proxy.pipeline import admit_forwarded, admit_model, endpoint
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
-from proxy.routes.chat import stream_response
-from proxy.routes.openai_api import SSE_HEADERS, whole_answer_stats
-from proxy.routes.passthrough import answer
 from proxy.routing import Route, route
 from proxy.shaping import cap_max_tokens, read_body
 from proxy.upstream import complete

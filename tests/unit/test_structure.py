@@ -127,3 +127,11 @@ def test_usage_is_counted_in_one_place() -> None:
     `StreamStats.token_usage()`, so the limits, metrics and ledger never count one answer differently."""
     readers = {name for name, path in MODULES.items() if "TokenUsage.of_answer(" in path.read_text()}
     assert readers <= USAGE_READERS
+
+
+def test_views_and_bridges_import_no_view() -> None:
+    """What several views share lives outside proxy/routes (proxy/chat_stream.py, proxy/forwarded_answer.py):
+    no module but the app's wiring (proxy/__init__.py) imports a view's module."""
+    importers = sorted(name for name, path in MODULES.items() if name != "proxy"
+                       for imported in imported_by(name, path) if imported.startswith("proxy.routes."))
+    assert importers == []
