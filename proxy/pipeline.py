@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, request
 from werkzeug.routing import Rule
 
 from proxy.access import add_cors_headers, authorize_model, preflight_response, presented_key
@@ -49,7 +49,6 @@ from proxy.keys import KeyPolicy
 from proxy.relay import Relay, current_relay
 from proxy.request_state import (
     PUBLIC,
-    STATE_ATTRIBUTE,
     Access,
     BodyShaper,
     Declaration,
@@ -59,6 +58,7 @@ from proxy.request_state import (
     Shaped,
     WireProtocol,
     current_request_state,
+    keep_request_state,
     request_state,
 )
 from proxy.server_errors import SECURITY_HEADERS
@@ -136,7 +136,7 @@ def _begin() -> Response | None:
     )
     declaration = declaration_of(current_app, request.endpoint)
     state = RequestState(record, declaration, route_label(request.url_rule, request.view_args))
-    setattr(g, STATE_ATTRIBUTE, state)
+    keep_request_state(state)
     if request.method == "OPTIONS":
         return preflight_response(relay.config)
     limit_body_time(request.environ, relay.config.body_timeout)

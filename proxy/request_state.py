@@ -82,6 +82,11 @@ class RequestState:
     closed: bool = False
 
 
+def keep_request_state(state: RequestState) -> None:
+    """Put `state` on the request context (the pipeline's first step); the only per-request value there."""
+    setattr(g, STATE_ATTRIBUTE, state)
+
+
 def request_state() -> RequestState:
     """This request's state (the pipeline makes it before anything else runs)."""
     state: RequestState = getattr(g, STATE_ATTRIBUTE)

@@ -135,3 +135,13 @@ def test_views_and_bridges_import_no_view() -> None:
     importers = sorted(name for name, path in MODULES.items() if name != "proxy"
                        for imported in imported_by(name, path) if imported.startswith("proxy.routes."))
     assert importers == []
+
+
+def test_per_request_state_lives_on_one_object() -> None:
+    """Flask's `g` is touched by proxy/request_state.py alone (`keep_request_state`, `request_state`): no
+    module keeps loose per-request attributes on it."""
+    users = sorted(name for name, path in MODULES.items()
+                   for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.ImportFrom) and node.module == "flask"
+                   and any(alias.name == "g" for alias in node.names))
+    assert users == ["proxy.request_state"]
