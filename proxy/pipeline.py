@@ -95,10 +95,14 @@ def declaration_of(app: Flask, endpoint_name: str | None) -> Declaration:
 
 
 def install_pipeline(app: Flask) -> None:
-    """Steps 1-4 before every request, and the close step after; refuse undeclared views."""
+    """Steps 1-4 before every request, the limits (step 5) after them, and the close step after the
+    response; the app's relay (`app.extensions["relay"]`) is built already. The order is the pipeline's:
+    preflights first, the caller decided once before any limit counts it."""
     app.before_request(_begin)
     app.after_request(_finish)
     app.teardown_request(_teardown)
+    relay: Relay = app.extensions["relay"]
+    relay.limits.init_app(app)
 
 
 def check_every_view_declared(app: Flask) -> None:

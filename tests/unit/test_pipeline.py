@@ -256,3 +256,11 @@ def test_guards_refuse_before_the_view(settings: dict[str, object], path: str, h
     assert response.status_code == status, response.data
     if status != 200:
         assert response.json is not None and "error" in response.json
+
+
+def test_limits_run_after_the_caller_is_decided() -> None:
+    """The pipeline installs the limits itself, after its first step: a rate limit counts the caller the
+    pipeline decided, never a request it has not begun (the order no longer rests on create_app's lines)."""
+    app = make_app(rate_limit_per_minute=5)
+    hooks = [hook.__name__ for hook in app.before_request_funcs[None]]
+    assert hooks[0] == "_begin" and "_admit" in hooks[1:]
