@@ -27,7 +27,14 @@ from flask import Flask, Response, current_app, has_app_context, has_request_con
 from werkzeug import exceptions as werkzeug_errors
 from werkzeug.exceptions import HTTPException
 
-from proxy.encoders import NDJSON_DONE, SSE_DONE, ndjson_error_record, sse_error_event
+from proxy.encoders import (
+    NDJSON_DONE,
+    SSE_DONE,
+    anthropic_error,
+    ndjson_error_record,
+    openai_error,
+    sse_error_event,
+)
 from proxy.redaction import redact_secret_like
 from proxy.request_state import PUBLIC, current_request_state
 
@@ -213,11 +220,8 @@ def error_body(error: RelayError, shape: str) -> tuple[bytes, str]:
     if shape == "sse":
         return sse_error_event(message, error.error_type, error.kind, named=True) + SSE_DONE, SSE_MIMETYPE
     if shape == "anthropic":
-        anthropic = {"type": "error", "error": {"type": anthropic_error_type(error.status),
-                                                "message": message}}
-        return orjson.dumps(anthropic), "application/json"
-    payload = {"error": {"message": message, "type": error.error_type, "code": error.kind}}
-    return orjson.dumps(payload), "application/json"
+        return orjson.dumps(anthropic_error(anthropic_error_type(error.status), message)), "application/json"
+    return orjson.dumps(openai_error(message, error.error_type, error.kind)), "application/json"
 
 
 # Anthropic's error `type` for each status (its API reference, "Errors").

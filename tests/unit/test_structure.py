@@ -145,3 +145,18 @@ def test_per_request_state_lives_on_one_object() -> None:
                    if isinstance(node, ast.ImportFrom) and node.module == "flask"
                    and any(alias.name == "g" for alias in node.names))
     assert users == ["proxy.request_state"]
+
+
+# An upstream's answers, not the relay's: the in-process stand-in answers an unknown path as OpenAI does.
+ERROR_OBJECT_BUILDERS = {"proxy.encoders", "proxy.standin"}
+
+
+def test_error_objects_are_built_in_one_place() -> None:
+    """Every error object the relay sends (`{"error": {...}}` in OpenAI's and Anthropic's shapes: bodies,
+    error events, records) is built by proxy/encoders.py's `openai_error` / `anthropic_error`: no module
+    writes the shape out again."""
+    builders = {name for name, path in MODULES.items()
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Dict)
+                for key, value in zip(node.keys, node.values, strict=True)
+                if isinstance(key, ast.Constant) and key.value == "error" and isinstance(value, ast.Dict)}
+    assert builders <= ERROR_OBJECT_BUILDERS
