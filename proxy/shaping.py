@@ -11,6 +11,7 @@ from typing import IO, Any
 
 import orjson
 
+from proxy.bridge.messages_request import MESSAGE_ROLES
 from proxy.config import Config
 from proxy.errors import BadRequest
 from proxy.globs import model_allowed
@@ -279,7 +280,7 @@ def request_schemas() -> dict[str, dict[str, Any]]:
             "model": MESSAGES_MODEL_SCHEMA,
             "messages": {"type": "array", "items": {"$ref": "#/components/schemas/AnthropicMessage"}}}},
         "AnthropicMessage": {"type": "object", "required": ["role", "content"], "properties": {
-            "role": {"type": "string", "enum": ["user", "assistant"]},
+            "role": {"type": "string", "enum": list(MESSAGE_ROLES)},
             "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
                 "$ref": "#/components/schemas/AnthropicTextBlock"}}]}}},
         "AnthropicTextBlock": {"type": "object", "required": ["type", "text"], "properties": {
