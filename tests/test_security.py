@@ -293,15 +293,17 @@ def test_startup_line_shows_urls_without_credentials(tmp_path: Path, fake: FakeU
 
 def test_nginx_access_log_has_no_key_or_prompt(tmp_path: Path, secure_relay: RelayProcess) -> None:
     """The shipped nginx site in front: `GET /chat?prompt=...&key=...` and `/ws?key=...` leave the path in
-    nginx's access log, never the key or the prompt."""
+    nginx's access log, never the key or the prompt, not even from a Referer that holds them."""
+    referer = f"https://relay.example.com/chat?prompt=diary&key={ACCESS_KEY}"
     with running_nginx(tmp_path / "nginx", secure_relay.url.removeprefix("http://")) as nginx:
-        answer = httpx2.get(f"{nginx.url}/chat", params={"prompt": "my secret diary", "key": ACCESS_KEY}, timeout=20)
+        answer = httpx2.get(f"{nginx.url}/chat", params={"prompt": "my secret diary", "key": ACCESS_KEY},
+                            headers={"Referer": referer}, timeout=20)
         assert answer.status_code == 200
         httpx2.get(f"{nginx.url}/ws", params={"key": SECOND_ACCESS_KEY}, timeout=20)
         access_log = nginx.prefix / "access.log"
         assert wait_until(lambda: access_log.exists() and "/ws" in access_log.read_text())
         log = access_log.read_text()
-    assert '"GET /chat HTTP/1.1" 200' in log, log
+    assert '"GET /chat HTTP/1.1" 200 ' in log and '"https://relay.example.com/chat"' in log, log
     for secret in (ACCESS_KEY, SECOND_ACCESS_KEY, "diary", "prompt", "key="):
         assert secret not in log, secret
 
