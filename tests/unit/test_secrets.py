@@ -255,6 +255,7 @@ def test_nginx_site_logs_without_query_strings() -> None:
                      "$arg_", "$http_referer"):
         assert variable not in log_format, variable
     assert code.count("access_log /var/log/nginx/access.log relay_noquery;") == 2
+    assert code.count("error_log /var/log/nginx/error.log crit;") == 2  # its lines quote whole request lines
     assert code.count("server {") == 2
 
 
