@@ -294,6 +294,7 @@ def running_redis(directory: Path) -> Iterator[Redis]:
 def caddyfile_for_loopback(caddyfile_text: str, listen_port: int, relay_address: str) -> str:
     """The shipped Caddyfile rewritten for plain HTTP on loopback, exactly as its header documents."""
     rewrites = {
+        "{": "{\n\tadmin off\n\tauto_https off",  # the global options block
         "relay.example.com {": f"http://127.0.0.1:{listen_port} {{",
         "reverse_proxy 127.0.0.1:8000 {": f"reverse_proxy {relay_address} {{",
     }
@@ -307,7 +308,7 @@ def caddyfile_for_loopback(caddyfile_text: str, listen_port: int, relay_address:
         out.append(line)
     if any(count != 1 for count in seen.values()):
         raise AssertionError(f"deploy/Caddyfile no longer has the lines the tests rewrite: {seen}")
-    return "{\n\tadmin off\n\tauto_https off\n}\n\n" + "\n".join(out) + "\n"
+    return "\n".join(out) + "\n"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from tests.conftest import (
 )
 from tests.fake_upstream import FakeUpstream
 from tests.hardening import FAULT_SETTINGS, STREAM_ENDPOINTS, StreamEndpoint, assert_no_secrets, fake_says
-from tests.servers import running_nginx, wait_until
+from tests.servers import running_caddy, running_nginx, wait_until
 
 AUTH = {"Authorization": f"Bearer {ACCESS_KEY}"}
 CHAT = {"messages": [{"role": "user", "content": "hello"}]}
@@ -332,6 +332,22 @@ def test_nginx_error_log_has_no_key_or_prompt_when_the_relay_is_down(tmp_path: P
     for where, log in logs.items():
         for secret in (ACCESS_KEY, SECOND_ACCESS_KEY, "diary", "prompt="):
             assert secret not in log, (where, secret, log[-1500:])
+
+
+def test_caddy_error_log_has_no_key_or_prompt_when_the_relay_is_down(tmp_path: Path) -> None:
+    """The shipped Caddyfile in front of a relay that is not there: Caddy's error entries for the 502s keep
+    the path and other parameters but not the key, the prompt or the Referer."""
+    referer = f"https://relay.example.com/chat?prompt=diary&key={SECOND_ACCESS_KEY}"
+    with running_caddy(tmp_path / "caddy", f"127.0.0.1:{free_port()}") as caddy:
+        for path in ("/chat", "/ws"):
+            answer = httpx2.get(f"{caddy.url}{path}", params={"prompt": "my secret diary", "key": ACCESS_KEY,
+                                                              "model": "m"}, headers={"Referer": referer}, timeout=20)
+            assert answer.status_code == 502
+        assert wait_until(lambda: caddy.log().count('"uri":"/chat?model=m"') == 1
+                          and caddy.log().count('"uri":"/ws?model=m"') == 1), caddy.log()[-1500:]
+        log = caddy.log()
+    for secret in (ACCESS_KEY, SECOND_ACCESS_KEY, "diary", "prompt=", "Referer"):
+        assert secret not in log, (secret, log[-1500:])
 
 
 @pytest.mark.parametrize(("method", "path", "body"), [
