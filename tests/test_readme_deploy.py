@@ -197,6 +197,7 @@ def start_nginx_site(machine: Machine, namespace: Namespace, step: str, certific
     prefix.mkdir(parents=True, exist_ok=True)
     # Debian's /var/log/nginx, as nginx's own files here, in the stand-in's directory.
     text = text.replace("access_log /var/log/nginx/", f"access_log {prefix}/")
+    text = text.replace("error_log /var/log/nginx/", f"error_log {prefix}/")
     site.write_text(text)
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_main_config(prefix, site))
