@@ -307,8 +307,9 @@ def test_compose_environment_starts_the_relay(machine: Machine, namespace: Names
 
 def test_try_it_make_run_honours_dotenv(machine: Machine, namespace: Namespace, upstream_url: str,
                                         tmp_path: Path) -> None:
-    """"Try it": `cp .env.example .env`, the keys filled, `make run`; GUNICORN_* set in .env count, the
-    banner names the address and the chat page, and the README's curl answers."""
+    """"Try it": `cp .env.example .env`, the keys filled, `make run`; every GUNICORN_* and the relay's own
+    settings set in .env count, the banner names the address and the chat page, which is served, and the
+    README's curl answers."""
     (block, curl_block) = sh_blocks(readme_section("Try it"))[:2]
     commands = [command for command, _comment in shell_commands(block)]
     assert commands == ["cp .env.example .env", "make run"], commands
@@ -318,7 +319,8 @@ def test_try_it_make_run_honours_dotenv(machine: Machine, namespace: Namespace, 
     try:
         dotenv.write_text(fill_settings(dotenv.read_text(), {
             "AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": UPSTREAM_KEY, "OPENAI_BASE_URL": upstream_url,
-            "GUNICORN_BIND": "127.0.0.1:8011", "GUNICORN_WORKERS": "1"}))
+            "GUNICORN_BIND": "127.0.0.1:8011", "GUNICORN_WORKERS": "1", "GUNICORN_WORKER_CONNECTIONS": "321",
+            "GUNICORN_GRACEFUL_TIMEOUT": "7", "GUNICORN_LOG_LEVEL": "debug", "DEFAULT_MODEL": "model-from-dotenv"}))
         env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8"}
         log = tmp_path / "make-run.log"
         relay = started_in(namespace, ["make", "run"], log, 8011, workdir, env)
@@ -330,7 +332,13 @@ def test_try_it_make_run_honours_dotenv(machine: Machine, namespace: Namespace, 
             script = f"ACCESS_KEY={shlex.quote(ACCESS_KEY)}; " + curl[1].replace("8000", "8011")
             answer = namespace.run(["sh", "-c", script])
             assert json.loads(answer.stdout.splitlines()[-1])["done"] is True, answer
-            assert len(re.findall(r"Booting worker", log.read_text())) == 1  # GUNICORN_WORKERS=1 from .env
+            page = namespace.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:8011/"])
+            assert page.stdout == "200", page
+            text = log.read_text()
+            assert len(re.findall(r"Booting worker", text)) == 1  # GUNICORN_WORKERS=1 from .env
+            # gunicorn's configuration dump (GUNICORN_LOG_LEVEL=debug from .env) shows the other two.
+            assert "worker_connections: 321" in text and "graceful_timeout: 7" in text
+            assert "model=model-from-dotenv" in text and ACCESS_KEY not in text  # the access line
         finally:
             stop_group(relay)
     finally:

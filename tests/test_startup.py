@@ -224,7 +224,8 @@ def test_env_file_is_read_but_real_variables_win(tmp_path: Path) -> None:
 
 @pytest.mark.skipif((ROOT / ".env").exists(), reason="a developer .env exists in the checkout")
 def test_run_command_enters_demo_mode_without_configuration() -> None:
-    """`python -m proxy run` with no .env and no variables starts demo mode and prints a key and a curl line."""
+    """`python -m proxy run` with no .env and no variables starts demo mode; its banner names the address, the
+    chat page's URL, the key and a curl line."""
     port = free_port()
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8",
            "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_WORKERS": "1"}
@@ -237,7 +238,8 @@ def test_run_command_enters_demo_mode_without_configuration() -> None:
             line = process.stdout.readline()
             assert line, f"run command ended early: {banner}"
             banner += line
-        assert "DEMO MODE" in banner
+        assert "DEMO MODE" in banner and f"Listening on 127.0.0.1:{port}." in banner
+        assert f"Chat page: open http://127.0.0.1:{port}/ in a browser" in banner
         key = re.search(r"Access key for this run: (\S+)", banner)
         assert key is not None
         deadline = time.monotonic() + 20
