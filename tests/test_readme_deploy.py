@@ -168,8 +168,13 @@ def start_unit(machine: Machine, namespace: Namespace, log: Path) -> subprocess.
     for env_file in unit.environment_files:  # systemd: the files' settings override Environment= lines
         env.update(systemd_environment_file(Path(machine.translate(env_file)).read_text()))
     env = {name: machine.translate(value) for name, value in env.items()}
-    for directory in unit.runtime_directories:
-        machine.path(f"/run/{directory}").mkdir(parents=True, exist_ok=True)
+    # systemd makes the unit's RuntimeDirectory= and StateDirectory= and names them in the environment.
+    made = {"RUNTIME_DIRECTORY": [machine.path(f"/run/{name}") for name in unit.runtime_directories],
+            "STATE_DIRECTORY": [machine.path(f"/var/lib/{name}") for name in unit.state_directories]}
+    for variable, directories in made.items():
+        for directory in directories:
+            directory.mkdir(parents=True, exist_ok=True)
+        env[variable] = ":".join(str(directory) for directory in directories)
     argv = shlex.split(machine.translate(unit.exec_start))
     return started_in(namespace, argv, log, 8000, Path(machine.translate(unit.working_directory)), env)
 
@@ -239,6 +244,8 @@ def test_vps_section_followed_to_the_letter(machine: Machine, namespace: Namespa
         certificate = throwaway_certificate(tmp_path / "certificate")
         nginx = start_nginx_site(machine, namespace, steps[5], certificate)
         check_from_outside(machine, namespace, steps[7], certificate[0])
+        # The usage ledger is in the unit's StateDirectory (the code's directory is read-only under the unit).
+        assert (machine.path("/var/lib/relay") / "ledger.db").is_file(), "the ledger is not in /var/lib/relay"
     finally:
         for process in (nginx, relay):
             if process is not None:
