@@ -48,13 +48,13 @@ lint: dev-venv
 # Most test files wait on real servers, not on the CPU: three at a time (pytest-xdist, one file per worker).
 # The load and timing tests (marked serial: soak, capacity, fault matrix, client faults) then run alone.
 test: dev-venv system-deps assets test-clients lint
-	$(BIN)/pytest -n 3 --dist loadfile -m "not serial"
+	$(BIN)/pytest -n 3 --dist loadfile --no-loadscope-reorder -m "not serial"
 	$(BIN)/pytest -m serial
 
 check: lint
 	$(BIN)/pytest -q tests/unit
 
-# The long soak (docs/reliability.md): 5 minutes of mixed traffic at 48 clients; CI runs a 30 s version.
+# The long soak (docs/reliability.md): 5 minutes of mixed traffic at 48 clients; make test runs a 12 s version.
 soak: dev-venv
 	SOAK_SECONDS=$${SOAK_SECONDS:-300} SOAK_CONCURRENCY=$${SOAK_CONCURRENCY:-48} $(BIN)/pytest -q -s tests/test_soak.py
 

@@ -175,6 +175,56 @@ def demo_count_tokens(body: dict[str, Any]) -> dict[str, Any]:
     return {"input_tokens": len(text.split())}
 
 
+def demo_text_completion(body: dict[str, Any]) -> dict[str, Any] | Iterator[Timed]:
+    """The legacy completions API (`POST /v1/completions`): the stand-in answer as `text_completion`
+    objects, whole or a word per event, then the usage chunk when asked for, and [DONE]."""
+    model, prompt = str(body.get("model")), _prompt_text(body.get("prompt"))
+    words = demo_words(prompt)
+    if body.get("stream") is not True:
+        return {**_text_completion(model, "".join(words), "stop"), "usage": demo_usage(prompt, words)}
+    options = body.get("stream_options")
+    return _text_completion_events(model, prompt, words, isinstance(options, dict) and options.get("include_usage"))
+
+
+def _text_completion_events(model: str, prompt: str, words: list[str], include_usage: object) -> Iterator[Timed]:
+    for text in words:
+        yield WORD_INTERVAL_SECONDS, b"data: " + orjson.dumps(_text_completion(model, text, None)) + b"\n\n"
+    yield 0.0, b"data: " + orjson.dumps(_text_completion(model, "", "stop")) + b"\n\n"
+    if include_usage is True:
+        usage = {**_text_completion(model, "", None), "choices": [], "usage": demo_usage(prompt, words)}
+        yield 0.0, b"data: " + orjson.dumps(usage) + b"\n\n"
+    yield 0.0, SSE_END
+
+
+def _text_completion(model: str, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"id": "cmpl-demo", "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def _prompt_text(given: Any) -> str:
+    """A completions `prompt`: a string or a list of strings (token-id prompts have no text to echo)."""
+    if isinstance(given, str):
+        return given
+    return " ".join(part for part in given if isinstance(part, str)) if isinstance(given, list) else ""
+
+
+# OpenAI's moderation categories (omni-moderation); the stand-in flags nothing.
+MODERATION_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+                         "illicit/violent", "self-harm", "self-harm/instructions", "self-harm/intent", "sexual",
+                         "sexual/minors", "violence", "violence/graphic")
+
+
+def demo_moderation(body: dict[str, Any]) -> dict[str, Any]:
+    """`POST /v1/moderations`: one result per input, nothing flagged (the stand-in judges nothing)."""
+    given = body.get("input")
+    inputs = given if isinstance(given, list) else [given]
+    result = {"flagged": False, "categories": dict.fromkeys(MODERATION_CATEGORIES, False),
+              "category_scores": dict.fromkeys(MODERATION_CATEGORIES, 0.0),
+              "category_applied_input_types": {name: ["text"] for name in MODERATION_CATEGORIES}}
+    return {"id": "modr-demo", "model": str(body.get("model") or "omni-moderation-latest"),
+            "results": [result for _ in inputs]}
+
+
 EMBEDDING_SIZE = 8
 
 
@@ -207,7 +257,15 @@ def demo_anthropic_upstream() -> AnthropicUpstream:
                               DEMO_ANTHROPIC_MODELS)
 
 
+# What a request the stand-in has no answer for gets (a 404 in OpenAI's shape): what it does serve, and how
+# to reach the real API. It stores nothing, so stored objects (files, batches, responses by id) are here too.
+DEMO_NOT_SERVED = ("Demo mode: the relay's local stand-in model does not serve {method} {path}. It answers chat "
+                   "completions, responses, completions, embeddings and moderations (and Anthropic's messages) "
+                   "and stores nothing. Set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env to use the real API.")
+
+
 def demo_upstream() -> Upstream:
     listing = {"object": "list", "data": [{"id": DEMO_MODEL, "object": "model", "created": 0, "owned_by": "demo"}]}
-    return stand_in_upstream("demo", demo_answer, models=(), listing=listing,
-                             more={"/responses": demo_response_answer, "/embeddings": demo_embeddings})
+    return stand_in_upstream("demo", demo_answer, models=(), listing=listing, missing=DEMO_NOT_SERVED,
+                             more={"/responses": demo_response_answer, "/embeddings": demo_embeddings,
+                                   "/v1/completions": demo_text_completion, "/moderations": demo_moderation})

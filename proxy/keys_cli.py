@@ -26,9 +26,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from proxy.budgets import spend_counter, utc_month
-from proxy.config import PROJECT_ROOT, ledger_settings, run_environment
+from proxy.config import PROJECT_ROOT, SETTINGS, ConfigError, ledger_settings, read_settings, run_environment
 from proxy.host_counters import SQLITE_FILE, HostCounters
 from proxy.keyfile import (
     KeyFileEditError,
@@ -71,16 +72,28 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+# The relay's settings this command reads, with the relay's rules (empty means the default; a bad value is
+# one line naming the variable): which file, and, for `list`, where the counters live.
+CLI_SETTINGS = ("KEYS_FILE", "RATE_LIMIT_STORAGE_URI")
+
+
 def main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
     args = parser().parse_args(argv)
     env = dict(environ if environ is not None else _environment())
-    path: Path | None = args.file or (Path(env["KEYS_FILE"]) if env.get("KEYS_FILE", "").strip() else None)
+    try:
+        settings = read_settings(tuple(s for s in SETTINGS if s.env in CLI_SETTINGS), env)
+        if args.command == "list":
+            settings.update(ledger_settings(env))
+    except ConfigError as exc:
+        print(f"keys: {exc}", file=sys.stderr)
+        return 2
+    path: Path | None = args.file or settings.get("keys_file")
     if path is None:
         print("keys: KEYS_FILE is not set (in the environment or .env); pass --file PATH", file=sys.stderr)
         return 2
     try:
         if args.command == "list":
-            return list_keys(path, env)
+            return list_keys(path, settings)
         with editing(path):
             return edit(args, path, env)
     except (KeyFileEditError, KeysFileError, OSError) as exc:
@@ -117,14 +130,15 @@ def edit(args: argparse.Namespace, path: Path, env: Mapping[str, str]) -> int:
     return 0
 
 
-def list_keys(path: Path, env: Mapping[str, str]) -> int:
+def list_keys(path: Path, settings: Mapping[str, Any]) -> int:
+    """The keys of `path`, with last use and spend from the counters `settings` (read by `main`) point at."""
     policies = load_keys_file(path) if path.exists() else ()
-    storage = env.get("RATE_LIMIT_STORAGE_URI", "").strip() or "memory://"
+    storage = settings.get("rate_limit_storage_uri") or "memory://"
     counters: Counters | HostCounters
     if storage != "memory://":
         counters = Counters(storage)
     else:
-        counters = HostCounters(ledger_settings(env)["data_dir"] / SQLITE_FILE, read_only=True)
+        counters = HostCounters(settings["data_dir"] / SQLITE_FILE, read_only=True)
     month = utc_month()
     rows = [("NAME", "PREFIX", "LIMITS", "LAST USE (UTC)", f"SPEND {month}")]
     for policy in policies:

@@ -156,6 +156,12 @@ class MemoryCounters:
             for bucket in buckets:
                 self._leases.get(bucket, {}).pop(lease_id, None)
 
+    def leases_held(self, now: float | None = None) -> int:
+        """Stream slots held right now, in every bucket (per key and the relay's): for tests and diagnostics."""
+        now = time.time() if now is None else now
+        with self._lock:
+            return sum(1 for held in self._leases.values() for until in held.values() if until > now)
+
     def amounts(self, counters: Sequence[str], now: float | None = None) -> list[tuple[float, float]]:
         """(spent, reserved) of each counter."""
         with self._lock:

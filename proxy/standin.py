@@ -59,12 +59,14 @@ SSE_END = SSE_DONE
 class StandInTransport(httpx2.BaseTransport):
     """POST .../chat/completions goes to `answer`, any other POST path ending in a key of `more` to that
     answer; GET .../models is `listing` (by default an empty list: a stand-in serves whatever it is asked,
-    and the relay lists its configured names); anything else is a 404 in OpenAI's shape."""
+    and the relay lists its configured names); anything else is a 404 in OpenAI's shape whose message is
+    `missing` with `{method}` and `{path}` filled in."""
 
     def __init__(self, answer: Answer, more: Mapping[str, Answer] | None = None,
-                 listing: Mapping[str, Any] | None = None) -> None:
+                 listing: Mapping[str, Any] | None = None, missing: str = "not found") -> None:
         self.answers = {"/chat/completions": answer, **(more or {})}
         self.listing = listing or {"object": "list", "data": []}
+        self.missing = missing
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         if request.method == "GET" and request.url.path.endswith("/models"):
@@ -72,7 +74,9 @@ class StandInTransport(httpx2.BaseTransport):
         answer = next((answer for suffix, answer in self.answers.items() if request.url.path.endswith(suffix)),
                       None)
         if request.method != "POST" or answer is None:
-            return httpx2.Response(404, json={"error": {"message": "not found", "type": "invalid_request_error"}})
+            message = self.missing.format(method=request.method, path=request.url.path)
+            return httpx2.Response(404, json={"error": {"message": message, "type": "invalid_request_error",
+                                                        "code": "not_found"}})
         answered = answer(orjson.loads(request.read()))
         if isinstance(answered, dict):
             return httpx2.Response(200, json=answered)
@@ -88,8 +92,9 @@ def stand_in_anthropic(name: str, answers: Mapping[str, Answer], listing: Mappin
 
 
 def stand_in_upstream(name: str, answer: Answer, models: tuple[str, ...] = ("*",),
-                      more: Mapping[str, Answer] | None = None, listing: Mapping[str, Any] | None = None
-                      ) -> Upstream:
+                      more: Mapping[str, Answer] | None = None, listing: Mapping[str, Any] | None = None,
+                      missing: str = "not found") -> Upstream:
+    transport = StandInTransport(answer, more, listing, missing)
     client = openai.OpenAI(api_key=name, base_url=f"http://{name}.invalid/v1", max_retries=0,
-                           http_client=httpx2.Client(transport=StandInTransport(answer, more, listing)))
+                           http_client=httpx2.Client(transport=transport))
     return Upstream(name, client, models)

@@ -78,6 +78,7 @@ class UnitService:
     environment: dict[str, str] = field(default_factory=dict)
     environment_files: list[str] = field(default_factory=list)
     runtime_directories: list[str] = field(default_factory=list)
+    state_directories: list[str] = field(default_factory=list)
 
 
 def unit_service(text: str) -> UnitService:
@@ -94,6 +95,7 @@ def unit_service(text: str) -> UnitService:
         environment=environment,
         environment_files=values.get("EnvironmentFile", []),
         runtime_directories=" ".join(values.get("RuntimeDirectory", [])).split(),
+        state_directories=" ".join(values.get("StateDirectory", [])).split(),
     )
 
 

@@ -125,8 +125,8 @@ def nginx_site_for_loopback(site_text: str, listen_port: int, relay_address: str
     """The shipped nginx site rewritten for plain HTTP on loopback, exactly as its header documents.
 
     Each rewrite must match, so an edit of the shipped file that the tests no longer understand fails
-    loudly instead of silently testing something else. Its access logs go to `log_directory`/access.log
-    (the file `nginx_main_config` names) when given.
+    loudly instead of silently testing something else. Its access and error logs go to
+    `log_directory`/access.log and error.log (the files `nginx_main_config` names) when given.
     """
     access_log = "access_log /var/log/nginx/access.log relay_noquery;"
     rewrites = {
@@ -135,9 +135,11 @@ def nginx_site_for_loopback(site_text: str, listen_port: int, relay_address: str
         "server 127.0.0.1:8000;": f"server {relay_address};",
     }
     expected = dict.fromkeys(rewrites, 1)
+    error_log = "error_log /var/log/nginx/error.log crit;"
     if log_directory is not None:
         rewrites[access_log] = f"access_log {log_directory}/access.log relay_noquery;"
-        expected[access_log] = 2  # one per server block
+        rewrites[error_log] = f"error_log {log_directory}/error.log crit;"
+        expected[access_log] = expected[error_log] = 2  # one per server block
     seen = dict.fromkeys(rewrites, 0)
     out: list[str] = []
     for line in site_text.splitlines():
@@ -292,6 +294,7 @@ def running_redis(directory: Path) -> Iterator[Redis]:
 def caddyfile_for_loopback(caddyfile_text: str, listen_port: int, relay_address: str) -> str:
     """The shipped Caddyfile rewritten for plain HTTP on loopback, exactly as its header documents."""
     rewrites = {
+        "{": "{\n\tadmin off\n\tauto_https off",  # the global options block
         "relay.example.com {": f"http://127.0.0.1:{listen_port} {{",
         "reverse_proxy 127.0.0.1:8000 {": f"reverse_proxy {relay_address} {{",
     }
@@ -305,7 +308,7 @@ def caddyfile_for_loopback(caddyfile_text: str, listen_port: int, relay_address:
         out.append(line)
     if any(count != 1 for count in seen.values()):
         raise AssertionError(f"deploy/Caddyfile no longer has the lines the tests rewrite: {seen}")
-    return "{\n\tadmin off\n\tauto_https off\n}\n\n" + "\n".join(out) + "\n"
+    return "\n".join(out) + "\n"
 
 
 @dataclass

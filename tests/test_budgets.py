@@ -23,7 +23,8 @@ from tests.fake_upstream import FakeUpstream
 from tests.servers import find_program, running_redis
 from tests.test_anthropic import ANTHROPIC_KEY, upstreams_toml
 
-pytestmark = pytest.mark.serial  # bursts of concurrent requests: timing-sensitive on a shared machine
+# The bursts assert bounds on what was spent, not timings: they run beside other test files (each request
+# has 30 s, and a refusal is told apart from a wait by its record, not by the clock).
 
 SPENDER = "spender-key-0123456789abcdef"
 PRICE_PER_TOKEN = 0.001  # 1000 per million tokens, input and output

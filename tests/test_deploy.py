@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -24,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx2
 import pytest
 
+from proxy.web import STATIC_DIRECTORY
 from tests.servers import (
     CADDYFILE,
     NGINX_SITE,
@@ -338,3 +340,49 @@ def test_compose_file_runs_relay_with_redis() -> None:
     assert "image: redis:" in compose and '"--appendonly", "no"' in compose
     assert not re.search(r"^\s*-?\s*\w*(API_KEY|AUTHORIZATION_KEY|METRICS_KEY)\b", compose, re.MULTILINE)
     assert '"127.0.0.1:8000:8000"' in compose, "the relay's port must not be published on every interface"
+
+
+def _stages(instructions: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """A multi-stage Dockerfile's instructions by stage name (`FROM image AS name`; unnamed: its number)."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for word, rest in instructions:
+        if word == "FROM":
+            named = re.search(r"\s+AS\s+(\S+)$", rest, re.IGNORECASE)
+            current = stages.setdefault(named.group(1) if named else str(len(stages)), [])
+        current.append((word, rest))
+    return stages
+
+
+def test_dockerfile_builds_the_chat_page_where_the_app_serves_it(tmp_path: Path) -> None:
+    """The image's web stage builds the bundle from only the files it copies in (its commands run here, the
+    packages from make's own `npm ci` of the same lockfile), and the final stage puts it where the app serves
+    the page from, so a container never answers / with 503. (No engine here to build the image itself.)"""
+    node_modules = REPO / "proxy" / "web" / "node_modules"
+    if find_program("npm") is None or not node_modules.is_dir():
+        pytest.skip("the chat page's packages are not installed (make assets)")
+    stages = _stages(_instructions((REPO / "deploy" / "Dockerfile").read_text()))
+    workdir = ""
+    for word, rest in stages["web"][1:]:
+        if word == "WORKDIR":
+            workdir = rest
+        elif word == "COPY":
+            *sources, destination = rest.split()
+            target = tmp_path / Path(workdir, destination).relative_to(workdir)
+            for source in sources:
+                copied = target / Path(source).name if destination.endswith("/") else target
+                copy = shutil.copytree if (REPO / source).is_dir() else shutil.copy2
+                copied.parent.mkdir(parents=True, exist_ok=True)
+                copy(REPO / source, copied)
+        elif rest.startswith("npm ci"):
+            (tmp_path / "node_modules").symlink_to(node_modules)  # the lockfile's packages, as npm ci installs them
+        else:
+            assert word == "RUN", f"unexpected instruction in the web stage: {word} {rest}"
+            subprocess.run(["sh", "-c", rest], cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    copied_out = [rest.split()[1:] for word, rest in stages["1"] if word == "COPY" and rest.startswith("--from=web")]
+    assert len(copied_out) == 1, copied_out
+    built, destination = copied_out[0]
+    assert (tmp_path / Path(built).relative_to(workdir) / "app.js").is_file(), "the web stage built no app.js"
+    final_workdir = next(rest for word, rest in stages["1"] if word == "WORKDIR")
+    served = STATIC_DIRECTORY / "dist"
+    assert Path(final_workdir, destination) == Path(final_workdir) / served.relative_to(REPO)

@@ -163,6 +163,22 @@ def test_global_cap_on_open_streams(named: RelayProcess, fake: FakeUpstream) -> 
     wait_for_free_slot(named, named.headers())
 
 
+def test_page_and_static_files_take_no_stream_slot(named: RelayProcess, fake: FakeUpstream) -> None:
+    """Issue 12 point 2's attack under gunicorn: twenty requests for icon.svg and the page with a 1-stream key
+    (and with others) lock nobody out: that key streams, every relay-wide slot is free, and each file request
+    has its access line."""
+    for name in ("carol", "alice"):
+        for _ in range(10):
+            for path in ("/static/web/icon.svg", "/"):
+                assert httpx2.get(f"{named.url}{path}", headers=bearer(name), timeout=20).status_code == 200
+    assert chat(named, "carol").status_code == 200
+    streams = [OpenStream(named, bearer(name)) for name in ("carol", "alice", "erin")]  # MAX_OPEN_STREAMS=3
+    for stream in streams:
+        stream.close()
+    wait_for_free_slot(named, named.headers())
+    assert wait_until(lambda: named.log_text().count("path=/static/web/icon.svg status=200") >= 20)
+
+
 def test_daily_token_budget_counts_reported_usage(named: RelayProcess, fake: FakeUpstream) -> None:
     """daily_tokens counts the usage the upstream reports; once spent, 429 until 00:00 UTC."""
     fake.behave(tokens=["one", " two", " three"])

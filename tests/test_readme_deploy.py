@@ -168,8 +168,13 @@ def start_unit(machine: Machine, namespace: Namespace, log: Path) -> subprocess.
     for env_file in unit.environment_files:  # systemd: the files' settings override Environment= lines
         env.update(systemd_environment_file(Path(machine.translate(env_file)).read_text()))
     env = {name: machine.translate(value) for name, value in env.items()}
-    for directory in unit.runtime_directories:
-        machine.path(f"/run/{directory}").mkdir(parents=True, exist_ok=True)
+    # systemd makes the unit's RuntimeDirectory= and StateDirectory= and names them in the environment.
+    made = {"RUNTIME_DIRECTORY": [machine.path(f"/run/{name}") for name in unit.runtime_directories],
+            "STATE_DIRECTORY": [machine.path(f"/var/lib/{name}") for name in unit.state_directories]}
+    for variable, directories in made.items():
+        for directory in directories:
+            directory.mkdir(parents=True, exist_ok=True)
+        env[variable] = ":".join(str(directory) for directory in directories)
     argv = shlex.split(machine.translate(unit.exec_start))
     return started_in(namespace, argv, log, 8000, Path(machine.translate(unit.working_directory)), env)
 
@@ -197,6 +202,7 @@ def start_nginx_site(machine: Machine, namespace: Namespace, step: str, certific
     prefix.mkdir(parents=True, exist_ok=True)
     # Debian's /var/log/nginx, as nginx's own files here, in the stand-in's directory.
     text = text.replace("access_log /var/log/nginx/", f"access_log {prefix}/")
+    text = text.replace("error_log /var/log/nginx/", f"error_log {prefix}/")
     site.write_text(text)
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_main_config(prefix, site))
@@ -239,6 +245,8 @@ def test_vps_section_followed_to_the_letter(machine: Machine, namespace: Namespa
         certificate = throwaway_certificate(tmp_path / "certificate")
         nginx = start_nginx_site(machine, namespace, steps[5], certificate)
         check_from_outside(machine, namespace, steps[7], certificate[0])
+        # The usage ledger is in the unit's StateDirectory (the code's directory is read-only under the unit).
+        assert (machine.path("/var/lib/relay") / "ledger.db").is_file(), "the ledger is not in /var/lib/relay"
     finally:
         for process in (nginx, relay):
             if process is not None:
@@ -307,8 +315,9 @@ def test_compose_environment_starts_the_relay(machine: Machine, namespace: Names
 
 def test_try_it_make_run_honours_dotenv(machine: Machine, namespace: Namespace, upstream_url: str,
                                         tmp_path: Path) -> None:
-    """"Try it": `cp .env.example .env`, the keys filled, `make run`; GUNICORN_* set in .env count, the
-    banner names the address and the chat page, and the README's curl answers."""
+    """"Try it": `cp .env.example .env`, the keys filled, `make run`; every GUNICORN_* and the relay's own
+    settings set in .env count, the banner names the address and the chat page, which is served, and the
+    README's curl answers."""
     (block, curl_block) = sh_blocks(readme_section("Try it"))[:2]
     commands = [command for command, _comment in shell_commands(block)]
     assert commands == ["cp .env.example .env", "make run"], commands
@@ -318,7 +327,8 @@ def test_try_it_make_run_honours_dotenv(machine: Machine, namespace: Namespace, 
     try:
         dotenv.write_text(fill_settings(dotenv.read_text(), {
             "AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": UPSTREAM_KEY, "OPENAI_BASE_URL": upstream_url,
-            "GUNICORN_BIND": "127.0.0.1:8011", "GUNICORN_WORKERS": "1"}))
+            "GUNICORN_BIND": "127.0.0.1:8011", "GUNICORN_WORKERS": "1", "GUNICORN_WORKER_CONNECTIONS": "321",
+            "GUNICORN_GRACEFUL_TIMEOUT": "7", "GUNICORN_LOG_LEVEL": "debug", "DEFAULT_MODEL": "model-from-dotenv"}))
         env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8"}
         log = tmp_path / "make-run.log"
         relay = started_in(namespace, ["make", "run"], log, 8011, workdir, env)
@@ -330,7 +340,13 @@ def test_try_it_make_run_honours_dotenv(machine: Machine, namespace: Namespace, 
             script = f"ACCESS_KEY={shlex.quote(ACCESS_KEY)}; " + curl[1].replace("8000", "8011")
             answer = namespace.run(["sh", "-c", script])
             assert json.loads(answer.stdout.splitlines()[-1])["done"] is True, answer
-            assert len(re.findall(r"Booting worker", log.read_text())) == 1  # GUNICORN_WORKERS=1 from .env
+            page = namespace.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:8011/"])
+            assert page.stdout == "200", page
+            text = log.read_text()
+            assert len(re.findall(r"Booting worker", text)) == 1  # GUNICORN_WORKERS=1 from .env
+            # gunicorn's configuration dump (GUNICORN_LOG_LEVEL=debug from .env) shows the other two.
+            assert "worker_connections: 321" in text and "graceful_timeout: 7" in text
+            assert "model=model-from-dotenv" in text and ACCESS_KEY not in text  # the access line
         finally:
             stop_group(relay)
     finally:

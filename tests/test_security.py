@@ -13,10 +13,19 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, SECRETS, UPSTREAM_KEY, RelayProcess, relay_env, start_relay
+from tests.conftest import (
+    ACCESS_KEY,
+    SECOND_ACCESS_KEY,
+    SECRETS,
+    UPSTREAM_KEY,
+    RelayProcess,
+    free_port,
+    relay_env,
+    start_relay,
+)
 from tests.fake_upstream import FakeUpstream
 from tests.hardening import FAULT_SETTINGS, STREAM_ENDPOINTS, StreamEndpoint, assert_no_secrets, fake_says
-from tests.servers import running_nginx, wait_until
+from tests.servers import running_caddy, running_nginx, wait_until
 
 AUTH = {"Authorization": f"Bearer {ACCESS_KEY}"}
 CHAT = {"messages": [{"role": "user", "content": "hello"}]}
@@ -293,17 +302,52 @@ def test_startup_line_shows_urls_without_credentials(tmp_path: Path, fake: FakeU
 
 def test_nginx_access_log_has_no_key_or_prompt(tmp_path: Path, secure_relay: RelayProcess) -> None:
     """The shipped nginx site in front: `GET /chat?prompt=...&key=...` and `/ws?key=...` leave the path in
-    nginx's access log, never the key or the prompt."""
+    nginx's access log, never the key or the prompt, not even from a Referer that holds them."""
+    referer = f"https://relay.example.com/chat?prompt=diary&key={ACCESS_KEY}"
     with running_nginx(tmp_path / "nginx", secure_relay.url.removeprefix("http://")) as nginx:
-        answer = httpx2.get(f"{nginx.url}/chat", params={"prompt": "my secret diary", "key": ACCESS_KEY}, timeout=20)
+        answer = httpx2.get(f"{nginx.url}/chat", params={"prompt": "my secret diary", "key": ACCESS_KEY},
+                            headers={"Referer": referer}, timeout=20)
         assert answer.status_code == 200
         httpx2.get(f"{nginx.url}/ws", params={"key": SECOND_ACCESS_KEY}, timeout=20)
         access_log = nginx.prefix / "access.log"
         assert wait_until(lambda: access_log.exists() and "/ws" in access_log.read_text())
         log = access_log.read_text()
-    assert '"GET /chat HTTP/1.1" 200' in log, log
+    assert '"GET /chat HTTP/1.1" 200 ' in log and '"https://relay.example.com/chat"' in log, log
     for secret in (ACCESS_KEY, SECOND_ACCESS_KEY, "diary", "prompt", "key="):
         assert secret not in log, secret
+
+
+def test_nginx_error_log_has_no_key_or_prompt_when_the_relay_is_down(tmp_path: Path) -> None:
+    """The shipped nginx site in front of a relay that is not there (down, restarting): the 502s it answers
+    leave the key and the prompt (of the URL and of a Referer) out of nginx's error log and access log."""
+    referer = f"https://relay.example.com/chat?prompt=diary&key={SECOND_ACCESS_KEY}"
+    with running_nginx(tmp_path / "nginx", f"127.0.0.1:{free_port()}") as nginx:
+        for path in ("/chat", "/ws"):
+            answer = httpx2.get(f"{nginx.url}{path}", params={"prompt": "my secret diary", "key": ACCESS_KEY},
+                                headers={"Referer": referer}, timeout=20)
+            assert answer.status_code == 502
+        access_log = nginx.prefix / "access.log"
+        assert wait_until(lambda: access_log.exists() and access_log.read_text().count('" 502 ') == 2)
+        logs = {"access log": access_log.read_text(), "error log": nginx.error_log()}
+    for where, log in logs.items():
+        for secret in (ACCESS_KEY, SECOND_ACCESS_KEY, "diary", "prompt="):
+            assert secret not in log, (where, secret, log[-1500:])
+
+
+def test_caddy_error_log_has_no_key_or_prompt_when_the_relay_is_down(tmp_path: Path) -> None:
+    """The shipped Caddyfile in front of a relay that is not there: Caddy's error entries for the 502s keep
+    the path and other parameters but not the key, the prompt or the Referer."""
+    referer = f"https://relay.example.com/chat?prompt=diary&key={SECOND_ACCESS_KEY}"
+    with running_caddy(tmp_path / "caddy", f"127.0.0.1:{free_port()}") as caddy:
+        for path in ("/chat", "/ws"):
+            answer = httpx2.get(f"{caddy.url}{path}", params={"prompt": "my secret diary", "key": ACCESS_KEY,
+                                                              "model": "m"}, headers={"Referer": referer}, timeout=20)
+            assert answer.status_code == 502
+        assert wait_until(lambda: caddy.log().count('"uri":"/chat?model=m"') == 1
+                          and caddy.log().count('"uri":"/ws?model=m"') == 1), caddy.log()[-1500:]
+        log = caddy.log()
+    for secret in (ACCESS_KEY, SECOND_ACCESS_KEY, "diary", "prompt=", "Referer"):
+        assert secret not in log, (secret, log[-1500:])
 
 
 @pytest.mark.parametrize(("method", "path", "body"), [

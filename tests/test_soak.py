@@ -1,9 +1,10 @@
 """Soak: mixed traffic at steady concurrency against the production gunicorn setup (two gevent workers).
 
 Short and long streams on every streaming endpoint, upstream failures, cancellations, bad requests and wrong
-keys, for SOAK_SECONDS (CI: 30) at SOAK_CONCURRENCY clients (CI: 12). Every successful stream must arrive
-complete and in order, every failure as its proper error, no worker may restart, and the workers' memory
-and descriptors must end where they were after warm-up. The long run is `make soak` (5 minutes, 48 clients).
+keys, for SOAK_SECONDS (`make test`: 12) at SOAK_CONCURRENCY clients (`make test`: 12). Every successful
+stream must arrive complete and in order, every failure as its proper error, no worker may restart, and
+the workers' memory and descriptors must end where they were after warm-up.
+The long run is `make soak` (5 minutes, 48 clients).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tests.hardening import FAULT_SETTINGS, STREAM_ENDPOINTS, StreamEndpoint, as
 # Load and timing tests: run alone, after the parallel run (Makefile `test`).
 pytestmark = pytest.mark.serial
 
-SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "12"))
 SOAK_CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "12"))
 SOAK_SETTINGS = {**FAULT_SETTINGS, "GUNICORN_WORKERS": "2", "MAX_STREAM_SECONDS": "30", "IDLE_TIMEOUT": "5",
                  "UPSTREAM_TIMEOUT": "10", "FIRST_TOKEN_TIMEOUT": "10"}

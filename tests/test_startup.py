@@ -178,8 +178,8 @@ def test_demo_mode_serves_the_stand_in_model(tmp_path: Path) -> None:
 
 
 def assert_demo_answers_responses_and_embeddings(relay: RelayProcess) -> None:
-    """Codex-style clients (the Responses API, whole and streamed) and embeddings work in demo mode, through
-    the official SDK."""
+    """Codex-style clients (the Responses API, whole and streamed), legacy completions, embeddings and
+    moderations work in demo mode through the official SDK; a family it has no stand-in for is a clear 404."""
     sdk = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=relay.headers()["Authorization"][7:], max_retries=0)
     whole = sdk.responses.create(model="gpt-4o-mini", input="ping")
     assert "Demo mode" in whole.output_text and whole.usage is not None and whole.usage.output_tokens > 0
@@ -189,6 +189,13 @@ def assert_demo_answers_responses_and_embeddings(relay: RelayProcess) -> None:
     assert streamed == whole.output_text and events[-1].type == "response.completed"
     vectors = sdk.embeddings.create(model="text-embedding-3-small", input=["same", "same", "other"]).data
     assert vectors[0].embedding == vectors[1].embedding != vectors[2].embedding
+    completion = sdk.completions.create(model="gpt-4o-mini", prompt="ping")
+    pieces = sdk.completions.create(model="gpt-4o-mini", prompt="ping", stream=True)
+    assert "".join(piece.choices[0].text for piece in pieces if piece.choices) == completion.choices[0].text
+    assert "Demo mode" in completion.choices[0].text
+    assert sdk.moderations.create(input="ping").results[0].flagged is False
+    with pytest.raises(openai.NotFoundError, match=r"Demo mode: .* does not serve POST /v1/images/generations"):
+        sdk.images.generate(model="gpt-image-1", prompt="a cat")
 
 
 def test_missing_keys_never_fall_back_to_demo(tmp_path: Path) -> None:
@@ -217,7 +224,8 @@ def test_env_file_is_read_but_real_variables_win(tmp_path: Path) -> None:
 
 @pytest.mark.skipif((ROOT / ".env").exists(), reason="a developer .env exists in the checkout")
 def test_run_command_enters_demo_mode_without_configuration() -> None:
-    """`python -m proxy run` with no .env and no variables starts demo mode and prints a key and a curl line."""
+    """`python -m proxy run` with no .env and no variables starts demo mode; its banner names the address, the
+    chat page's URL, the key and a curl line."""
     port = free_port()
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8",
            "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_WORKERS": "1"}
@@ -230,7 +238,8 @@ def test_run_command_enters_demo_mode_without_configuration() -> None:
             line = process.stdout.readline()
             assert line, f"run command ended early: {banner}"
             banner += line
-        assert "DEMO MODE" in banner
+        assert "DEMO MODE" in banner and f"Listening on 127.0.0.1:{port}." in banner
+        assert f"Chat page: open http://127.0.0.1:{port}/ in a browser" in banner
         key = re.search(r"Access key for this run: (\S+)", banner)
         assert key is not None
         deadline = time.monotonic() + 20

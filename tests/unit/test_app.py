@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -13,7 +14,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, UPSTREAM_KEY
-from tests.unit.conftest import HELLO, FakeTransport, answer_events, bearer, chunk_event
+from tests.unit.conftest import HELLO, FakeTransport, answer_events, bearer, chunk_event, relay_app, unit_config
 
 DONE = {"done": True, "error": False, "content": "[DONE]"}
 
@@ -442,3 +443,25 @@ def test_requests_per_minute(make_client: Callable[..., FlaskClient]) -> None:
     assert "2 per 1 minute" in records(refused.data)[0]["content"]
     assert 1 <= int(refused.headers["Retry-After"]) <= 61  # Flask-Limiter rounds the window's end up a second
     assert client.post("/chat", json=HELLO, headers=bearer(SECOND_ACCESS_KEY)).status_code == 200
+
+
+# ------------------------------------------------------------------ the chat page's bundle missing
+
+
+def test_without_the_bundle_the_page_names_the_fix_and_the_api_works(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, transport: FakeTransport) -> None:
+    """A relay whose chat page was never built answers `/` with 503 saying what to run, and everything else
+    (health, POST /chat, /v1) as usual."""
+    import proxy.web
+
+    (tmp_path / "dist").mkdir()  # static/ without a built dist/app.js
+    built = proxy.web.create_web_blueprint
+    monkeypatch.setattr(proxy.web, "create_web_blueprint", lambda: built(tmp_path))
+    client = relay_app(unit_config(), transport).test_client()
+    page = client.get("/")
+    assert page.status_code == 503 and "make install" in page.text and "npm" in page.text
+    assert client.get("/healthz").json == {"status": "ok", "demo": False}
+    chat = client.post("/chat", json=HELLO, headers=bearer())
+    assert chat.status_code == 200 and records(chat.data)[-1]["done"] is True
+    completion = client.post("/v1/chat/completions", json={**HELLO, "stream": True}, headers=bearer())
+    assert completion.status_code == 200 and sse_payloads(completion.data)[-1] == "[DONE]"

@@ -31,10 +31,15 @@ KEYED_ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/doctor?records=1&interval=0.05&gap=0&after=1", None),
     # Served by the (chat) fake over the Messages bridge, which answers streams: as chat completions above.
     ("POST", "/v1/messages", {**HELLO, "model": "claude-sonnet-4-5", "max_tokens": 5, "stream": True}),
+    ("POST", "/v1/messages/count_tokens", {**HELLO, "model": "claude-sonnet-4-5"}),
+    ("GET", "/v1/models/gpt-4o-mini", None),
+    ("POST", "/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}),  # bridged to the chat fake
+    ("POST", "/v1/embeddings", {"model": "gpt-4o-mini", "input": "hi"}),  # forwarded as sent
 ]
 OPEN_ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/healthz", None), ("GET", "/openapi.yaml", None), ("GET", "/static/web/icon.svg", None),
     ("GET", "/metrics", None), ("OPTIONS", "/chat", None), ("GET", "/no/such/route", None), ("GET", "/ws", None),
+    ("GET", "/", None), ("GET", "/usage", None), ("GET", "/debug/stats", None),  # the last two: their own keys
 ]
 
 junk = st.text(alphabet=string.ascii_letters + string.digits + "-_ .:=%", max_size=40)

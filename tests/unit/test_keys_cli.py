@@ -146,6 +146,30 @@ def test_no_keys_file_named(capsys: pytest.CaptureFixture[str]) -> None:
     assert "KEYS_FILE is not set" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("variable", "value"), [
+    ("RATE_LIMIT_STORAGE_URI", "bogus://:s3cret-password@host"), ("LEDGER_RETENTION_DAYS", "thirty"),
+    ("DATABASE_URL", "mysql://user:s3cret-password@host/db"),
+])
+def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str], variable: str,
+                                             value: str) -> None:
+    """`keys list` reads the relay's settings with the relay's rules: a bad value is one line naming the
+    variable, never its value and never a traceback."""
+    code, _out, err = run(tmp_path / "keys.toml", capsys, "list", env={variable: value})
+    assert code == 2 and err.startswith(f"keys: {variable}: ") and err.count("\n") == 1
+    assert "s3cret" not in err and "thirty" not in err
+
+
+def test_empty_settings_mean_their_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Blank lines of .env.example (KEYS_FILE=, RATE_LIMIT_STORAGE_URI=, DATA_DIR=) are the defaults."""
+    empty = {"KEYS_FILE": " ", "RATE_LIMIT_STORAGE_URI": "", "DATA_DIR": "", "LEDGER_RETENTION_DAYS": ""}
+    assert main(["list"], environ=empty) == 2
+    assert "KEYS_FILE is not set" in capsys.readouterr().err
+    keys = tmp_path / "keys.toml"
+    keys.write_text(FILE)
+    code, out, _err = run(keys, capsys, "list", env=empty)
+    assert code == 0 and "bob" in out and "from data/limits.db" in out  # DATA_DIR's default, ./data
+
+
 @pytest.mark.parametrize("text", ['keys.a.key = "a-clear-key-0123456789"\n',
                                   'keys = { a = { key = "a-clear-key-0123456789" } }\n'])
 def test_entries_not_in_sections_are_left_to_the_operator(text: str) -> None:

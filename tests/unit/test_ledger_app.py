@@ -164,6 +164,20 @@ def test_admin_usage_report(ledger_client: FlaskClient) -> None:
     assert bad.status_code == 400 and b"'by' must be day, model or key" in bad.data
 
 
+def test_admin_usage_report_for_one_key(ledger_client: FlaskClient) -> None:
+    """`GET /usage?...&key=<name>` (the README's example): `key` names the key to report on, so the pipeline's
+    one-caller rule (a header and a `key` parameter that differ are refused) must not apply to it."""
+    for key in (ACCESS_KEY, SECOND_ACCESS_KEY):
+        read_whole(ledger_client.post("/chat", json=HELLO, headers=bearer(key)))
+    rows_of(ledger_client, 2)
+    answer = ledger_client.get("/usage?since=7d&by=key&key=key1", headers=bearer(ADMIN))
+    assert answer.status_code == 200, answer.data
+    report = orjson.loads(answer.data)
+    assert report["key"] == "key1"
+    assert [(row["key"], row["requests"]) for row in report["rows"]] == [("key1", 1)]
+    assert ledger_client.get("/usage?key=key1", headers=bearer(ACCESS_KEY)).status_code == 401
+
+
 def test_usage_is_off_without_an_admin_key(make_client: Callable[..., FlaskClient]) -> None:
     """Without ADMIN_KEY nobody reads every key's usage."""
     client = make_client()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask, Response
@@ -15,7 +16,7 @@ from proxy.config import Config
 from proxy.pipeline import check_every_view_declared, route_label
 from proxy.routes.passthrough import FAMILIES
 from proxy.usage import TokenUsage
-from tests.unit.conftest import FakeTransport
+from tests.unit.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, FakeTransport
 from tests.unit.conftest import bearer as unit_bearer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,3 +265,68 @@ def test_limits_run_after_the_caller_is_decided() -> None:
     app = make_app(rate_limit_per_minute=5)
     hooks = [hook.__name__ for hook in app.before_request_funcs[None]]
     assert hooks[0] == "_begin" and "_admit" in hooks[1:]
+
+
+def _slots_and_gauge(client: FlaskClient) -> tuple[int, float | None]:
+    relay = client.application.extensions["relay"]
+    return relay.limits.counters.memory.leases_held(), relay.metrics.registry.get_sample_value("relay_open_streams")
+
+
+def test_slot_count_and_open_streams_gauge_return_to_zero_after_every_kind_of_request(
+        make_client: Callable[..., FlaskClient], transport: FakeTransport) -> None:
+    """Issue 12, point 2: after each kind of request (page, static file, lists, refusals, errors, whole and
+    abandoned streams on every streaming route, a slot refusal itself) no stream slot is held, per key or
+    relay-wide, and relay_open_streams is back to 0; only streaming responses ever raised them."""
+    client = make_client(max_streams_per_key=3, max_open_streams=20, max_body_bytes=256)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+
+    def leave_after_first_bytes(method: str, path: str, body: Any = None) -> None:
+        response = client.open(path, method=method, headers=unit_bearer(), json=body, buffered=False)
+        next(iter(response.response))  # the first bytes, then the client is gone
+        assert _slots_and_gauge(client)[0] > 0, f"{path} streamed without holding a slot"
+        response.close()
+
+    def upstream_fails() -> None:
+        transport.reply(status=500, json={"error": {"message": "boom"}})
+        client.post("/chat", headers=unit_bearer(), json=chat).close()
+
+    def non_streaming() -> None:
+        transport.reply(json={"id": "c", "object": "chat.completion", "choices": [], "usage": {}})
+        client.post("/v1/chat/completions", headers=unit_bearer(), json=chat).close()
+
+    def forwarded() -> None:
+        transport.reply(json={"object": "list", "data": [], "model": "m", "usage": {"prompt_tokens": 1}})
+        client.post("/v1/embeddings", headers=unit_bearer(), json={"model": "m", "input": "hi"}).close()
+
+    def streams_refused() -> None:
+        held = [client.post("/chat", headers=unit_bearer(), json=chat, buffered=False) for _ in range(3)]
+        refused = client.post("/chat", headers=unit_bearer(), json=chat)
+        assert refused.status_code == 429, refused.data
+        for response in (*held, refused):
+            response.close()
+
+    def get(path: str, **options: Any) -> Callable[[], None]:
+        return lambda: client.get(path, **options).close()
+
+    ways_out: dict[str, Callable[[], None]] = {
+        "page": get("/", headers=unit_bearer()),
+        "static file": get("/static/web/icon.svg", headers=unit_bearer()),
+        "health": get("/healthz"), "models": get("/v1/models", headers=unit_bearer()),
+        "unknown path": get("/no/such/path", headers=unit_bearer()),
+        "plain GET /ws": get(f"/ws?key={ACCESS_KEY}"),
+        "preflight": lambda: client.options("/chat", headers={"Origin": "https://x.example"}).close(),
+        "wrong key": lambda: client.post("/chat", headers=unit_bearer("wrong-key"), json=chat).close(),
+        "keys disagree": get(f"/chat?prompt=hi&key={ACCESS_KEY}", headers=unit_bearer(SECOND_ACCESS_KEY)),
+        "bad body": lambda: client.post("/chat", headers=unit_bearer(), data=b"{").close(),
+        "body too large": lambda: client.post("/chat", headers=unit_bearer(), json={"x": "y" * 1000}).close(),
+        "whole /chat": lambda: client.post("/chat", headers=unit_bearer(), json=chat).close(),
+        "/chat left": lambda: leave_after_first_bytes("POST", "/chat", chat),
+        "/v1 stream left": lambda: leave_after_first_bytes("POST", "/v1/chat/completions", {**chat, "stream": True}),
+        "SSE left": lambda: leave_after_first_bytes("GET", "/chat?prompt=hi"),
+        "whole SSE": get("/chat?prompt=hi", headers=unit_bearer()),
+        "upstream 500": upstream_fails, "non-streaming /v1": non_streaming, "forwarded /v1/embeddings": forwarded,
+        "too many streams": streams_refused,
+    }
+    for name, way_out in ways_out.items():
+        way_out()
+        assert _slots_and_gauge(client) == (0, 0.0), f"a slot or the gauge was still up after: {name}"

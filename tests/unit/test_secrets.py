@@ -243,8 +243,8 @@ def test_startup_line_uses_loggable_urls() -> None:
 # --- 3. the shipped nginx site logs no query string --------------------------------------------------------------
 
 def test_nginx_site_logs_without_query_strings() -> None:
-    """relay.conf defines a log_format with $uri (no $request, $request_uri, $args, $query_string or
-    $remote_user) and both server blocks log with it."""
+    """relay.conf defines a log_format with $uri (no $request, $request_uri, $args, $query_string,
+    $remote_user or the whole Referer) and both server blocks log with it."""
     site = (ROOT / "deploy" / "nginx" / "relay.conf").read_text()
     code = "\n".join(line.split("#", 1)[0] for line in site.splitlines())
     match = re.search(r"log_format\s+relay_noquery\s+(.*?);", code, re.S)
@@ -252,9 +252,10 @@ def test_nginx_site_logs_without_query_strings() -> None:
     log_format = match.group(1)
     assert "$uri" in log_format
     for variable in ("$request ", "$request\"", "$request_uri", "$args", "$query_string", "$remote_user",
-                     "$arg_"):
+                     "$arg_", "$http_referer"):
         assert variable not in log_format, variable
     assert code.count("access_log /var/log/nginx/access.log relay_noquery;") == 2
+    assert code.count("error_log /var/log/nginx/error.log crit;") == 2  # its lines quote whole request lines
     assert code.count("server {") == 2
 
 
