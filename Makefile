@@ -49,7 +49,7 @@ lint: dev-venv
 # The load and timing tests (marked serial: soak, capacity, fault matrix, client faults) then run alone.
 test: dev-venv system-deps assets test-clients lint
 	$(BIN)/pytest -n 3 --dist loadfile --no-loadscope-reorder -m "not serial"
-	$(BIN)/pytest -m serial
+	$(BIN)/pytest -n 2 --dist loadgroup -m serial
 
 check: lint
 	$(BIN)/pytest -q tests/unit

@@ -40,15 +40,28 @@ LONGEST_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the longest files first (see LONGEST_FIRST); the order within a file, and of the rest, is kept."""
-    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+# The serial tests (`make test`'s second run) take two workers: the upstream fault matrix and the ledger's
+# stalled-database tests, which wait on the relays' timers with a few streams at a time, beside the load and
+# timing tests, which run one after another. The load tests never run beside each other, and never beside
+# the parallel run.
+SERIAL_GROUP_OF_FILE = {"test_faults.py": "timers", "test_ledger.py": "timers"}
+SERIAL_GROUP = "load"
 
-    def place(item: pytest.Item) -> int:
-        tests = ROOT / "tests"
-        relative = item.path.relative_to(tests).as_posix() if item.path.is_relative_to(tests) else ""
-        return rank.get(relative, len(LONGEST_FIRST))
-    items.sort(key=place)
+
+def _relative(item: pytest.Item) -> str:
+    tests = ROOT / "tests"
+    return item.path.relative_to(tests).as_posix() if item.path.is_relative_to(tests) else ""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest files first (see LONGEST_FIRST; the order within a file, and of the rest, is kept),
+    and put each serial test in its group of the serial run (`--dist loadgroup`)."""
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_relative(item), len(LONGEST_FIRST)))
+    for item in items:
+        if item.get_closest_marker("serial") is not None:
+            group = SERIAL_GROUP_OF_FILE.get(_relative(item), SERIAL_GROUP)
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @dataclass
