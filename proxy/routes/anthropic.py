@@ -22,7 +22,7 @@ from proxy.bridge.messages_errors import client_status
 from proxy.bridge.messages_request import MessagesRefused, estimate_input_tokens, to_chat_request
 from proxy.bridge.messages_stream import MessagesStream
 from proxy.errors import BadRequest, RelayError
-from proxy.forwarding import ANTHROPIC, Outgoing, forward, json_object, model_of
+from proxy.forwarding import ANTHROPIC, Outgoing, capped_body, forward, json_object, model_of
 from proxy.pipeline import endpoint
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
@@ -51,12 +51,13 @@ def messages(rest: str) -> Response:
     if body is None or model is None:
         raise BadRequest("the request body must be a JSON object naming a 'model'")
     check_model(relay.config, state, model)
+    path = f"v1/messages/{rest}" if rest else "v1/messages"
+    raw = capped_body(path, raw, body, relay.config)
     if not rest:  # counting tokens costs nothing
         relay.limits.reserve_request(state, model, body, raw)
     headers = list(request.headers.items())
     if not any(name.lower() == "anthropic-version" for name, _value in headers):
         headers.append(("anthropic-version", DEFAULT_ANTHROPIC_VERSION))
-    path = f"v1/messages/{rest}" if rest else "v1/messages"
     outgoing = Outgoing(method="POST", path=path, query=request.query_string, headers=headers, body=raw,
                         content_length=len(raw), streaming=body.get("stream") is True, model=model)
     chosen = route(relay, "messages", model)

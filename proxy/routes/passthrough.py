@@ -31,6 +31,7 @@ from proxy.forwarding import (
     Opened,
     Outgoing,
     ReaderSource,
+    capped_body,
     client_response_headers,
     error_body,
     failure_of_status,
@@ -134,6 +135,9 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     model = model_of(body)
     if model is not None:
         check_model(config, state, model)
+    if body is not None:
+        raw = capped_body(path, raw, body, config)
+    if model is not None:
         current_relay().limits.reserve_request(state, model, body or {}, raw)
     streaming = body is not None and body.get("stream") is True
     return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming,
