@@ -74,7 +74,7 @@ SSE_HEADERS = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
 def forwarded(family: str, rest: str) -> Response:
     relay = current_relay()
     state = request_state()
-    path = f"{family}/{rest}" if rest else family
+    path = forwarded_path(family, rest)
     refuse_bridged_lookup(family, rest, relay.upstreams)
     if family == "batches" and request.method == "POST":
         refuse_unchecked_models(relay.config, state)
@@ -88,6 +88,16 @@ def forwarded(family: str, rest: str) -> Response:
         targets = candidates(relay.upstreams, model, family)
     opened = forward(targets, outgoing, relay.config.upstream_timeout, relay.config.max_stream_seconds)
     return answer(relay, state, opened)
+
+
+def forwarded_path(family: str, rest: str) -> str:
+    """The path under the upstream's base URL. `.` and `..` segments (`%2e%2e` too, decoded by then) are
+    refused: the upstream's URL would lose them (httpx removes them, as RFC 3986 says), so
+    `/v1/embeddings/../completions` would reach `completions` while the relay judged it as `embeddings`
+    (its caps, its batch rule, its routing)."""
+    if any(segment in (".", "..") for segment in rest.split("/")):
+        raise BadRequest("the path must not contain '.' or '..' segments", kind="invalid_path")
+    return f"{family}/{rest}" if rest else family
 
 
 def bridged_responses(relay: Relay, state: RequestState, outgoing: Outgoing, chosen: Route) -> Response:

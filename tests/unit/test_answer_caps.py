@@ -245,3 +245,16 @@ def test_the_reservation_reads_the_capped_body(tmp_path: Path) -> None:
     assert refused.status_code == 429 and refused.json["error"]["code"] == "daily_spend_exhausted"
     assert len(recorder.bodies) == 1
     assert app.extensions["relay"].limits.counters.amounts([spend_counter("alice", utc_day())])[0][1] == 0.0
+
+
+@pytest.mark.parametrize("path", ["/v1/responses/x/..", "/v1/responses/./", "/v1/responses/%2e%2e/responses",
+                                  "/v1/completions/.", "/v1/threads/t1/./runs", "/v1/embeddings/../completions",
+                                  "/v1/files/%2E%2E/batches"])
+def test_dot_segments_cannot_move_a_request_to_another_family(path: str) -> None:
+    """The upstream's URL loses `.` and `..` segments (httpx removes them), so a path judged as one family
+    (no caps, no batch rule) would reach another: refused with 400 before the upstream."""
+    recorder = Recorder()
+    body = {"model": "gpt-4o-mini", "input": "x", "max_output_tokens": 100_000, "max_tokens": 100_000}
+    answer = posted(forwarding_client(recorder, max_tokens=256), path, body)
+    assert answer.status_code == 400 and answer.json["error"]["code"] == "invalid_path"
+    assert recorder.seen == []
