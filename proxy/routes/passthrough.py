@@ -77,7 +77,7 @@ def forwarded(family: str, rest: str) -> Response:
     path = forwarded_path(family, rest)
     refuse_bridged_lookup(family, rest, relay.upstreams)
     if family == "batches" and request.method == "POST":
-        refuse_unchecked_models(relay.config, state)
+        refuse_unchecked_batches(relay.config, state)
     outgoing, model = read_request(relay.config, state, path)
     if family == "responses" and model is not None:
         chosen = route(relay, "responses", model)
@@ -118,12 +118,16 @@ def candidates(upstreams: Sequence[Upstream], model: str | None, family: str) ->
     return serving
 
 
-def refuse_unchecked_models(config: Config, state: RequestState) -> None:
-    """A batch names its models inside an uploaded file the relay never reads: where models are restricted
-    (ALLOWED_MODELS, or the key's own list), starting one would get round the restriction."""
+def refuse_unchecked_batches(config: Config, state: RequestState) -> None:
+    """A batch names its models and answer sizes inside an uploaded file the relay never reads: where models
+    are restricted (ALLOWED_MODELS, or the key's own list) or answers capped (MAX_TOKENS, MAX_CHOICES),
+    starting one would get round the restriction."""
     if config.allowed_models or (state.caller is not None and state.caller.models):
         raise Forbidden("batches are not available where models are restricted: the relay cannot check the "
                         "models inside their input file", kind="model_not_allowed")
+    if config.max_tokens is not None or config.max_choices is not None:  # nor cap their answers
+        raise Forbidden("batches are not available where answers are capped (MAX_TOKENS, MAX_CHOICES): the "
+                        "relay cannot cap the requests inside their input file", kind="batch_not_capped")
 
 
 def check_model(config: Config, state: RequestState, model: str) -> None:

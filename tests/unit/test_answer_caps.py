@@ -258,3 +258,20 @@ def test_dot_segments_cannot_move_a_request_to_another_family(path: str) -> None
     answer = posted(forwarding_client(recorder, max_tokens=256), path, body)
     assert answer.status_code == 400 and answer.json["error"]["code"] == "invalid_path"
     assert recorder.seen == []
+
+
+@pytest.mark.parametrize(("caps", "refused"), [({"max_tokens": 256}, True), ({"max_choices": 2}, True), ({}, False)])
+def test_batches_are_refused_where_answers_are_capped(caps: dict[str, int], refused: bool) -> None:
+    """A batch's requests are inside a file the relay never reads, so it cannot cap them: POST /v1/batches is
+    403 `batch_not_capped` under MAX_TOKENS or MAX_CHOICES, as it is where models are restricted; reading one
+    is still allowed."""
+    recorder = Recorder()
+    client = forwarding_client(recorder, **caps)
+    batch = posted(client, "/v1/batches", {"input_file_id": "file-1", "endpoint": "/v1/chat/completions",
+                                           "completion_window": "24h"})
+    if refused:
+        assert batch.status_code == 403 and batch.json["error"]["code"] == "batch_not_capped"
+        assert recorder.seen == []
+    else:
+        assert batch.status_code == 200 and len(recorder.seen) == 1
+    assert client.get("/v1/batches/batch_1", headers=bearer()).status_code == 200
