@@ -51,7 +51,7 @@ from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
 from proxy.routes.chat import client_socket_watcher
 from proxy.routing import Route, not_served, route
-from proxy.shaping import choose_model, read_body
+from proxy.shaping import answer_size, choose_model, read_body
 from proxy.upstream import Upstream
 
 bp = Blueprint("passthrough", __name__)
@@ -143,6 +143,9 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     common: dict[str, Any] = {"method": request.method, "path": path, "query": request.query_string,
                               "headers": list(request.headers.items())}
     if content_type.lower().startswith(UPLOAD_TYPES):
+        if answer_size(path) is not None:  # an upstream may read it as JSON all the same, unchecked and uncapped
+            raise BadRequest(f"/v1/{path.strip('/')} takes a JSON body (Content-Type: application/json)",
+                             kind="invalid_content_type")
         return read_upload(config, state, content_type, common)
     raw = read_body(request.stream, config.max_body_bytes)
     body = json_object(raw, "json" in content_type.lower())
