@@ -142,13 +142,15 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     content_type = request.headers.get("Content-Type", "")
     common: dict[str, Any] = {"method": request.method, "path": path, "query": request.query_string,
                               "headers": list(request.headers.items())}
+    capped = answer_size(path) is not None
     if content_type.lower().startswith(UPLOAD_TYPES):
-        if answer_size(path) is not None:  # an upstream may read it as JSON all the same, unchecked and uncapped
-            raise BadRequest(f"/v1/{path.strip('/')} takes a JSON body (Content-Type: application/json)",
-                             kind="invalid_content_type")
+        if capped:
+            raise json_only(path)
         return read_upload(config, state, content_type, common)
     raw = read_body(request.stream, config.max_body_bytes)
     body = json_object(raw, "json" in content_type.lower())
+    if capped and body is None and raw.strip():
+        raise json_only(path)
     model = model_of(body)
     if model is not None:
         check_model(config, state, model)
@@ -159,6 +161,13 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     streaming = body is not None and body.get("stream") is True
     return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming,
                     model=model), model
+
+
+def json_only(path: str) -> BadRequest:
+    """A family whose answers are capped must send a JSON object the relay reads: anything else (an upload, a
+    body of another type or shape) might still be read as JSON by an upstream, unchecked and uncapped."""
+    return BadRequest(f"/v1/{path.strip('/')} takes a JSON object as its body (Content-Type: application/json)",
+                      kind="invalid_content_type")
 
 
 def read_upload(config: Config, state: RequestState, content_type: str, common: dict[str, Any]

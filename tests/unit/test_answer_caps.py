@@ -277,15 +277,31 @@ def test_batches_are_refused_where_answers_are_capped(caps: dict[str, int], refu
     assert client.get("/v1/batches/batch_1", headers=bearer()).status_code == 200
 
 
-@pytest.mark.parametrize("content_type", ["application/octet-stream", "multipart/form-data; boundary=x"])
+JSON_BODY = orjson.dumps({"model": "o3-pro", "prompt": "x", "max_tokens": 100_000})
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("application/octet-stream", JSON_BODY), ("multipart/form-data; boundary=x", JSON_BODY),
+    ("text/plain", "\ufeff".encode() + JSON_BODY), ("application/json", b"[" + JSON_BODY + b"]"),
+])
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/responses", "/v1/threads/t1/runs"])
-def test_a_capped_family_takes_json_only(content_type: str, path: str) -> None:
-    """A JSON body sent as an upload would go unread (neither its model checked nor its caps held) to an
-    upstream that may parse it as JSON anyway: refused with 400 for the families the table caps."""
+def test_a_capped_family_takes_json_only(content_type: str, body: bytes, path: str) -> None:
+    """A JSON body the relay does not read as one (sent as an upload, behind a byte-order mark, inside an
+    array) would go with neither its model checked nor its caps held to an upstream that may parse it
+    anyway: refused with 400 for the families the table caps."""
     recorder = Recorder()
     client = forwarding_client(recorder, max_tokens=256, allowed_models=("gpt-4o-mini",))
-    body = orjson.dumps({"model": "o3-pro", "prompt": "x", "max_tokens": 100_000})
     answer = client.post(path, data=body, headers={**bearer(), "Content-Type": content_type})
     assert answer.status_code == 400 and answer.json["error"]["code"] == "invalid_content_type"
-    assert answer.json["error"]["message"] == f"{path} takes a JSON body (Content-Type: application/json)"
+    assert answer.json["error"]["message"] == (f"{path} takes a JSON object as its body "
+                                               "(Content-Type: application/json)")
     assert recorder.seen == []
+
+
+def test_a_capped_family_without_a_body_is_forwarded() -> None:
+    """An empty body (a GET, a cancel) is not refused: it asks for no answer the caps could miss."""
+    recorder = Recorder()
+    client = forwarding_client(recorder, max_tokens=256)
+    assert client.get("/v1/threads/t1/runs", headers=bearer()).status_code == 200
+    assert client.post("/v1/completions", headers=bearer()).status_code == 200
+    assert recorder.bodies == [b"", b""]
