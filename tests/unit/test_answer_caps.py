@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import openai
 import orjson
 import pytest
 from flask.testing import FlaskClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy import create_app
 from proxy.budgets import OUTPUT_CAP_FIELDS, output_cap, spend_counter, utc_day
@@ -305,3 +308,42 @@ def test_a_capped_family_without_a_body_is_forwarded() -> None:
     assert client.get("/v1/threads/t1/runs", headers=bearer()).status_code == 200
     assert client.post("/v1/completions", headers=bearer()).status_code == 200
     assert recorder.bodies == [b"", b""]
+
+
+values = st.none() | st.booleans() | st.integers(-10, 10**20) | st.floats() | st.text(max_size=8) | st.lists(
+    st.integers(), max_size=2)
+sized_bodies = st.dictionaries(st.sampled_from(["max_tokens", "max_completion_tokens", "max_output_tokens", "n",
+                                                "best_of", "model", "input"]), values, max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.sampled_from(["responses", "completions", "v1/messages", "threads/t/runs"]), body=sized_bodies,
+       max_tokens=st.none() | st.integers(1, 5000), max_choices=st.none() | st.integers(1, 4))
+def test_whatever_the_body_the_upstream_never_gets_more_than_the_caps(path: str, body: dict[str, Any],
+                                                                    max_tokens: int | None,
+                                                                    max_choices: int | None) -> None:
+    """Any values in any answer-size fields: either a 400, or bytes that parse to the body with every token
+    field a whole number within MAX_TOKENS (one present when MAX_TOKENS is set) and every choice count a
+    whole number within MAX_CHOICES; what the budgets read is what is sent."""
+    config = unit_config(max_tokens=max_tokens, max_choices=max_choices)
+    try:
+        raw = json.dumps(body).encode()
+    except ValueError:
+        return  # not JSON (NaN, infinity): json_object would have refused it
+    if not math.isfinite(sum(v for v in body.values() if isinstance(v, float))):
+        return
+    read = orjson.loads(raw)
+    try:
+        sent = json.loads(capped_body(path, raw, read, config))
+    except BadRequest:
+        return
+    size = answer_size(path)
+    assert size is not None and sent == read
+    for name in size.tokens:
+        if sent.get(name) is not None:
+            assert type(sent[name]) is int and (max_tokens is None or 1 <= sent[name] <= max_tokens)
+    if max_tokens is not None:
+        assert any(sent.get(name) is not None for name in size.tokens)
+    for name in size.choices:
+        if sent.get(name) is not None:
+            assert type(sent[name]) is int and (config.choices_cap is None or sent[name] <= config.choices_cap)
