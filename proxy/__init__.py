@@ -37,8 +37,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["relay"] = relay
     register_error_handlers(app)
-    install_pipeline(app)
-    relay.limits.init_app(app)  # after the pipeline's first step: preflights first, the caller decided once
+    install_pipeline(app)  # its steps in order, the limits included
     app.register_blueprint(chat.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(health.bp)

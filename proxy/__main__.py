@@ -10,27 +10,12 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from collections.abc import Mapping
-from pathlib import Path
 
-from dotenv import dotenv_values
-
-from proxy.config import ConfigError, ServerSettings
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_environment(environ: Mapping[str, str], env_file: Path) -> dict[str, str]:
-    """The environment gunicorn starts with: the real variables, and `.env`'s settings under them (real
-    variables win), so that every documented setting, GUNICORN_* included, counts when set in `.env`."""
-    from_file = dotenv_values(env_file) if env_file.is_file() else {}
-    env = {name: value for name, value in from_file.items() if value is not None}
-    env.update(environ)
-    return env
+from proxy.config import PROJECT_ROOT, ConfigError, ServerSettings, run_environment
 
 
 def run(extra_args: list[str]) -> None:
-    env_file = ROOT / ".env"
+    env_file = PROJECT_ROOT / ".env"
     env = run_environment(os.environ, env_file)
     try:
         settings = ServerSettings.from_env(env)
@@ -41,8 +26,8 @@ def run(extra_args: list[str]) -> None:
         key = secrets.token_urlsafe(24)
         env.update(RELAY_DEMO="1", AUTHORIZATION_KEY=key)
         print(demo_banner(settings, key), flush=True)
-    command = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
-               "--chdir", str(ROOT), "wsgi:app", *extra_args]
+    command = [sys.executable, "-m", "gunicorn", "-c", str(PROJECT_ROOT / "deploy" / "gunicorn.conf.py"),
+               "--chdir", str(PROJECT_ROOT), "wsgi:app", *extra_args]
     os.execvpe(command[0], command, env)  # noqa: S606 - replaces this process with gunicorn
 
 

@@ -15,8 +15,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from proxy.config import Config, IPNetwork
 from proxy.errors import Forbidden
+from proxy.globs import model_allowed
 from proxy.keys import KeyPolicy
-from proxy.upstream import model_allowed
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

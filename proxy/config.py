@@ -20,14 +20,14 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values, load_dotenv
 from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo, model_validator
 
+from proxy.globs import serves
 from proxy.keys import MIN_ACCESS_KEY_LENGTH, KeyRing, KeysFileError
 from proxy.prices import PricesFileError, PriceTable, load_prices
 from proxy.validation import EntryError, FileEntry, Says
@@ -35,6 +35,8 @@ from proxy.validation import EntryError, FileEntry, Says
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 LOG_FORMATS = ("text", "json")
+# The checkout: where `python -m proxy run` and the keys commands find `.env` and deploy/gunicorn.conf.py.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path("data")  # relative to the working directory: the checkout for `make run`
 LEDGER_SETTINGS = ("DATA_DIR", "DATABASE_URL", "LEDGER_RETENTION_DAYS")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
@@ -173,7 +175,7 @@ class Config:
         # DEFAULT_MODEL is chat's: only the OpenAI-protocol upstreams can serve it (a file of Anthropic ones
         # alone serves /v1/messages only, and chat then names the model it lacks).
         chat_upstreams = [spec for spec in upstreams if spec.api == "openai"]
-        if chat_upstreams and not any(_serves(spec, default_model) for spec in chat_upstreams):
+        if chat_upstreams and not any(serves(spec.models, spec.model_map, default_model) for spec in chat_upstreams):
             raise ConfigError(f"DEFAULT_MODEL: '{default_model}' is not served by any upstream in "
                               f"UPSTREAMS_FILE {upstreams_file}")
         return cls(**values, upstreams=upstreams)
@@ -236,6 +238,16 @@ class ServerSettings:
 def load_env_file() -> None:
     """Read `.env` from the working directory (only there), never overriding real environment variables."""
     load_dotenv(Path.cwd() / ".env", override=False)
+
+
+def run_environment(environ: Mapping[str, str], env_file: Path) -> dict[str, str]:
+    """The environment gunicorn starts with (`python -m proxy run`) and the keys commands read: the real
+    variables, and `.env`'s settings under them (real variables win), so that every documented setting,
+    GUNICORN_* included, counts when set in `.env`."""
+    from_file = dotenv_values(env_file) if env_file.is_file() else {}
+    env = {name: value for name, value in from_file.items() if value is not None}
+    env.update(environ)
+    return env
 
 
 # --- the environment: one row per variable --------------------------------------------------------------------
@@ -530,11 +542,6 @@ def _upstream_entry(where: str, entry: dict[str, Any], env: Mapping[str, str]) -
                         tuple(model.strip() for model in checked.models), env[checked.api_key_env].strip(),
                         checked.api, checked.native_protocols,
                         tuple((name.strip(), own.strip()) for name, own in checked.model_map.items()))
-
-
-def _serves(spec: UpstreamSpec, model: str) -> bool:
-    return any(model == name for name, _own in spec.model_map) or any(fnmatchcase(model, pattern)
-                                                                      for pattern in spec.models)
 
 
 def _is_http_url(url: str) -> bool:

@@ -20,6 +20,19 @@ NDJSON_DONE = b'{"done":true,"error":false,"content":"[DONE]"}\n'
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+# The error objects of each protocol, built here and nowhere else (proxy/errors.py's bodies, the encoders'
+# and the forwarded streams' error events, the Messages bridge, gunicorn's own refusals).
+
+def openai_error(message: str, error_type: str, kind: str) -> dict[str, Any]:
+    """OpenAI's error object, which its SDKs raise as exceptions; `code` carries the relay's kind."""
+    return {"error": {"message": message, "type": error_type, "code": kind}}
+
+
+def anthropic_error(error_type: str, message: str) -> dict[str, Any]:
+    """Anthropic's error object (a body, or an `error` event's data), which its SDKs raise by `type`."""
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
 def ndjson_error_record(kind: str, message: str) -> bytes:
     """The old relay's error record; `code` carries the machine-readable kind."""
     return orjson.dumps({"done": False, "error": True, "content": message, "code": kind}) + b"\n"
@@ -28,7 +41,7 @@ def ndjson_error_record(kind: str, message: str) -> bytes:
 def sse_error_event(message: str, error_type: str, kind: str, named: bool) -> bytes:
     """An OpenAI-shaped error as one SSE event; `named` makes it `event: error`, which EventSource pages
     receive in their error listener instead of `onmessage`."""
-    payload = orjson.dumps({"error": {"message": message, "type": error_type, "code": kind}})
+    payload = orjson.dumps(openai_error(message, error_type, kind))
     return (b"event: error\n" if named else b"") + b"data: " + payload + b"\n\n"
 _NDJSON_CONTENT = b'{"done":false,"error":false,"content":'
 _NDJSON_REASONING = b'{"done":false,"error":false,"content":"","reasoning":'

@@ -27,7 +27,14 @@ from flask import Flask, Response, current_app, has_app_context, has_request_con
 from werkzeug import exceptions as werkzeug_errors
 from werkzeug.exceptions import HTTPException
 
-from proxy.encoders import NDJSON_DONE, SSE_DONE, ndjson_error_record, sse_error_event
+from proxy.encoders import (
+    NDJSON_DONE,
+    SSE_DONE,
+    anthropic_error,
+    ndjson_error_record,
+    openai_error,
+    sse_error_event,
+)
 from proxy.redaction import redact_secret_like
 from proxy.request_state import PUBLIC, current_request_state
 
@@ -51,7 +58,7 @@ class RelayError(HTTPException):
 
     def __init__(self, description: str | None = None, *, kind: str | None = None,
                  retry_after: int | None = None) -> None:
-        super().__init__(description or self.description)
+        super().__init__(description=description or self.description)  # by name: werkzeug's 405 takes methods first
         if kind is not None:
             self.kind = kind
         if retry_after is not None:
@@ -60,6 +67,10 @@ class RelayError(HTTPException):
     @property
     def status(self) -> int:
         return self.code
+
+    @status.setter
+    def status(self, status: int) -> None:
+        self.code = status
 
 
 class BadRequest(RelayError, werkzeug_errors.BadRequest):
@@ -107,7 +118,7 @@ def unknown_endpoint(path: str) -> NotFound:
     return NotFound(f"no such endpoint: {shown}; this relay serves {', '.join(SERVED_ENDPOINTS)}")
 
 
-class MethodNotAllowed(RelayError):
+class MethodNotAllowed(RelayError, werkzeug_errors.MethodNotAllowed):
     code = 405
     kind = "method_not_allowed"
     error_type = "invalid_request_error"
@@ -179,7 +190,7 @@ def as_relay_error(error: HTTPException) -> RelayError:
     cls = _BY_STATUS.get(status)
     if cls is None:
         generic = RelayError(_plain_description(error))
-        generic.code = status
+        generic.status = status
         return generic
     if cls is NotFound:
         return unknown_endpoint(request.path if has_request_context() else "(this path)")
@@ -209,11 +220,8 @@ def error_body(error: RelayError, shape: str) -> tuple[bytes, str]:
     if shape == "sse":
         return sse_error_event(message, error.error_type, error.kind, named=True) + SSE_DONE, SSE_MIMETYPE
     if shape == "anthropic":
-        anthropic = {"type": "error", "error": {"type": anthropic_error_type(error.status),
-                                                "message": message}}
-        return orjson.dumps(anthropic), "application/json"
-    payload = {"error": {"message": message, "type": error.error_type, "code": error.kind}}
-    return orjson.dumps(payload), "application/json"
+        return orjson.dumps(anthropic_error(anthropic_error_type(error.status), message)), "application/json"
+    return orjson.dumps(openai_error(message, error.error_type, error.kind)), "application/json"
 
 
 # Anthropic's error `type` for each status (its API reference, "Errors").

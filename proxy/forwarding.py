@@ -38,7 +38,7 @@ import httpx2
 import orjson
 
 from proxy.config import Config
-from proxy.encoders import SSE_KEEPALIVE
+from proxy.encoders import SSE_KEEPALIVE, anthropic_error, openai_error
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.pump import READER_THREAD_PREFIX, Inbox, StreamStats
 from proxy.shaping import answer_size, size_changes
@@ -415,7 +415,7 @@ def openai_error_event(kind: str, message: str) -> bytes:
     `message`) for readers that go by the event's type (Codex CLI, the SDKs' typed events), and an `error`
     object, which the SDKs raise as an APIError mid-stream (as they do on a chat stream)."""
     payload = orjson.dumps({"type": "error", "code": kind, "message": message, "param": None,
-                            "error": {"message": message, "type": "api_error", "code": kind}})
+                            **openai_error(message, "api_error", kind)})
     return b"event: error\ndata: " + payload + b"\n\n"
 
 
@@ -425,13 +425,15 @@ ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 _ANTHROPIC_STREAM_TYPES = {"upstream_timeout": "timeout_error", "stream_time_limit": "timeout_error"}
 
 
-def anthropic_error_type(kind: str) -> str:
+def anthropic_stream_error_type(kind: str) -> str:
+    """The error `type` by the relay's kind (a stream has no HTTP status to go by: proxy/errors.py's
+    `anthropic_error_type` maps statuses)."""
     return _ANTHROPIC_STREAM_TYPES.get(kind, "api_error")
 
 
 def anthropic_error_event(kind: str, message: str) -> bytes:
     """Anthropic's in-stream error event, which its SDKs raise as an APIStatusError mid-stream."""
-    payload = orjson.dumps({"type": "error", "error": {"type": anthropic_error_type(kind), "message": message}})
+    payload = orjson.dumps(anthropic_error(anthropic_stream_error_type(kind), message))
     return b"event: error\ndata: " + payload + b"\n\n"
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.budgets import spend_counter, utc_month
-from proxy.config import SETTINGS, ConfigError, ledger_settings, read_settings
+from proxy.config import PROJECT_ROOT, SETTINGS, ConfigError, ledger_settings, read_settings, run_environment
 from proxy.host_counters import SQLITE_FILE, HostCounters
 from proxy.keyfile import (
     KeyFileEditError,
@@ -177,6 +177,4 @@ def _csv(text: str) -> list[str]:
 
 
 def _environment() -> dict[str, str]:
-    from proxy.__main__ import ROOT, run_environment
-
-    return run_environment(os.environ, ROOT / ".env")
+    return run_environment(os.environ, PROJECT_ROOT / ".env")

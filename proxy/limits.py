@@ -651,7 +651,7 @@ class RequestLimits:
             self.release_reservation(reservation)
             return
         stats = state.access.stats
-        usage = TokenUsage.of_answer(stats.usage, stats.tokens) if stats is not None else TokenUsage()
+        usage = stats.token_usage() if stats is not None else TokenUsage()
         model = state.access.model if state.access.model != "-" else None
         self.charge(policy, usage, reservation, model)
 

@@ -25,7 +25,6 @@ from proxy.access import presented_key
 from proxy.config import Config
 from proxy.errors import Forbidden, Unauthorized
 from proxy.request_state import RequestState
-from proxy.usage import TokenUsage
 
 TTFT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -87,7 +86,7 @@ class Metrics:
             self.first_token.labels(state.route).observe(max(0.0, stats.first_token_at - access.started))
         if stats.ended_at is not None:
             self.duration.labels(state.route).observe(max(0.0, stats.ended_at - access.started))
-        used = TokenUsage.of_answer(stats.usage, stats.tokens)
+        used = stats.token_usage()
         for kind, count in (("prompt", used.prompt), ("completion", used.completion)):
             if count:
                 self.tokens.labels(access.key_name, kind).inc(count)
@@ -110,8 +109,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def check_metrics_access(config: Config) -> None:
-    """Bearer METRICS_KEY; with none set, only a loopback peer whose request no proxy forwarded."""
+def check_metrics_access(_state: RequestState, config: Config) -> None:
+    """`GET /metrics`' guard (proxy/pipeline.py): Bearer METRICS_KEY; with none set, only a loopback peer whose
+    request no proxy forwarded."""
     if config.metrics_key:
         presented = presented_key(request.headers.get("Authorization")).encode()
         if not hmac.compare_digest(presented, config.metrics_key.encode()):

@@ -38,7 +38,8 @@ import openai
 import orjson
 
 from proxy.config import Config
-from proxy.upstream import AnthropicUpstream, Upstream, model_allowed
+from proxy.globs import model_allowed
+from proxy.upstream import AnthropicUpstream, Upstream
 
 log = logging.getLogger("relay.models")
 

@@ -1,4 +1,4 @@
-"""The one request pipeline every endpoint goes through. Read this first, then `proxy/pump.py`.
+"""The one request pipeline every endpoint goes through. Read this first, then `proxy/stream_machine.py`.
 
 A view states what it is with `@endpoint(...)` (its protocol, who may call it, whether it streams, how its
 input is shaped) and nothing else. For every request, in this order:
@@ -10,8 +10,10 @@ input is shaped) and nothing else. For every request, in this order:
    header, or the `key` query parameter that EventSource and WebSocket pages must use; two of them present
    and different is refused) and every later
    step (authentication, per-key models, limits, budgets, logs, metrics) reads that one decision;
-4. **authentication**, as the declaration says: an access key, nothing (public), or the view's own check
-   (a WebSocket refuses with a close frame; `/metrics` has its own key);
+4. **authentication**, as the declaration says: an access key, nothing (public), or the endpoint's own
+   credential, its declared `guard` (`/metrics`: METRICS_KEY or this host; `/usage`: ADMIN_KEY;
+   `/debug/stats`: loopback and a key), checked here; a WebSocket (`own`, no guard) refuses in its own
+   protocol, with a close frame;
 5. **limits** (`proxy/limits.py`, after this hook): requests per minute/day and the budgets (refused when
    used up) for keyed endpoints, a stream slot for streaming ones;
 6. **input** (in the `@endpoint` wrapper): the body read within MAX_BODY_BYTES (and BODY_TIMEOUT), parsed,
@@ -35,7 +37,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, request
 from werkzeug.routing import Rule
 
 from proxy.access import add_cors_headers, authorize_model, preflight_response, presented_key
@@ -43,23 +45,25 @@ from proxy.accesslog import AccessRecord, redacted_path
 from proxy.config import Config
 from proxy.deadline import limit_body_time
 from proxy.errors import Unauthorized
+from proxy.forwarding import capped_body
 from proxy.keys import KeyPolicy
 from proxy.relay import Relay, current_relay
 from proxy.request_state import (
     PUBLIC,
-    STATE_ATTRIBUTE,
     Access,
     BodyShaper,
     Declaration,
+    Guard,
     QueryShaper,
     RequestState,
     Shaped,
     WireProtocol,
     current_request_state,
+    keep_request_state,
     request_state,
 )
 from proxy.server_errors import SECURITY_HEADERS
-from proxy.shaping import parse_json_object, read_body
+from proxy.shaping import choose_model, parse_json_object, read_body
 
 F = TypeVar("F", bound=Callable[..., Response])
 
@@ -68,9 +72,10 @@ _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 
 def endpoint(protocol: WireProtocol, *, access: Access = "key", streams: bool = False,
              body: BodyShaper | None = None, query: QueryShaper | None = None,
-             checks_model: bool = True) -> Callable[[F], F]:
-    """Declare a view to the pipeline. A view with `body` or `query` is called with the shaped request."""
-    declaration = Declaration(protocol, access, streams, body, query, checks_model)
+             checks_model: bool = True, guard: Guard | None = None) -> Callable[[F], F]:
+    """Declare a view to the pipeline. A view with `body` or `query` is called with the shaped request; a
+    `guard` (an admin or metrics key, loopback only) is checked before the view and its limits."""
+    declaration = Declaration(protocol, access, streams, body, query, checks_model, guard)
 
     def wrap(view: F) -> F:
         @functools.wraps(view)
@@ -91,10 +96,14 @@ def declaration_of(app: Flask, endpoint_name: str | None) -> Declaration:
 
 
 def install_pipeline(app: Flask) -> None:
-    """Steps 1-4 before every request, and the close step after; refuse undeclared views."""
+    """Steps 1-4 before every request, the limits (step 5) after them, and the close step after the
+    response; the app's relay (`app.extensions["relay"]`) is built already. The order is the pipeline's:
+    preflights first, the caller decided once before any limit counts it."""
     app.before_request(_begin)
     app.after_request(_finish)
     app.teardown_request(_teardown)
+    relay: Relay = app.extensions["relay"]
+    relay.limits.init_app(app)
 
 
 def check_every_view_declared(app: Flask) -> None:
@@ -132,17 +141,18 @@ def _begin() -> Response | None:
     )
     declaration = declaration_of(current_app, request.endpoint)
     state = RequestState(record, declaration, route_label(request.url_rule, request.view_args))
-    setattr(g, STATE_ATTRIBUTE, state)
+    keep_request_state(state)
     if request.method == "OPTIONS":
         return preflight_response(relay.config)
     limit_body_time(request.environ, relay.config.body_timeout)
-    if declaration.access == "public":
-        return None
-    state.caller = decide_caller(relay.config)
-    if state.caller is not None:
-        record.key_name = state.caller.name
-    elif declaration.access == "key":
-        raise Unauthorized()
+    if declaration.access != "public":
+        state.caller = decide_caller(relay.config)
+        if state.caller is not None:
+            record.key_name = state.caller.name
+        elif declaration.access == "key":
+            raise Unauthorized()
+    if declaration.guard is not None:
+        declaration.guard(state, relay.config)
     return None
 
 
@@ -169,6 +179,31 @@ def admit_shaped(record: AccessRecord, caller: KeyPolicy | None, shaped: Shaped,
         authorize_model(caller, shaped.model)
     if config.log_content:
         record.prompt = last_user_text(shaped.upstream_body.get("messages", []))
+
+
+def admit_model(state: RequestState, model: str, config: Config) -> None:
+    """A model named in a body the view forwards as sent: recorded, checked against ALLOWED_MODELS (400) and
+    the caller's own models (403). The forwarding views (`routes/passthrough.py`, `routes/anthropic.py`) read
+    their bodies themselves, since the bytes go upstream unchanged and a multipart upload names its model as
+    it streams, and admit each model they find here; every other view's model is admitted by `shape_input`."""
+    state.access.model = model
+    choose_model(model, config)
+    authorize_model(state.caller, model)
+
+
+def admit_forwarded(state: RequestState, path: str, model: str | None, body: dict[str, Any] | None, raw: bytes,
+                    config: Config) -> bytes:
+    """A whole body a view forwards as sent: the model it names admitted (`admit_model`), a JSON object's
+    answer size held to MAX_TOKENS and MAX_CHOICES by its family's row (`forwarding.capped_body`, which updates
+    `body` too), then the most it can cost reserved in the caller's budgets, as `shape_input` does for shaped
+    bodies. The bytes to send."""
+    if model is not None:
+        admit_model(state, model, config)
+    if body is not None:
+        raw = capped_body(path, raw, body, config)
+    if model is not None:
+        current_relay().limits.reserve_request(state, model, body or {}, raw)
+    return raw
 
 
 def last_user_text(messages: list[Any]) -> str:

@@ -34,6 +34,7 @@ from proxy.stream_machine import (
     StreamTimers,
 )
 from proxy.upstream import Chunk, StreamEnd, StreamFailure, UpstreamStream
+from proxy.usage import TokenUsage
 
 log = logging.getLogger("relay.pump")
 
@@ -63,6 +64,11 @@ class StreamStats:
     keep_content: bool = False
     content: list[str] = field(default_factory=list)
     answered_model: str | None = None  # as the upstream named it, for the usage ledger
+
+    def token_usage(self) -> TokenUsage:
+        """The answer's tokens as the budgets, the metrics and a WebSocket's charge all count them: the
+        upstream's reported usage, else the content deltas as completion tokens (`TokenUsage.of_answer`)."""
+        return TokenUsage.of_answer(self.usage, self.tokens)
 
     def take(self, outcome: Outcome) -> None:
         """Copy the machine's account of the stream. Not its `kind`: the pump sets `outcome` when it is

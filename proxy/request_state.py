@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # types only, so that every module, proxy.errors included, ma
 
 # The wire protocol a view speaks, which is also the shape its errors are rendered in (proxy/errors.py).
 WireProtocol = Literal["ndjson", "openai", "sse", "json", "anthropic"]
-# key: an access key is required (401 otherwise); public: anyone; own: the view checks the caller itself.
+# key: an access key is required (401 otherwise); public: anyone; own: the caller is decided but not required,
+# and the declaration's `guard` (or, for a WebSocket, the view in its own protocol: close frames) decides.
 Access = Literal["key", "public", "own"]
 STATE_ATTRIBUTE = "relay_request"
 
@@ -38,6 +39,9 @@ class Shaped(Protocol):
     def upstream_body(self) -> dict[str, Any]: ...
 
 
+# A credential other than an access key (ADMIN_KEY, METRICS_KEY, loopback only), checked by the pipeline
+# before the view runs and before any limit is counted: it raises the refusal.
+Guard = Callable[["RequestState", "Config"], None]
 BodyShaper = Callable[[dict[str, Any], "Config"], Shaped]
 QueryShaper = Callable[[Mapping[str, str], "Config"], Shaped]
 
@@ -45,7 +49,8 @@ QueryShaper = Callable[[Mapping[str, str], "Config"], Shaped]
 @dataclass(frozen=True)
 class Declaration:
     """What a view is, for the pipeline. `body` shapes a JSON body, `query` the query string; with neither
-    the view gets no shaped request. `checks_model`: the shaped model is one the caller must be allowed."""
+    the view gets no shaped request. `checks_model`: the shaped model is one the caller must be allowed.
+    `guard`: the endpoint's own credential, checked by the pipeline once the caller is decided."""
 
     protocol: WireProtocol
     access: Access = "key"
@@ -53,6 +58,7 @@ class Declaration:
     body: BodyShaper | None = None
     query: QueryShaper | None = None
     checks_model: bool = True
+    guard: Guard | None = None
 
 
 PUBLIC = Declaration("json", access="public")  # static files, routing errors (404/405)
@@ -74,6 +80,11 @@ class RequestState:
     # The view charged its tokens and wrote its ledger rows itself (a WebSocket, answer by answer), not the close.
     charged: bool = False
     closed: bool = False
+
+
+def keep_request_state(state: RequestState) -> None:
+    """Put `state` on the request context (the pipeline's first step); the only per-request value there."""
+    setattr(g, STATE_ATTRIBUTE, state)
 
 
 def request_state() -> RequestState:

@@ -19,14 +19,6 @@ from proxy.upstream import AnthropicUpstream, Upstream
 ClientProtocol = Literal["chat", "responses", "messages"]
 
 
-class BridgeUnavailable(BadRequest):
-    """The model is served only over chat completions, and this protocol cannot be translated to it."""
-
-    def __init__(self, protocol: ClientProtocol, model: str) -> None:
-        super().__init__(f"model '{model[:100]}' is served only by chat-completions upstreams, and this relay "
-                         f"cannot translate the {protocol} protocol to it", kind="bridge_unavailable")
-
-
 @dataclass(frozen=True)
 class Route:
     """The upstreams to try in order; `native`: they speak the client's protocol (else: bridge over chat)."""

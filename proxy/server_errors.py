@@ -17,6 +17,7 @@ import orjson
 from gunicorn import glogging, util
 
 from proxy.accesslog import SECRET_PARAMS
+from proxy.encoders import openai_error
 from proxy.redaction import REDACTED, escape_control, redact_secret_like
 
 # The headers every response of the relay carries (the pipeline sets them on the app's own responses).
@@ -30,8 +31,7 @@ SECURITY_HEADERS = (
 def server_error_response(status: int, reason: str, message: str) -> bytes:
     """The whole HTTP response for a request gunicorn refused, in OpenAI's error shape."""
     text = f"{reason}: {message}" if message else reason
-    body = orjson.dumps({"error": {"message": text[:500], "type": "invalid_request_error",
-                                   "code": "bad_http_request"}})
+    body = orjson.dumps(openai_error(text[:500], "invalid_request_error", "bad_http_request"))
     lines = [f"HTTP/1.1 {status} {reason}", "Connection: close", "Content-Type: application/json",
              f"Content-Length: {len(body)}", "Cache-Control: no-store",
              *(f"{name}: {value}" for name, value in SECURITY_HEADERS)]

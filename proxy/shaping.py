@@ -12,9 +12,10 @@ from typing import IO, Any
 
 import orjson
 
+from proxy.bridge.messages_request import MESSAGE_ROLES
 from proxy.config import Config
 from proxy.errors import BadRequest
-from proxy.upstream import model_allowed
+from proxy.globs import model_allowed
 
 # The one list of message roles: what /chat accepts, what its errors list, and openapi.yaml's enum.
 ROLES = ("system", "user", "assistant", "tool", "function", "developer")
@@ -280,7 +281,7 @@ def request_schemas() -> dict[str, dict[str, Any]]:
             "model": MESSAGES_MODEL_SCHEMA,
             "messages": {"type": "array", "items": {"$ref": "#/components/schemas/AnthropicMessage"}}}},
         "AnthropicMessage": {"type": "object", "required": ["role", "content"], "properties": {
-            "role": {"type": "string", "enum": ["user", "assistant"]},
+            "role": {"type": "string", "enum": list(MESSAGE_ROLES)},
             "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
                 "$ref": "#/components/schemas/AnthropicTextBlock"}}]}}},
         "AnthropicTextBlock": {"type": "object", "required": ["type", "text"], "properties": {

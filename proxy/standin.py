@@ -15,6 +15,7 @@ import httpx2
 import openai
 import orjson
 
+from proxy.encoders import SSE_DONE
 from proxy.upstream import AnthropicUpstream, Upstream
 
 # One timed piece of an answer: seconds to wait before it, and its bytes (or what makes them when it is due).
@@ -51,7 +52,8 @@ def sse_chunk(model: str, delta: dict[str, Any] | None, finish_reason: str | Non
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-SSE_END = b"data: [DONE]\n\n"
+# The OpenAI stream's last event: the same bytes the relay's own SSE encoder ends with, defined there once.
+SSE_END = SSE_DONE
 
 
 class StandInTransport(httpx2.BaseTransport):

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from fnmatch import fnmatchcase
 from functools import cached_property
 from typing import Any, NamedTuple
 
@@ -31,6 +30,7 @@ import openai
 import orjson
 
 from proxy.errors import BadRequest, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
+from proxy.globs import serves
 from proxy.redaction import redact_secret_like
 
 log = logging.getLogger("relay.upstream")
@@ -141,19 +141,6 @@ class AnthropicUpstream:
 
     def auth_headers(self) -> dict[str, str]:
         return {"x-api-key": self.api_key}
-
-
-def serves(models: tuple[str, ...], model_map: tuple[tuple[str, str], ...], model: str) -> bool:
-    """An upstream serves the names its `model_map` gives and whatever its `models` globs match (all, when
-    it lists none)."""
-    if any(model == name for name, _own in model_map):
-        return True
-    return not models or any(fnmatchcase(model, pattern) for pattern in models)
-
-
-def model_allowed(patterns: Iterable[str], model: str) -> bool:
-    patterns = tuple(patterns)
-    return not patterns or any(fnmatchcase(model, pattern) for pattern in patterns)
 
 
 class RequestTemplate(NamedTuple):

@@ -12,6 +12,7 @@ need caddy caddy                 # the shipped Caddyfile
 need openssl openssl             # a throwaway certificate for the TLS half of the nginx site
 need chromium chromium           # the chat page's browser tests (Playwright, never `playwright install`) and tests/test_sse_browser.py
 need npm npm                     # builds the chat page's bundle (scripts/build-web.sh)
+need systemd-analyze systemd      # tests/test_deploy.py: `systemd-analyze verify` on the shipped unit
 # the usage ledger's PostgreSQL tests (tests/test_ledger.py): initdb/pg_ctl live in /usr/lib/postgresql/N/bin
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || packages+=(postgresql)
 if ((${#packages[@]})); then

@@ -20,7 +20,7 @@ from typing import Any
 import httpx2
 import simple_websocket
 
-from proxy.forwarding import anthropic_error_type
+from proxy.forwarding import anthropic_stream_error_type
 from proxy.relay import UPSTREAM_POOL
 from tests.conftest import ACCESS_KEY, SECRETS, UPSTREAM_KEY, RelayProcess
 from tests.fake_upstream import FAKE_PREFIX
@@ -330,7 +330,7 @@ FORWARDED_STREAM_ENDPOINTS: tuple[StreamEndpoint, ...] = (
     StreamEndpoint("POST /v1/responses", "POST", "/v1/responses", _responses_body, parse_responses,
                    "application/json", forwarded=True),
     StreamEndpoint("POST /v1/messages", "POST", "/v1/messages", _messages_body, parse_messages,
-                   "application/json", forwarded=True, code_of=anthropic_error_type),
+                   "application/json", forwarded=True, code_of=anthropic_stream_error_type),
 )
 
 

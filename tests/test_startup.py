@@ -15,8 +15,8 @@ import httpx2
 import openai
 import pytest
 
-from proxy.__main__ import demo_banner, run_environment
-from proxy.config import Config, ConfigError, ServerSettings
+from proxy.__main__ import demo_banner
+from proxy.config import Config, ConfigError, ServerSettings, run_environment
 from tests.conftest import ACCESS_KEY, ROOT, UPSTREAM_KEY, RelayProcess, free_port, relay_env, start_relay
 
 BASE = {"AUTHORIZATION_KEY": ACCESS_KEY, "OPENAI_API_KEY": UPSTREAM_KEY}

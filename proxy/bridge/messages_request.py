@@ -88,13 +88,18 @@ def system_messages(system: Any) -> list[dict[str, Any]]:
     return [{"role": "system", "content": text}]
 
 
+# The roles a Messages message may have here: Anthropic's two, and `system` (Claude Code sends its
+# environment that way). openapi.yaml's AnthropicMessage states the same list (proxy/shaping.py's schemas).
+MESSAGE_ROLES = ("user", "assistant", "system")
+
+
 def chat_messages(message: Any) -> list[dict[str, Any]]:
     """One Messages message as one or more chat messages."""
     if not isinstance(message, dict):
         raise MessagesRefused("each item of 'messages' must be an object with a 'role' and 'content'")
     role, content = message.get("role"), message.get("content")
-    if role not in ("user", "assistant", "system"):
-        raise MessagesRefused(f"a message's role must be 'user' or 'assistant', not {role!r}")
+    if role not in MESSAGE_ROLES:
+        raise MessagesRefused(f"a message's role must be 'user' or 'assistant' (or 'system'), not {role!r}")
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     blocks = list(_list(content, f"the content of a '{role}' message"))

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from proxy.bridge.messages_answer import anthropic_usage, as_dict, message_id, stop_reason, tool_use_id
+from proxy.encoders import anthropic_error
 
 Event = tuple[str, dict[str, Any]]
 PING: Event = ("ping", {"type": "ping"})
@@ -124,7 +125,7 @@ class MessagesStream:
         if self._done:
             return []
         self._done = True
-        return [("error", {"type": "error", "error": {"type": error_type, "message": message}})]
+        return [("error", anthropic_error(error_type, message))]
 
     def _tool_call(self, call: dict[str, Any], position: int, events: list[Event]) -> None:
         number = self._call_number(call, position)

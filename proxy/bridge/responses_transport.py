@@ -2,7 +2,7 @@
 
 `serve_bridged_responses` is what `routes/passthrough.py`'s `bridged_responses` calls once routing found
 only chat upstreams for the model. A stream goes through the relay's own pump with a `ResponsesEncoder`
-(routes/chat.py's `stream_response`): fall-over before the first token, keep-alive comments during silence,
+(proxy/chat_stream.py's `stream_response`): fall-over before the first token, keep-alive comments during silence,
 first-token/idle/whole-stream timers, cancellation when the client leaves, and the chat usage in the
 request's stats for budgets, logs and metrics. A whole answer is one chat completion (with fall-over at
 open), mapped to a Response object. Errors before the answer starts are the relay's usual ones in OpenAI's
@@ -26,11 +26,10 @@ from proxy.bridge.responses_encoder import ResponsesEncoder
 from proxy.bridge.responses_errors import client_status
 from proxy.bridge.responses_request import map_request, shown
 from proxy.bridge.responses_stream import ResponsesStream
+from proxy.chat_stream import SSE_HEADERS, stream_response, whole_answer_stats
 from proxy.errors import BadRequest, NotFound, RelayError
 from proxy.relay import Relay
 from proxy.request_state import RequestState
-from proxy.routes.chat import stream_response
-from proxy.routes.openai_api import SSE_HEADERS, whole_answer_stats
 from proxy.shaping import cap_max_tokens, parse_json_object
 from proxy.upstream import Upstream, complete
 
@@ -67,7 +66,7 @@ def serve_bridged_responses(relay: Relay, state: RequestState, method: str, path
         answer = complete(upstreams, bridged.chat, relay.config.upstream_timeout, relay.config.max_stream_seconds)
     except RelayError as error:
         # An upstream failure before the first token: the status the openai SDKs read as the same trouble.
-        error.code = client_status(error.kind, error.status, error.upstream_status)
+        error.status = client_status(error.kind, error.status, error.upstream_status)
         raise
     state.access.stats = whole_answer_stats(answer, state.access.started)
     response = response_of_completion(answer.data, bridged, frame, bridged_id)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.ledger")
 T = TypeVar("T")
 MAINTAIN_EVERY_SECONDS = 600.0
+LOG_EVERY_SECONDS = 60.0  # at most one line a minute per worker about rows not written
 
 
 class LedgerUnavailable(Exception):
@@ -102,11 +103,11 @@ class Ledger:
         written, dropped = counts.written, counts.dropped_full + counts.dropped_failed
         metrics.ledger_health(written - self._published[0], dropped - self._published[1], writer.depth)
         now = time.monotonic()
-        if counts.errors > self._logged_errors and now - self._logged_at >= 60.0:
+        if counts.errors > self._logged_errors and now - self._logged_at >= LOG_EVERY_SECONDS:
             log.warning("ledger: the database failed %d time(s) (last: %s); %d row(s) not written so far",
                         counts.errors - self._logged_errors, counts.last_error, dropped)
             self._logged_errors, self._logged_at = counts.errors, now
-        elif dropped > self._published[1] and now - self._logged_at >= 60.0:
+        elif dropped > self._published[1] and now - self._logged_at >= LOG_EVERY_SECONDS:
             log.warning("ledger: %d row(s) not written so far (queue full or database refusing)", dropped)
             self._logged_at = now
         self._published = (written, dropped)

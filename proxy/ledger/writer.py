@@ -33,7 +33,6 @@ BATCH_ROWS = 500
 POLL_SECONDS = 0.2  # how long the thread sleeps when the queue is empty
 WRITE_ATTEMPTS = 3  # a batch the database refused this many times is dropped (and counted)
 RETRY_SECONDS = 1.0
-LOG_EVERY_SECONDS = 60.0  # at most one "rows dropped" line a minute per worker
 
 
 def _original(module: str, name: str) -> object:

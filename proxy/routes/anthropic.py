@@ -21,14 +21,13 @@ from proxy.bridge.messages_encoder import MessagesEncoder
 from proxy.bridge.messages_errors import client_status
 from proxy.bridge.messages_request import MessagesRefused, estimate_input_tokens, to_chat_request
 from proxy.bridge.messages_stream import MessagesStream
+from proxy.chat_stream import SSE_HEADERS, stream_response, whole_answer_stats
 from proxy.errors import BadRequest, RelayError
-from proxy.forwarding import ANTHROPIC, Outgoing, capped_body, forward, json_object, model_of
-from proxy.pipeline import endpoint
+from proxy.forwarded_answer import answer
+from proxy.forwarding import ANTHROPIC, Outgoing, forward, json_object, model_of
+from proxy.pipeline import admit_forwarded, admit_model, endpoint
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
-from proxy.routes.chat import stream_response
-from proxy.routes.openai_api import SSE_HEADERS, whole_answer_stats
-from proxy.routes.passthrough import answer, check_model
 from proxy.routing import Route, route
 from proxy.shaping import cap_max_tokens, read_body
 from proxy.upstream import complete
@@ -50,11 +49,11 @@ def messages(rest: str) -> Response:
     model = model_of(body)
     if body is None or model is None:
         raise BadRequest("the request body must be a JSON object naming a 'model'")
-    check_model(relay.config, state, model)
     path = f"v1/messages/{rest}" if rest else "v1/messages"
-    raw = capped_body(path, raw, body, relay.config)
-    if not rest:  # counting tokens costs nothing
-        relay.limits.reserve_request(state, model, body, raw)
+    if rest:  # counting tokens costs nothing: nothing to reserve, no answer to cap
+        admit_model(state, model, relay.config)
+    else:
+        raw = admit_forwarded(state, path, model, body, raw, relay.config)
     headers = list(request.headers.items())
     if not any(name.lower() == "anthropic-version" for name, _value in headers):
         headers.append(("anthropic-version", DEFAULT_ANTHROPIC_VERSION))
@@ -94,7 +93,7 @@ def bridged_messages(relay: Relay, state: RequestState, outgoing: Outgoing, chos
                           relay.config.max_stream_seconds)
     except RelayError as error:
         # An upstream failure before the first token: the status Anthropic's SDKs read as the same trouble.
-        error.code = client_status(error.kind, error.status, error.upstream_status)
+        error.status = client_status(error.kind, error.status, error.upstream_status)
         raise
     state.access.stats = whole_answer_stats(answer, state.access.started)
     message = to_anthropic_message(answer.data, outgoing.model, request.body.get("stop", ()))

@@ -15,24 +15,30 @@ from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request
 
+from proxy.config import Config
 from proxy.errors import Unauthorized, unknown_endpoint
 from proxy.pipeline import endpoint
 from proxy.pump import READER_THREAD_PREFIX
-from proxy.request_state import request_state
+from proxy.request_state import RequestState
 
 bp = Blueprint("debug", __name__)
 
 PROC_SELF = Path("/proc/self")
 
 
+def check_local_caller(state: RequestState, _config: Config) -> None:
+    """The guard (proxy/pipeline.py): loopback first, since from elsewhere the endpoint must look like it does
+    not exist (the same answer as when it is off); then an access key."""
+    if not _from_loopback(request.remote_addr):
+        raise unknown_endpoint(request.path)
+    if state.caller is None:
+        raise Unauthorized()
+
+
 @bp.get("/debug/stats")
-@endpoint("json", access="own")  # loopback first: from elsewhere it must look like it does not exist
+@endpoint("json", access="own", guard=check_local_caller)
 def debug_stats() -> Response:
     """Counts of the resources a stream holds, in this worker process."""
-    if not _from_loopback(request.remote_addr):
-        raise unknown_endpoint(request.path)  # the same answer as when the endpoint is off: nothing to see from outside
-    if request_state().caller is None:
-        raise Unauthorized()
     threads = threading.enumerate()
     fds = _fd_targets()
     tcp_ports = _tcp_local_ports()

@@ -23,12 +23,12 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
+from proxy.chat_stream import NDJSON_HEADERS, stream_response
 from proxy.config import Config
 from proxy.encoders import NdjsonEncoder
 from proxy.errors import BadRequest
 from proxy.pipeline import endpoint
 from proxy.relay import current_relay
-from proxy.routes.chat import NDJSON_HEADERS, stream_response
 from proxy.standin import SSE_END, Timed, sse_chunk, stand_in_upstream
 from proxy.upstream import Upstream
 

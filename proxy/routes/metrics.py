@@ -13,10 +13,9 @@ bp = Blueprint("metrics", __name__)
 
 
 @bp.get("/metrics")
-@endpoint("json", access="public")  # not an access key's business: its own key, checked below
+@endpoint("json", access="public", guard=check_metrics_access)  # not an access key's business: its own key
 def metrics() -> Response:
     relay = current_relay()
-    check_metrics_access(relay.config)
     relay.ledger.publish(relay.metrics)  # this worker's ledger queue and counts, as of now
     return Response(relay.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST,
                                                          "Cache-Control": "no-store"})

@@ -14,24 +14,17 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
+from proxy.chat_stream import SSE_HEADERS, stream_response, whole_answer_stats
 from proxy.encoders import SseEncoder
 from proxy.errors import NotFound
 from proxy.models import anthropic_model, anthropic_page, in_file_order, model_entries
 from proxy.pipeline import endpoint
-from proxy.pump import StreamStats
 from proxy.relay import current_relay
 from proxy.request_state import request_state
-from proxy.routes.chat import stream_response
 from proxy.shaping import OpenAIRequest, shape_openai_request
-from proxy.upstream import Completion, complete
+from proxy.upstream import complete
 
 bp = Blueprint("openai_api", __name__)
-
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx: do not buffer this response
-}
 
 
 @bp.post("/v1/chat/completions")
@@ -45,20 +38,6 @@ def chat_completions(shaped: OpenAIRequest) -> Response:
     access = request_state().access
     access.stats = whole_answer_stats(answer, access.started)
     return Response(answer.raw, status=200, mimetype="application/json")
-
-
-def whole_answer_stats(answer: Completion, started_at: float) -> StreamStats:
-    """A non-streaming chat completion's account for the access log, metrics and budgets (its usage)."""
-    stats = StreamStats(started_at=started_at)
-    stats.upstream, stats.fallbacks, stats.outcome = answer.upstream.name, answer.fallbacks, "ok"
-    model = answer.data.get("model")
-    stats.answered_model = model if isinstance(model, str) else None
-    usage = answer.data.get("usage")
-    if isinstance(usage, dict):
-        stats.usage = usage
-        completion_tokens = usage.get("completion_tokens")
-        stats.tokens = completion_tokens if isinstance(completion_tokens, int) else 0
-    return stats
 
 
 @bp.get("/v1/models")

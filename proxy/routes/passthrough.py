@@ -9,49 +9,33 @@ responses, batches) live on the provider that made them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import httpx2
 from flask import Blueprint, Response, request
 from werkzeug.wsgi import get_input_stream
 
-from proxy.access import authorize_model
 from proxy.bridge.responses_transport import refuse_bridged_lookup, serve_bridged_responses
 from proxy.config import Config
-from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, UpstreamFailed
+from proxy.errors import BadRequest, Forbidden, PayloadTooLarge
+from proxy.forwarded_answer import answer
 from proxy.forwarding import (
     MODEL_PREFIX_BYTES,
-    OPENAI,
-    Dialect,
     ForwardTarget,
-    JsonUsage,
     ModelFieldWatch,
-    Opened,
     Outgoing,
-    ReaderSource,
-    capped_body,
-    client_response_headers,
-    error_body,
-    failure_of_status,
     forward,
     json_object,
     model_of,
     multipart_boundary,
-    next_upstreams,
     read_prefix,
-    relay_bytes,
-    relay_sse,
     upload_blocks,
 )
-from proxy.pipeline import endpoint
-from proxy.pump import ClientSocket, StreamStats
+from proxy.pipeline import admit_forwarded, admit_model, endpoint
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
-from proxy.routes.chat import client_socket_watcher
 from proxy.routing import Route, not_served, route
-from proxy.shaping import answer_size, choose_model, read_body
+from proxy.shaping import answer_size, read_body
 from proxy.upstream import Upstream
 
 bp = Blueprint("passthrough", __name__)
@@ -65,7 +49,6 @@ METHODS = ["GET", "POST", "DELETE"]
 _FAMILY = f"any({', '.join(FAMILIES)}):family"
 # Bodies streamed under MAX_UPLOAD_BYTES; every other body is read whole under MAX_BODY_BYTES.
 UPLOAD_TYPES = ("multipart/", "application/octet-stream")
-SSE_HEADERS = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
 
 
 @bp.route(f"/v1/<{_FAMILY}>", methods=METHODS, defaults={"rest": ""})
@@ -130,13 +113,6 @@ def refuse_unchecked_batches(config: Config, state: RequestState) -> None:
                         "relay cannot cap the requests inside their input file", kind="batch_not_capped")
 
 
-def check_model(config: Config, state: RequestState, model: str) -> None:
-    """ALLOWED_MODELS (400) and the calling key's own models (403), as for chat."""
-    state.access.model = model
-    choose_model(model, config)
-    authorize_model(state.caller, model)
-
-
 def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoing, str | None]:
     """The request to forward and the model it names (checked)."""
     content_type = request.headers.get("Content-Type", "")
@@ -152,12 +128,7 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     if capped and body is None and raw.strip():
         raise json_only(path)
     model = model_of(body)
-    if model is not None:
-        check_model(config, state, model)
-    if body is not None:
-        raw = capped_body(path, raw, body, config)
-    if model is not None:
-        current_relay().limits.reserve_request(state, model, body or {}, raw)
+    raw = admit_forwarded(state, path, model, body, raw, config)
     streaming = body is not None and body.get("stream") is True
     return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming,
                     model=model), model
@@ -208,7 +179,7 @@ def late_model(config: Config, state: RequestState, routed: str | None, named: s
         raise BadRequest("the form's 'model' field must be a short non-empty string")
     if routed is not None and named != routed:
         raise BadRequest("the form names two different models", kind="model_conflict")
-    check_model(config, state, named)
+    admit_model(state, named, config)
     if routed is None:
         refuse_misrouted(current_relay().upstreams, named)
 
@@ -222,62 +193,3 @@ def refuse_misrouted(upstreams: Sequence[Upstream], model: str) -> None:
                          f"{MODEL_PREFIX_BYTES // 1024} KiB of the upload, and the relay routes an upload by a "
                          "model it finds there: put the 'model' field before the file (curl: -F model=... "
                          "before -F file=@...)", kind="model_too_late")
-
-
-def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect = OPENAI) -> Response:
-    """The upstream's status, allow-listed headers and body, streamed as they arrive; `dialect` says what
-    the relay's own keep-alives and error events look like and where the usage is."""
-    response = opened.response
-    if response.status_code in (401, 403):
-        response.close()
-        # The upstream refused the relay's key: the operator's problem, not the caller's key.
-        error = UpstreamFailed("upstream rejected this server's API key; the operator must check it",
-                               kind="upstream_auth")
-        error.upstream_failures = (*opened.failures, (opened.upstream.name, "upstream_auth"))
-        raise error
-    content_type = response.headers.get("content-type", "application/octet-stream")
-    refuse_unreadable_failure(opened, content_type)
-    headers = client_response_headers(response.headers.items())
-    stats = StreamStats(started_at=state.access.started, upstream=opened.upstream.name, fallbacks=opened.fallbacks,
-                        upstream_failures=opened.failures)
-    state.access.stats = stats
-    if response.status_code >= 400:
-        failure = failure_of_status(response)
-        if failure is not None:  # the last upstream's 5xx/429, answered as it came: still a failure to count
-            stats.upstream_failures = [*opened.failures, (opened.upstream.name, failure.kind)]
-        stats.outcome = f"upstream_status_{response.status_code}"
-        refusal = error_body(response, opened.upstream.redact)
-        stats.ended_at = time.monotonic()
-        return Response(refusal, status=response.status_code, headers=headers, content_type=content_type)
-    if content_type.lower().startswith("text/event-stream"):
-        client = client_socket_watcher(request.environ)
-        hang_up = client.hang_up if isinstance(client, ClientSocket) else _nothing
-
-        def read(answer: httpx2.Response) -> ReaderSource:
-            # From here the loop's first-byte and idle timers govern; the read timeout is only a backstop.
-            answer.request.extensions["timeout"]["read"] = relay.body_read_timeout
-            return ReaderSource(answer, relay.timers.idle, hang_up)
-
-        body = relay_sse(read(response), relay.timers, stats, client, dialect=dialect, draining=relay.draining,
-                         fall_over=next_upstreams(opened, stats, read))
-        return Response(body, status=response.status_code, headers=[*headers, *SSE_HEADERS],
-                        content_type=content_type)
-    usage = JsonUsage(dialect.json_usage) if "json" in content_type.lower() else None
-    return Response(relay_bytes(response, stats, usage), status=response.status_code, headers=headers,
-                    content_type=content_type)
-
-
-def refuse_unreadable_failure(opened: Opened, content_type: str) -> None:
-    """The last upstream's 5xx/429 is answered as it came when it is JSON (the provider's own error, which its
-    clients read); anything else (a load balancer's HTML page) becomes the relay's own error in the client's
-    protocol, with the same meaning (502 naming the status, or 429 with Retry-After)."""
-    failure = failure_of_status(opened.response)
-    if failure is None or "json" in content_type.lower():
-        return
-    opened.response.close()
-    failure.upstream_failures = (*opened.failures, (opened.upstream.name, failure.kind))
-    raise failure
-
-
-def _nothing() -> None:
-    return None

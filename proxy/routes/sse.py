@@ -23,14 +23,13 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from proxy.chat_stream import SSE_HEADERS, stream_response
 from proxy.config import Config
 from proxy.encoders import SseEncoder
 from proxy.errors import BadRequest
 from proxy.pipeline import endpoint
 from proxy.relay import current_relay
 from proxy.request_state import request_state
-from proxy.routes.chat import stream_response
-from proxy.routes.openai_api import SSE_HEADERS
 from proxy.shaping import ask_for_usage, cap_max_tokens, choose_model, with_system_prompt
 
 bp = Blueprint("sse", __name__)

@@ -16,24 +16,33 @@ import sqlalchemy as sa
 from flask import Blueprint, Response, jsonify, request
 
 from proxy.access import presented_key
+from proxy.config import Config
 from proxy.errors import BadRequest, Forbidden, LedgerUnavailable, Unauthorized
 from proxy.ledger import LedgerUnavailable as NoLedger
 from proxy.ledger.report import ReportError, parse_query
 from proxy.pipeline import endpoint
 from proxy.relay import current_relay
-from proxy.request_state import request_state
+from proxy.request_state import RequestState, request_state
 
 bp = Blueprint("usage", __name__)
 T = TypeVar("T")
 
 
+def check_admin(_state: RequestState, config: Config) -> None:
+    """`GET /usage`' guard (proxy/pipeline.py): ADMIN_KEY, which is not an access key."""
+    if not config.admin_key:
+        raise Forbidden("GET /usage is off: set ADMIN_KEY to read every key's usage", kind="usage_forbidden")
+    presented = presented_key(request.headers.get("Authorization")).encode()
+    if not hmac.compare_digest(presented, config.admin_key.encode()):
+        raise Unauthorized("missing or wrong admin key: send 'Authorization: Bearer <ADMIN_KEY>'")
+
+
 @bp.get("/usage")
-# The admin key is not an access key (checked below), and `key` names the key to report on, not the caller:
-# declared public so that the pipeline decides no caller (its one-caller rule would refuse `?key=alice`).
-@endpoint("json", access="public")
+# The admin key is not an access key (its guard checks it), and `key` names the key to report on, not the
+# caller: declared public so that the pipeline decides no caller (its one-caller rule would refuse `?key=alice`).
+@endpoint("json", access="public", guard=check_admin)
 def all_usage() -> Response:
     relay = current_relay()
-    check_admin(relay.config.admin_key)
     try:
         query = parse_query(request.args.get("since"), request.args.get("key"), request.args.get("by"))
     except ReportError as exc:
@@ -49,14 +58,6 @@ def my_usage() -> Response:
     caller = request_state().caller
     assert caller is not None  # access="key": the pipeline refused a request without one
     return jsonify(_read(lambda: relay.ledger.own_usage(caller.name)))
-
-
-def check_admin(admin_key: str | None) -> None:
-    if not admin_key:
-        raise Forbidden("GET /usage is off: set ADMIN_KEY to read every key's usage", kind="usage_forbidden")
-    presented = presented_key(request.headers.get("Authorization")).encode()
-    if not hmac.compare_digest(presented, admin_key.encode()):
-        raise Unauthorized("missing or wrong admin key: send 'Authorization: Bearer <ADMIN_KEY>'")
 
 
 def _read(query: Callable[[], T]) -> T:

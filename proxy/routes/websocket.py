@@ -402,7 +402,7 @@ def answer(session: Session, policy: KeyPolicy, message: str | bytes) -> None:
             conversation.drop_unanswered_question()
         record.write()
         relay.ledger.record_answer(record, session.state.route)
-        relay.limits.charge(policy, TokenUsage.of_answer(stats.usage, stats.tokens), reservation)
+        relay.limits.charge(policy, stats.token_usage(), reservation)
         if connection.stats is not None:
             add_answer(connection.stats, stats)
 
@@ -434,7 +434,7 @@ def add_answer(total: StreamStats, answer: StreamStats) -> None:
     total.outcome = answer.outcome
     total.finish_reason = answer.finish_reason
     so_far = TokenUsage.of_answer(total.usage, 0)
-    total.usage = (so_far + TokenUsage.of_answer(answer.usage, answer.tokens)).as_upstream_usage()
+    total.usage = (so_far + answer.token_usage()).as_upstream_usage()
 
 
 def parse_client_message(message: str | bytes) -> tuple[str, str | None]:

@@ -95,3 +95,26 @@ def test_direct_writer_writes_what_logging_writes(capsys: pytest.CaptureFixture[
     assert direct[23:] == through_logging[23:] and "relay.access" in direct  # after the timestamp
     assert direct[:19] == through_logging[:19] or direct[:17] == through_logging[:17]  # same second/minute
     assert "sk-abcdefghijkl0123" not in direct
+
+
+def test_each_app_logs_in_its_own_format(capsys: pytest.CaptureFixture[str]) -> None:
+    """Logging is configured per app: a second app built with LOG_FORMAT=json writes JSON lines (one relay
+    handler, the JSON formatter, no direct text writer), and a text app built after it writes text again."""
+    from proxy import accesslog, create_app
+    from tests.unit.conftest import unit_config
+
+    def relay_handlers() -> list[logging.Handler]:
+        return [handler for handler in logging.getLogger("relay").handlers if getattr(handler, "relay_handler", False)]
+
+    create_app(unit_config(log_format="text"))
+    create_app(unit_config(log_format="json"))
+    assert len(relay_handlers()) == 1 and isinstance(relay_handlers()[0].formatter, JsonLogFormatter)
+    assert accesslog._direct is None
+    capsys.readouterr()
+    record(model="m").write()
+    assert json.loads(capsys.readouterr().err)["model"] == "m"
+    create_app(unit_config(log_format="text"))
+    assert len(relay_handlers()) == 1 and not isinstance(relay_handlers()[0].formatter, JsonLogFormatter)
+    assert accesslog._direct is not None
+    record(model="m").write()
+    assert capsys.readouterr().err.startswith(tuple("0123456789"))  # a text line begins with its timestamp

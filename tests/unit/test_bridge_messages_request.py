@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.bridge.messages_request import MessagesRefused, estimate_input_tokens, to_chat_request
+from proxy.bridge.messages_request import MESSAGE_ROLES, MessagesRefused, estimate_input_tokens, to_chat_request
 
 CLAUDE_CODE_REQUEST = Path(__file__).with_name("claude_code_2.1.332_request.json")
 CLAUDE_CODE_TOOL_TURN = Path(__file__).with_name("claude_code_2.1.332_tool_turn.json")
@@ -209,3 +209,18 @@ def test_claude_codes_tool_turn_maps() -> None:
     assert result == {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"],
                       "content": "1\tThe word is apricot-7d41.\n2\t"}
     assert "tokens left" in messages[5]["content"]
+
+
+@pytest.mark.parametrize("role", [*MESSAGE_ROLES, "tool", "developer"])
+def test_the_roles_the_schema_states_are_the_roles_translated(role: str) -> None:
+    """openapi.yaml's AnthropicMessage roles (MESSAGE_ROLES, also what test_validation compares the file
+    with) are exactly the roles the bridge translates; any other is refused naming it."""
+    from proxy.shaping import request_schemas
+
+    assert request_schemas()["AnthropicMessage"]["properties"]["role"]["enum"] == list(MESSAGE_ROLES)
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": role, "content": "hi"}]}
+    if role in MESSAGE_ROLES:
+        assert to_chat_request(body, "m").body["messages"][-1]["role"] == role
+    else:
+        with pytest.raises(MessagesRefused, match=repr(role)):
+            to_chat_request(body, "m")

@@ -71,3 +71,40 @@ def test_werkzeug_errors_become_relay_errors() -> None:
         other = as_relay_error(Conflict())
         assert other.status == 409 and other.kind == "internal_error" and not str(other.description).endswith(".")
     assert as_relay_error(ERROR) is ERROR
+
+
+def relay_error_classes() -> list[type[RelayError]]:
+    found: list[type[RelayError]] = []
+    pending = [RelayError]
+    while pending:
+        cls = pending.pop()
+        found.extend(cls.__subclasses__())
+        pending.extend(cls.__subclasses__())
+    return [cls for cls in found if cls.__module__ == "proxy.errors"]
+
+
+@pytest.mark.parametrize("cls", relay_error_classes(), ids=lambda cls: cls.__name__)
+def test_error_classes_subclass_werkzeugs_of_the_same_name(cls: type[RelayError]) -> None:
+    """An error class named as one of werkzeug's is that class too (`except werkzeug...NotFound` catches it),
+    keeps its own message, and its `status` is werkzeug's `code`."""
+    from werkzeug import exceptions as werkzeug_errors
+
+    namesake = getattr(werkzeug_errors, cls.__name__, None)
+    if namesake is not None:
+        assert issubclass(cls, namesake)
+    error = cls("said plainly")
+    assert str(error.description) == "said plainly" and error.status == error.code
+
+
+def test_status_is_the_one_name_for_the_http_status() -> None:
+    """A view that changes an error's HTTP status sets `status` (werkzeug's `code` follows): the rendered body
+    keeps the kind, the response carries the new status."""
+    from proxy.errors import render_error
+
+    error = UpstreamTimeout()
+    error.status = 529
+    app = Flask(__name__)
+    with app.test_request_context("/v1/chat/completions"):
+        response = render_error(error)
+    assert (error.code, response.status_code) == (529, 529)
+    assert json.loads(response.get_data())["error"]["code"] == "upstream_timeout"

@@ -4,6 +4,7 @@ exactly the requests that present one valid key consistently, never answer 500 a
 
 from __future__ import annotations
 
+import functools
 import string
 from typing import Any
 
@@ -81,6 +82,14 @@ def ask(client: FlaskClient, method: str, path: str, body: Any, header: str | No
         response.close()
 
 
+@functools.cache
+def shared_client() -> FlaskClient:
+    """One relay for every example: building an app per example was most of this test's time, and no
+    example leaves state another could see (no limits are configured, each answer is read whole and
+    closed, no cookie jar)."""
+    return relay_app(unit_config(max_body_bytes=4096), FakeTransport()).test_client(use_cookies=False)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(route=st.sampled_from(KEYED_ROUTES + OPEN_ROUTES), key=key_choice, form=header_form,
        use_header=st.booleans(), query=key_choice, api_key=key_choice,
@@ -90,7 +99,7 @@ def test_one_caller_per_request_whatever_the_headers(route: tuple[str, str, Any]
                                                      use_header: bool, query: str | None, api_key: str | None,
                                                      extra: dict[str, str]) -> None:
     """Keyed routes admit exactly the consistent valid key; nothing answers 500 or echoes a key."""
-    client = relay_app(unit_config(max_body_bytes=4096), FakeTransport()).test_client()
+    client = shared_client()
     header = form.format(key) if use_header and key is not None else None
     method, path, body = route
     try:

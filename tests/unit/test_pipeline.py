@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ast
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from proxy import create_app
 from proxy.config import Config
 from proxy.pipeline import check_every_view_declared, route_label
+from proxy.routes.passthrough import FAMILIES
 from proxy.usage import TokenUsage
 from tests.unit.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, FakeTransport
 from tests.unit.conftest import bearer as unit_bearer
@@ -112,6 +113,47 @@ def test_a_model_outside_the_keys_list_is_refused(tmp_path: Path) -> None:
         assert b"model_not_allowed" in response.data
 
 
+FORWARDED_POSTS = [f"/v1/{family}" for family in FAMILIES] + ["/v1/messages", "/v1/messages/count_tokens"]
+
+
+@pytest.mark.parametrize("path", FORWARDED_POSTS)
+def test_every_forwarded_body_naming_a_model_outside_the_keys_list_is_refused(tmp_path: Path, path: str) -> None:
+    """The views that forward a body as sent admit its model through the pipeline too (`admit_model`): a
+    JSON body on every forwarded family and on Anthropic's Messages paths is a 403 before any upstream is
+    asked, in the path's protocol (a batch, whose models hide in its file, is refused where keys have lists)."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[keys.limited]\nkey = "{"k" * 24}"\nmodels = ["allowed-*"]\n')
+    client = make_app(keys_file=keys).test_client()
+    response = client.post(path, json={"model": "gpt-x", "messages": [], "input": "x"}, headers=bearer("k" * 24))
+    assert response.status_code == 403, (path, response.data)
+    if path.startswith("/v1/messages"):
+        assert response.json is not None and response.json["error"]["type"] == "permission_error"
+    else:
+        assert b"model_not_allowed" in response.data
+
+
+def test_a_form_field_model_outside_the_keys_list_is_refused(tmp_path: Path) -> None:
+    """A multipart upload's `model` field, found as the form streams, is admitted by the same pipeline step."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[keys.limited]\nkey = "{"k" * 24}"\nmodels = ["allowed-*"]\n')
+    client = make_app(keys_file=keys).test_client()
+    response = client.post("/v1/audio/transcriptions", headers=bearer("k" * 24),
+                           data={"model": "gpt-x", "file": (io.BytesIO(b"RIFF"), "a.wav")})
+    assert response.status_code == 403 and b"model_not_allowed" in response.data
+
+
+def test_only_the_pipeline_checks_a_callers_models() -> None:
+    """`authorize_model` and a request's reservation (`reserve_request`) are called by proxy/pipeline.py alone
+    (`shape_input`, `admit_shaped`, `admit_model`, `admit_forwarded`): a view cannot hold a check of its own
+    that the next endpoint family would forget to copy."""
+    callers = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "proxy").rglob("*.py")
+                     if "authorize_model(" in path.read_text())
+    assert callers == ["proxy/access.py", "proxy/pipeline.py"]
+    reservers = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "proxy").rglob("*.py")
+                       if "reserve_request(" in path.read_text())
+    assert reservers == ["proxy/limits.py", "proxy/pipeline.py"]  # a request's budget hold, likewise
+
+
 def test_a_view_without_a_declaration_is_refused_at_start() -> None:
     """A new endpoint cannot skip the pipeline by forgetting to declare itself."""
     app = make_app()
@@ -122,29 +164,6 @@ def test_a_view_without_a_declaration_is_refused_at_start() -> None:
 
     with pytest.raises(RuntimeError, match="forgot"):
         check_every_view_declared(app)
-
-
-def _proxy_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    found: set[str] = set()
-    for node in tree.body:  # module level only: imports inside functions run later
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("proxy"):
-            found.add(node.module)
-    return found
-
-
-def test_no_import_cycles_inside_proxy() -> None:
-    """The modules form a hierarchy: no module imports one that (indirectly) imports it back."""
-    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in (ROOT / "proxy").rglob("*.py") if "node_modules" not in p.parts}
-    graph = {name: _proxy_imports(path) & set(modules) for name, path in modules.items()}
-
-    def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in graph[start])
-
-    assert [name for name in graph if reaches(name, name, {name})] == []
 
 
 @pytest.mark.parametrize(("usage", "deltas", "expected"), [
@@ -209,6 +228,43 @@ def test_metrics_route_label_names_the_family_not_the_rule_s_whole_list(path: st
                                                       return_rule=True)
     assert route_label(rule, args) == label
     assert route_label(None, None) == "unmatched"
+
+
+def test_every_own_credential_is_a_declared_guard() -> None:
+    """A view that is not behind an access key checks its own credential as a declared `guard` the pipeline
+    runs (before the view and its limits), not inside the view: only the WebSocket, which must refuse with
+    close frames in its own protocol, is `own` without one."""
+    app = make_app(debug_stats=True)
+    unguarded = sorted(name for name, view in app.view_functions.items()
+                       if getattr(view, "declaration", None) is not None and view.declaration.access == "own"
+                       and view.declaration.guard is None)
+    assert unguarded == ["websocket.chat"]
+    guarded = {name for name, view in app.view_functions.items()
+               if getattr(getattr(view, "declaration", None), "guard", None) is not None}
+    assert guarded == {"metrics.metrics", "usage.all_usage", "debug.debug_stats"}
+
+
+@pytest.mark.parametrize(("settings", "path", "headers", "status"), [
+    ({}, "/usage", {}, 403),  # ADMIN_KEY unset: off
+    ({"admin_key": "a" * 24}, "/usage", {"Authorization": f"Bearer {KEY}"}, 401),  # an access key is not it
+    ({"metrics_key": "m" * 24}, "/metrics", {"Authorization": "Bearer wrong"}, 401),
+    ({"debug_stats": True}, "/debug/stats", {"Authorization": f"Bearer {KEY}", "X-Forwarded-For": "1.2.3.4"}, 200),
+])
+def test_guards_refuse_before_the_view(settings: dict[str, object], path: str, headers: dict[str, str],
+                                       status: int) -> None:
+    """Each guard gives its refusal in the endpoint's JSON shape (the test client is a loopback peer)."""
+    response = make_app(**settings).test_client().get(path, headers=headers)
+    assert response.status_code == status, response.data
+    if status != 200:
+        assert response.json is not None and "error" in response.json
+
+
+def test_limits_run_after_the_caller_is_decided() -> None:
+    """The pipeline installs the limits itself, after its first step: a rate limit counts the caller the
+    pipeline decided, never a request it has not begun (the order no longer rests on create_app's lines)."""
+    app = make_app(rate_limit_per_minute=5)
+    hooks = [hook.__name__ for hook in app.before_request_funcs[None]]
+    assert hooks[0] == "_begin" and "_admit" in hooks[1:]
 
 
 def _slots_and_gauge(client: FlaskClient) -> tuple[int, float | None]:

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from proxy.errors import BadRequest, RelayError
+from proxy.globs import model_allowed
 from proxy.redaction import redact_secret_like
 from proxy.upstream import (
     MALFORMED,
@@ -26,7 +27,6 @@ from proxy.upstream import (
     _retry_after,
     _upstream_message,
     map_sdk_error,
-    model_allowed,
     parse_chunk,
     with_cheap_idle_check,
 )

@@ -35,3 +35,14 @@ def test_cached_prompt_tokens_in_every_provider_s_shape(usage: dict[str, Any], c
 def test_reasoning_tokens_in_every_shape(usage: dict[str, Any], reasoning: int) -> None:
     """Reasoning tokens from the details objects or the flat name."""
     assert reasoning_tokens(usage) == reasoning
+
+
+@pytest.mark.parametrize(("usage", "tokens", "expected"), [
+    ({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}, 2, TokenUsage(3, 5, 8, True)),
+    (None, 4, TokenUsage(0, 4, 4, False)),
+])
+def test_stream_stats_token_usage(usage: dict[str, int] | None, tokens: int, expected: TokenUsage) -> None:
+    """What the budgets, metrics and a WebSocket charge read of a stream: its reported usage, else its deltas."""
+    from proxy.pump import StreamStats
+
+    assert StreamStats(usage=usage, tokens=tokens).token_usage() == expected

@@ -168,6 +168,13 @@ def test_settings_tables_name_real_fields_and_every_variable_of_env_example() ->
     assert listed | {"PROMETHEUS_MULTIPROC_DIR"} == set(variables)
 
 
+def test_readme_documents_every_setting() -> None:
+    """Every variable of the settings tables has its row in one of the README's settings tables."""
+    readme = (ROOT / "README.md").read_text()
+    rows = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `")}
+    assert [setting.env for setting in (*SETTINGS, *SERVER_SETTINGS) if setting.env not in rows] == []
+
+
 def test_config_keeps_no_copy_of_the_environment() -> None:
     """The environment holds every secret; Config keeps only the settings it names."""
     assert "environ" not in {field.name for field in dataclasses.fields(Config)}
