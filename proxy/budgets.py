@@ -12,8 +12,9 @@ The most a request can cost:
 - its prompt: the body's UTF-8 bytes / 3, rounded up (`prompt_estimate`). English text runs about 4 bytes a
   token and CJK text 3 bytes a character of about one token, and the JSON around the messages adds bytes
   that are no tokens, so this errs high;
-- its output: the body's `max_tokens` / `max_completion_tokens` / `max_output_tokens` (times `n`), else
-  MAX_TOKENS, else DEFAULT_OUTPUT_CAP (4096) tokens (`output_cap`).
+- its output: the body's `max_tokens` / `max_completion_tokens` / `max_output_tokens` (times `n` or
+  completions' `best_of`), else MAX_TOKENS, else DEFAULT_OUTPUT_CAP (4096) tokens (`output_cap`), read from
+  the body the upstream gets, already held to MAX_TOKENS and MAX_CHOICES (`shaping.ANSWER_SIZES`).
 
 The rules:
 - money (`daily_spend`, `monthly_spend`) is strict: a request whose reservation does not fit in what is left
@@ -48,11 +49,12 @@ from proxy.config import Config
 from proxy.errors import Forbidden, RateLimited
 from proxy.keys import KeyPolicy
 from proxy.prices import PriceTable
+from proxy.shaping import CHOICE_FIELDS, TOKEN_FIELDS
 from proxy.usage import TokenUsage
 
 BYTES_PER_TOKEN = 3
 DEFAULT_OUTPUT_CAP = 4096
-OUTPUT_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+OUTPUT_CAP_FIELDS = TOKEN_FIELDS  # every token-budget field of every family (shaping.ANSWER_SIZES)
 DAY_SECONDS = 86400
 DAY_TTL = 2 * DAY_SECONDS  # a day's counters outlive the day, for `keys list` and late settlements
 MONTH_TTL = 40 * DAY_SECONDS
@@ -130,15 +132,18 @@ def prompt_estimate(body: Mapping[str, Any] | bytes) -> int:
 
 
 def output_cap(body: Mapping[str, Any] | None, config: Config) -> int:
-    """The most output tokens the request allows: its own cap, else MAX_TOKENS, else DEFAULT_OUTPUT_CAP."""
+    """The most output tokens the request allows: its own cap, else MAX_TOKENS, else DEFAULT_OUTPUT_CAP; times
+    the most answers it asks for (`n`, completions' `best_of`). The body is the one the upstream gets: held to
+    the caps (shaping.ANSWER_SIZES), its whole numbers integers."""
     body = body or {}
-    named = [body.get(name) for name in OUTPUT_CAP_FIELDS]
-    caps = [value for value in named if isinstance(value, int) and not isinstance(value, bool) and value > 0]
+    caps = [value for value in _counts(body, OUTPUT_CAP_FIELDS) if value > 0]
     cap = min(caps) if caps else config.max_tokens or DEFAULT_OUTPUT_CAP
-    choices = body.get("n")
-    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
-        cap *= choices
-    return cap
+    return cap * max([1, *_counts(body, CHOICE_FIELDS)])
+
+
+def _counts(body: Mapping[str, Any], names: Sequence[str]) -> list[int]:
+    values = (body.get(name) for name in names)
+    return [value for value in values if isinstance(value, int) and not isinstance(value, bool)]
 
 
 def plan(policy: KeyPolicy, config: Config, prices: PriceTable, model: str, body: Mapping[str, Any],

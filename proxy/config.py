@@ -345,6 +345,14 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _long_key(raw: str) -> str:
+    """A bearer key the relay checks (METRICS_KEY, ADMIN_KEY): as long as an access key must be."""
+    if len(raw) < MIN_ACCESS_KEY_LENGTH:  # a short key can be guessed; the value itself is never shown
+        raise SettingError(f"the key is shorter than {MIN_ACCESS_KEY_LENGTH} characters; use a long random string "
+                           "(openssl rand -hex 24)")
+    return raw
+
+
 def _storage_uri(raw: str) -> str:
     if urlsplit(raw).scheme not in RATE_LIMIT_STORAGE_SCHEMES:  # never echoed: a Redis URL may carry a password
         schemes = ", ".join(f"{scheme}://" for scheme in RATE_LIMIT_STORAGE_SCHEMES)
@@ -410,13 +418,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_STREAMS_PER_KEY", "max_streams_per_key", _positive_int),
     Setting("MAX_OPEN_STREAMS", "max_open_streams", _positive_int),
     Setting("RATE_LIMIT_STORAGE_URI", "rate_limit_storage_uri", _storage_uri, secret=True),
-    Setting("METRICS_KEY", "metrics_key", _text, secret=True),
+    Setting("METRICS_KEY", "metrics_key", _long_key, secret=True),
     Setting("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", _text),
     Setting("LOG_FORMAT", "log_format", _one_of(LOG_FORMATS, "expected text or json")),
     Setting("DATA_DIR", "data_dir", Path),
     Setting("DATABASE_URL", "database_url", _database_url, secret=True),
     Setting("LEDGER_RETENTION_DAYS", "ledger_retention_days", _positive_int),
-    Setting("ADMIN_KEY", "admin_key", _text, secret=True),
+    Setting("ADMIN_KEY", "admin_key", _long_key, secret=True),
 )
 
 SERVER_SETTINGS: tuple[Setting, ...] = (

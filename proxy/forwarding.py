@@ -37,9 +37,11 @@ from typing import IO, Any, Protocol
 import httpx2
 import orjson
 
+from proxy.config import Config
 from proxy.encoders import SSE_KEEPALIVE, anthropic_error, openai_error
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.pump import READER_THREAD_PREFIX, Inbox, StreamStats
+from proxy.shaping import answer_size, size_changes
 from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
 from proxy.stream_machine import StreamTimers
 from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
@@ -490,6 +492,31 @@ ANTHROPIC = Dialect(ANTHROPIC_PING, anthropic_error_event, AnthropicSseUsage, an
                     anthropic_closes)
 
 
+# --- the caps: MAX_TOKENS and MAX_CHOICES on forwarded bodies ---------------------------------------------------
+
+def capped_body(path: str, raw: bytes, body: dict[str, Any], config: Config) -> bytes:
+    """A forwarded JSON body held to MAX_TOKENS and MAX_CHOICES by its family's row of `shaping.ANSWER_SIZES`
+    (a 400 for a token count or choice count that is not a whole number, or too many choices), once per
+    request, before its budgets are reserved: the changes are made in `body` too, which the budgets read.
+    The same bytes when nothing changes (no re-encoding on the hot path); fields the body lacks appended to
+    it as they are (the usual change: MAX_TOKENS sent when the client set no cap); else re-encoded once."""
+    size = answer_size(path)
+    changes = size_changes(size, body, config) if size is not None else None
+    if not changes:
+        return raw
+    appended = all(name not in body for name in changes)
+    body.update(changes)
+    if appended and len(body) > len(changes):
+        added = b",".join(b'"%s":%d' % (name.encode(), value) for name, value in changes.items())
+        return raw.rstrip()[:-1] + b"," + added + b"}"
+    return _encoded({**json.loads(raw), **changes})
+
+
+def _encoded(document: dict[str, Any]) -> bytes:
+    # The stdlib's json, as read with it: integers of any size come back exactly as they were sent.
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 # --- sending, with fall-over -----------------------------------------------------------------------------------
 
 @dataclass
@@ -512,12 +539,11 @@ class Outgoing:
         return isinstance(self.body, bytes)
 
     def body_for(self, upstream: ForwardTarget) -> tuple[bytes | Iterator[bytes], int | None]:
-        """The body as `upstream` must get it: as sent, or with the model renamed (JSON bodies only)."""
+        """The body as `upstream` must get it: as sent (already held to the caps: `capped_body`), or with the
+        model renamed (JSON bodies only)."""
         if self.model is None or not isinstance(self.body, bytes) or upstream.upstream_model(self.model) == self.model:
             return self.body, self.content_length
-        document = json.loads(self.body)
-        renamed = json.dumps({**document, "model": upstream.upstream_model(self.model)},
-                             ensure_ascii=False, separators=(",", ":")).encode()
+        renamed = _encoded({**json.loads(self.body), "model": upstream.upstream_model(self.model)})
         return renamed, len(renamed)
 
 

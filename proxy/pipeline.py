@@ -45,6 +45,7 @@ from proxy.accesslog import AccessRecord, redacted_path
 from proxy.config import Config
 from proxy.deadline import limit_body_time
 from proxy.errors import Unauthorized
+from proxy.forwarding import capped_body
 from proxy.keys import KeyPolicy
 from proxy.relay import Relay, current_relay
 from proxy.request_state import (
@@ -190,11 +191,19 @@ def admit_model(state: RequestState, model: str, config: Config) -> None:
     authorize_model(state.caller, model)
 
 
-def admit_forwarded(state: RequestState, model: str, body: Mapping[str, Any], raw: bytes, config: Config) -> None:
-    """A whole JSON body a view forwards as sent: its model admitted (`admit_model`), then the most it can
-    cost reserved in the caller's budgets, as `shape_input` does for shaped bodies."""
-    admit_model(state, model, config)
-    current_relay().limits.reserve_request(state, model, body, raw)
+def admit_forwarded(state: RequestState, path: str, model: str | None, body: dict[str, Any] | None, raw: bytes,
+                    config: Config) -> bytes:
+    """A whole body a view forwards as sent: the model it names admitted (`admit_model`), a JSON object's
+    answer size held to MAX_TOKENS and MAX_CHOICES by its family's row (`forwarding.capped_body`, which updates
+    `body` too), then the most it can cost reserved in the caller's budgets, as `shape_input` does for shaped
+    bodies. The bytes to send."""
+    if model is not None:
+        admit_model(state, model, config)
+    if body is not None:
+        raw = capped_body(path, raw, body, config)
+    if model is not None:
+        current_relay().limits.reserve_request(state, model, body or {}, raw)
+    return raw
 
 
 def last_user_text(messages: list[Any]) -> str:

@@ -6,6 +6,7 @@ Every rule a client can break raises `BadRequest` naming the field and what is w
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -312,28 +313,88 @@ def with_system_prompt(messages: list[Any], config: Config) -> list[Any]:
     return [{"role": "system", "content": config.system_prompt}, *messages]
 
 
-# Every field an upstream reads as an answer's token budget: each one present is checked and capped, so a
-# large value in one cannot slip past the cap beside a small value in another.
-TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+@dataclass(frozen=True)
+class AnswerSize:
+    """Where one family of requests says how large its answer may be: `tokens`, the token-budget fields (each
+    one present read as a whole number and held to MAX_TOKENS, so a large value in one cannot slip past the
+    cap beside a small value in another); `insert`, the field sent with MAX_TOKENS when the client set none
+    (an upstream's own default may be unbounded); `choices`, the fields that multiply the answer (each read as
+    a whole number; above MAX_CHOICES, refused)."""
+
+    tokens: tuple[str, ...]
+    insert: str
+    choices: tuple[str, ...] = ()
+
+
+CHAT_SIZE = AnswerSize(("max_tokens", "max_completion_tokens"), "max_tokens", ("n",))
+# The one table of answer sizes: every request family whose body sets one, by the path the relay sends it to
+# under the upstream's base URL (`*`: any one segment). Chat's own views and both bridges shape chat bodies
+# (`cap_max_tokens`); the forwarded families are held where their body is prepared for the upstream
+# (`forwarding.capped_body`). Legacy completions' `best_of` makes that many answers upstream, billed, to
+# return `n` of them.
+ANSWER_SIZES: dict[str, AnswerSize] = {
+    "chat/completions": CHAT_SIZE,
+    "completions": AnswerSize(("max_tokens",), "max_tokens", ("n", "best_of")),
+    "responses": AnswerSize(("max_output_tokens",), "max_output_tokens"),
+    "v1/messages": AnswerSize(("max_tokens",), "max_tokens"),  # Anthropic's (routes/anthropic.py)
+    "threads/runs": AnswerSize(("max_completion_tokens",), "max_completion_tokens"),  # Assistants' runs
+    "threads/*/runs": AnswerSize(("max_completion_tokens",), "max_completion_tokens"),
+}
+_SIZE_PATTERNS = tuple((tuple(path.split("/")), size) for path, size in ANSWER_SIZES.items())
+# What the budgets read (proxy/budgets.py output_cap): every field of the table, each once.
+TOKEN_FIELDS = tuple(dict.fromkeys(name for size in ANSWER_SIZES.values() for name in size.tokens))
+CHOICE_FIELDS = tuple(dict.fromkeys(name for size in ANSWER_SIZES.values() for name in size.choices))
 TOKEN_COUNT = WholeNumber(1)
 CHOICES = WholeNumber(1)
 
 
-def cap_max_tokens(body: dict[str, Any], config: Config) -> None:
-    """Hold every token-budget field to `MAX_TOKENS` (sending `max_tokens` when the client set none), and
-    `n` to the choices cap; each read as a whole number (100000.0 is 100000; "100000" is refused)."""
-    present = [name for name in TOKEN_FIELDS if body.get(name) is not None]
-    for name in present:
-        value = TOKEN_COUNT.check(name, body[name])
-        body[name] = value if config.max_tokens is None else min(value, config.max_tokens)
+def answer_size(path: str) -> AnswerSize | None:
+    """The table's row for a path the relay forwards to (empty segments ignored: an upstream may fold
+    `//` or a trailing `/`), or None for a family whose body sets no answer size."""
+    segments = tuple(part for part in path.split("/") if part)
+    for pattern, size in _SIZE_PATTERNS:
+        if len(pattern) == len(segments) and all(p in ("*", s) for p, s in zip(pattern, segments, strict=True)):
+            return size
+    return None
+
+
+def size_changes(size: AnswerSize, body: Mapping[str, Any], config: Config) -> dict[str, Any]:
+    """The fields of `body` the caps change, with their new values (empty: the body goes as sent). Every
+    token field present is read as a whole number (100000.0 is 100000; "100000" is refused with a 400) and
+    held to MAX_TOKENS; with none present, `size.insert` is sent with MAX_TOKENS; every choice count is read
+    as a whole number, and one above the choices cap is refused (`too_many_choices`). A whole number sent
+    as a float is sent as an integer, which the budgets read."""
+    changes: dict[str, Any] = {}
+    present = False
+    for name in size.tokens:
+        value = body.get(name)
+        if value is None:
+            continue
+        present = True
+        count = TOKEN_COUNT.check(name, value)
+        if config.max_tokens is not None:
+            count = min(count, config.max_tokens)
+        if type(value) is not int or count != value:
+            changes[name] = count
     if config.max_tokens is not None and not present:
-        body["max_tokens"] = config.max_tokens
+        changes[size.insert] = config.max_tokens
     cap = config.choices_cap
-    if body.get("n") is not None:
-        choices = CHOICES.check("n", body["n"])
+    for name in size.choices:
+        value = body.get(name)
+        if value is None:
+            continue
+        choices = CHOICES.check(name, value)
         if cap is not None and choices > cap:
-            raise BadRequest(f"'n' may be at most {cap} on this relay (MAX_CHOICES)", kind="too_many_choices")
-        body["n"] = choices
+            raise BadRequest(f"'{name}' may be at most {cap} on this relay (MAX_CHOICES)", kind="too_many_choices")
+        if type(value) is not int:
+            changes[name] = choices
+    return changes
+
+
+def cap_max_tokens(body: dict[str, Any], config: Config) -> None:
+    """Hold a chat body to the caps (`CHAT_SIZE`: every token-budget field to MAX_TOKENS, `max_tokens` sent
+    when the client set none, `n` to the choices cap), in place."""
+    body.update(size_changes(CHAT_SIZE, body, config))
 
 
 def _short(exc: Exception) -> str:

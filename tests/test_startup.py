@@ -136,6 +136,19 @@ def test_gunicorn_refuses_to_start_in_one_line(tmp_path: Path, drop: str, variab
     assert "Traceback" not in log
 
 
+@pytest.mark.parametrize("variable", ["METRICS_KEY", "ADMIN_KEY"])
+def test_gunicorn_refuses_a_short_bearer_key_without_showing_it(tmp_path: Path, variable: str) -> None:
+    """METRICS_KEY or ADMIN_KEY under 16 characters stops the production start with one line naming the
+    variable and the rule, never the key."""
+    short = "guessable-key15"
+    relay = start_relay(tmp_path, relay_env("http://127.0.0.1:9/v1", **{variable: short}), wait=False)
+    assert relay.process.wait(20) != 0
+    log = relay.log_text()
+    reason = [line for line in log.splitlines() if line.startswith("relay: refusing to start")]
+    assert len(reason) == 1 and f"{variable}: the key is shorter than 16 characters" in reason[0], log
+    assert short not in log and "Traceback" not in log
+
+
 def test_demo_mode_serves_the_stand_in_model(tmp_path: Path) -> None:
     """RELAY_DEMO=1 needs no upstream key and answers every endpoint family with a labelled stand-in answer."""
     env = relay_env("http://127.0.0.1:9/v1", RELAY_DEMO="1")

@@ -49,14 +49,14 @@ def messages(rest: str) -> Response:
     model = model_of(body)
     if body is None or model is None:
         raise BadRequest("the request body must be a JSON object naming a 'model'")
-    if rest:  # counting tokens costs nothing: nothing to reserve
+    path = f"v1/messages/{rest}" if rest else "v1/messages"
+    if rest:  # counting tokens costs nothing: nothing to reserve, no answer to cap
         admit_model(state, model, relay.config)
     else:
-        admit_forwarded(state, model, body, raw, relay.config)
+        raw = admit_forwarded(state, path, model, body, raw, relay.config)
     headers = list(request.headers.items())
     if not any(name.lower() == "anthropic-version" for name, _value in headers):
         headers.append(("anthropic-version", DEFAULT_ANTHROPIC_VERSION))
-    path = f"v1/messages/{rest}" if rest else "v1/messages"
     outgoing = Outgoing(method="POST", path=path, query=request.query_string, headers=headers, body=raw,
                         content_length=len(raw), streaming=body.get("stream") is True, model=model)
     chosen = route(relay, "messages", model)

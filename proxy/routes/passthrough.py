@@ -35,7 +35,7 @@ from proxy.pipeline import admit_forwarded, admit_model, endpoint
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
 from proxy.routing import Route, not_served, route
-from proxy.shaping import read_body
+from proxy.shaping import answer_size, read_body
 from proxy.upstream import Upstream
 
 bp = Blueprint("passthrough", __name__)
@@ -57,10 +57,10 @@ UPLOAD_TYPES = ("multipart/", "application/octet-stream")
 def forwarded(family: str, rest: str) -> Response:
     relay = current_relay()
     state = request_state()
-    path = f"{family}/{rest}" if rest else family
+    path = forwarded_path(family, rest)
     refuse_bridged_lookup(family, rest, relay.upstreams)
     if family == "batches" and request.method == "POST":
-        refuse_unchecked_models(relay.config, state)
+        refuse_unchecked_batches(relay.config, state)
     outgoing, model = read_request(relay.config, state, path)
     if family == "responses" and model is not None:
         chosen = route(relay, "responses", model)
@@ -71,6 +71,16 @@ def forwarded(family: str, rest: str) -> Response:
         targets = candidates(relay.upstreams, model, family)
     opened = forward(targets, outgoing, relay.config.upstream_timeout, relay.config.max_stream_seconds)
     return answer(relay, state, opened)
+
+
+def forwarded_path(family: str, rest: str) -> str:
+    """The path under the upstream's base URL. `.` and `..` segments (`%2e%2e` too, decoded by then) are
+    refused: the upstream's URL would lose them (httpx removes them, as RFC 3986 says), so
+    `/v1/embeddings/../completions` would reach `completions` while the relay judged it as `embeddings`
+    (its caps, its batch rule, its routing)."""
+    if any(segment in (".", "..") for segment in rest.split("/")):
+        raise BadRequest("the path must not contain '.' or '..' segments", kind="invalid_path")
+    return f"{family}/{rest}" if rest else family
 
 
 def bridged_responses(relay: Relay, state: RequestState, outgoing: Outgoing, chosen: Route) -> Response:
@@ -91,12 +101,16 @@ def candidates(upstreams: Sequence[Upstream], model: str | None, family: str) ->
     return serving
 
 
-def refuse_unchecked_models(config: Config, state: RequestState) -> None:
-    """A batch names its models inside an uploaded file the relay never reads: where models are restricted
-    (ALLOWED_MODELS, or the key's own list), starting one would get round the restriction."""
+def refuse_unchecked_batches(config: Config, state: RequestState) -> None:
+    """A batch names its models and answer sizes inside an uploaded file the relay never reads: where models
+    are restricted (ALLOWED_MODELS, or the key's own list) or answers capped (MAX_TOKENS, MAX_CHOICES),
+    starting one would get round the restriction."""
     if config.allowed_models or (state.caller is not None and state.caller.models):
         raise Forbidden("batches are not available where models are restricted: the relay cannot check the "
                         "models inside their input file", kind="model_not_allowed")
+    if config.max_tokens is not None or config.max_choices is not None:  # nor cap their answers
+        raise Forbidden("batches are not available where answers are capped (MAX_TOKENS, MAX_CHOICES): the "
+                        "relay cannot cap the requests inside their input file", kind="batch_not_capped")
 
 
 def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoing, str | None]:
@@ -104,16 +118,27 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     content_type = request.headers.get("Content-Type", "")
     common: dict[str, Any] = {"method": request.method, "path": path, "query": request.query_string,
                               "headers": list(request.headers.items())}
+    capped = answer_size(path) is not None
     if content_type.lower().startswith(UPLOAD_TYPES):
+        if capped:
+            raise json_only(path)
         return read_upload(config, state, content_type, common)
     raw = read_body(request.stream, config.max_body_bytes)
     body = json_object(raw, "json" in content_type.lower())
+    if capped and body is None and raw.strip():
+        raise json_only(path)
     model = model_of(body)
-    if model is not None:
-        admit_forwarded(state, model, body or {}, raw, config)
+    raw = admit_forwarded(state, path, model, body, raw, config)
     streaming = body is not None and body.get("stream") is True
     return Outgoing(**common, body=raw, content_length=len(raw) if raw else None, streaming=streaming,
                     model=model), model
+
+
+def json_only(path: str) -> BadRequest:
+    """A family whose answers are capped must send a JSON object the relay reads: anything else (an upload, a
+    body of another type or shape) might still be read as JSON by an upstream, unchecked and uncapped."""
+    return BadRequest(f"/v1/{path.strip('/')} takes a JSON object as its body (Content-Type: application/json)",
+                      kind="invalid_content_type")
 
 
 def read_upload(config: Config, state: RequestState, content_type: str, common: dict[str, Any]

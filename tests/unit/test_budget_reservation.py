@@ -53,12 +53,16 @@ HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
     ({"max_output_tokens": 90}, None, 90),
     ({"max_tokens": 50, "max_completion_tokens": 20}, None, 20),
     ({"max_tokens": 50, "n": 3}, None, 150),
+    ({"max_tokens": 50, "n": 2, "best_of": 5}, None, 250),
+    ({"best_of": 4}, 300, 1200),
+    ({"max_tokens": 50, "n": 0}, None, 50),
     ({"max_tokens": True}, None, DEFAULT_OUTPUT_CAP),
     ({"max_tokens": "50"}, None, DEFAULT_OUTPUT_CAP),
     ({"max_tokens": 0}, None, DEFAULT_OUTPUT_CAP),
 ])
 def test_output_cap(body: dict[str, Any], max_tokens: int | None, cap: int) -> None:
-    """The body's own cap (the smallest named), times n; else MAX_TOKENS; else the documented default."""
+    """The body's own cap (the smallest named), times n or best_of (the larger); else MAX_TOKENS; else the
+    documented default."""
     assert output_cap(body, unit_config(max_tokens=max_tokens)) == cap
 
 

@@ -114,7 +114,7 @@ def test_keys_file_reload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     ("RELAY_DEBUG_STATS", "on", "debug_stats", True),
     ("LOG_CONTENT", "No", "log_content", False),
     ("SYSTEM_PROMPT", "  ", "system_prompt", None),
-    ("METRICS_KEY", " m ", "metrics_key", "m"),
+    ("METRICS_KEY", " metrics-key-0123456789 ", "metrics_key", "metrics-key-0123456789"),
     ("MAX_OPEN_STREAMS", "7", "max_open_streams", 7),
     ("DEFAULT_MODEL", " ", "default_model", "gpt-4o-mini"),
 ])

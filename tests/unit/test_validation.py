@@ -74,10 +74,14 @@ BAD_SETTINGS = [
     ("DATABASE_URL", "mysql://root:s3cret-password@db/relay",
      "DATABASE_URL: expected a PostgreSQL URL like postgresql://user:password@host/dbname"),
     ("LEDGER_RETENTION_DAYS", "0", "LEDGER_RETENTION_DAYS: expected a positive whole number"),
+    ("METRICS_KEY", "metrics-key-15c", "METRICS_KEY: the key is shorter than 16 characters; use a long random "
+                                       "string (openssl rand -hex 24)"),
+    ("ADMIN_KEY", "admin", "ADMIN_KEY: the key is shorter than 16 characters; use a long random string "
+                           "(openssl rand -hex 24)"),
 ]
 # Free text, or checked only against other settings (the tests below): no value of their own is wrong.
 FREE_SETTINGS = {"AUTHORIZATION_KEY", "OPENAI_API_KEY", "DEFAULT_MODEL", "ALLOWED_MODELS", "SYSTEM_PROMPT",
-                 "METRICS_KEY", "PROMETHEUS_MULTIPROC_DIR", "DATA_DIR", "ADMIN_KEY"}
+                 "PROMETHEUS_MULTIPROC_DIR", "DATA_DIR"}
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), BAD_SETTINGS)
@@ -92,6 +96,20 @@ def test_no_message_shows_a_credential_carrying_value() -> None:
     with pytest.raises(ConfigError) as caught:
         Setting("SOME_KEY", "some_key", int, secret=True).read("sk-not-a-number")
     assert str(caught.value) == "SOME_KEY: the value is not valid"
+
+
+@pytest.mark.parametrize("variable", ["METRICS_KEY", "ADMIN_KEY"])
+@pytest.mark.parametrize(("value", "accepted"), [("k" * 15, False), (" " + "k" * 15 + " ", False), ("k" * 16, True),
+                                                 ("k" * 15 + "é", True)])
+def test_bearer_keys_are_as_long_as_access_keys(variable: str, value: str, accepted: bool) -> None:
+    """METRICS_KEY and ADMIN_KEY need 16 characters (after trimming), like access keys; in demo mode too. A
+    refusal names the variable and never the value."""
+    for env in ({**BASE, variable: value}, {"RELAY_DEMO": "1", "AUTHORIZATION_KEY": "demo", variable: value}):
+        if accepted:
+            assert getattr(Config.from_env(env), variable.lower()) == value.strip()
+        else:
+            message = config_error(env)
+            assert message.startswith(f"{variable}: the key is shorter than 16 characters") and "k" * 15 not in message
 
 
 def test_every_setting_has_a_bad_value_test_or_is_free_text() -> None:
@@ -128,7 +146,7 @@ def test_missing_keys_are_refused(env: dict[str, str], message: str) -> None:
     ("KEYS_FILE", None, "keys_file", None),
     ("LOG_FORMAT", "JSON", "log_format", "json"),
     ("SYSTEM_PROMPT", "  Be brief.  ", "system_prompt", "Be brief."),
-    ("METRICS_KEY", " m ", "metrics_key", "m"),
+    ("METRICS_KEY", " metrics-key-0123456789 ", "metrics_key", "metrics-key-0123456789"),
     ("RATE_LIMIT_STORAGE_URI", "redis://:pw@h:6379/0", "rate_limit_storage_uri", "redis://:pw@h:6379/0"),
 ])
 def test_good_setting_is_parsed(variable: str, value: str | None, field: str, expected: Any) -> None:
