@@ -40,10 +40,11 @@ import orjson
 from proxy.config import Config
 from proxy.encoders import SSE_KEEPALIVE, anthropic_error, openai_error
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
-from proxy.pump import READER_THREAD_PREFIX, Inbox, StreamStats
+from proxy.pump import StreamStats
 from proxy.shaping import answer_size, size_changes
 from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
 from proxy.stream_machine import StreamTimers
+from proxy.stream_sources import READER_THREAD_PREFIX, Inbox
 from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
 
 log = logging.getLogger("relay.forwarding")

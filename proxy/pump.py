@@ -33,17 +33,12 @@ from proxy.stream_machine import (
     StreamMachine,
     StreamTimers,
 )
+from proxy.stream_sources import Source, open_source
 from proxy.upstream import Chunk, StreamEnd, StreamFailure, UpstreamStream
 from proxy.usage import TokenUsage
 
 log = logging.getLogger("relay.pump")
 
-READER_JOIN_SECONDS = 2.0
-DRAIN_GRACE_SECONDS = 0.5  # after the end, how long the reader may finish the upstream body (for reuse)
-READER_THREAD_PREFIX = "upstream-reader-"  # /debug/stats counts open streams by this name
-# Batches (one per network read) the reader may run ahead of the client: enough to smooth bursts, small
-# enough that a client that does not read costs the relay little memory.
-INBOX_BATCHES = 16
 
 
 @dataclass
@@ -134,49 +129,6 @@ def socket_watcher(sock: socket.socket | None) -> Callable[[], bool]:
     return never_gone if sock is None else ClientSocket(sock)
 
 
-class Inbox:
-    """What the reader hands the pump, bounded: a client that reads slowly holds back the upstream (through
-    TCP) instead of making the relay buffer the whole answer in memory. A reader that cannot hand anything
-    over for a whole stall period means the pump is stuck writing to a client that stopped reading:
-    `on_stall` then ends the stream. After `close()` the inbox takes nothing and never blocks."""
-
-    def __init__(self, stall_seconds: float, size: int = INBOX_BATCHES) -> None:
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=size)
-        self._stall_seconds = stall_seconds
-        self._closed = False
-        self.on_stall: Callable[[], None] = _do_nothing
-
-    def put(self, item: object) -> None:
-        if self._closed:
-            return
-        try:
-            self._queue.put(item, timeout=self._stall_seconds)
-        except queue.Full:
-            self._closed = True
-            self.on_stall()
-
-    def get(self, timeout: float) -> object:
-        """The next item; raises `queue.Empty` after `timeout` seconds without one."""
-        return self._queue.get(timeout=timeout)
-
-    def get_nowait(self) -> object:
-        """The next item if one is waiting; raises `queue.Empty` otherwise."""
-        return self._queue.get_nowait()
-
-    def close(self) -> None:
-        """Take nothing more, and wake a reader blocked on a full inbox."""
-        self._closed = True
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                return
-
-
-def _do_nothing() -> None:
-    return None
-
-
 class _FallOver:
     """Opens the next upstream in its own thread (greenlet), so the pump keeps sending keep-alives and
     watching the client meanwhile; a stream opened after the pump gave up is closed, never leaked."""
@@ -204,13 +156,6 @@ class _FallOver:
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
-
-
-def _start_reader(stream: UpstreamStream, put: Callable[[object], None]) -> threading.Thread:
-    reader = threading.Thread(target=stream.read_into, args=(put,), daemon=True,
-                              name=f"{READER_THREAD_PREFIX}{stream.upstream.name}")
-    reader.start()
-    return reader
 
 
 def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: StreamStats,
@@ -259,95 +204,95 @@ def _drive(machine: StreamMachine, wiring: _Wiring, client_gone: Callable[[], bo
             # Set before the last write, which may block: a stall the reader notices meanwhile overrides it.
             stats.outcome = action.outcome.kind
             if action.write:
+                wiring.writing()
                 yield action.write
+                wiring.written()
             return
         if action.write:
+            wiring.writing()
             yield action.write
+            wiring.written()
         if action.fall_over:
             wiring.fall_over()
 
 
 class _Wiring:
-    """The I/O side of one stream: the inbox, the reader thread of the current upstream and a fall-over
-    in progress; `close()` leaves no thread or upstream connection behind, whatever happened."""
+    """The I/O side of one stream: the current upstream's source of events (`proxy/stream_sources.py`) and a
+    fall-over in progress; `close()` leaves no thread or upstream connection behind, whatever happened."""
 
     def __init__(self, stream: UpstreamStream, stall_seconds: float, stats: StreamStats,
                  client_gone: Callable[[], bool]) -> None:
         self.stream = stream  # the current upstream's: a fall-over replaces it
         self._stats = stats
         self._client_gone = client_gone
-        self.inbox = Inbox(stall_seconds=stall_seconds)
-        self.inbox.on_stall = self._on_stall
-        self._reader: threading.Thread | None = _start_reader(stream, self.inbox.put)
-        self._reader_done = False  # the reader handed over its end: it is only finishing the body now
+        self._stall_seconds = stall_seconds
+        self._source: Source | None = open_source(stream, stall_seconds, self._on_stall)
         self._falling_over: _FallOver | None = None
+        self._reopened: queue.Queue[object] | None = None  # where a fall-over hands its result over
 
     def next_item(self, timeout: float) -> object:
-        """The next item the reader or a fall-over handed over, or None after `timeout` seconds."""
+        """The next batch, end, failure or fall-over result, or None after `timeout` seconds."""
+        if self._source is not None:
+            return self._source.next_item(timeout)
+        assert self._reopened is not None
         try:
-            return self.inbox.get(timeout=timeout)
+            return self._reopened.get(timeout=timeout)
         except queue.Empty:
             return None
 
     def take_ready(self, batch: list[Chunk]) -> object:
-        """Add every batch already waiting to `batch`, so a fast upstream costs one write, not one per
-        token. Returns the end-of-stream item if one was reached, to be handled after this batch."""
-        while True:
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return None
-            if type(item) is not list:
-                return item
-            batch += item
+        """Add what else is ready to `batch`; returns an end-of-stream item to handle after it, if any."""
+        return self._source.take_ready(batch) if self._source is not None else None
 
     def received(self, item: object) -> Event:
-        """The machine's event for an inbox item (None: the wait ran out). Also acts on it here: an end
-        means the reader is only finishing the body; a reopened stream gets its reader at once."""
+        """The machine's event for an item (None: the wait ran out); a reopened stream gets its source."""
         if item is None:
             return TICK
         if type(item) is list:
             return Batch(item)
         if isinstance(item, StreamEnd | StreamFailure):
-            self._reader_done = True
             return item
         if isinstance(item, Reopened):
             self._falling_over = None
             if isinstance(item.result, UpstreamStream):
                 self.stream = item.result
-                self._reader = _start_reader(item.result, self.inbox.put)
-                self._reader_done = False
+                self._source = open_source(item.result, self._stall_seconds, self._on_stall)
             return item
-        raise TypeError(f"unexpected item in the inbox: {item!r}")
+        raise TypeError(f"unexpected item from the upstream: {item!r}")
+
+    def writing(self) -> None:
+        if self._source is not None:
+            self._source.writing()
+
+    def written(self) -> None:
+        if self._source is not None:
+            self._source.written()
 
     def fall_over(self) -> None:
         """Open the next upstream in the background; its stream (or error) arrives as a Reopened item."""
-        if self._reader is not None:
-            self._reader.join(READER_JOIN_SECONDS)
-        self._reader = None
-        self._falling_over = _FallOver(self.stream, self.inbox.put)
+        if self._source is not None:
+            self._source.stop()
+        self._source = None
+        self._reopened = queue.Queue()
+        self._falling_over = _FallOver(self.stream, self._reopened.put)
 
     def close(self) -> None:
         if self._falling_over is not None:
             self._falling_over.cancel()
-            _close_reopened(self.inbox)  # before close(), which would drop a stream handed over just now
-        self.inbox.close()  # a reader still handing over (or draining the body) never blocks on it
-        if self._reader is not None:
-            if self._reader_done:
-                self._reader.join(DRAIN_GRACE_SECONDS)
-            if self._reader.is_alive():
-                self.stream.abort()
-                self._reader.join(READER_JOIN_SECONDS)
+            assert self._reopened is not None
+            _close_reopened(self._reopened)
+        if self._source is not None:
+            self._source.close()
 
     def _on_stall(self) -> None:
         _hang_up_on_stalled_client(self.stream, self._stats, self._client_gone)
 
 
-def _close_reopened(inbox: Inbox) -> None:
-    """Close a stream the fall-over opened and put in the inbox just before the pump ended."""
+def _close_reopened(reopened: queue.Queue[object]) -> None:
+    """Close a stream the fall-over opened and handed over just before the pump ended."""
     while True:
         try:
-            item = inbox.get_nowait()
+            item = reopened.get_nowait()
         except queue.Empty:
             return
         if isinstance(item, Reopened) and isinstance(item.result, UpstreamStream):

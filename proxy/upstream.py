@@ -32,6 +32,7 @@ import orjson
 from proxy.errors import BadRequest, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.globs import serves
 from proxy.redaction import redact_secret_like
+from proxy.upstream_body import DirectBody
 
 log = logging.getLogger("relay.upstream")
 
@@ -305,42 +306,20 @@ class UpstreamStream:
                 break
 
     def _parse(self, blocks: Iterator[bytes], put: Callable[[object], None]) -> StreamEnd | StreamFailure:
-        pending = b""
-        data_lines: list[bytes] = []
-        finished = False
+        parser = SseParser(self.upstream.redact)
         for block in blocks:
             if self._aborted:
                 return StreamEnd()
-            pending += block
-            lines = pending.split(b"\n")
-            pending = lines.pop()
-            chunks: list[Chunk] = []
-            for line in lines:
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                if line.startswith(b"data:"):
-                    data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
-                    continue
-                if line or not data_lines:
-                    continue  # comments, event:/id:/retry: fields, stray blank lines
-                data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
-                data_lines = []
-                if data == b"[DONE]":
-                    if chunks:
-                        put(chunks)
-                    return StreamEnd()
-                parsed = parse_chunk(data, self.upstream.redact)
-                if isinstance(parsed, StreamFailure):
-                    if chunks:
-                        put(chunks)
-                    return parsed
-                chunks.append(parsed)
-                finished = finished or parsed.finish_reason is not None
+            chunks, end = parser.feed(block)
             if chunks:
                 put(chunks)
-        if finished:
-            return StreamEnd()  # some servers omit [DONE] after the finish reason
-        return StreamFailure("upstream_disconnected", "the upstream ended the answer early; it is incomplete")
+            if end is not None:
+                return end
+        return parser.at_eof()
+
+    def direct_body(self) -> DirectBody | None:
+        """The body for the pump's own greenlet to read (`proxy/upstream_body.py`), when it can."""
+        return DirectBody.take(self._response)
 
     def abort(self) -> None:
         """Close the upstream connection now, from any thread, waking a reader blocked on it."""
@@ -354,6 +333,50 @@ class UpstreamStream:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             log.debug("upstream socket was already closed")
+
+
+class SseParser:
+    """An SSE body's chat chunks, parsed as blocks of bytes arrive (split anywhere): `feed` each block, and
+    `at_eof` when the body ended without `[DONE]`."""
+
+    __slots__ = ("_data_lines", "_finished", "_pending", "_redact")
+
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        self._redact = redact
+        self._pending = b""
+        self._data_lines: list[bytes] = []
+        self._finished = False  # a finish reason was seen
+
+    def feed(self, block: bytes) -> tuple[list[Chunk], StreamEnd | StreamFailure | None]:
+        """The chunks completed by `block`, and the stream's end if it came (nothing after it counts)."""
+        pending = self._pending + block
+        lines = pending.split(b"\n")
+        self._pending = lines.pop()
+        chunks: list[Chunk] = []
+        data_lines = self._data_lines
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.startswith(b"data:"):
+                data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
+                continue
+            if line or not data_lines:
+                continue  # comments, event:/id:/retry: fields, stray blank lines
+            data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
+            data_lines.clear()
+            if data == b"[DONE]":
+                return chunks, StreamEnd()
+            parsed = parse_chunk(data, self._redact)
+            if isinstance(parsed, StreamFailure):
+                return chunks, parsed
+            chunks.append(parsed)
+            self._finished = self._finished or parsed.finish_reason is not None
+        return chunks, None
+
+    def at_eof(self) -> StreamEnd | StreamFailure:
+        if self._finished:
+            return StreamEnd()  # some servers omit [DONE] after the finish reason
+        return StreamFailure("upstream_disconnected", "the upstream ended the answer early; it is incomplete")
 
 
 def parse_chunk(data: bytes, redact: Callable[[str], str] = redact_secret_like) -> Chunk | StreamFailure:

@@ -18,8 +18,9 @@ from flask import Blueprint, Response, jsonify, request
 from proxy.config import Config
 from proxy.errors import Unauthorized, unknown_endpoint
 from proxy.pipeline import endpoint
-from proxy.pump import READER_THREAD_PREFIX
 from proxy.request_state import RequestState
+from proxy.stream_sources import READER_THREAD_PREFIX
+from proxy.upstream_body import open_bodies
 
 bp = Blueprint("debug", __name__)
 
@@ -50,7 +51,8 @@ def debug_stats() -> Response:
         greenlets=_live_greenlets(),
         threads=len(threads),
         os_threads=_count_entries(PROC_SELF / "task"),
-        upstream_readers=sum(1 for thread in threads if thread.name.startswith(READER_THREAD_PREFIX)),
+        # Reader threads, and the bodies streams read in their own greenlet (proxy/upstream_body.py).
+        upstream_readers=sum(1 for thread in threads if thread.name.startswith(READER_THREAD_PREFIX)) + open_bodies(),
         fds=len(fds),
         sockets=len(socket_ports),
         # Connections clients opened to this relay, listener included.
