@@ -6,9 +6,9 @@ reader greenlet feeding the pump. A read waits at most the time it is given (the
 timed-out read loses nothing, so the pump's one greenlet waits for "upstream bytes or the next deadline".
 When the body ends cleanly, h11 is shown the end of an empty body (its buffer was handed over here at the
 start), so httpcore returns the connection to its pool as if it had read the body itself; any other end
-closes the connection. Only under gevent, for HTTP/1.1 connections from httpcore's pool with a chunked body
-(`DirectBody.take` says None otherwise: in-process transports, proxies, other framings keep the reader
-thread of proxy/pump.py).
+closes the connection. Only under gevent, for HTTP/1.1 connections from httpcore's pool with a chunked,
+uncompressed body (`DirectBody.take` says None otherwise: in-process transports, proxies, other framings and
+content codings keep the reader thread of proxy/stream_sources.py).
 """
 
 from __future__ import annotations
@@ -137,8 +137,10 @@ class DirectBody:
     @classmethod
     def take(cls, response: httpx2.Response) -> DirectBody | None:
         """Take over `response`'s body from h11, or None when this response cannot be read here."""
-        if not gevent_sockets() or response.headers.get("transfer-encoding", "").strip().lower() != "chunked":
-            return None
+        headers = response.headers
+        if (not gevent_sockets() or headers.get("transfer-encoding", "").strip().lower() != "chunked"
+                or headers.get("content-encoding", "identity").strip().lower() != "identity"):
+            return None  # a compressed body is left to httpx2, which decodes it
         connection = _http11_connection(response)
         if connection is None:
             return None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import httpx2
 import pytest
 
-from proxy.upstream_body import BrokenBody, ChunkedDecoder
+from proxy import upstream_body
+from proxy.upstream_body import BrokenBody, ChunkedDecoder, DirectBody
 
 PAYLOADS = [b'data: {"a":1}\n\n', b"x" * 300, b"data: [DONE]\n\n"]
 
@@ -52,3 +54,23 @@ def test_bad_framing_is_a_broken_body(wire: bytes) -> None:
     """Framing that is not HTTP/1.1's chunked coding ends the stream as a broken body, never a crash."""
     with pytest.raises(BrokenBody):
         ChunkedDecoder().feed(wire)
+
+
+@pytest.mark.parametrize("headers", [
+    {"transfer-encoding": "chunked", "content-encoding": "gzip"},
+    {"content-length": "10"},
+    {"transfer-encoding": "chunked"},  # but not on httpx2's own pool (an in-process transport here)
+], ids=["compressed", "not-chunked", "not-pooled"])
+def test_bodies_it_cannot_read_are_left_to_httpx2(headers: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compressed or non-chunked body, or one not on a pooled HTTP/1.1 connection, is not taken over: the
+    reader thread reads it through httpx2, which decodes it."""
+    monkeypatch.setattr(upstream_body, "gevent_sockets", lambda: True)
+    response = httpx2.Response(200, headers=headers, stream=httpx2.ByteStream(b"0\r\n\r\n"))
+    assert DirectBody.take(response) is None
+
+
+def test_nothing_is_taken_over_without_gevent() -> None:
+    """Under plain threads (the in-process tests, `flask run`) every body keeps the reader thread."""
+    response = httpx2.Response(200, headers={"transfer-encoding": "chunked"}, stream=httpx2.ByteStream(b"0\r\n\r\n"))
+    assert not upstream_body.gevent_sockets()
+    assert DirectBody.take(response) is None
