@@ -439,3 +439,32 @@ def test_opening_events_held_back_are_bounded() -> None:
     out, stats, _source = run([(0.1 + n / 1000, ping) for n in range(300)] + [(0.5, DELTA + COMPLETED),
                                                                             (0.6, StreamEnd())])
     assert len(out[0]) > HELD_LIMIT and b"".join(out) == ping * 300 + DELTA + COMPLETED and stats.outcome == "ok"
+
+
+EVAL_RUN = {"name": "r", "data_source": {"type": "completions", "model": "o3-pro",
+                                         "sampling_params": {"max_completion_tokens": 100_000}}}
+SECRET_BODY = {"session": {"type": "realtime", "model": "gpt-realtime"}}
+
+
+@pytest.mark.parametrize(("settings", "path", "body", "code"), [
+    ({"max_tokens": 256}, "/v1/evals/eval_1/runs", EVAL_RUN, "batch_not_capped"),
+    ({"allowed_models": ("gpt-4o-mini",)}, "/v1/evals/eval_1/runs", EVAL_RUN, "model_not_allowed"),
+    ({}, "/v1/evals/eval_1/runs", EVAL_RUN, None),
+    ({"rate_limit_per_minute": 100}, "/v1/realtime/client_secrets", SECRET_BODY, "minted_key_not_allowed"),
+    ({"max_tokens": 256}, "/v1/realtime/sessions", SECRET_BODY, "minted_key_not_allowed"),
+    ({"allowed_models": ("gpt-*",)}, "/v1/realtime/transcription_sessions", {}, "minted_key_not_allowed"),
+    ({"daily_token_budget": 1000}, "/v1/realtime/client_secrets/", SECRET_BODY, "minted_key_not_allowed"),
+    ({}, "/v1/realtime/client_secrets", SECRET_BODY, None),
+])
+def test_work_the_relay_cannot_see_is_refused_where_its_rules_apply(
+        recorder: Recorder, settings: dict[str, Any], path: str, body: dict[str, Any], code: str | None) -> None:
+    """An eval run reads its requests from a file, as a batch does (refused where models are restricted or
+    answers capped); a Realtime client secret or session is a key for the provider's own API, past every rule
+    of the relay (refused wherever any applies). With no rule in force both are forwarded."""
+    client = forwarding_client(recorder, **settings)
+    answer = client.post(path, json=body, headers=bearer())
+    if code is None:
+        assert answer.status_code == 200 and len(recorder.seen) == 1, answer.data
+    else:
+        assert answer.status_code == 403 and answer.json["error"]["code"] == code, answer.data
+        assert recorder.seen == [], "refused before the upstream"
