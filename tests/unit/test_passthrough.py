@@ -4,6 +4,7 @@ from passing bytes, the SSE loop's keep-alives and timers on a fake clock, and t
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import httpx2
@@ -468,3 +469,25 @@ def test_work_the_relay_cannot_see_is_refused_where_its_rules_apply(
     else:
         assert answer.status_code == 403 and answer.json["error"]["code"] == code, answer.data
         assert recorder.seen == [], "refused before the upstream"
+
+
+@pytest.mark.parametrize("mark", [b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff", b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"])
+@pytest.mark.parametrize(("path", "content_type"), [
+    ("/v1/embeddings", None), ("/v1/embeddings", "text/plain"), ("/v1/moderations", "application/json"),
+    ("/v1/images/generations", None), ("/v1/responses", None),
+])
+def test_a_body_behind_a_byte_order_mark_is_refused(recorder: Recorder, mark: bytes, path: str,
+                                                    content_type: str | None) -> None:
+    """Python's json module (many upstream servers parse bodies with it, with or without a Content-Type) reads
+    JSON behind a byte-order mark, where the relay's checks would not see its model: 400 on every family,
+    before the upstream."""
+    client = forwarding_client(recorder, allowed_models=("gpt-4o-mini",))
+    body = '{"model": "o3-pro", "input": "hi", "prompt": "hi"}'
+    encoding = {b"\xef\xbb\xbf": "utf-8", b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be",
+                b"\xff\xfe\x00\x00": "utf-32-le", b"\x00\x00\xfe\xff": "utf-32-be"}[mark]
+    data = mark + body.encode(encoding)
+    assert json.loads(data)["model"] == "o3-pro", "what such an upstream would read"
+    headers = {**bearer(), **({"Content-Type": content_type} if content_type else {})}
+    answer = client.post(path, data=data, headers=headers)
+    assert answer.status_code == 400 and answer.json["error"]["code"] == "invalid_json", answer.data
+    assert recorder.seen == []
