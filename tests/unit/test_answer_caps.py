@@ -289,9 +289,10 @@ JSON_BODY = orjson.dumps({"model": "o3-pro", "prompt": "x", "max_tokens": 100_00
 ])
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/responses", "/v1/threads/t1/runs"])
 def test_a_capped_family_takes_json_only(content_type: str, body: bytes, path: str) -> None:
-    """A JSON body the relay does not read as one (sent as an upload or as text, inside an array; behind a
-    byte-order mark it is refused on every family: tests/unit/test_passthrough.py) would go with neither its model checked nor its caps held to an upstream that may parse it
-    anyway: refused with 400 for the families the table caps."""
+    """A JSON body the relay does not read as one (sent as an upload or as text, inside an array) would go
+    with neither its model checked nor its caps held to an upstream that may parse it anyway: refused with
+    400 for the families the table caps. (Behind a byte-order mark it is refused on every family:
+    tests/unit/test_passthrough.py.)"""
     recorder = Recorder()
     client = forwarding_client(recorder, max_tokens=256, allowed_models=("gpt-4o-mini",))
     answer = client.post(path, data=body, headers={**bearer(), "Content-Type": content_type})
