@@ -95,9 +95,18 @@ def client_response_headers(upstream: Iterable[tuple[str, str]]) -> list[tuple[s
 
 # --- the model -------------------------------------------------------------------------------------------------
 
+# Byte-order marks (UTF-8, UTF-32 and UTF-16, both ways): Python's json module, which many upstream servers
+# parse bodies with, reads JSON behind any of them, where orjson and the relay's checks would not.
+BYTE_ORDER_MARKS = (b"\xef\xbb\xbf", b"\x00\x00\xfe\xff", b"\xff\xfe\x00\x00", b"\xfe\xff", b"\xff\xfe")
+
+
 def json_object(raw: bytes, declared_json: bool) -> dict[str, Any] | None:
     """A non-multipart body as a JSON object, or None when it is none. A body that says it is JSON (or looks
-    like it) must parse: otherwise the upstream might read a model the relay could not check."""
+    like it) must parse: otherwise the upstream might read a model the relay could not check. For the same
+    reason a body behind a byte-order mark is refused (RFC 8259: JSON carries none)."""
+    if raw.startswith(BYTE_ORDER_MARKS):
+        raise BadRequest("the request body starts with a byte-order mark: send UTF-8 JSON without one",
+                         kind="invalid_json")
     if not raw.strip() or (not declared_json and not raw.lstrip().startswith(b"{")):
         return None
     try:

@@ -59,8 +59,8 @@ def forwarded(family: str, rest: str) -> Response:
     state = request_state()
     path = forwarded_path(family, rest)
     refuse_bridged_lookup(family, rest, relay.upstreams)
-    if family == "batches" and request.method == "POST":
-        refuse_unchecked_batches(relay.config, state)
+    if request.method == "POST":
+        refuse_unseen_work(relay.config, state, family, rest)
     outgoing, model = read_request(relay.config, state, path)
     if family == "responses" and model is not None:
         chosen = route(relay, "responses", model)
@@ -101,16 +101,38 @@ def candidates(upstreams: Sequence[Upstream], model: str | None, family: str) ->
     return serving
 
 
-def refuse_unchecked_batches(config: Config, state: RequestState) -> None:
-    """A batch names its models and answer sizes inside an uploaded file the relay never reads: where models
-    are restricted (ALLOWED_MODELS, or the key's own list) or answers capped (MAX_TOKENS, MAX_CHOICES),
-    starting one would get round the restriction."""
-    if config.allowed_models or (state.caller is not None and state.caller.models):
-        raise Forbidden("batches are not available where models are restricted: the relay cannot check the "
+# POSTs whose work the relay never sees, so none of its rules could apply to it. A batch or an eval run
+# reads its requests (models, answer sizes) from an uploaded file. A Realtime client secret or session is a
+# short-lived key the client then uses with the provider directly: past every limit, budget, model list and
+# cap of the relay, and out of its usage ledger. (family, the path after it, with * for one segment)
+WORK_IN_A_FILE = {("batches", ""): "batches", ("evals", "*/runs"): "eval runs"}
+MINTED_KEYS = {("realtime", "client_secrets"), ("realtime", "sessions"), ("realtime", "transcription_sessions")}
+
+
+def _matches(pattern: str, rest: str) -> bool:
+    wanted, given = pattern.split("/"), rest.strip("/").split("/")
+    return len(wanted) == len(given) and all(part in ("*", seen) for part, seen in zip(wanted, given, strict=True))
+
+
+def refuse_unseen_work(config: Config, state: RequestState, family: str, rest: str) -> None:
+    """Refuse the POSTs of WORK_IN_A_FILE where models are restricted (ALLOWED_MODELS, or the key's own list)
+    or answers capped (MAX_TOKENS, MAX_CHOICES), and those of MINTED_KEYS wherever any rule of the relay
+    applies (those and every limit or budget): each would get round the rule."""
+    models_restricted = bool(config.allowed_models or (state.caller is not None and state.caller.models))
+    capped = config.max_tokens is not None or config.max_choices is not None
+    work = next((name for (known, pattern), name in WORK_IN_A_FILE.items()
+                 if known == family and _matches(pattern, rest)), None)
+    if work is not None and models_restricted:
+        raise Forbidden(f"{work} are not available where models are restricted: the relay cannot check the "
                         "models inside their input file", kind="model_not_allowed")
-    if config.max_tokens is not None or config.max_choices is not None:  # nor cap their answers
-        raise Forbidden("batches are not available where answers are capped (MAX_TOKENS, MAX_CHOICES): the "
+    if work is not None and capped:
+        raise Forbidden(f"{work} are not available where answers are capped (MAX_TOKENS, MAX_CHOICES): the "
                         "relay cannot cap the requests inside their input file", kind="batch_not_capped")
+    minted = any(known == family and _matches(pattern, rest) for known, pattern in MINTED_KEYS)
+    if minted and (models_restricted or capped or config.limits_configured):
+        raise Forbidden(f"POST /v1/{family}/{rest} is not available on this relay: it makes a short-lived key "
+                        "for the provider's own API, which would get round this relay's limits, budgets, model "
+                        "lists and caps", kind="minted_key_not_allowed")
 
 
 def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoing, str | None]:

@@ -4,6 +4,7 @@ from passing bytes, the SSE loop's keep-alives and timers on a fake clock, and t
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import httpx2
@@ -439,3 +440,54 @@ def test_opening_events_held_back_are_bounded() -> None:
     out, stats, _source = run([(0.1 + n / 1000, ping) for n in range(300)] + [(0.5, DELTA + COMPLETED),
                                                                             (0.6, StreamEnd())])
     assert len(out[0]) > HELD_LIMIT and b"".join(out) == ping * 300 + DELTA + COMPLETED and stats.outcome == "ok"
+
+
+EVAL_RUN = {"name": "r", "data_source": {"type": "completions", "model": "o3-pro",
+                                         "sampling_params": {"max_completion_tokens": 100_000}}}
+SECRET_BODY = {"session": {"type": "realtime", "model": "gpt-realtime"}}
+
+
+@pytest.mark.parametrize(("settings", "path", "body", "code"), [
+    ({"max_tokens": 256}, "/v1/evals/eval_1/runs", EVAL_RUN, "batch_not_capped"),
+    ({"allowed_models": ("gpt-4o-mini",)}, "/v1/evals/eval_1/runs", EVAL_RUN, "model_not_allowed"),
+    ({}, "/v1/evals/eval_1/runs", EVAL_RUN, None),
+    ({"rate_limit_per_minute": 100}, "/v1/realtime/client_secrets", SECRET_BODY, "minted_key_not_allowed"),
+    ({"max_tokens": 256}, "/v1/realtime/sessions", SECRET_BODY, "minted_key_not_allowed"),
+    ({"allowed_models": ("gpt-*",)}, "/v1/realtime/transcription_sessions", {}, "minted_key_not_allowed"),
+    ({"daily_token_budget": 1000}, "/v1/realtime/client_secrets/", SECRET_BODY, "minted_key_not_allowed"),
+    ({}, "/v1/realtime/client_secrets", SECRET_BODY, None),
+])
+def test_work_the_relay_cannot_see_is_refused_where_its_rules_apply(
+        recorder: Recorder, settings: dict[str, Any], path: str, body: dict[str, Any], code: str | None) -> None:
+    """An eval run reads its requests from a file, as a batch does (refused where models are restricted or
+    answers capped); a Realtime client secret or session is a key for the provider's own API, past every rule
+    of the relay (refused wherever any applies). With no rule in force both are forwarded."""
+    client = forwarding_client(recorder, **settings)
+    answer = client.post(path, json=body, headers=bearer())
+    if code is None:
+        assert answer.status_code == 200 and len(recorder.seen) == 1, answer.data
+    else:
+        assert answer.status_code == 403 and answer.json["error"]["code"] == code, answer.data
+        assert recorder.seen == [], "refused before the upstream"
+
+
+@pytest.mark.parametrize("mark", [b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff", b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"])
+@pytest.mark.parametrize(("path", "content_type"), [
+    ("/v1/embeddings", None), ("/v1/embeddings", "text/plain"), ("/v1/moderations", "application/json"),
+    ("/v1/images/generations", None), ("/v1/responses", None),
+])
+def test_a_body_behind_a_byte_order_mark_is_refused(recorder: Recorder, mark: bytes, path: str,
+                                                    content_type: str | None) -> None:
+    """Python's json module (many upstream servers parse bodies with it, with or without a Content-Type) reads
+    JSON behind a byte-order mark, where the relay's checks would not see its model: 400 on every family,
+    before the upstream."""
+    client = forwarding_client(recorder, allowed_models=("gpt-4o-mini",))
+    body = '{"model": "o3-pro", "input": "hi", "prompt": "hi"}'
+    encoding = {b"\xef\xbb\xbf": "utf-8", b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be",
+                b"\xff\xfe\x00\x00": "utf-32-le", b"\x00\x00\xfe\xff": "utf-32-be"}[mark]
+    data = mark + body.encode(encoding)
+    assert json.loads(data)["model"] == "o3-pro", "what such an upstream would read"
+    headers = {**bearer(), **({"Content-Type": content_type} if content_type else {})}
+    answer = client.post(path, data=data, headers=headers)
+    assert answer.status_code == 400 and answer.json["error"]["code"] == "invalid_json", answer.data
+    assert recorder.seen == []
