@@ -17,7 +17,8 @@ from proxy.forwarding import (
     Dialect,
     JsonUsage,
     Opened,
-    ReaderSource,
+    Source,
+    body_source,
     client_response_headers,
     error_body,
     failure_of_status,
@@ -62,10 +63,10 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
         client = client_socket_watcher(request.environ)
         hang_up = client.hang_up if isinstance(client, ClientSocket) else _nothing
 
-        def read(answer: httpx2.Response) -> ReaderSource:
+        def read(answer: httpx2.Response) -> Source:
             # From here the loop's first-byte and idle timers govern; the read timeout is only a backstop.
             answer.request.extensions["timeout"]["read"] = relay.body_read_timeout
-            return ReaderSource(answer, relay.timers.idle, hang_up)
+            return body_source(answer, relay.timers.idle, hang_up)
 
         body = relay_sse(read(response), relay.timers, stats, client, dialect=dialect, draining=relay.draining,
                          fall_over=next_upstreams(opened, stats, read))

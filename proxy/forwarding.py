@@ -44,8 +44,9 @@ from proxy.pump import StreamStats
 from proxy.shaping import answer_size, size_changes
 from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
 from proxy.stream_machine import StreamTimers
-from proxy.stream_sources import READER_THREAD_PREFIX, Inbox
+from proxy.stream_sources import READER_THREAD_PREFIX, Inbox, StallTimer
 from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
+from proxy.upstream_body import BrokenBody, DirectBody
 
 log = logging.getLogger("relay.forwarding")
 
@@ -900,6 +901,62 @@ class ReaderSource:
         if self._thread.is_alive():
             abort(self._response)
             self._thread.join(2.0)
+
+
+class DirectBodySource:
+    """The upstream body read by the loop's own greenlet (`proxy/upstream_body.py`): no reader thread, no
+    inbox. The loop calls `get` again only once it has written what the last call gave, so a `StallTimer`
+    armed between two calls hangs up on a client that took nothing for a whole stall period, as the
+    reader's full inbox does for `ReaderSource`."""
+
+    def __init__(self, response: httpx2.Response, body: DirectBody, stall_seconds: float,
+                 hang_up: Callable[[], None]) -> None:
+        self._response = response
+        self._body = body
+        self._hang_up = hang_up
+        self._stall = StallTimer(stall_seconds, self._on_stall)
+
+    def get(self, timeout: float) -> object:
+        self._stall.disarm()
+        item = self._next(timeout)
+        self._stall.arm()
+        return item
+
+    def _next(self, timeout: float) -> object:
+        deadline = time.monotonic() + timeout
+        while timeout > 0 and not self._body.ended:
+            try:
+                data = self._body.read(timeout)
+            except BrokenBody:
+                return StreamFailure("upstream_disconnected",
+                                     "the upstream connection broke mid-answer; the answer is incomplete")
+            if data is None:
+                return None
+            if data:
+                return data
+            timeout = deadline - time.monotonic()  # only framing came: wait on
+        return StreamEnd() if self._body.ended else None
+
+    def _on_stall(self) -> None:
+        log.info("client stopped reading a forwarded stream for an idle period; ending it")
+        abort(self._response)
+        self._hang_up()
+
+    def close(self) -> None:
+        self._stall.close()
+        if self._body.ended:
+            self._body.finish(0.0, 0)  # nothing left to read: the connection goes back to the pool
+        else:
+            self._body.close()
+
+
+def body_source(response: httpx2.Response, stall_seconds: float, hang_up: Callable[[], None]) -> Source:
+    """The loop's source for an event-stream body: read in the loop's own greenlet when it can be, else by a
+    reader thread."""
+    body = DirectBody.take(response)
+    if body is not None:
+        return DirectBodySource(response, body, stall_seconds, hang_up)
+    return ReaderSource(response, stall_seconds, hang_up)
 
 
 def never_gone() -> bool:

@@ -132,21 +132,42 @@ class ThreadedSource:
             self._reader.join(READER_JOIN_SECONDS)
 
 
+class StallTimer:
+    """A gevent hub timer around a write that may block: `arm()` before it, `disarm()` after; if it stays
+    armed for `seconds`, `on_stall` runs in a greenlet of its own (the hub must not block)."""
+
+    def __init__(self, seconds: float, on_stall: Callable[[], None]) -> None:
+        import gevent
+
+        self._on_stall = on_stall
+        self._spawn = gevent.spawn
+        self._timer: Any = gevent.get_hub().loop.timer(seconds)
+
+    def arm(self) -> None:
+        self._timer.start(self._fire)
+
+    def disarm(self) -> None:
+        self._timer.stop()
+
+    def _fire(self) -> None:
+        self._spawn(self._on_stall)
+
+    def close(self) -> None:
+        self._timer.stop()
+        self._timer.close()
+
+
 class DirectSource:
     """The pump's own greenlet reads the body (`DirectBody`) and parses it; only under gevent."""
 
     def __init__(self, stream: UpstreamStream, body: DirectBody, stall_seconds: float,
                  on_stall: Callable[[], None]) -> None:
-        import gevent
-
         self._stream = stream
         self._body = body
         self._parser = SseParser(stream.upstream.redact)
         self._pending: object = None  # the end that came with the last batch
         self._ended_ok = False
-        self._on_stall = on_stall
-        self._spawn = gevent.spawn
-        self._stall: Any = gevent.get_hub().loop.timer(stall_seconds)
+        self._stall = StallTimer(stall_seconds, on_stall)
 
     def next_item(self, timeout: float) -> object:
         """A list of chunks, the stream's end or failure, or None when `timeout` seconds passed first."""
@@ -176,19 +197,15 @@ class DirectSource:
         return pending
 
     def writing(self) -> None:
-        self._stall.start(self._stalled)
+        self._stall.arm()
 
     def written(self) -> None:
-        self._stall.stop()
-
-    def _stalled(self) -> None:
-        self._spawn(self._on_stall)  # runs in the hub, which must not block: hang up in a greenlet
+        self._stall.disarm()
 
     def stop(self) -> None:
         self.close()
 
     def close(self) -> None:
-        self._stall.stop()
         self._stall.close()
         if self._ended_ok:
             self._body.finish(DRAIN_GRACE_SECONDS, DRAIN_LIMIT_BYTES)

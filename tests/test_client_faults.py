@@ -25,6 +25,7 @@ from tests.hardening import (
     assert_settles,
     fake_says,
     healthy_answer,
+    parse_sse,
     relay_address,
     worker_stats,
 )
@@ -245,3 +246,34 @@ def test_thousands_of_connections_opened_and_dropped(client_relay: RelayProcess)
     assert grown_mib < 30, f"the worker grew by {grown_mib:.0f} MiB"
     assert client_relay.process.poll() is None
     assert "Traceback" not in client_relay.log_text()
+
+
+RESPONSES_ENDPOINT = StreamEndpoint(
+    "POST /v1/responses", "POST", "/v1/responses",
+    lambda text: {"json": {"model": "gpt-4o-mini", "stream": True, "input": text}}, parse_sse, "application/json")
+
+
+def test_slow_reader_of_a_forwarded_stream_is_not_buffered_and_is_hung_up_on(client_relay: RelayProcess,
+                                                                            fake: FakeUpstream) -> None:
+    """A client that never reads a 20 MB forwarded event stream (`/v1/responses`, read in the loop's own
+    greenlet): the worker's memory stays flat, and after IDLE_TIMEOUT the relay hangs up and closes the
+    upstream, leaving nothing behind."""
+    healthy_answer(STREAM_ENDPOINTS[0], client_relay)
+    before = worker_stats(client_relay)
+    fake.behave(tokens=["y" * 1000] * 20_000)
+    sock = connect(client_relay, receive_buffer=4096)
+    sock.sendall(RESPONSES_ENDPOINT.raw_request(client_relay, "hello"))
+    assert fake.wait_for(lambda: fake.requests, timeout=5)
+    time.sleep(1.5)  # time for the worker to grow, were it buffering the answer
+    during = worker_stats(client_relay)
+    assert during["upstream_readers"] == 1, "the stream should still be open, held back by the client"
+    grown_mib = (during["rss_kib"] - before["rss_kib"]) / 1024
+    assert grown_mib < 15, f"the worker grew by {grown_mib:.0f} MiB for a client that reads nothing"
+    deadline = time.monotonic() + 3 + 4
+    while worker_stats(client_relay)["upstream_readers"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker_stats(client_relay)["upstream_readers"] == 0, "the stalled stream was never ended"
+    received = read_until(sock, lambda data: False, timeout=10)
+    sock.close()
+    assert b"response.completed" not in received[-300:]
+    assert_settles(client_relay, before)
