@@ -1,5 +1,5 @@
 # make run   installs everything and runs the relay (demo mode when there is no .env)
-# make bench runs the benchmark (docs/benchmarks.md); about 15 minutes, installs LiteLLM into bench/.venv-litellm
+# make bench runs the benchmark (docs/benchmarks.md); about 20 minutes, installs LiteLLM into bench/.venv-litellm
 # make test  installs everything the tests need (venv, system packages) and runs lint, types and tests
 # make check lint, types and the fast in-process tests (tests/unit, no servers): under a minute
 PYTHON ?= python3
