@@ -22,6 +22,7 @@ from tests.conftest import UPSTREAM_KEY, RelayProcess, relay_env, start_relay
 from tests.fake_upstream import FakeUpstream
 from tests.servers import find_program, running_redis
 from tests.test_anthropic import ANTHROPIC_KEY, upstreams_toml
+from tests.unit.test_host_counters import RULES  # the budget rules' cases, one table for every store
 
 # The bursts assert bounds on what was spent, not timings: they run beside other test files (each request
 # has 30 s, and a refusal is told apart from a wait by its record, not by the clock).
@@ -162,14 +163,7 @@ def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Red
         yield RedisCounters(redis.url)
 
 
-@pytest.mark.parametrize(("spent", "held", "amount", "limit", "strict", "admitted"), [
-    (0, 0, 10, 10, True, True),
-    (0, 0, 10.5, 10, True, False),
-    (4, 5, 1, 10, True, True),
-    (4, 5, 1.5, 10, True, False),
-    (9, 0, 100, 10, False, True),
-    (4, 6, 1, 10, False, False),
-])
+@pytest.mark.parametrize(("spent", "held", "amount", "limit", "strict", "admitted"), RULES)
 def test_shared_stores_follow_the_memory_rules(shared_store: RedisCounters | HostCounters, spent: float,
                                                held: float, amount: float, limit: float, strict: bool,
                                                admitted: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -180,6 +181,21 @@ def test_token_usage_is_read_once_from_the_upstream(usage: dict | None, deltas: 
     assert (used + used).total == 2 * used.total
 
 
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def chat_upstream_fails(client: FlaskClient, transport: FakeTransport) -> None:
+    """A way out of a request: the upstream answers 500 before the stream."""
+    transport.reply(status=500, json={"error": {"message": "boom"}})
+    client.post("/chat", headers=unit_bearer(), json=CHAT).close()
+
+
+def chat_not_streamed(client: FlaskClient, transport: FakeTransport) -> None:
+    """A way out of a request: a whole (non-streaming) chat completion."""
+    transport.reply(json={"id": "c", "object": "chat.completion", "choices": [], "usage": {}})
+    client.post("/v1/chat/completions", headers=unit_bearer(), json=CHAT).close()
+
+
 def test_every_way_out_of_a_request_gives_its_stream_slot_back(make_client: Callable[..., FlaskClient],
                                                                 transport: FakeTransport) -> None:
     """With one slot per key, each kind of request (a whole stream, a client leaving mid-stream, a bad body,
@@ -195,13 +211,8 @@ def test_every_way_out_of_a_request_gives_its_stream_slot_back(make_client: Call
         next(response.response)  # the first bytes, then the client is gone
         response.close()
 
-    def upstream_fails() -> None:
-        transport.reply(status=500, json={"error": {"message": "boom"}})
-        client.post("/chat", headers=unit_bearer(), json=chat).close()
-
-    def non_streaming() -> None:
-        transport.reply(json={"id": "c", "object": "chat.completion", "choices": [], "usage": {}})
-        client.post("/v1/chat/completions", headers=unit_bearer(), json=chat).close()
+    upstream_fails = functools.partial(chat_upstream_fails, client, transport)
+    non_streaming = functools.partial(chat_not_streamed, client, transport)
 
     ways_out = [whole_stream, client_leaves, upstream_fails, non_streaming,
                 lambda: client.post("/chat", headers=unit_bearer(), data=b"{").close(),
@@ -286,13 +297,8 @@ def test_slot_count_and_open_streams_gauge_return_to_zero_after_every_kind_of_re
         assert _slots_and_gauge(client)[0] > 0, f"{path} streamed without holding a slot"
         response.close()
 
-    def upstream_fails() -> None:
-        transport.reply(status=500, json={"error": {"message": "boom"}})
-        client.post("/chat", headers=unit_bearer(), json=chat).close()
-
-    def non_streaming() -> None:
-        transport.reply(json={"id": "c", "object": "chat.completion", "choices": [], "usage": {}})
-        client.post("/v1/chat/completions", headers=unit_bearer(), json=chat).close()
+    upstream_fails = functools.partial(chat_upstream_fails, client, transport)
+    non_streaming = functools.partial(chat_not_streamed, client, transport)
 
     def forwarded() -> None:
         transport.reply(json={"object": "list", "data": [], "model": "m", "usage": {"prompt_tokens": 1}})
