@@ -265,4 +265,4 @@ def close_request(relay: Relay, state: RequestState) -> None:
     finally:
         state.access.write()
         relay.ledger.record_request(state)
-        relay.ledger.publish(relay.metrics)
+        relay.ledger.publish_now_and_then(relay.metrics)

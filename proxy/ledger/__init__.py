@@ -36,6 +36,7 @@ log = logging.getLogger("relay.ledger")
 T = TypeVar("T")
 MAINTAIN_EVERY_SECONDS = 600.0
 LOG_EVERY_SECONDS = 60.0  # at most one line a minute per worker about rows not written
+PUBLISH_EVERY_SECONDS = 1.0  # the request side's publishing of the writer's counts (a scrape: at once)
 
 
 class LedgerUnavailable(Exception):
@@ -51,6 +52,7 @@ class Ledger:
         self.cost_of = cost_of
         self.writer: LedgerWriter | None = None
         self._published = (0, 0)  # written, dropped: what the metrics already counted
+        self._published_at = 0.0
         self._logged_at = 0.0
         self._logged_errors = 0
 
@@ -93,6 +95,15 @@ class Ledger:
             self.writer.counts.dropped_full += 1
 
     # --- health -----------------------------------------------------------------------------------------
+
+    def publish_now_and_then(self, metrics: Metrics) -> None:
+        """`publish`, at most once every PUBLISH_EVERY_SECONDS: each request's close calls it, and six
+        metric updates per request cost more (about 45 µs through the multiprocess mmap values) than the
+        rest of the close. A scrape publishes at once."""
+        now = time.monotonic()
+        if now - self._published_at >= PUBLISH_EVERY_SECONDS:
+            self._published_at = now
+            self.publish(metrics)
 
     def publish(self, metrics: Metrics) -> None:
         """The writer's counters into the metrics, and one log line (at most a minute apart) for rows lost."""

@@ -9,8 +9,9 @@ with it every stream. The request side only appends to a `collections.deque` (at
 Nothing is silently lost: a row that finds the queue full, or whose batch the database refused
 `WRITE_ATTEMPTS` times, is counted as dropped. The thread never touches logging or the metrics (their locks
 are gevent's, not to be shared with another OS thread): it keeps plain counters, which `publish` (run by
-the worker: at each request close and each /metrics scrape) turns into the metrics and into one throttled
-log line. On graceful shutdown (gunicorn's `worker_exit`), `close` drains the queue within a deadline.
+the worker: at a request's close at most once a second, and at each /metrics scrape) turns into the metrics
+and into one throttled log line. On graceful shutdown (gunicorn's `worker_exit`), `close` drains the queue
+within a deadline.
 """
 
 from __future__ import annotations

@@ -251,3 +251,30 @@ def test_a_priced_model_s_row_carries_its_cost(tmp_path: Path, transport: FakeTr
         ledger_of(client).close(app.extensions["relay"].metrics, timeout=5)
     # 1 prompt token at 2.5 and 2 completion tokens at 10 per million.
     assert row["cost_nanos"] == round((1 * 2.5 + 2 * 10) / 1_000_000 * 1e9)
+
+
+def test_request_side_publishing_is_throttled_to_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's close publishes the writer's counts at most once a second (a scrape publishes at once)."""
+    from proxy.config import Config
+    from proxy.ledger import PUBLISH_EVERY_SECONDS
+    from proxy.ledger.writer import LedgerWriter
+    from proxy.metrics import Metrics
+
+    config = Config((), "")
+    ledger, metrics = Ledger(config, None), Metrics(config)
+    ledger.writer = LedgerWriter(sa.create_engine("sqlite://"), lambda: None, lambda: None)
+    clock = [1000.0]
+    monkeypatch.setattr("proxy.ledger.time.monotonic", lambda: clock[0])
+
+    def written_after(rows: int) -> float | None:
+        assert ledger.writer is not None
+        ledger.writer.counts.written += rows
+        ledger.publish_now_and_then(metrics)
+        return metrics.registry.get_sample_value("relay_ledger_rows_written_total")
+
+    assert written_after(1) == 1
+    assert written_after(1) == 1  # the same instant: not published again
+    clock[0] += PUBLISH_EVERY_SECONDS
+    assert written_after(1) == 3
+    ledger.publish(metrics)
+    assert metrics.registry.get_sample_value("relay_ledger_rows_written_total") == 3
