@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import re
 import select
-import socket
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,7 +30,8 @@ import orjson
 from proxy.errors import BadRequest, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.globs import serves
 from proxy.redaction import redact_secret_like
-from proxy.upstream_body import DirectBody
+from proxy.upstream_body import DirectBody, native_poll, shut_down
+from proxy.upstream_wire import WireLane
 
 log = logging.getLogger("relay.upstream")
 
@@ -102,6 +101,13 @@ class Upstream:
     def chat_request(self) -> RequestTemplate:
         """The chat completions request as the SDK would send it, built once (the first request)."""
         return RequestTemplate.of(self.client, "/chat/completions")
+
+    @cached_property
+    def chat_lane(self) -> WireLane | None:
+        """The streamed chat request's own HTTP/1.1 lane (proxy/upstream_wire.py), where it can be used."""
+        template = self.chat_request
+        return WireLane.of(self.client._client, template.url, template.headers,
+                           self.client._make_status_error_from_response)
 
     # What proxy/forwarding.py needs of an upstream it forwards raw requests to (`ForwardTarget`).
     @property
@@ -180,16 +186,6 @@ class RequestTemplate(NamedTuple):
         return response
 
 
-def _native_poll() -> Callable[[], Any]:
-    """The operating system's poll, also when gevent has patched `select` with its cooperative one."""
-    if "gevent.monkey" in sys.modules:
-        from gevent import monkey
-
-        if monkey.is_module_patched("select"):
-            return monkey.get_original("select", "poll")
-    return select.poll
-
-
 class _CheapIdleCheck(httpcore2.NetworkStream):
     """A pooled upstream connection whose "is it still usable" check is one poll(0) system call. httpcore
     checks every idle pooled connection at each request's start and end; through gevent's cooperative poll
@@ -243,17 +239,18 @@ def with_cheap_idle_check(client: httpx2.Client) -> httpx2.Client:
     return client
 
 
-_POLL = _native_poll()
+_POLL = native_poll()
 
 
 class UpstreamStream:
     """An open streaming response from one upstream: read it with `read_into`, end it with `abort`."""
 
-    def __init__(self, upstream: Upstream, response: httpx2.Response, fallbacks: int,
+    def __init__(self, upstream: Upstream, response: httpx2.Response | DirectBody, fallbacks: int,
                  candidates: Candidates | None = None) -> None:
         self.upstream = upstream
         self.fallbacks = fallbacks
-        self._response = response  # the upstream's streamed HTTP response
+        # The upstream's streamed HTTP response; its body only, when it came by the upstream's own lane.
+        self._response = response
         self._aborted = False
         self._candidates = candidates
 
@@ -278,6 +275,7 @@ class UpstreamStream:
 
     def read_into(self, put: Callable[[object], None]) -> None:
         """Read the SSE body, `put` lists of Chunks, then one StreamEnd or StreamFailure. Closes in finally."""
+        assert not isinstance(self._response, DirectBody), "a lane's body is read by the pump (DirectSource)"
         try:
             blocks = self._response.iter_bytes()
             outcome = self._parse(blocks, put)
@@ -319,20 +317,19 @@ class UpstreamStream:
 
     def direct_body(self) -> DirectBody | None:
         """The body for the pump's own greenlet to read (`proxy/upstream_body.py`), when it can."""
+        if isinstance(self._response, DirectBody):
+            return self._response
         return DirectBody.take(self._response)
 
     def abort(self) -> None:
         """Close the upstream connection now, from any thread, waking a reader blocked on it."""
         self._aborted = True
-        network_stream = self._response.extensions.get("network_stream")
-        sock = network_stream.get_extra_info("socket") if network_stream is not None else None
-        if sock is None:
-            self._response.close()  # in-process transports (demo mode) close through the response
+        if isinstance(self._response, DirectBody):
+            self._response.abort()
             return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            log.debug("upstream socket was already closed")
+        network_stream = self._response.extensions.get("network_stream")
+        if not shut_down(network_stream.get_extra_info("socket") if network_stream is not None else None):
+            self._response.close()  # in-process transports (demo mode) close through the response
 
 
 class SseParser:
@@ -447,8 +444,9 @@ class Candidates:
             except openai.APIError as exc:
                 last_error = self._failed(upstream, map_sdk_error(exc, self.model, upstream.redact))
                 continue
-            # From here the relay's own first-token and idle timers govern; this is only a backstop.
-            response.request.extensions["timeout"]["read"] = self.body_read_timeout
+            if isinstance(response, httpx2.Response):
+                # From here the relay's own first-token and idle timers govern; this is only a backstop.
+                response.request.extensions["timeout"]["read"] = self.body_read_timeout
             return UpstreamStream(upstream, response, fallbacks=attempt, candidates=self)
         raise last_error or UpstreamFailed("no upstream serving this model is left to try")
 
@@ -503,10 +501,13 @@ def complete(upstreams: Iterable[Upstream], body: dict[str, Any], upstream_timeo
     return Candidates(upstreams, body, upstream_timeout, whole_answer_timeout).complete(whole_answer_timeout)
 
 
-def _request(upstream: Upstream, body: dict[str, Any], timeout: float) -> httpx2.Response:
+def _request(upstream: Upstream, body: dict[str, Any], timeout: float) -> httpx2.Response | DirectBody:
     # The client's shaped body goes upstream as it is, the model renamed as this upstream knows it.
     model = upstream.upstream_model(body["model"])
     content = orjson.dumps({**body, "model": model, "stream": True})
+    lane = upstream.chat_lane
+    if lane is not None:
+        return lane.send(content, timeout)
     return upstream.chat_request.send(upstream, content, httpx2.Timeout(timeout), stream=True)
 
 

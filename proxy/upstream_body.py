@@ -13,9 +13,13 @@ content codings keep the reader thread of proxy/stream_sources.py).
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import h11
 import httpcore2
@@ -42,6 +46,7 @@ class ChunkedDecoder:
     """HTTP/1.1's chunked transfer coding (RFC 9112 7.1), decoded as bytes arrive, split anywhere."""
 
     __slots__ = ("_buffer", "_left", "_state", "done", "extra")
+    ends_at_close = False
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -109,6 +114,26 @@ def gevent_sockets() -> bool:
     return bool(monkey.is_module_patched("socket"))
 
 
+def native_poll() -> Callable[[], Any]:
+    """The operating system's poll, also when gevent has patched `select` with its cooperative one (a
+    poll(0) never blocks, so the native one is safe, and much cheaper than gevent's watchers)."""
+    if "gevent.monkey" in sys.modules:
+        from gevent import monkey
+
+        if monkey.is_module_patched("select"):
+            return monkey.get_original("select", "poll")
+    return select.poll
+
+
+def shut_down(sock: socket.socket | None) -> bool:
+    """Shut a socket down from any greenlet, waking a reader blocked on it; False when there is none."""
+    if sock is None:
+        return False
+    with contextlib.suppress(OSError):  # already closed: nothing is left to wake
+        sock.shutdown(socket.SHUT_RDWR)
+    return True
+
+
 def _http11_connection(response: httpx2.Response) -> httpcore2.HTTP11Connection | None:
     """The pooled HTTP/1.1 connection a streamed response of httpx2's own transport is read from."""
     stream: Any = response.stream
@@ -120,17 +145,104 @@ def _http11_connection(response: httpx2.Response) -> httpcore2.HTTP11Connection 
     return connection if type(connection) is httpcore2.HTTP11Connection else None
 
 
-class DirectBody:
-    """The rest of one streamed response's chunked body: `read` it, then `finish` (after a clean end: the
-    connection goes back to the pool) or `close` (the connection is closed). Made by `take`."""
+class BodyWire(Protocol):
+    """Where a body's bytes come from, and where its connection goes when the body is done with."""
 
-    def __init__(self, response: httpx2.Response, connection: httpcore2.HTTP11Connection, initial: bytes) -> None:
-        global _open_bodies
+    def read(self, max_bytes: int, timeout: float) -> bytes | None:
+        """Up to `max_bytes` (b"" when the peer closed), or None when nothing came within `timeout` seconds.
+        Raises BrokenBody when the connection breaks."""
+
+    def release(self, reusable: bool) -> None:
+        """Done with the body: the connection is pooled again when `reusable` (the body ended cleanly),
+        closed otherwise."""
+
+    def abort(self) -> None:
+        """Shut the connection down now, from any greenlet, waking a read blocked on it."""
+
+
+class LengthDecoder:
+    """A body framed by Content-Length."""
+
+    __slots__ = ("_left", "done", "extra")
+    ends_at_close = False
+
+    def __init__(self, length: int) -> None:
+        self._left = length
+        self.done = not length
+        self.extra = False
+
+    def feed(self, data: bytes) -> bytes:
+        if len(data) > self._left:
+            self.extra = True
+            data = data[:self._left]
+        self._left -= len(data)
+        self.done = not self._left
+        return data
+
+
+class UntilClose:
+    """A body that ends when the peer closes the connection (neither chunked nor with a length)."""
+
+    __slots__ = ("done", "extra")
+    ends_at_close = True
+
+    def __init__(self) -> None:
+        self.done = False
+        self.extra = True  # such a connection can never be reused
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+
+Framing = ChunkedDecoder | LengthDecoder | UntilClose
+
+
+class _PooledH11Wire:
+    """A body on httpcore's pooled HTTP/1.1 connection, after h11 has read the head."""
+
+    __slots__ = ("_connection", "_network", "_response")
+
+    def __init__(self, response: httpx2.Response, connection: httpcore2.HTTP11Connection) -> None:
         self._response = response
         self._connection = connection
         self._network = connection._network_stream
-        self._decoder = ChunkedDecoder()
-        self._initial = initial  # what h11 had read past the headers
+
+    def read(self, max_bytes: int, timeout: float) -> bytes | None:
+        try:
+            return self._network.read(max_bytes, timeout)
+        except httpcore2.ReadTimeout:
+            return None
+        except (httpcore2.NetworkError, OSError) as exc:
+            raise BrokenBody(type(exc).__name__) from exc
+
+    def release(self, reusable: bool) -> None:
+        if reusable:
+            self._mark_body_read()
+        self._response.close()
+
+    def abort(self) -> None:
+        shut_down(self._network.get_extra_info("socket"))
+
+    def _mark_body_read(self) -> None:
+        """Show h11 the end of an (empty) body, so that httpcore, closing the response, pools the connection."""
+        state = self._connection._h11_state
+        state.receive_data(_EMPTY_BODY_END)
+        try:
+            state.next_event()
+        except h11.RemoteProtocolError:
+            return  # h11 stays mid-body and httpcore closes the connection: safe, merely not reused
+
+
+class DirectBody:
+    """The rest of one streamed response's body: `read` it, then `finish` (after a clean end: the connection
+    goes back to its pool) or `close` (the connection is closed). Made by `take` (httpx2's pooled responses)
+    or by proxy/upstream_wire.py."""
+
+    def __init__(self, wire: BodyWire, framing: Framing, initial: bytes = b"") -> None:
+        global _open_bodies
+        self._wire = wire
+        self._framing = framing
+        self._initial = initial  # what was read past the headers
         self._closed = False
         _open_bodies += 1
 
@@ -149,12 +261,12 @@ class DirectBody:
         if state.their_state is not h11.SEND_BODY or closed:
             return None
         state._receive_buffer = ReceiveBuffer()  # h11 never sees these bytes: they are handed over here
-        return cls(response, connection, initial)
+        return cls(_PooledH11Wire(response, connection), ChunkedDecoder(), initial)
 
     @property
     def ended(self) -> bool:
-        """The body's last chunk has been read."""
-        return self._decoder.done
+        """The body's last byte has been read."""
+        return self._framing.done
 
     def read(self, timeout: float) -> bytes | None:
         """The body's next payload bytes (maybe b"" when only framing came), or None when nothing arrived
@@ -162,15 +274,16 @@ class DirectBody:
         if self._initial:
             data, self._initial = self._initial, b""
         else:
-            try:
-                data = self._network.read(READ_BYTES, timeout)
-            except httpcore2.ReadTimeout:
+            read = self._wire.read(READ_BYTES, timeout)
+            if read is None:
                 return None
-            except (httpcore2.NetworkError, OSError) as exc:
-                raise BrokenBody(type(exc).__name__) from exc
+            data = read
             if not data:
-                raise BrokenBody("the upstream closed the connection before the body's end")
-        return self._decoder.feed(data)
+                if not self._framing.ends_at_close:
+                    raise BrokenBody("the upstream closed the connection before the body's end")
+                self._framing.done = True
+                return b""
+        return self._framing.feed(data)
 
     def finish(self, grace: float, limit: int) -> None:
         """Read what is left of the body (at most `limit` payload bytes, for `grace` seconds) and hand the
@@ -178,7 +291,7 @@ class DirectBody:
         deadline = time.monotonic() + grace
         drained = 0
         try:
-            while not self._decoder.done and drained <= limit:
+            while not self._framing.done and drained <= limit:
                 left = deadline - time.monotonic()
                 data = self.read(left) if left > 0 else None
                 if data is None:
@@ -186,24 +299,20 @@ class DirectBody:
                 drained += len(data)
         except BrokenBody:
             pass
-        if self._decoder.done and not self._decoder.extra:
-            self._mark_body_read()
-        self.close()
-
-    def _mark_body_read(self) -> None:
-        """Show h11 the end of an (empty) body, so that httpcore, closing the response, pools the connection."""
-        state = self._connection._h11_state
-        state.receive_data(_EMPTY_BODY_END)
-        try:
-            state.next_event()
-        except h11.RemoteProtocolError:
-            return  # h11 stays mid-body and httpcore closes the connection: safe, merely not reused
+        self._release(self._framing.done and not self._framing.extra)
 
     def close(self) -> None:
-        """Release the response: the connection returns to the pool only after `finish` saw a clean end."""
+        """Release the body without reading on: its connection is closed."""
+        self._release(False)
+
+    def abort(self) -> None:
+        """Shut the connection down now, from any greenlet (a reader blocked on it wakes to a BrokenBody)."""
+        self._wire.abort()
+
+    def _release(self, reusable: bool) -> None:
         global _open_bodies
         if self._closed:
             return
         self._closed = True
         _open_bodies -= 1
-        self._response.close()
+        self._wire.release(reusable)

@@ -1,0 +1,241 @@
+"""The streamed chat request's own HTTP/1.1 lane to an upstream: the request written in one send from bytes
+built once, the response head parsed in a few lines, the body read by `DirectBody` off the same socket.
+
+Why: at one client, httpx2/httpcore/h11's send and response head cost ~420 µs of a worker's CPU per request
+(h11 validates every header of the request it was given and of the head it reads: bench/notes.md), more
+than all the relay's own checks. The lane keeps what the SDK decided: the URL, every header the SDK sends
+(auth, User-Agent, X-Stainless-*), its error classes (`make_status_error` is the SDK's own, fed an httpx2
+Response) and httpx2's TLS context. It differs in one header: `Accept-Encoding: identity`, since a
+compressed event stream is held back by the compressor and this lane reads bodies as they come.
+
+Only under gevent (the pump reads the body itself, `proxy/upstream_body.py`), for a plain HTTP/1.1 upstream
+reached directly: a proxy from HTTP(S)_PROXY, HTTP/2, or an in-process transport keeps httpx2 (`of` says
+None). Connections are kept alive LIFO, at most the pool's keep-alive count, dropped once idle for the
+pool's keep-alive expiry or when readable while idle (the upstream closed it), as httpcore does.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpcore2
+import httpx2
+import openai
+
+from proxy import upstream_body
+from proxy.upstream_body import BrokenBody, ChunkedDecoder, DirectBody, Framing, LengthDecoder, UntilClose, shut_down
+
+HEAD_LIMIT = 64 * 1024  # a response head longer than this is not an HTTP server talking
+ERROR_BODY_LIMIT = 1024 * 1024  # what an error status's body is read of (the SDK's error carries it)
+READ_BYTES = 64 * 1024
+# Set per request by the lane; any others the client's headers carry are the SDK's own and go as they are.
+_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "accept-encoding", "connection",
+                          "x-stainless-read-timeout"})
+StatusError = Callable[[httpx2.Response], openai.APIStatusError]
+
+
+class ProtocolFault(Exception):
+    """The upstream's answer is not HTTP/1.1 (raised as the SDK's APIConnectionError, as httpx2's would be)."""
+
+
+class WireLane:
+    """Keep-alive HTTP/1.1 connections to one upstream endpoint, for its streamed POSTs."""
+
+    def __init__(self, url: httpx2.URL, headers: httpx2.Headers, make_status_error: StatusError,
+                 ssl_context: ssl.SSLContext | None, max_idle: int, idle_expiry: float | None) -> None:
+        self.url = url
+        self._address = (url.host, url.port or (443 if url.scheme == "https" else 80))
+        self._ssl_context = ssl_context if url.scheme == "https" else None
+        self._make_status_error = make_status_error
+        self._max_idle = max_idle
+        self._idle_expiry = idle_expiry
+        self._idle: list[tuple[socket.socket, float]] = []
+        host = url.netloc.decode("ascii")
+        lines = [f"POST {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {host}"]
+        lines += [f"{name.decode('latin-1')}: {value.decode('latin-1')}" for name, value in headers.raw
+                  if name.lower().decode("latin-1") not in _OWN_HEADERS]
+        lines += ["Accept-Encoding: identity", "Connection: keep-alive"]
+        self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+    @classmethod
+    def of(cls, http: httpx2.Client, url: httpx2.URL, headers: httpx2.Headers, make_status_error: StatusError
+           ) -> WireLane | None:
+        """The lane for POSTs to `url` on `http`'s own direct pool, or None where httpx2 must stay."""
+        if not upstream_body.gevent_sockets() or url.scheme not in ("http", "https"):
+            return None
+        transport = http._transport_for_url(url)
+        pool: Any = getattr(transport, "_pool", None)
+        if (transport is not http._transport or not isinstance(transport, httpx2.HTTPTransport)
+                or type(pool) is not httpcore2.ConnectionPool or pool._http2 or not pool._http1):
+            return None
+        return cls(url, headers, make_status_error, pool._ssl_context, pool._max_keepalive_connections,
+                   pool._keepalive_expiry)
+
+    def send(self, body: bytes, timeout: float) -> DirectBody:
+        """POST `body`; its 2xx response's body to read. Fails as the SDK's client would: APITimeoutError,
+        APIConnectionError, or the APIStatusError subclass of an HTTP error status."""
+        message = b"%sX-Stainless-Read-Timeout: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            self._head, str(timeout).encode(), len(body), body)
+        sock = None
+        try:
+            sock = self._connection(timeout)
+            sock.settimeout(timeout)
+            sock.sendall(message)
+            status, headers, rest = _read_head(sock)
+            if not 200 <= status < 300:
+                raise self._status_error(sock, status, headers, rest)
+            framing = _framing(headers)
+            answer = DirectBody(_SocketWire(self, sock, keep_alive=_keeps_alive(headers)), framing, rest)
+            sock = None  # the body owns it now
+        except TimeoutError as exc:
+            raise openai.APITimeoutError(request=self._request()) from exc
+        except (OSError, ProtocolFault, BrokenBody) as exc:
+            raise openai.APIConnectionError(request=self._request()) from exc
+        finally:
+            if sock is not None:
+                sock.close()
+        return answer
+
+    def _connection(self, timeout: float) -> socket.socket:
+        now = time.monotonic()
+        while self._idle:
+            sock, since = self._idle.pop()
+            if (self._idle_expiry is None or now - since < self._idle_expiry) and not _readable(sock):
+                return sock
+            sock.close()
+        sock = socket.create_connection(self._address, timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._ssl_context is not None:
+            sock = self._ssl_context.wrap_socket(sock, server_hostname=self._address[0])
+        return sock
+
+    def keep(self, sock: socket.socket) -> None:
+        """A connection whose response was read to its clean end, for the next request."""
+        if len(self._idle) < self._max_idle:
+            self._idle.append((sock, time.monotonic()))
+        else:
+            sock.close()
+
+    def _status_error(self, sock: socket.socket, status: int, headers: dict[str, str], rest: bytes
+                      ) -> openai.APIStatusError:
+        """The SDK's error for an HTTP error status, with the body it would have read (as much as came)."""
+        try:
+            framing = _framing(headers)
+        except ProtocolFault:  # an error page in a coding not asked for: what comes, up to the limit
+            framing, headers = UntilClose(), {name: value for name, value in headers.items()
+                                              if name not in ("content-encoding", "transfer-encoding")}
+        body = framing.feed(rest)
+        try:
+            while not framing.done and len(body) < ERROR_BODY_LIMIT:
+                data = sock.recv(READ_BYTES)
+                if not data:
+                    break
+                body += framing.feed(data)
+        except (OSError, BrokenBody):
+            pass  # what came is what the error carries
+        response = httpx2.Response(status, headers=list(headers.items()), content=body, request=self._request())
+        return self._make_status_error(response)
+
+    def _request(self) -> httpx2.Request:
+        return httpx2.Request("POST", self.url)
+
+
+class _SocketWire:
+    """One lane connection's body side (`BodyWire`)."""
+
+    __slots__ = ("_keep_alive", "_lane", "sock")
+
+    def __init__(self, lane: WireLane, sock: socket.socket, keep_alive: bool) -> None:
+        self._lane = lane
+        self.sock = sock
+        self._keep_alive = keep_alive
+
+    def read(self, max_bytes: int, timeout: float) -> bytes | None:
+        try:
+            self.sock.settimeout(timeout)
+            return self.sock.recv(max_bytes)
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            raise BrokenBody(type(exc).__name__) from exc
+
+    def release(self, reusable: bool) -> None:
+        if reusable and self._keep_alive:
+            self._lane.keep(self.sock)
+        else:
+            self.sock.close()
+
+    def abort(self) -> None:
+        shut_down(self.sock)
+
+
+def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The status, the header fields (names lower-cased, repeats joined with ", ") and the bytes read past
+    the head; informational (1xx) heads are skipped."""
+    buffer = b""
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        while end < 0:
+            if len(buffer) > HEAD_LIMIT:
+                raise ProtocolFault("the response head is too long")
+            data = sock.recv(READ_BYTES)
+            if not data:
+                raise ProtocolFault("the upstream closed the connection without an answer")
+            buffer += data
+            end = buffer.find(b"\r\n\r\n")
+        status, headers = _parse_head(buffer[:end])
+        buffer = buffer[end + 4:]
+        if not 100 <= status < 200:
+            return status, headers, buffer
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = status_line.partition(" ")
+    code = rest[:3]
+    if not version.startswith("HTTP/1.") or not code.isdigit() or rest[3:4] not in ("", " "):
+        raise ProtocolFault("the status line is not HTTP/1.1's")
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip() or " " in name:
+            raise ProtocolFault("a header line is malformed")
+        name, value = name.lower(), value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return int(code), headers
+
+
+def _framing(headers: dict[str, str]) -> Framing:
+    coding = headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("identity", ""):
+        raise ProtocolFault(f"the body is {coding}-encoded although identity was asked for")
+    transfer = headers.get("transfer-encoding", "").strip().lower()
+    if transfer:
+        if transfer != "chunked":
+            raise ProtocolFault("a transfer coding other than chunked")
+        return ChunkedDecoder()
+    if "content-length" in headers:
+        length = headers["content-length"].strip()
+        if not length.isdigit():
+            raise ProtocolFault("a malformed Content-Length")
+        return LengthDecoder(int(length))
+    return UntilClose()
+
+
+def _keeps_alive(headers: dict[str, str]) -> bool:
+    return "close" not in headers.get("connection", "").lower()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """An idle connection with something to read (or closed by the peer) is not reusable."""
+    poller = _POLL()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+_POLL = upstream_body.native_poll()
