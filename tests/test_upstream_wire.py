@@ -4,9 +4,12 @@ the SDK's client sends, fails as the SDK's client fails, and reads every framing
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -127,10 +130,12 @@ def test_unreachable_and_silent_upstreams(monkeypatch: pytest.MonkeyPatch) -> No
 class RawUpstream:
     """A loopback server whose every connection is handed to `answer` (which writes raw HTTP bytes)."""
 
-    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
+    def __init__(self, answer: Callable[[socket.socket], None], tls: ssl.SSLContext | None = None) -> None:
         self._answer = answer
+        self._tls = tls
         self._server = socket.create_server(("127.0.0.1", 0))
-        self.base_url = f"http://127.0.0.1:{self._server.getsockname()[1]}/v1"
+        scheme = "https" if tls else "http"
+        self.base_url = f"{scheme}://127.0.0.1:{self._server.getsockname()[1]}/v1"
         self.connections = 0
         self.closed = 0
 
@@ -152,6 +157,8 @@ class RawUpstream:
 
     def _handle(self, conn: socket.socket) -> None:
         try:
+            if self._tls is not None:
+                conn = self._tls.wrap_socket(conn, server_side=True)
             with conn:
                 self._answer(conn)
         except OSError:
@@ -250,6 +257,45 @@ def test_an_idle_connection_the_upstream_closed_is_not_reused(monkeypatch: pytes
             body.finish(0.5, 1024)
             assert wait_until(lambda: raw.closed == raw.connections)  # closed while idle in the lane
         assert raw.connections == 3
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "1", "-subj", "/CN=upstream.test", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def tls_upstream(base_url: str, trusted: Path | None, monkeypatch: pytest.MonkeyPatch) -> Upstream:
+    monkeypatch.setattr(upstream_body, "gevent_sockets", lambda: True)
+    verify = ssl.create_default_context(cafile=str(trusted)) if trusted else True
+    client = openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0,
+                           http_client=openai.DefaultHttpx2Client(verify=verify))
+    upstream = Upstream("tls", client)
+    assert upstream.chat_lane is not None
+    return upstream
+
+
+def test_an_https_upstream_is_reached_over_verified_tls(certificate: tuple[Path, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https:// upstream (every hosted API) goes by the lane over TLS with httpx2's own verifying context:
+    answers are read whole and the TLS connection is reused; a certificate it does not trust is refused."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(*certificate)
+    wire = SSE_HEAD + b"content-length: %d\r\n\r\n" % len(SSE) + SSE
+    with RawUpstream(answering(wire, requests=2), tls=server) as raw:
+        upstream = tls_upstream(raw.base_url, certificate[0], monkeypatch)
+        for _ in range(2):
+            body = open_stream(upstream).direct_body()
+            assert body is not None and read_all(body) == SSE
+            body.finish(0.5, 1024)
+        assert raw.connections == 1
+    with RawUpstream(answering(wire), tls=server) as untrusted:
+        assert failure_of(tls_upstream(untrusted.base_url, None, monkeypatch))[0] == "upstream_unreachable"
 
 
 def test_the_lane_is_only_for_the_clients_own_direct_pool(fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
