@@ -44,6 +44,7 @@ PARTS = (
     ("upstream: SDK request path (chat.completions.create)", "Completions.create ("),
     ("upstream: SDK request build (options, transforms, headers)", "BaseClient._build_request ("),
     ("upstream: httpx2/httpcore/h11 send and response head", "Client.send (httpx2"),
+    ("upstream: the chat request's own lane, send and response head", "WireLane.send ("),
     ("upstream: httpcore's idle-connection check (gevent poll)", "has_expired ("),
     ("upstream: read and parse the body (reader greenlet)", "UpstreamStream.read_into ("),
     ("upstream: drain the body's end, connection back to the pool", "UpstreamStream._drain ("),

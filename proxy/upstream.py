@@ -3,8 +3,9 @@
 The SDK does what it is good at (auth, base URL, headers, its pooled HTTP client, error classes), once, at
 start-up: each upstream's chat request line and headers are taken from the SDK when first used
 (`RequestTemplate`), and every request after that is the client's shaped body, serialized once with orjson,
-sent on the SDK's own httpx2 client. Failures are turned into the SDK's own exception classes, so the error
-mapping (`map_sdk_error`) is the SDK's. Going through `chat.completions.create` instead cost about a
+sent on the SDK's own httpx2 client, or (streamed, under gevent) on the same URL and headers by the request's
+own HTTP/1.1 lane (proxy/upstream_wire.py). Failures are turned into the SDK's own exception classes, so the
+error mapping (`map_sdk_error`) is the SDK's. Going through `chat.completions.create` instead cost about a
 millisecond of CPU per request (its option models, transforms and header merging; docs/benchmarks.md). The
 response body's SSE lines are parsed here, once, with orjson: building the SDK's typed objects for every
 chunk costs two orders of magnitude more CPU per token.
