@@ -47,6 +47,7 @@ from proxy.stream_machine import StreamTimers
 from proxy.stream_sources import READER_THREAD_PREFIX, Inbox, StallTimer
 from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
 from proxy.upstream_body import BrokenBody, DirectBody
+from proxy.upstream_wire import forward_stream
 
 log = logging.getLogger("relay.forwarding")
 
@@ -638,11 +639,14 @@ def _send(upstream: ForwardTarget, outgoing: Outgoing, upstream_timeout: float, 
     read = upstream_timeout if outgoing.streaming else whole_answer_timeout
     http = upstream.http
     body, content_length = outgoing.body_for(upstream)
-    request = http.build_request(
-        outgoing.method, url, content=body,
-        headers=upstream_request_headers(outgoing.headers, upstream.auth_headers(), content_length),
-        timeout=httpx2.Timeout(upstream_timeout, read=read),
-    )
+    headers = upstream_request_headers(outgoing.headers, upstream.auth_headers(), content_length)
+    if outgoing.streaming and outgoing.method == "POST" and isinstance(body, bytes):
+        # A stream goes by the lane where it can (proxy/upstream_wire.py): same headers, httpx2's errors.
+        response = forward_stream(http, httpx2.URL(url), headers, body, upstream_timeout, read)
+        if response is not None:
+            return response
+    request = http.build_request(outgoing.method, url, content=body, headers=headers,
+                                 timeout=httpx2.Timeout(upstream_timeout, read=read))
     return http.send(request, stream=True)
 
 

@@ -18,7 +18,7 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import h11
@@ -248,7 +248,10 @@ class DirectBody:
 
     @classmethod
     def take(cls, response: httpx2.Response) -> DirectBody | None:
-        """Take over `response`'s body from h11, or None when this response cannot be read here."""
+        """Take over `response`'s body from h11 (or from the lane's stream, proxy/upstream_wire.py), or None
+        when this response cannot be read here."""
+        if isinstance(response.stream, DirectByteStream):
+            return response.stream.take()
         headers = response.headers
         if (not gevent_sockets() or headers.get("transfer-encoding", "").strip().lower() != "chunked"
                 or headers.get("content-encoding", "identity").strip().lower() != "identity"):
@@ -316,3 +319,40 @@ class DirectBody:
         self._closed = True
         _open_bodies -= 1
         self._wire.release(reusable)
+
+
+class DirectByteStream(httpx2.SyncByteStream):
+    """A lane response's body as httpx2 reads one (`iter_bytes`, `read`, `close`), for code written against
+    httpx2 Responses; `DirectBody.take` hands the body itself to a loop that reads it directly."""
+
+    def __init__(self, body: DirectBody, read_timeout: float) -> None:
+        self._body = body
+        self._read_timeout = read_timeout
+        self._state = "new"  # "iterated" once read through httpx2, "taken" once handed over by `take`
+
+    def take(self) -> DirectBody | None:
+        if self._state != "new":
+            return None
+        self._state = "taken"
+        return self._body
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._state = "iterated"
+        body = self._body
+        while not body.ended:
+            try:
+                data = body.read(self._read_timeout)
+            except BrokenBody as exc:
+                raise httpx2.RemoteProtocolError(str(exc)) from exc
+            if data is None:
+                raise httpx2.ReadTimeout("the upstream stopped sending")
+            if data:
+                yield data
+
+    def close(self) -> None:
+        if self._state == "taken":
+            return  # a taken body is closed by whoever took it
+        if self._body.ended:
+            self._body.finish(0.0, 0)  # nothing left to read: the connection goes back to the lane
+        else:
+            self._body.close()

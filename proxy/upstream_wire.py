@@ -20,6 +20,7 @@ import select
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,16 @@ import httpx2
 import openai
 
 from proxy import upstream_body
-from proxy.upstream_body import BrokenBody, ChunkedDecoder, DirectBody, Framing, LengthDecoder, UntilClose, shut_down
+from proxy.upstream_body import (
+    BrokenBody,
+    ChunkedDecoder,
+    DirectBody,
+    DirectByteStream,
+    Framing,
+    LengthDecoder,
+    UntilClose,
+    shut_down,
+)
 
 HEAD_LIMIT = 64 * 1024  # a response head longer than this is not an HTTP server talking
 ERROR_BODY_LIMIT = 1024 * 1024  # what an error status's body is read of (the SDK's error carries it)
@@ -43,63 +53,33 @@ class ProtocolFault(Exception):
     """The upstream's answer is not HTTP/1.1 (raised as the SDK's APIConnectionError, as httpx2's would be)."""
 
 
-class WireLane:
-    """Keep-alive HTTP/1.1 connections to one upstream endpoint, for its streamed POSTs."""
+class Connections:
+    """Kept-alive HTTP/1.1 connections to one origin, shared by every lane request to it (`connections_for`)."""
 
-    def __init__(self, url: httpx2.URL, headers: httpx2.Headers, make_status_error: StatusError,
-                 ssl_context: ssl.SSLContext | None, max_idle: int, idle_expiry: float | None) -> None:
-        self.url = url
-        self._address = (url.host, url.port or (443 if url.scheme == "https" else 80))
-        self._ssl_context = ssl_context if url.scheme == "https" else None
-        self._make_status_error = make_status_error
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, max_idle: int,
+                 idle_expiry: float | None) -> None:
+        self._address = (host, port)
+        self._ssl_context = ssl_context
         self._max_idle = max_idle
         self._idle_expiry = idle_expiry
         self._idle: list[tuple[socket.socket, float]] = []
-        host = url.netloc.decode("ascii")
-        lines = [f"POST {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {host}"]
-        lines += [f"{name.decode('latin-1')}: {value.decode('latin-1')}" for name, value in headers.raw
-                  if name.lower().decode("latin-1") not in _OWN_HEADERS]
-        lines += ["Accept-Encoding: identity", "Connection: keep-alive"]
-        self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
-    @classmethod
-    def of(cls, http: httpx2.Client, url: httpx2.URL, headers: httpx2.Headers, make_status_error: StatusError
-           ) -> WireLane | None:
-        """The lane for POSTs to `url` on `http`'s own direct pool, or None where httpx2 must stay."""
-        if not upstream_body.gevent_sockets() or url.scheme not in ("http", "https"):
-            return None
-        transport = http._transport_for_url(url)
-        pool: Any = getattr(transport, "_pool", None)
-        if (transport is not http._transport or not isinstance(transport, httpx2.HTTPTransport)
-                or type(pool) is not httpcore2.ConnectionPool or pool._http2 or not pool._http1):
-            return None
-        return cls(url, headers, make_status_error, pool._ssl_context, pool._max_keepalive_connections,
-                   pool._keepalive_expiry)
-
-    def send(self, body: bytes, timeout: float) -> DirectBody:
-        """POST `body`; its 2xx response's body to read. Fails as the SDK's client would: APITimeoutError,
-        APIConnectionError, or the APIStatusError subclass of an HTTP error status."""
-        message = b"%sX-Stainless-Read-Timeout: %s\r\nContent-Length: %d\r\n\r\n%s" % (
-            self._head, str(timeout).encode(), len(body), body)
-        sock = None
+    def exchange(self, message: bytes, connect_timeout: float, read_timeout: float
+                 ) -> tuple[int, dict[str, str], socket.socket, bytes]:
+        """Send `message` (a whole request) and read the answer's head: its status, header fields, socket
+        and the bytes read past the head. Raises TimeoutError, OSError or ProtocolFault (the socket closed)."""
+        sock = self._connection(connect_timeout)
         try:
-            sock = self._connection(timeout)
-            sock.settimeout(timeout)
+            sock.settimeout(read_timeout)
             sock.sendall(message)
             status, headers, rest = _read_head(sock)
-            if not 200 <= status < 300:
-                raise self._status_error(sock, status, headers, rest)
-            framing = _framing(headers)
-            answer = DirectBody(_SocketWire(self, sock, keep_alive=_keeps_alive(headers)), framing, rest)
-            sock = None  # the body owns it now
-        except TimeoutError as exc:
-            raise openai.APITimeoutError(request=self._request()) from exc
-        except (OSError, ProtocolFault, BrokenBody) as exc:
-            raise openai.APIConnectionError(request=self._request()) from exc
-        finally:
-            if sock is not None:
-                sock.close()
-        return answer
+        except BaseException:
+            sock.close()
+            raise
+        return status, headers, sock, rest
+
+    def body(self, sock: socket.socket, headers: dict[str, str], rest: bytes, framing: Framing) -> DirectBody:
+        return DirectBody(_SocketWire(self, sock, keep_alive=_keeps_alive(headers)), framing, rest)
 
     def _connection(self, timeout: float) -> socket.socket:
         now = time.monotonic()
@@ -121,6 +101,69 @@ class WireLane:
         else:
             sock.close()
 
+
+_ORIGINS: weakref.WeakKeyDictionary[httpx2.Client, dict[tuple[bytes, str, int], Connections | None]] = (
+    weakref.WeakKeyDictionary())
+
+
+def connections_for(http: httpx2.Client, url: httpx2.URL) -> Connections | None:
+    """The lane's connections to `url`'s origin for requests `http` would send itself over HTTP/1.1 on its
+    own direct pool; None where httpx2 must stay (no gevent, a proxy, HTTP/2, another transport)."""
+    origins = _ORIGINS.setdefault(http, {})
+    origin = (url.raw_scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+    if origin not in origins:
+        origins[origin] = _new_connections(http, url, origin[2])
+    return origins[origin]
+
+
+def _new_connections(http: httpx2.Client, url: httpx2.URL, port: int) -> Connections | None:
+    if not upstream_body.gevent_sockets() or url.scheme not in ("http", "https"):
+        return None
+    transport = http._transport_for_url(url)
+    pool: Any = getattr(transport, "_pool", None)
+    if (transport is not http._transport or not isinstance(transport, httpx2.HTTPTransport)
+            or type(pool) is not httpcore2.ConnectionPool or pool._http2 or not pool._http1):
+        return None
+    return Connections(url.host, port, pool._ssl_context if url.scheme == "https" else None,
+                       pool._max_keepalive_connections, pool._keepalive_expiry)
+
+
+class WireLane:
+    """The streamed chat request to one upstream endpoint: its head built once, sent on `Connections`."""
+
+    def __init__(self, url: httpx2.URL, headers: httpx2.Headers, make_status_error: StatusError,
+                 connections: Connections) -> None:
+        self.url = url
+        self._connections = connections
+        self._make_status_error = make_status_error
+        self._head = _request_head("POST", url, headers)
+
+    @classmethod
+    def of(cls, http: httpx2.Client, url: httpx2.URL, headers: httpx2.Headers, make_status_error: StatusError
+           ) -> WireLane | None:
+        """The lane for POSTs to `url` with `headers` (the SDK's), or None where httpx2 must stay."""
+        connections = connections_for(http, url)
+        return None if connections is None else cls(url, headers, make_status_error, connections)
+
+    def send(self, body: bytes, timeout: float) -> DirectBody:
+        """POST `body`; its 2xx response's body to read. Fails as the SDK's client would: APITimeoutError,
+        APIConnectionError, or the APIStatusError subclass of an HTTP error status."""
+        message = b"%sX-Stainless-Read-Timeout: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            self._head, str(timeout).encode(), len(body), body)
+        try:
+            status, headers, sock, rest = self._connections.exchange(message, timeout, timeout)
+        except TimeoutError as exc:
+            raise openai.APITimeoutError(request=self._request()) from exc
+        except (OSError, ProtocolFault) as exc:
+            raise openai.APIConnectionError(request=self._request()) from exc
+        try:
+            if not 200 <= status < 300:
+                raise self._status_error(sock, status, headers, rest)
+            return self._connections.body(sock, headers, rest, _framing(headers))
+        except ProtocolFault as exc:
+            sock.close()
+            raise openai.APIConnectionError(request=self._request()) from exc
+
     def _status_error(self, sock: socket.socket, status: int, headers: dict[str, str], rest: bytes
                       ) -> openai.APIStatusError:
         """The SDK's error for an HTTP error status, with the body it would have read (as much as came)."""
@@ -138,6 +181,8 @@ class WireLane:
                 body += framing.feed(data)
         except (OSError, BrokenBody):
             pass  # what came is what the error carries
+        finally:
+            sock.close()
         response = httpx2.Response(status, headers=list(headers.items()), content=body, request=self._request())
         return self._make_status_error(response)
 
@@ -145,12 +190,60 @@ class WireLane:
         return httpx2.Request("POST", self.url)
 
 
+def forward_stream(http: httpx2.Client, url: httpx2.URL, headers: dict[str, str], body: bytes,
+                   connect_timeout: float, read_timeout: float) -> httpx2.Response | None:
+    """A forwarded streaming POST (proxy/forwarding.py) by the lane: an httpx2 Response whose body is a
+    `DirectByteStream` (so `DirectBody.take` hands the forwarding loop the lane's body), failing with
+    httpx2's exceptions as `http.send` would; None where httpx2 must send it."""
+    connections = connections_for(http, url)
+    if connections is None:
+        return None
+    merged = httpx2.Headers(http.headers)
+    merged.update(headers)
+    message = b"%sContent-Length: %d\r\n\r\n%s" % (_request_head("POST", url, merged), len(body), body)
+    request = httpx2.Request("POST", url, extensions={"timeout": httpx2.Timeout(
+        connect_timeout, read=read_timeout).as_dict()})
+    try:
+        status, answer_headers, sock, rest = connections.exchange(message, connect_timeout, read_timeout)
+    except TimeoutError as exc:
+        raise httpx2.ReadTimeout("the upstream did not answer in time", request=request) from exc
+    except (OSError, ProtocolFault) as exc:
+        raise httpx2.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+    try:
+        framing = LengthDecoder(0) if status in (204, 304) else _framing(answer_headers)
+    except ProtocolFault as exc:
+        sock.close()
+        raise httpx2.RemoteProtocolError(str(exc), request=request) from exc
+    stream = DirectByteStream(connections.body(sock, answer_headers, rest, framing), read_timeout)
+    return httpx2.Response(status, headers=list(answer_headers.items()), stream=stream, request=request,
+                           extensions={"network_stream": _SocketInfo(sock)})
+
+
+class _SocketInfo:
+    """What `forwarding.abort` asks of a response's network stream: its socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._sock if info == "socket" else None
+
+
+def _request_head(method: str, url: httpx2.URL, headers: httpx2.Headers) -> bytes:
+    """The request line, Host and `headers` (but the lane's own: framing, connection, encoding)."""
+    lines = [f"{method} {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {url.netloc.decode('ascii')}"]
+    lines += [f"{name.decode('latin-1')}: {value.decode('latin-1')}" for name, value in headers.raw
+              if name.lower().decode("latin-1") not in _OWN_HEADERS]
+    lines += ["Accept-Encoding: identity", "Connection: keep-alive"]
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
 class _SocketWire:
     """One lane connection's body side (`BodyWire`)."""
 
     __slots__ = ("_keep_alive", "_lane", "sock")
 
-    def __init__(self, lane: WireLane, sock: socket.socket, keep_alive: bool) -> None:
+    def __init__(self, lane: Connections, sock: socket.socket, keep_alive: bool) -> None:
         self._lane = lane
         self.sock = sock
         self._keep_alive = keep_alive

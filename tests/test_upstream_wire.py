@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
 
 from proxy import upstream_body
 from proxy.errors import RelayError
+from proxy.forwarding import Opened, Outgoing, forward
 from proxy.upstream import Candidates, Upstream, UpstreamStream, with_cheap_idle_check
 from proxy.upstream_body import DirectBody
 from proxy.upstream_wire import WireLane
@@ -315,3 +317,98 @@ def test_the_lane_is_only_for_the_clients_own_direct_pool(fake: FakeUpstream, mo
 def no_bodies_left_open() -> Iterator[None]:
     yield
     assert upstream_body.open_bodies() == 0
+
+
+# --- forwarded streams (proxy/forwarding.py): the lane under httpx2's Response ----------------------------------
+
+RESPONSES_BODY = orjson.dumps({"model": "gpt-4o-mini", "input": "hi", "stream": True})
+
+
+def forwarded(upstream: Upstream, body: bytes = RESPONSES_BODY, timeout: float = 5) -> Opened:
+    outgoing = Outgoing("POST", "responses", b"", [("content-type", "application/json"), ("openai-beta", "x")],
+                        body, len(body), streaming=True, model="gpt-4o-mini")
+    return forward([upstream], outgoing, timeout, 30)
+
+
+@pytest.mark.parametrize("lane", [False, True], ids=["httpx2", "lane"])
+def test_a_forwarded_stream_sends_and_reads_as_httpx2_does(lane: bool, fake: FakeUpstream,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed /v1/responses request reaches the upstream with the same headers and body by the lane as
+    by httpx2, and its answer reads the same through the Response (`read`) as through `DirectBody.take`."""
+    upstream = make_upstream(fake.base_url, lane, monkeypatch)
+    opened = forwarded(upstream)
+    assert opened.response.status_code == 200
+    whole = opened.response.read()
+    assert b"response.completed" in whole
+    opened.response.close()
+    recorded = fake.requests[-1]
+    assert (recorded.path, recorded.body) == ("/v1/responses", RESPONSES_BODY)
+    headers = {name.lower(): value for name, value in recorded.headers.items()}
+    assert headers["openai-beta"] == "x" and headers["accept-encoding"] == "identity"
+    assert headers["authorization"] == "Bearer sk-test"
+    through_httpx = {name.lower(): value for name, value in forwarded_headers(fake, monkeypatch).items()}
+    assert headers == through_httpx
+
+
+def forwarded_headers(fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    opened = forwarded(make_upstream(fake.base_url, False, monkeypatch))
+    opened.response.read()
+    opened.response.close()
+    return fake.requests[-1].headers
+
+
+def test_a_forwarded_stream_is_taken_whole_and_its_connection_reused(fake: FakeUpstream,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forwarding loop takes the lane's body itself; read to its end, the connection serves the next
+    forwarded stream and the next chat stream to the same upstream (one pool per origin)."""
+    upstream = make_upstream(fake.base_url, True, monkeypatch)
+    opened_before = fake.connections_opened
+    for _ in range(2):
+        opened = forwarded(upstream)
+        body = DirectBody.take(opened.response)
+        assert body is not None and DirectBody.take(opened.response) is None  # handed over once
+        assert b"response.completed" in read_all(body)
+        body.finish(0.5, 1024)
+        opened.response.close()
+    chat = open_stream(upstream).direct_body()
+    assert chat is not None and DONE_EVENT in read_all(chat)
+    chat.finish(0.5, 1024)
+    assert fake.connections_opened == opened_before + 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 429, 500])
+def test_a_forwarded_error_answer_is_the_same_by_the_lane(status: int, fake: FakeUpstream,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error status is what the upstream said, body and all, or the same relay error (429/5xx)."""
+    fake.behave(status=status, retry_after="3")
+
+    def outcome(lane: bool) -> tuple[object, ...]:
+        try:
+            opened = forwarded(make_upstream(fake.base_url, lane, monkeypatch))
+        except RelayError as error:
+            return error.kind, error.description, error.retry_after
+        answer = opened.response.status_code, opened.response.read()
+        opened.response.close()
+        return answer
+
+    assert outcome(True) == outcome(False)
+
+
+def test_forwarded_streams_fail_as_through_httpx2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unreachable, silent and non-HTTP upstreams give a forwarded stream the relay errors httpx2's gave."""
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        port = closed_port.getsockname()[1]
+
+    def kind(base_url: str, timeout: float = 5) -> str:
+        with pytest.raises(RelayError) as caught:
+            forwarded(make_upstream(base_url, True, monkeypatch), timeout=timeout)
+        return caught.value.kind
+
+    assert kind(f"http://127.0.0.1:{port}/v1") == "upstream_unreachable"
+    with RawUpstream(lambda conn: time.sleep(1.5)) as silent:
+        assert kind(silent.base_url, timeout=0.3) == "upstream_timeout"
+    with RawUpstream(answering(b"garbage\r\n\r\n")) as raw:
+        assert kind(raw.base_url) == "upstream_unreachable"
+    with RawUpstream(answering(SSE_HEAD + b"content-encoding: gzip\r\ncontent-length: 3\r\n\r\nabc")) as raw:
+        assert kind(raw.base_url) == "upstream_unreachable"
