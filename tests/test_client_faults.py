@@ -277,3 +277,9 @@ def test_slow_reader_of_a_forwarded_stream_is_not_buffered_and_is_hung_up_on(cli
     sock.close()
     assert b"response.completed" not in received[-300:]
     assert_settles(client_relay, before)
+
+
+def test_the_worker_froze_its_start_up_objects(client_relay: RelayProcess) -> None:
+    """Each gunicorn worker moves its start-up objects out of the cyclic collector's view, so a full
+    collection never stalls every stream in the worker scanning them (deploy/gunicorn.conf.py)."""
+    assert worker_stats(client_relay)["gc_frozen_objects"] > 10_000

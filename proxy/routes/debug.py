@@ -61,6 +61,8 @@ def debug_stats() -> Response:
         outbound_sockets=outbound,
         fds_without_outbound=len(fds) - outbound,
         rss_kib=_rss_kib(),
+        # Start-up objects moved out of the cyclic collector's view (deploy/gunicorn.conf.py).
+        gc_frozen_objects=gc.get_freeze_count(),
     )
 
 
