@@ -286,6 +286,32 @@ def anthropic_usage(usage: Any) -> dict[str, int] | None:
 
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE_BREAKS = re.compile(rb"[\r\n]+")
+
+
+def last_event_end(data: bytes, before: int) -> int:
+    """Where the last event end (`_EVENT_END`, as a scan from the start would match it) that ends by
+    `before` ends; 0 when there is none. Found from the back: only the run of line breaks it lies in is
+    scanned, since a match never spans anything else and its alignment depends on that run alone."""
+    last = max(data.rfind(b"\r\n\r\n", 0, before), data.rfind(b"\n\n", 0, before), data.rfind(b"\r\r", 0, before))
+    while last >= 0:
+        run = _LINE_BREAKS.match(data, _run_start(data, last))
+        assert run is not None  # `last` is a line break
+        end = 0
+        for match in _EVENT_END.finditer(data, run.start(), min(run.end(), before)):
+            end = match.end()
+        if end:
+            return end
+        last = max(data.rfind(b"\r\n\r\n", 0, run.start()), data.rfind(b"\n\n", 0, run.start()),
+                   data.rfind(b"\r\r", 0, run.start()))
+    return 0
+
+
+def _run_start(data: bytes, at: int) -> int:
+    """The start of the run of line breaks `data[at]` is in."""
+    while at > 0 and data[at - 1] in b"\r\n":
+        at -= 1
+    return at
 
 
 def event_data(event: bytes) -> dict[str, Any] | None:
@@ -302,11 +328,15 @@ class _UsageScanner:
     """Whole SSE events as they pass; only those that carry a `"usage"` key are parsed (by `_read`)."""
 
     def feed(self, events: bytes) -> None:
-        if b'"usage"' not in events:
-            return
-        for event in _EVENT_END.split(events):
-            if b'"usage"' in event:
-                self._read(event)
+        # Only the events around each `"usage"` are cut out: a block of a whole fast answer holds
+        # hundreds of events, and splitting all of them cost ~9% of a worker's CPU per token.
+        at = events.find(b'"usage"')
+        while at >= 0:
+            start = last_event_end(events, at)
+            after = _EVENT_END.search(events, at)
+            end = after.end() if after is not None else len(events)
+            self._read(events[start:end])
+            at = events.find(b'"usage"', end)
 
     def _read(self, event: bytes) -> None:
         raise NotImplementedError
@@ -780,9 +810,7 @@ class SseFramer:
 
     def feed(self, block: bytes) -> bytes:
         data = self._tail + block
-        end = 0
-        for match in _EVENT_END.finditer(data):
-            end = match.end()
+        end = last_event_end(data, len(data))
         if end == 0:
             self._pending.append(block)
             self._tail = data[-3:]

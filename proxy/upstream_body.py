@@ -84,6 +84,13 @@ class ChunkedDecoder:
                 break
             self._line(buffer[pos:end])
             pos = end + 2
+            left = self._left
+            if left and pos + left + 2 <= size:  # the whole chunk came (the usual case): taken in one step
+                stop = pos + left
+                if buffer[stop:stop + 2] != b"\r\n":
+                    raise BrokenBody("a chunk did not end with CRLF")
+                out.append(buffer[pos:stop])
+                pos, self._left = stop + 2, 0
         self.extra = self.extra or (self.done and pos < size)
         self._buffer = buffer[pos:] if pos < size else b""
         return out[0] if len(out) == 1 else b"".join(out)
@@ -93,9 +100,12 @@ class ChunkedDecoder:
             self.done = not line  # trailer fields are read and ignored until the empty line
             return
         try:
-            length = int(line.split(b";", 1)[0].strip(), 16)
+            length = int(line, 16)  # no extension (the usual case)
         except ValueError:
-            raise BrokenBody("a chunk size is not a hexadecimal number") from None
+            try:
+                length = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise BrokenBody("a chunk size is not a hexadecimal number") from None
         if length < 0:
             raise BrokenBody("a chunk size is negative")
         if length:

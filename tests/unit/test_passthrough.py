@@ -12,10 +12,13 @@ import openai
 import orjson
 import pytest
 from flask.testing import FlaskClient
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy import create_app
 from proxy.encoders import SSE_KEEPALIVE
 from proxy.forwarding import (
+    _EVENT_END,
     HELD_LIMIT,
     JsonUsage,
     ModelFieldWatch,
@@ -23,6 +26,7 @@ from proxy.forwarding import (
     SseFramer,
     SseUsage,
     client_response_headers,
+    last_event_end,
     normalized_usage,
     relay_sse,
     upstream_request_headers,
@@ -491,3 +495,23 @@ def test_a_body_behind_a_byte_order_mark_is_refused(recorder: Recorder, mark: by
     answer = client.post(path, data=data, headers=headers)
     assert answer.status_code == 400 and answer.json["error"]["code"] == "invalid_json", answer.data
     assert recorder.seen == []
+
+
+@given(st.text(alphabet="a\r\n:", max_size=60))
+def test_the_last_event_end_found_from_the_back_is_the_scans(text: str) -> None:
+    """`last_event_end` finds the same last event end as scanning every event from the start, however
+    line breaks of every kind are run together."""
+    data = text.encode()
+    scanned = 0
+    for match in _EVENT_END.finditer(data):
+        scanned = match.end()
+    assert last_event_end(data, len(data)) == scanned
+
+
+def test_usage_is_found_in_a_block_of_many_events() -> None:
+    """A whole fast answer in one block: the usage of its last event is read, whatever comes before it."""
+    usage = SseUsage()
+    created = b'event: response.created\r\ndata: {"type":"response.created","response":{"usage":null}}\r\n\r\n'
+    usage.feed(created + DELTA * 200 + b'event: response.completed\ndata: {"type":"response.completed",'
+               b'"response":{"usage":{"input_tokens":5,"output_tokens":200,"total_tokens":205}}}\n\n')
+    assert usage.usage == {"prompt_tokens": 5, "completion_tokens": 200, "total_tokens": 205}
