@@ -203,7 +203,8 @@ def test_debug_stats_needs_a_key(secure_relay: RelayProcess) -> None:
     stats = httpx2.get(f"{secure_relay.url}/debug/stats", headers=AUTH, timeout=10)
     assert stats.status_code == 200
     assert set(stats.json()) <= {"pid", "greenlets", "threads", "os_threads", "upstream_readers", "fds", "sockets",
-                                 "client_sockets", "outbound_sockets", "fds_without_outbound", "rss_kib"}
+                                 "client_sockets", "outbound_sockets", "fds_without_outbound", "rss_kib",
+                                 "gc_frozen_objects"}
 
 
 def test_event_source_prompt_stays_out_of_the_log(client: httpx2.Client, secure_relay: RelayProcess) -> None:
