@@ -16,13 +16,14 @@ pool's keep-alive expiry or when readable while idle (the upstream closed it), a
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import ssl
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpcore2
 import httpx2
@@ -46,11 +47,23 @@ READ_BYTES = 64 * 1024
 # Set per request by the lane; any others the client's headers carry are the SDK's own and go as they are.
 _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "accept-encoding", "connection",
                           "x-stainless-read-timeout"})
+_BAD_NAME = re.compile(rb"[\x00-\x20:\x7f]")  # a header name is a token: no controls, spaces or colons
+_BAD_VALUE = re.compile(rb"[\r\n\x00]")  # a value may hold anything but what ends a line
 StatusError = Callable[[httpx2.Response], openai.APIStatusError]
 
 
 class ProtocolFault(Exception):
     """The upstream's answer is not HTTP/1.1 (raised as the SDK's APIConnectionError, as httpx2's would be)."""
+
+
+class Answer(NamedTuple):
+    """An answer's head as read off its connection, and the connection."""
+
+    status: int
+    headers: dict[str, str]
+    keep_alive: bool
+    sock: socket.socket
+    rest: bytes  # what was read past the head
 
 
 class Connections:
@@ -64,22 +77,21 @@ class Connections:
         self._idle_expiry = idle_expiry
         self._idle: list[tuple[socket.socket, float]] = []
 
-    def exchange(self, message: bytes, connect_timeout: float, read_timeout: float
-                 ) -> tuple[int, dict[str, str], socket.socket, bytes]:
+    def exchange(self, message: bytes, connect_timeout: float, read_timeout: float) -> Answer:
         """Send `message` (a whole request) and read the answer's head: its status, header fields, socket
         and the bytes read past the head. Raises TimeoutError, OSError or ProtocolFault (the socket closed)."""
         sock = self._connection(connect_timeout)
         try:
             sock.settimeout(read_timeout)
             sock.sendall(message)
-            status, headers, rest = _read_head(sock)
+            status, headers, keep_alive, rest = _read_head(sock)
         except BaseException:
             sock.close()
             raise
-        return status, headers, sock, rest
+        return Answer(status, headers, keep_alive, sock, rest)
 
-    def body(self, sock: socket.socket, headers: dict[str, str], rest: bytes, framing: Framing) -> DirectBody:
-        return DirectBody(_SocketWire(self, sock, keep_alive=_keeps_alive(headers)), framing, rest)
+    def body(self, answer: Answer, framing: Framing) -> DirectBody:
+        return DirectBody(_SocketWire(self, answer.sock, answer.keep_alive), framing, answer.rest)
 
     def _connection(self, timeout: float) -> socket.socket:
         now = time.monotonic()
@@ -151,28 +163,28 @@ class WireLane:
         message = b"%sX-Stainless-Read-Timeout: %s\r\nContent-Length: %d\r\n\r\n%s" % (
             self._head, str(timeout).encode(), len(body), body)
         try:
-            status, headers, sock, rest = self._connections.exchange(message, timeout, timeout)
+            answer = self._connections.exchange(message, timeout, timeout)
         except TimeoutError as exc:
             raise openai.APITimeoutError(request=self._request()) from exc
         except (OSError, ProtocolFault) as exc:
             raise openai.APIConnectionError(request=self._request()) from exc
         try:
-            if not 200 <= status < 300:
-                raise self._status_error(sock, status, headers, rest)
-            return self._connections.body(sock, headers, rest, _framing(headers))
+            if not 200 <= answer.status < 300:
+                raise self._status_error(answer)
+            return self._connections.body(answer, _framing(answer.headers))
         except ProtocolFault as exc:
-            sock.close()
+            answer.sock.close()
             raise openai.APIConnectionError(request=self._request()) from exc
 
-    def _status_error(self, sock: socket.socket, status: int, headers: dict[str, str], rest: bytes
-                      ) -> openai.APIStatusError:
+    def _status_error(self, answer: Answer) -> openai.APIStatusError:
         """The SDK's error for an HTTP error status, with the body it would have read (as much as came)."""
+        headers, sock = answer.headers, answer.sock
         try:
             framing = _framing(headers)
         except ProtocolFault:  # an error page in a coding not asked for: what comes, up to the limit
             framing, headers = UntilClose(), {name: value for name, value in headers.items()
                                               if name not in ("content-encoding", "transfer-encoding")}
-        body = framing.feed(rest)
+        body = framing.feed(answer.rest)
         try:
             while not framing.done and len(body) < ERROR_BODY_LIMIT:
                 data = sock.recv(READ_BYTES)
@@ -183,7 +195,8 @@ class WireLane:
             pass  # what came is what the error carries
         finally:
             sock.close()
-        response = httpx2.Response(status, headers=list(headers.items()), content=body, request=self._request())
+        response = httpx2.Response(answer.status, headers=list(headers.items()), content=body,
+                                   request=self._request())
         return self._make_status_error(response)
 
     def _request(self) -> httpx2.Request:
@@ -200,23 +213,27 @@ def forward_stream(http: httpx2.Client, url: httpx2.URL, headers: dict[str, str]
         return None
     merged = httpx2.Headers(http.headers)
     merged.update(headers)
-    message = b"%sContent-Length: %d\r\n\r\n%s" % (_request_head("POST", url, merged), len(body), body)
     request = httpx2.Request("POST", url, extensions={"timeout": httpx2.Timeout(
         connect_timeout, read=read_timeout).as_dict()})
     try:
-        status, answer_headers, sock, rest = connections.exchange(message, connect_timeout, read_timeout)
+        head = _request_head("POST", url, merged)
+    except ProtocolFault as exc:
+        raise httpx2.LocalProtocolError(str(exc), request=request) from exc
+    message = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
+    try:
+        answer = connections.exchange(message, connect_timeout, read_timeout)
     except TimeoutError as exc:
         raise httpx2.ReadTimeout("the upstream did not answer in time", request=request) from exc
     except (OSError, ProtocolFault) as exc:
         raise httpx2.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
     try:
-        framing = LengthDecoder(0) if status in (204, 304) else _framing(answer_headers)
+        framing = LengthDecoder(0) if answer.status in (204, 304) else _framing(answer.headers)
     except ProtocolFault as exc:
-        sock.close()
+        answer.sock.close()
         raise httpx2.RemoteProtocolError(str(exc), request=request) from exc
-    stream = DirectByteStream(connections.body(sock, answer_headers, rest, framing), read_timeout)
-    return httpx2.Response(status, headers=list(answer_headers.items()), stream=stream, request=request,
-                           extensions={"network_stream": _SocketInfo(sock)})
+    stream = DirectByteStream(connections.body(answer, framing), read_timeout)
+    return httpx2.Response(answer.status, headers=list(answer.headers.items()), stream=stream, request=request,
+                           extensions={"network_stream": _SocketInfo(answer.sock)})
 
 
 class _SocketInfo:
@@ -230,10 +247,14 @@ class _SocketInfo:
 
 
 def _request_head(method: str, url: httpx2.URL, headers: httpx2.Headers) -> bytes:
-    """The request line, Host and `headers` (but the lane's own: framing, connection, encoding)."""
+    """The request line, Host and `headers` (but the lane's own: framing, connection, encoding). A header
+    that would break the request's framing (a line break or NUL in it) is refused, as h11 refuses it."""
     lines = [f"{method} {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {url.netloc.decode('ascii')}"]
-    lines += [f"{name.decode('latin-1')}: {value.decode('latin-1')}" for name, value in headers.raw
-              if name.lower().decode("latin-1") not in _OWN_HEADERS]
+    for name, value in headers.raw:
+        if not name or _BAD_NAME.search(name) or _BAD_VALUE.search(value):
+            raise ProtocolFault("a header the relay would send upstream is malformed")
+        if name.lower().decode("latin-1") not in _OWN_HEADERS:
+            lines.append(f"{name.decode('latin-1')}: {value.decode('latin-1')}")
     lines += ["Accept-Encoding: identity", "Connection: keep-alive"]
     return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
@@ -267,9 +288,9 @@ class _SocketWire:
         shut_down(self.sock)
 
 
-def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """The status, the header fields (names lower-cased, repeats joined with ", ") and the bytes read past
-    the head; informational (1xx) heads are skipped."""
+def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bool, bytes]:
+    """The status, the header fields (names lower-cased, repeats joined with ", "), whether the connection
+    may be kept, and the bytes read past the head; informational (1xx) heads are skipped."""
     buffer = b""
     while True:
         end = buffer.find(b"\r\n\r\n")
@@ -281,13 +302,13 @@ def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
                 raise ProtocolFault("the upstream closed the connection without an answer")
             buffer += data
             end = buffer.find(b"\r\n\r\n")
-        status, headers = _parse_head(buffer[:end])
+        status, headers, keep_alive = _parse_head(buffer[:end])
         buffer = buffer[end + 4:]
         if not 100 <= status < 200:
-            return status, headers, buffer
+            return status, headers, keep_alive, buffer
 
 
-def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+def _parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
     status_line, *lines = head.decode("latin-1").split("\r\n")
     version, _, rest = status_line.partition(" ")
     code = rest[:3]
@@ -300,7 +321,10 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
             raise ProtocolFault("a header line is malformed")
         name, value = name.lower(), value.strip()
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return int(code), headers
+    connection = headers.get("connection", "").lower()
+    # HTTP/1.1 keeps a connection unless told to close it; HTTP/1.0 only when told to keep it.
+    keep_alive = "close" not in connection if version != "HTTP/1.0" else "keep-alive" in connection
+    return int(code), headers, keep_alive
 
 
 def _framing(headers: dict[str, str]) -> Framing:
@@ -318,10 +342,6 @@ def _framing(headers: dict[str, str]) -> Framing:
             raise ProtocolFault("a malformed Content-Length")
         return LengthDecoder(int(length))
     return UntilClose()
-
-
-def _keeps_alive(headers: dict[str, str]) -> bool:
-    return "close" not in headers.get("connection", "").lower()
 
 
 def _readable(sock: socket.socket) -> bool:

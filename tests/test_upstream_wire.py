@@ -200,7 +200,9 @@ SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
     (b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n" + SSE_HEAD + b"content-length: %d\r\n\r\n" % len(SSE) + SSE,
      True),
     (SSE_HEAD + b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(SSE) + SSE, False),
-], ids=["content-length", "chunked", "early-hints-first", "connection-close"])
+    (b"HTTP/1.0 200 OK\r\ncontent-length: %d\r\n\r\n" % len(SSE) + SSE, False),
+    (b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: %d\r\n\r\n" % len(SSE) + SSE, True),
+], ids=["content-length", "chunked", "early-hints-first", "connection-close", "http-1.0", "http-1.0-keep-alive"])
 def test_every_framing_is_read_and_reuse_follows_it(wire: bytes, reused: bool,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Length-framed, chunked and early-hinted answers are read whole; the connection is kept only when the
@@ -412,3 +414,18 @@ def test_forwarded_streams_fail_as_through_httpx2(monkeypatch: pytest.MonkeyPatc
         assert kind(raw.base_url) == "upstream_unreachable"
     with RawUpstream(answering(SSE_HEAD + b"content-encoding: gzip\r\ncontent-length: 3\r\n\r\nabc")) as raw:
         assert kind(raw.base_url) == "upstream_unreachable"
+
+
+@pytest.mark.parametrize("value", ["x\r\ninjected: 1", "x\ninjected: 1", "x\x00"], ids=["crlf", "lf", "nul"])
+def test_a_header_that_would_break_the_request_is_never_sent(value: str, fake: FakeUpstream,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forwarded header value holding a line break or NUL fails the request as httpx2's h11 fails it
+    (upstream_unreachable), and nothing reaches the upstream: no header can be smuggled into its request."""
+    outgoing = Outgoing("POST", "responses", b"", [("openai-beta", value)], RESPONSES_BODY, len(RESPONSES_BODY),
+                        streaming=True, model="gpt-4o-mini")
+    seen = len(fake.requests)
+    for lane in (False, True):
+        with pytest.raises(RelayError) as caught:
+            forward([make_upstream(fake.base_url, lane, monkeypatch)], outgoing, 5, 30)
+        assert caught.value.kind == "upstream_unreachable"
+    assert len(fake.requests) == seen
