@@ -27,7 +27,6 @@ import json
 import logging
 import queue
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,7 +45,7 @@ from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
 from proxy.stream_machine import StreamTimers
 from proxy.stream_sources import READER_THREAD_PREFIX, Inbox, StallTimer
 from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
-from proxy.upstream_body import BrokenBody, DirectBody
+from proxy.upstream_body import BrokenBody, DirectBody, shut_down
 from proxy.upstream_wire import forward_stream
 
 log = logging.getLogger("relay.forwarding")
@@ -683,14 +682,8 @@ def _send(upstream: ForwardTarget, outgoing: Outgoing, upstream_timeout: float, 
 def abort(response: httpx2.Response) -> None:
     """Close the upstream connection now, from any greenlet, waking a reader blocked on it."""
     network_stream = response.extensions.get("network_stream")
-    sock = network_stream.get_extra_info("socket") if network_stream is not None else None
-    if sock is None:
+    if not shut_down(network_stream.get_extra_info("socket") if network_stream is not None else None):
         response.close()  # in-process transports close through the response
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        log.debug("upstream socket was already closed")
 
 
 # --- answering -------------------------------------------------------------------------------------------------
