@@ -1,5 +1,7 @@
-"""The streamed chat request's own HTTP/1.1 lane to an upstream: the request written in one send from bytes
-built once, the response head parsed in a few lines, the body read by `DirectBody` off the same socket.
+"""The relay's own HTTP/1.1 lane to an upstream, for streamed POSTs: the streamed chat request (`WireLane`,
+its head built once) and forwarded streams (`forward_stream`: /v1/responses, Anthropic's Messages, the rest
+of the API), each written in one send, the answer's head parsed in a few lines, the body read by
+`DirectBody` off the same socket. One pool of kept-alive connections per origin (`connections_for`).
 
 Why: at one client, httpx2/httpcore/h11's send and response head cost ~420 µs of a worker's CPU per request
 (h11 validates every header of the request it was given and of the head it reads: bench/notes.md), more
@@ -9,9 +11,10 @@ Response) and httpx2's TLS context. It differs in one header: `Accept-Encoding: 
 compressed event stream is held back by the compressor and this lane reads bodies as they come.
 
 Only under gevent (the pump reads the body itself, `proxy/upstream_body.py`), for a plain HTTP/1.1 upstream
-reached directly: a proxy from HTTP(S)_PROXY, HTTP/2, or an in-process transport keeps httpx2 (`of` says
-None). Connections are kept alive LIFO, at most the pool's keep-alive count, dropped once idle for the
-pool's keep-alive expiry or when readable while idle (the upstream closed it), as httpcore does.
+reached directly: a proxy from HTTP(S)_PROXY, HTTP/2, or an in-process transport keeps httpx2
+(`connections_for` says None). Connections are kept alive LIFO, at most the pool's keep-alive count,
+dropped once idle for the pool's keep-alive expiry or when readable while idle (the upstream closed it), as
+httpcore does.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import openai
 
 from proxy import upstream_body
 from proxy.upstream_body import (
+    READ_BYTES,
     BrokenBody,
     ChunkedDecoder,
     DirectBody,
@@ -43,7 +47,6 @@ from proxy.upstream_body import (
 
 HEAD_LIMIT = 64 * 1024  # a response head longer than this is not an HTTP server talking
 ERROR_BODY_LIMIT = 1024 * 1024  # what an error status's body is read of (the SDK's error carries it)
-READ_BYTES = 64 * 1024
 # Set per request by the lane; any others the client's headers carry are the SDK's own and go as they are.
 _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "accept-encoding", "connection",
                           "x-stainless-read-timeout"})
