@@ -292,7 +292,7 @@ def last_event_end(data: bytes, before: int) -> int:
     """Where the last event end (`_EVENT_END`, as a scan from the start would match it) that ends by
     `before` ends; 0 when there is none. Found from the back: only the run of line breaks it lies in is
     scanned, since a match never spans anything else and its alignment depends on that run alone."""
-    last = max(data.rfind(b"\r\n\r\n", 0, before), data.rfind(b"\n\n", 0, before), data.rfind(b"\r\r", 0, before))
+    last = _last_break_pair(data, before)
     while last >= 0:
         run = _LINE_BREAKS.match(data, _run_start(data, last))
         assert run is not None  # `last` is a line break
@@ -301,9 +301,13 @@ def last_event_end(data: bytes, before: int) -> int:
             end = match.end()
         if end:
             return end
-        last = max(data.rfind(b"\r\n\r\n", 0, run.start()), data.rfind(b"\n\n", 0, run.start()),
-                   data.rfind(b"\r\r", 0, run.start()))
+        last = _last_break_pair(data, run.start())
     return 0
+
+
+def _last_break_pair(data: bytes, before: int) -> int:
+    """Where the last of `_EVENT_END`'s three spellings begins before `before` (-1: none)."""
+    return max(data.rfind(b"\r\n\r\n", 0, before), data.rfind(b"\n\n", 0, before), data.rfind(b"\r\r", 0, before))
 
 
 def _run_start(data: bytes, at: int) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-import select
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,7 +30,7 @@ import orjson
 from proxy.errors import BadRequest, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.globs import serves
 from proxy.redaction import redact_secret_like
-from proxy.upstream_body import DirectBody, native_poll, shut_down
+from proxy.upstream_body import DirectBody, readable_now, shut_down
 from proxy.upstream_wire import WireLane
 
 log = logging.getLogger("relay.upstream")
@@ -216,9 +215,7 @@ class _CheapIdleCheck(httpcore2.NetworkStream):
         descriptor = sock.fileno() if sock is not None else -1
         if descriptor < 0:
             return True  # gone: as httpcore treats it, readable (its next read returns the end)
-        poller = _POLL()
-        poller.register(descriptor, select.POLLIN)
-        return bool(poller.poll(0))
+        return readable_now(descriptor)
 
 
 class CheapIdleCheckBackend(httpcore2.SyncBackend):
@@ -238,9 +235,6 @@ def with_cheap_idle_check(client: httpx2.Client) -> httpx2.Client:
     if isinstance(transport, httpx2.HTTPTransport) and type(pool) is httpcore2.ConnectionPool:
         pool._network_backend = CheapIdleCheckBackend()
     return client
-
-
-_POLL = native_poll()
 
 
 class UpstreamStream:

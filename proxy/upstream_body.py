@@ -124,7 +124,7 @@ def gevent_sockets() -> bool:
     return bool(monkey.is_module_patched("socket"))
 
 
-def native_poll() -> Callable[[], Any]:
+def _native_poll() -> Callable[[], Any]:
     """The operating system's poll, also when gevent has patched `select` with its cooperative one (a
     poll(0) never blocks, so the native one is safe, and much cheaper than gevent's watchers)."""
     if "gevent.monkey" in sys.modules:
@@ -133,6 +133,17 @@ def native_poll() -> Callable[[], Any]:
         if monkey.is_module_patched("select"):
             return monkey.get_original("select", "poll")
     return select.poll
+
+
+_POLL = _native_poll()
+
+
+def readable_now(descriptor: int) -> bool:
+    """Whether a socket has something to read, or was closed by its peer, this instant (one poll(0)): an
+    idle pooled connection that is readable cannot be reused."""
+    poller = _POLL()
+    poller.register(descriptor, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def shut_down(sock: socket.socket | None) -> bool:

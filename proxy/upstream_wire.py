@@ -20,7 +20,6 @@ httpcore does.
 from __future__ import annotations
 
 import re
-import select
 import socket
 import ssl
 import time
@@ -42,6 +41,7 @@ from proxy.upstream_body import (
     Framing,
     LengthDecoder,
     UntilClose,
+    readable_now,
     shut_down,
 )
 
@@ -100,7 +100,7 @@ class Connections:
         now = time.monotonic()
         while self._idle:
             sock, since = self._idle.pop()
-            if (self._idle_expiry is None or now - since < self._idle_expiry) and not _readable(sock):
+            if (self._idle_expiry is None or now - since < self._idle_expiry) and not readable_now(sock.fileno()):
                 return sock
             sock.close()
         sock = socket.create_connection(self._address, timeout)
@@ -345,13 +345,3 @@ def _framing(headers: dict[str, str]) -> Framing:
             raise ProtocolFault("a malformed Content-Length")
         return LengthDecoder(int(length))
     return UntilClose()
-
-
-def _readable(sock: socket.socket) -> bool:
-    """An idle connection with something to read (or closed by the peer) is not reusable."""
-    poller = _POLL()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
-
-
-_POLL = upstream_body.native_poll()
