@@ -141,6 +141,7 @@ def worker_exit(server, worker):
     schema needs no hook: each worker's ledger thread runs the migrations under a lock, proxy/ledger/database.py.)"""
     relay = worker.wsgi.extensions.get("relay") if hasattr(worker, "wsgi") else None
     if relay is not None:
+        relay.reports.flush()  # the last requests' log lines, metrics and ledger rows (proxy/reports.py)
         relay.ledger.close(relay.metrics, timeout=LEDGER_FLUSH_SECONDS)
 
 

@@ -48,11 +48,16 @@ class AccessRecord:
     prompt: str | None = None  # only with LOG_CONTENT=1
     bridge: str | None = None  # a translated request: "<client protocol>-><upstream protocol>"
     dropped_tools: tuple[str, ...] = ()  # built-in tools a bridge left out of the upstream request
+    ended: float | None = None  # when the request closed (monotonic); its line may be written later
+
+    def duration(self) -> float:
+        """Seconds from the request's start to its close (to now while it is open)."""
+        return (self.ended if self.ended is not None else time.monotonic()) - self.started
 
     def fields(self) -> list[tuple[str, object]]:
         fields: list[tuple[str, object]] = [
             ("method", self.method), ("path", self.path), ("status", self.status),
-            ("duration_ms", _ms(time.monotonic() - self.started)), ("model", self.model),
+            ("duration_ms", _ms(self.duration())), ("model", self.model),
             ("key", self.key_name), ("client", self.client), ("request_id", self.request_id),
         ]
         stats = self.stats

@@ -35,6 +35,7 @@ from proxy.validation import EntryError, FileEntry, Says
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 LOG_FORMATS = ("text", "json")
+MAX_LOG_FLUSH_SECONDS = 60.0
 # The checkout: where `python -m proxy run` and the keys commands find `.env` and deploy/gunicorn.conf.py.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path("data")  # relative to the working directory: the checkout for `make run`
@@ -108,6 +109,9 @@ class Config:
     # prometheus_client's multiprocess directory (deploy/gunicorn.conf.py sets one up when unset).
     prometheus_multiproc_dir: str | None = None
     log_format: str = "text"
+    # A closed request's access-log line, metrics and ledger row are written at most this long after it, in
+    # a batch (proxy/reports.py; under gevent only); 0: each at once.
+    log_flush_seconds: float = 0.1
     # Every valid key and its policy: AUTHORIZATION_KEY's keys plus KEYS_FILE's, built from the above.
     keyring: KeyRing = field(init=False, repr=False, compare=False)
     # Prices per million tokens (TOML, proxy/prices.py), for the money budgets; unset: no price is known.
@@ -305,6 +309,18 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _seconds_up_to(most: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan  # float()'s own message quotes the value
+        if not math.isfinite(value) or not 0 <= value <= most:
+            raise SettingError(f"expected a number of seconds from 0 to {most:g}")
+        return value
+    return parse
+
+
 def _positive_int(raw: str) -> int:
     try:
         value = int(raw)
@@ -421,6 +437,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("METRICS_KEY", "metrics_key", _long_key, secret=True),
     Setting("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", _text),
     Setting("LOG_FORMAT", "log_format", _one_of(LOG_FORMATS, "expected text or json")),
+    Setting("LOG_FLUSH_SECONDS", "log_flush_seconds", _seconds_up_to(MAX_LOG_FLUSH_SECONDS)),
     Setting("DATA_DIR", "data_dir", Path),
     Setting("DATABASE_URL", "database_url", _database_url, secret=True),
     Setting("LEDGER_RETENTION_DAYS", "ledger_retention_days", _positive_int),

@@ -66,10 +66,13 @@ class Metrics:
         if state.streamed:
             self.open_streams.inc()
 
-    def record(self, state: RequestState) -> None:
-        """Once per request, when it closes (the pipeline's last step)."""
+    def stream_closed(self, state: RequestState) -> None:
+        """The request closed (the pipeline's close step, at once): one fewer open stream."""
         if state.streamed:
             self.open_streams.dec()
+
+    def record(self, state: RequestState) -> None:
+        """Once per request, after it closed (its records, `proxy/reports.py`)."""
         access = state.access
         if access.method == "OPTIONS":
             return

@@ -254,13 +254,24 @@ def route_label(rule: Rule | None, view_args: Mapping[str, Any] | None) -> str:
 
 
 def close_request(relay: Relay, state: RequestState) -> None:
-    """Step 7, exactly once: the stream slot and token count, the metrics, then the access-log line and the
-    ledger's row (queued only: the ledger's own thread writes it)."""
+    """Step 7, exactly once. At once, what the client's next request may need: the stream slot and the
+    budget reservation settled, the open-streams gauge. Then its records (`relay.reports`: at once, or under
+    gevent with the next batch)."""
     if state.closed:
         return
     state.closed = True
+    state.access.ended = time.monotonic()
     try:
         relay.limits.settle(state)
+        relay.metrics.stream_closed(state)
+    finally:
+        relay.reports.submit(functools.partial(write_records, relay, state))
+
+
+def write_records(relay: Relay, state: RequestState) -> None:
+    """A closed request's records: the metrics, then the access-log line and the ledger's row (queued only:
+    the ledger's own thread writes it)."""
+    try:
         relay.metrics.record(state)
     finally:
         state.access.write()

@@ -18,6 +18,7 @@ from proxy.models import ModelCatalog
 from proxy.prices import PriceTable
 from proxy.pump import StreamTimers
 from proxy.redaction import Redactor
+from proxy.reports import Reports
 from proxy.shutdown import Draining
 from proxy.upstream import AnthropicUpstream, Upstream, with_cheap_idle_check
 
@@ -35,6 +36,7 @@ class Relay:
     redact: Callable[[str], str]  # the configuration's secrets out of upstream text and log lines
     catalog: ModelCatalog  # each upstream's own model list, cached (GET /v1/models)
     ledger: Ledger  # the usage ledger (proxy/ledger): one row per request, written by a thread of its own
+    reports: Reports  # each closed request's metrics, access-log line and ledger row, written off its path
     draining: Draining = field(default_factory=Draining)  # set when this worker is asked to stop
     # UPSTREAMS_FILE's `api = "anthropic"` entries: only POST /v1/messages goes to them, and nothing else does.
     anthropic_upstreams: tuple[AnthropicUpstream, ...] = ()
@@ -49,7 +51,7 @@ def build_relay(config: Config) -> Relay:
     redact = Redactor(config.secrets)
     return Relay(config, configured_upstreams(config, redact), StreamTimers.from_config(config),
                  RequestLimits(config), Metrics(config), redact, ModelCatalog.from_config(config),
-                 build_ledger(config, cost_of=priced_by(config.prices)),
+                 build_ledger(config, cost_of=priced_by(config.prices)), Reports.for_server(config.log_flush_seconds),
                  anthropic_upstreams=anthropic_upstreams(config, redact))
 
 

@@ -166,23 +166,30 @@ class DirectSource:
         self._body = body
         self._parser = SseParser(stream.upstream.redact)
         self._pending: object = None  # the end that came with the last batch
+        self._progressed = False  # until the first token, it is parsed and handed over before what came with it
         self._ended_ok = False
         self._stall = StallTimer(stall_seconds, on_stall)
 
     def next_item(self, timeout: float) -> object:
         """A list of chunks, the stream's end or failure, or None when `timeout` seconds passed first."""
         deadline = time.monotonic() + timeout
+        parser = self._parser
         while timeout > 0:
-            try:
-                block = self._body.read(timeout)
-            except BrokenBody as exc:
-                log.info("upstream %s stream broke: %s", self._stream.upstream.name, exc)
-                return BROKE
-            if block is None:
-                return None
-            chunks, end = self._parser.feed(block) if block else ([], None)
-            if end is None and self._body.ended:
-                end = self._parser.at_eof()
+            block = b""  # with lines held (what came with the first token): parsed before any read
+            if not parser.holds_lines:
+                try:
+                    received = self._body.read(timeout)
+                except BrokenBody as exc:
+                    log.info("upstream %s stream broke: %s", self._stream.upstream.name, exc)
+                    return BROKE
+                if received is None:
+                    return None
+                block = received
+            chunks, end = parser.feed(block, not self._progressed) if block or parser.holds_lines else ([], None)
+            if chunks and chunks[-1].progress:
+                self._progressed = True
+            if end is None and self._body.ended and not parser.holds_lines:
+                end = parser.at_eof()
             self._ended_ok = type(end) is StreamEnd
             if chunks:
                 self._pending = end

@@ -339,14 +339,17 @@ class SseParser:
         self._data_lines: list[bytes] = []
         self._finished = False  # a finish reason was seen
 
-    def feed(self, block: bytes) -> tuple[list[Chunk], StreamEnd | StreamFailure | None]:
-        """The chunks completed by `block`, and the stream's end if it came (nothing after it counts)."""
+    def feed(self, block: bytes, stop_at_progress: bool = False
+             ) -> tuple[list[Chunk], StreamEnd | StreamFailure | None]:
+        """The chunks completed by `block`, and the stream's end if it came (nothing after it counts).
+        `stop_at_progress`: stop after the first chunk that makes progress and keep the lines after it for the
+        next call (`holds_lines`), so a first token that came with many others goes out before they are parsed."""
         pending = self._pending + block
         lines = pending.split(b"\n")
         self._pending = lines.pop()
         chunks: list[Chunk] = []
         data_lines = self._data_lines
-        for line in lines:
+        for index, line in enumerate(lines):
             if line.endswith(b"\r"):
                 line = line[:-1]
             if line.startswith(b"data:"):
@@ -363,7 +366,15 @@ class SseParser:
                 return chunks, parsed
             chunks.append(parsed)
             self._finished = self._finished or parsed.finish_reason is not None
+            if stop_at_progress and parsed.progress and index + 1 < len(lines):
+                self._pending = b"\n".join(lines[index + 1:]) + b"\n" + self._pending
+                return chunks, None
         return chunks, None
+
+    @property
+    def holds_lines(self) -> bool:
+        """Whole lines fed but not parsed yet (`feed` stopped at the first progress)."""
+        return b"\n" in self._pending
 
     def at_eof(self) -> StreamEnd | StreamFailure:
         if self._finished:

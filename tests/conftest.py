@@ -101,6 +101,9 @@ def relay_env(upstream_url: str, **overrides: str) -> dict[str, str]:
         "OPENAI_BASE_URL": upstream_url,
         "DEFAULT_MODEL": "gpt-4o-mini",
         "GUNICORN_WORKERS": "1",
+        # Each access line as its request ends: tests read the log right after a response. The batched
+        # default is tested on its own (tests/test_reports.py).
+        "LOG_FLUSH_SECONDS": "0",
     }
     env.update(overrides)
     return {name: value for name, value in env.items() if value is not None}

@@ -89,7 +89,7 @@ def row_of(record: AccessRecord, route: str, protocol: str, cost_of: CostOf,
     ttft = None
     if stats is not None and stats.first_token_at is not None:
         ttft = round((stats.first_token_at - record.started) * 1000, 1)
-    ended = stats.ended_at if stats is not None and stats.ended_at is not None else now
+    ended = stats.ended_at if stats is not None and stats.ended_at is not None else record.started + record.duration()
     outcome = stats.outcome if stats is not None and stats.outcome != "open" else None
     moment = datetime.fromtimestamp(began, UTC)
     model = record.model[:200]

@@ -16,6 +16,7 @@ bp = Blueprint("metrics", __name__)
 @endpoint("json", access="public", guard=check_metrics_access)  # not an access key's business: its own key
 def metrics() -> Response:
     relay = current_relay()
+    relay.reports.flush()  # this worker's closed requests, counted now rather than with the next batch
     relay.ledger.publish(relay.metrics)  # this worker's ledger queue and counts, as of now
     return Response(relay.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST,
                                                          "Cache-Control": "no-store"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,8 @@ import httpcore2
 import httpx2
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.errors import BadRequest, RelayError
 from proxy.globs import model_allowed
@@ -19,6 +22,7 @@ from proxy.upstream import (
     Candidates,
     CheapIdleCheckBackend,
     Chunk,
+    SseParser,
     StreamEnd,
     StreamFailure,
     Upstream,
@@ -115,6 +119,50 @@ def test_parser_keeps_raw_bytes() -> None:
     raw = b'{"choices":[{"delta":{"content":"\\u00e9"}}],  "x": 1.50}'
     out, _ = read([b"data: " + raw + b"\n\ndata: [DONE]\n\n"])
     assert out[0][0].raw == raw  # type: ignore[index]
+
+
+def test_parser_can_stop_at_the_first_token_and_keep_the_rest() -> None:
+    """`stop_at_progress`: the chunks up to the first that makes progress; the lines after it are held
+    (`holds_lines`) and parsed by the next call, even an empty one, [DONE] included (so the first token goes
+    out before the many that may have come with it are parsed)."""
+    parser = SseParser(redact_secret_like)
+    body = (chunk_event({"role": "assistant", "content": ""}) + chunk_event({"content": "a"})
+            + chunk_event({"content": "b"}) + b"data: [DONE]\n\n")
+    first, end = parser.feed(body, stop_at_progress=True)
+    assert [chunk.content for chunk in first] == ["", "a"] and end is None
+    assert parser.holds_lines
+    rest, end = parser.feed(b"")  # past the first token (DirectSource stops no more): b, then [DONE]
+    assert [chunk.content for chunk in rest] == ["b"] and end == StreamEnd()
+
+
+@given(events=st.lists(st.sampled_from([{"content": "x"}, {"content": ""}, {"role": "assistant"},
+                                        {"reasoning_content": "r"}]), max_size=6),
+       cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=4), done=st.booleans())
+def test_stopping_at_the_first_token_changes_no_chunk_and_no_end(events: list[dict[str, str]], cuts: list[int],
+                                                                 done: bool) -> None:
+    """Fed however the body is cut, and called again while lines are held, the stopping parser hands over
+    the same chunks in the same order and the same end as the plain one."""
+    body = b"".join(chunk_event(event) for event in events) + (b"data: [DONE]\n\n" if done else b"")
+    blocks = [body[start:stop] for start, stop in itertools.pairwise([0, *sorted(cuts), len(body)])]
+    plain, stopping = SseParser(redact_secret_like), SseParser(redact_secret_like)
+    expected: list[bytes] = []
+    expected_end = None
+    for block in blocks:
+        chunks, expected_end = plain.feed(block)
+        expected += [chunk.raw for chunk in chunks]
+        if expected_end is not None:
+            break
+    got: list[bytes] = []
+    end = None
+    for block in blocks:
+        chunks, end = stopping.feed(block, stop_at_progress=True)
+        got += [chunk.raw for chunk in chunks]
+        while end is None and stopping.holds_lines:
+            chunks, end = stopping.feed(b"", stop_at_progress=True)
+            got += [chunk.raw for chunk in chunks]
+        if end is not None:
+            break
+    assert got == expected and end == expected_end
 
 
 @pytest.mark.parametrize(("blocks", "outcome"), [
