@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Request, Response, current_app, request
 from werkzeug.routing import Rule
 
 from proxy.access import add_cors_headers, authorize_model, preflight_response, presented_key
@@ -115,12 +115,14 @@ def check_every_view_declared(app: Flask) -> None:
         raise RuntimeError(f"views without an @endpoint declaration: {', '.join(undeclared)}")
 
 
-def decide_caller(config: Config) -> KeyPolicy | None:
+def decide_caller(config: Config, incoming: Request) -> KeyPolicy | None:
     """The caller, from the Authorization header, the x-api-key header (what Anthropic's clients send) or
     the `key` query parameter; refused when two of them name different keys."""
-    sources = {"the Authorization header": presented_key(request.headers.get("Authorization")),
-               "the x-api-key header": request.headers.get("x-api-key", "").strip(),
-               "the 'key' query parameter": request.args.get("key", "")}
+    headers = incoming.headers
+    sources = {"the Authorization header": presented_key(headers.get("Authorization")),
+               "the x-api-key header": headers.get("x-api-key", "").strip(),
+               # Only a query string can name one: most requests have none to parse.
+               "the 'key' query parameter": incoming.args.get("key", "") if incoming.query_string else ""}
     named = {where: key for where, key in sources.items() if key}
     if len(set(named.values())) > 1:
         # Which one would win is not the caller's to guess: neither is trusted.
@@ -130,23 +132,25 @@ def decide_caller(config: Config) -> KeyPolicy | None:
 
 
 def _begin() -> Response | None:
+    started = time.monotonic()
+    incoming = current_request()
     relay = current_relay()
-    supplied = request.headers.get("X-Request-ID", "")
+    supplied = incoming.headers.get("X-Request-ID", "")
     record = AccessRecord(
-        method=request.method,
-        path=redacted_path(request.path, request.query_string.decode("latin-1")),
-        client=request.remote_addr or "-",
+        method=incoming.method,
+        path=redacted_path(incoming.path, incoming.query_string.decode("latin-1")),
+        client=incoming.remote_addr or "-",
         request_id=supplied if _SAFE_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex,
-        started=time.monotonic(),
+        started=started,
     )
-    declaration = declaration_of(current_app, request.endpoint)
-    state = RequestState(record, declaration, route_label(request.url_rule, request.view_args))
+    declaration = declaration_of(current_app, incoming.endpoint)
+    state = RequestState(record, declaration, route_label(incoming.url_rule, incoming.view_args))
     keep_request_state(state)
-    if request.method == "OPTIONS":
+    if incoming.method == "OPTIONS":
         return preflight_response(relay.config)
-    limit_body_time(request.environ, relay.config.body_timeout)
+    limit_body_time(incoming.environ, relay.config.body_timeout)
     if declaration.access != "public":
-        state.caller = decide_caller(relay.config)
+        state.caller = decide_caller(relay.config, incoming)
         if state.caller is not None:
             record.key_name = state.caller.name
         elif declaration.access == "key":
@@ -154,6 +158,12 @@ def _begin() -> Response | None:
     if declaration.guard is not None:
         declaration.guard(state, relay.config)
     return None
+
+
+def current_request() -> Request:
+    """The request object itself: each attribute read through Flask's `request` proxy costs a lookup."""
+    incoming: Request = request._get_current_object()  # type: ignore[attr-defined]
+    return incoming
 
 
 def shape_input(state: RequestState, config: Config) -> Shaped | None:
