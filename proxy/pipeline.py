@@ -170,7 +170,7 @@ def shape_input(state: RequestState, config: Config) -> Shaped | None:
     """Step 6: the declared input read and shaped, then admitted (`admit_shaped`)."""
     declaration = state.declaration
     if declaration.body is not None:
-        shaped = declaration.body(parse_json_object(read_body(request.stream, config.max_body_bytes)), config)
+        shaped = declaration.body(parse_json_object(read_body(request, config.max_body_bytes)), config)
     elif declaration.query is not None:
         shaped = declaration.query(request.args, config)
     else:

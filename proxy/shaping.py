@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
+from flask import Request
+from werkzeug.exceptions import ClientDisconnected
 
 from proxy.bridge.messages_request import MESSAGE_ROLES
 from proxy.config import Config
@@ -162,9 +164,23 @@ class ChatRequest:
     include_reasoning: bool
 
 
-def read_body(stream: IO[bytes], limit: int) -> bytes:
-    """The whole request body. werkzeug's stream stops quietly at MAX_BODY_BYTES when the body came chunked
-    (no Content-Length); reading once more makes it raise the 413 the client must get."""
+def read_body(incoming: Request, limit: int) -> bytes:
+    """The whole request body, at most `limit` bytes (MAX_BODY_BYTES: 413 beyond it)."""
+    length = incoming.content_length
+    if length is not None and length <= limit:
+        # The usual case, a Content-Length within the limit: one read of exactly that many bytes from the
+        # server's input (under BODY_TIMEOUT, proxy/deadline.py), without werkzeug's stream layers.
+        data: bytes = incoming.environ["wsgi.input"].read(length)
+        if len(data) < length:
+            raise ClientDisconnected("the request body ended before the length its Content-Length gave")
+        return data
+    return read_limited(incoming.stream, limit)
+
+
+def read_limited(stream: IO[bytes], limit: int) -> bytes:
+    """A body through werkzeug's limited stream, which refuses a Content-Length over MAX_BODY_BYTES (413)
+    but stops quietly at it when the body came chunked (no Content-Length); reading once more makes it raise
+    the 413 the client must get."""
     data = stream.read()
     if len(data) >= limit:
         stream.read(1)

@@ -44,7 +44,7 @@ DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 def messages(rest: str) -> Response:
     relay = current_relay()
     state = request_state()
-    raw = read_body(request.stream, relay.config.max_body_bytes)
+    raw = read_body(request, relay.config.max_body_bytes)
     body = json_object(raw, True)
     model = model_of(body)
     if body is None or model is None:

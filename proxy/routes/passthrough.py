@@ -145,7 +145,7 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
         if capped:
             raise json_only(path)
         return read_upload(config, state, content_type, common)
-    raw = read_body(request.stream, config.max_body_bytes)
+    raw = read_body(request, config.max_body_bytes)
     body = json_object(raw, "json" in content_type.lower())
     if capped and body is None and raw.strip():
         raise json_only(path)

@@ -6,10 +6,12 @@ import io
 from typing import Any
 
 import pytest
+from flask import Request
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from proxy.config import Config
 from proxy.errors import BadRequest
-from proxy.shaping import parse_json_object, read_body, shape_chat_request, shape_openai_request
+from proxy.shaping import parse_json_object, read_body, read_limited, shape_chat_request, shape_openai_request
 from tests.unit.conftest import unit_config
 
 USER = {"role": "user", "content": "Hi"}
@@ -36,6 +38,53 @@ def test_parse_json_object_refusals(raw: bytes, kind: str, words: str) -> None:
     assert error.kind == kind and str(error.description).startswith(words)
 
 
+class _Input(io.BytesIO):
+    """A server's `wsgi.input`: counts the reads asked of it."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.sizes: list[int | None] = []
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.sizes.append(size)
+        return super().read(size)
+
+
+def incoming(sent: bytes, content_length: int | None) -> tuple[Request, _Input]:
+    stream = _Input(sent)
+    environ = {"REQUEST_METHOD": "POST", "wsgi.input": stream, "SERVER_NAME": "relay", "SERVER_PORT": "80",
+               "wsgi.url_scheme": "http", "wsgi.input_terminated": True}  # as gunicorn says
+    if content_length is not None:
+        environ["CONTENT_LENGTH"] = str(content_length)
+    return Request(environ), stream
+
+
+def test_a_body_with_its_length_is_read_in_one_read_of_exactly_that_length() -> None:
+    """The usual request (Content-Length within MAX_BODY_BYTES): one read of the server's input, never past
+    the body (a kept-alive connection's next request may follow it)."""
+    request, stream = incoming(b'{"a":1}GET / HTTP/1.1', 7)
+    assert read_body(request, 100) == b'{"a":1}' and stream.sizes == [7]
+
+
+def test_a_body_shorter_than_its_length_is_a_400() -> None:
+    """A client that hangs up before the length it announced gets werkzeug's 400 for a departed client."""
+    request, _ = incoming(b'{"a"', 7)
+    with pytest.raises(ClientDisconnected):
+        read_body(request, 100)
+
+
+@pytest.mark.parametrize(("sent", "content_length"), [(b"x" * 11, 11), (b"x" * 11, None)],
+                         ids=["length-over-the-limit", "no-length"])
+def test_over_the_limit_or_without_a_length_is_werkzeugs_limited_stream(sent: bytes, content_length: int | None
+                                                                         ) -> None:
+    """A Content-Length over MAX_BODY_BYTES, or none (a chunked body), goes through werkzeug's limited
+    stream, which answers 413 for what is too large."""
+    request, _ = incoming(sent, content_length)
+    request.max_content_length = 10
+    with pytest.raises(RequestEntityTooLarge):
+        read_body(request, 10)
+
+
 def test_read_body_reads_once_more_at_the_limit() -> None:
     """A body that fills the limit is read once more, so werkzeug's limited stream can raise its 413."""
     reads: list[int] = []
@@ -45,9 +94,9 @@ def test_read_body_reads_once_more_at_the_limit() -> None:
             reads.append(-1 if size is None else size)
             return super().read(size)
 
-    assert read_body(Stream(b"12345"), 5) == b"12345" and reads == [-1, 1]
+    assert read_limited(Stream(b"12345"), 5) == b"12345" and reads == [-1, 1]
     reads.clear()
-    assert read_body(Stream(b"1234"), 5) == b"1234" and reads == [-1]
+    assert read_limited(Stream(b"1234"), 5) == b"1234" and reads == [-1]
 
 
 @pytest.mark.parametrize(("body", "words"), [
