@@ -834,17 +834,21 @@ class EventCheck:
     finished: bool = False
     errored: bool = False  # the stream's last event is the upstream's own error
 
-    def scan(self, events: bytes) -> tuple[bytes, bool, bool]:
-        """(the events to pass on, any of them is progress, a malformed event came after them)."""
+    def scan(self, events: bytes, stop_at_progress: bool = False) -> tuple[bytes, bool, bool, bytes]:
+        """(the events to pass on, any of them is progress, a malformed event came after them, the events
+        not looked at yet). `stop_at_progress`: stop after the first event that is progress, so that the first
+        token goes out before the many whole events that may have come with it are checked."""
         passed, progress = 0, False
         for match in _EVENT_END.finditer(events):
             event = events[passed:match.end()]
             verdict = self._one(event)
             if verdict is None:
-                return events[:passed], progress, True
+                return events[:passed], progress, True, b""
             progress = progress or verdict
             passed = match.end()
-        return events, progress, False
+            if progress and stop_at_progress:
+                return events[:passed], True, False, events[passed:]
+        return events, progress, False, b""
 
     def _one(self, event: bytes) -> bool | None:
         """None: malformed; else whether the event is progress."""
@@ -1008,6 +1012,7 @@ class Held:
     def restart(self) -> None:
         """A new upstream's stream: its own framing, checks and usage; what was held is dropped."""
         self.framer, self.check, self.usage = SseFramer(), EventCheck(self.dialect), self.dialect.sse_usage()
+        self.unchecked = b""  # whole events that came after the first token in the same read
         self._held: list[bytes] = []
         self._size = 0
 
@@ -1045,7 +1050,8 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
         yield b""  # the status and headers go out now, whatever the upstream holds back (as chat's start())
         while True:
             now = clock()
-            item = source.get(max(0.0, min(times.wait(now), drain.deadline - now)))
+            # Events that came with the first token are checked (and passed) before anything is read.
+            item = b"" if held.unchecked else source.get(max(0.0, min(times.wait(now), drain.deadline - now)))
             now = clock()
             events, progress, malformed = _scan(item, held, times, stats, now)
             # Checked after a read, never right after a write: time spent writing to a slow client, while
@@ -1092,8 +1098,9 @@ def _scan(item: object, held: Held, times: SseClock, stats: StreamStats, now: fl
     """The whole events in what arrived (when it is bytes), whether they are progress, whether one is
     malformed; the timers and the first token's time told."""
     if not isinstance(item, bytes):
-        return b"", False, False
-    events, progress, malformed = held.check.scan(held.framer.feed(item))
+        return b"", False, False  # an end or failure comes only once no event is left unchecked
+    events, progress, malformed, held.unchecked = held.check.scan(held.unchecked + held.framer.feed(item),
+                                                                  stop_at_progress=not held.started)
     times.received(now, progress)
     if progress and stats.first_token_at is None:
         stats.first_token_at = now

@@ -237,12 +237,25 @@ def test_stream_ends_only_after_its_last_event(script: list[tuple[float, object]
     assert stats.outcome == outcome
 
 
+def test_the_first_token_goes_out_before_the_events_that_came_with_it_are_checked() -> None:
+    """A fast upstream's whole answer in one read: the first write ends with the first token's event, the
+    rest follows in order (nothing lost, nothing twice); a malformed event among the rest still ends the
+    stream with the error event, after the whole events before it."""
+    second = DELTA.replace(b'"Hi"', b'"there"')
+    out, stats, _source = run([(0.1, CREATED + DELTA + second + COMPLETED), (0.2, StreamEnd())])
+    assert out == [CREATED + DELTA, second + COMPLETED] and stats.outcome == "ok"
+    out, stats, _source = run([(0.1, CREATED + DELTA + second + b"data: {oops\n\n" + COMPLETED)])
+    assert out[:2] == [CREATED + DELTA, second] and b'"code":"upstream_malformed"' in out[2]
+    assert len(out) == 3 and stats.outcome == "upstream_malformed"
+
+
 def test_opening_events_are_not_the_first_token() -> None:
     """`response.created` comes at once, but a model that thinks longer than FIRST_TOKEN_TIMEOUT is cut off
     by that timer (not by IDLE_TIMEOUT); a long thought within it is fine."""
     out, stats, _source = run([(0.1, CREATED), (8.0, DELTA + COMPLETED), (8.1, StreamEnd())])
-    # response.created waits with the first token (keep-alives meanwhile): see the fall-over tests
-    assert out == [SSE_KEEPALIVE] * 7 + [CREATED + DELTA + COMPLETED] and stats.outcome == "ok"
+    # response.created waits with the first token (keep-alives meanwhile): see the fall-over tests; the
+    # first token is written before the events that came with it are checked
+    assert out == [SSE_KEEPALIVE] * 7 + [CREATED + DELTA, COMPLETED] and stats.outcome == "ok"
     out, stats, _source = run([(0.1, CREATED), (11.0, DELTA)])
     assert b"did not start answering within 10 s" in out[-1] and stats.outcome == "upstream_timeout"
 
