@@ -24,7 +24,7 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import httpcore2
@@ -151,7 +151,7 @@ class WireLane:
         self.url = url
         self._connections = connections
         self._make_status_error = make_status_error
-        self._head = _request_head("POST", url, headers)
+        self._head = _request_head("POST", url, headers.raw)
 
     @classmethod
     def of(cls, http: httpx2.Client, url: httpx2.URL, headers: httpx2.Headers, make_status_error: StatusError
@@ -214,12 +214,10 @@ def forward_stream(http: httpx2.Client, url: httpx2.URL, headers: dict[str, str]
     connections = connections_for(http, url)
     if connections is None:
         return None
-    merged = httpx2.Headers(http.headers)
-    merged.update(headers)
     request = httpx2.Request("POST", url, extensions={"timeout": httpx2.Timeout(
         connect_timeout, read=read_timeout).as_dict()})
     try:
-        head = _request_head("POST", url, merged)
+        head = _request_head("POST", url, _overlaid(http.headers, headers))
     except ProtocolFault as exc:
         raise httpx2.LocalProtocolError(str(exc), request=request) from exc
     message = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
@@ -249,11 +247,19 @@ class _SocketInfo:
         return self._sock if info == "socket" else None
 
 
-def _request_head(method: str, url: httpx2.URL, headers: httpx2.Headers) -> bytes:
+def _overlaid(defaults: httpx2.Headers, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """The client's default headers with `headers` (lower-case names) put over them, as httpx2 merges a
+    request's headers into its client's, as raw pairs (the values as the client sent them: latin-1)."""
+    pairs = [(name, value) for name, value in defaults.raw if name.lower().decode("latin-1") not in headers]
+    pairs += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    return pairs
+
+
+def _request_head(method: str, url: httpx2.URL, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """The request line, Host and `headers` (but the lane's own: framing, connection, encoding). A header
     that would break the request's framing (a line break or NUL in it) is refused, as h11 refuses it."""
     lines = [f"{method} {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {url.netloc.decode('ascii')}"]
-    for name, value in headers.raw:
+    for name, value in headers:
         if not name or _BAD_NAME.search(name) or _BAD_VALUE.search(value):
             raise ProtocolFault("a header the relay would send upstream is malformed")
         if name.lower().decode("latin-1") not in _OWN_HEADERS:
