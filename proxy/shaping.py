@@ -5,6 +5,7 @@ Every rule a client can break raises `BadRequest` naming the field and what is w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -364,6 +365,7 @@ TOKEN_COUNT = WholeNumber(1)
 CHOICES = WholeNumber(1)
 
 
+@functools.lru_cache(maxsize=256)  # asked twice for every forwarded request, of a few paths
 def answer_size(path: str) -> AnswerSize | None:
     """The table's row for a path the relay forwards to (empty segments ignored: an upstream may fold
     `//` or a trailing `/`), or None for a family whose body sets no answer size."""
