@@ -64,9 +64,7 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
         hang_up = client.hang_up if isinstance(client, ClientSocket) else _nothing
 
         def read(answer: httpx2.Response) -> Source:
-            # From here the loop's first-byte and idle timers govern; the read timeout is only a backstop.
-            answer.request.extensions["timeout"]["read"] = relay.body_read_timeout
-            return body_source(answer, relay.timers.idle, hang_up)
+            return body_source(answer, relay.timers.idle, hang_up, relay.body_read_timeout)
 
         body = relay_sse(read(response), relay.timers, stats, client, dialect=dialect, draining=relay.draining,
                          fall_over=next_upstreams(opened, stats, read))

@@ -214,26 +214,28 @@ def forward_stream(http: httpx2.Client, url: httpx2.URL, headers: dict[str, str]
     connections = connections_for(http, url)
     if connections is None:
         return None
-    request = httpx2.Request("POST", url, extensions={"timeout": httpx2.Timeout(
-        connect_timeout, read=read_timeout).as_dict()})
+
+    def request() -> httpx2.Request:  # what httpx2's exceptions carry; a Response read here needs none
+        return httpx2.Request("POST", url)
+
     try:
         head = _request_head("POST", url, _overlaid(http.headers, headers))
     except ProtocolFault as exc:
-        raise httpx2.LocalProtocolError(str(exc), request=request) from exc
+        raise httpx2.LocalProtocolError(str(exc), request=request()) from exc
     message = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
     try:
         answer = connections.exchange(message, connect_timeout, read_timeout)
     except TimeoutError as exc:
-        raise httpx2.ReadTimeout("the upstream did not answer in time", request=request) from exc
+        raise httpx2.ReadTimeout("the upstream did not answer in time", request=request()) from exc
     except (OSError, ProtocolFault) as exc:
-        raise httpx2.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+        raise httpx2.ConnectError(str(exc) or type(exc).__name__, request=request()) from exc
     try:
         framing = LengthDecoder(0) if answer.status in (204, 304) else _framing(answer.headers)
     except ProtocolFault as exc:
         answer.sock.close()
-        raise httpx2.RemoteProtocolError(str(exc), request=request) from exc
+        raise httpx2.RemoteProtocolError(str(exc), request=request()) from exc
     stream = DirectByteStream(connections.body(answer, framing), read_timeout)
-    return httpx2.Response(answer.status, headers=list(answer.headers.items()), stream=stream, request=request,
+    return httpx2.Response(answer.status, headers=list(answer.headers.items()), stream=stream,
                            extensions={"network_stream": _SocketInfo(answer.sock)})
 
 
