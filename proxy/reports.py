@@ -21,15 +21,11 @@ import collections
 import logging
 from collections.abc import Callable
 
+from proxy.upstream_body import gevent_sockets
+
 log = logging.getLogger("relay.reports")
 
 Record = Callable[[], None]  # writes one closed request's records
-
-
-def under_gevent() -> bool:
-    from gevent import monkey
-
-    return bool(monkey.is_module_patched("socket"))
 
 
 class Reports:
@@ -44,7 +40,7 @@ class Reports:
     @classmethod
     def for_server(cls, delay: float) -> Reports:
         """Deferred by `delay` under gevent only: elsewhere no hub runs a timer between requests."""
-        return cls(delay if under_gevent() else 0.0)
+        return cls(delay if gevent_sockets() else 0.0)
 
     def submit(self, record: Record) -> None:
         if self._delay <= 0:
