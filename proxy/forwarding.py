@@ -45,7 +45,7 @@ from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
 from proxy.stream_machine import StreamTimers
 from proxy.stream_sources import READER_THREAD_PREFIX, Inbox, StallTimer
 from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
-from proxy.upstream_body import BrokenBody, DirectBody, DirectByteStream, shut_down
+from proxy.upstream_body import BrokenBody, DirectBody, backstop_read_timeout, shut_down
 from proxy.upstream_wire import forward_stream
 
 log = logging.getLogger("relay.forwarding")
@@ -992,13 +992,11 @@ class DirectBodySource:
 def body_source(response: httpx2.Response, stall_seconds: float, hang_up: Callable[[], None],
                 backstop_seconds: float) -> Source:
     """The loop's source for an event-stream body: read in the loop's own greenlet when it can be, else by a
-    reader thread. From here the loop's first-byte and idle timers govern; httpx2's read timeout (reset to
-    `backstop_seconds`) is only a backstop where httpx2 reads the body."""
+    reader thread; where httpx2 reads it, its read timeout becomes `backstop_seconds`."""
     body = DirectBody.take(response)
     if body is not None:
         return DirectBodySource(response, body, stall_seconds, hang_up)
-    if not isinstance(response.stream, DirectByteStream):  # the lane's bodies time out by their own reads
-        response.request.extensions["timeout"]["read"] = backstop_seconds
+    backstop_read_timeout(response, backstop_seconds)
     return ReaderSource(response, stall_seconds, hang_up)
 
 

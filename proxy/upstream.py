@@ -30,7 +30,7 @@ import orjson
 from proxy.errors import BadRequest, RateLimited, RelayError, UpstreamFailed, UpstreamTimeout
 from proxy.globs import serves
 from proxy.redaction import redact_secret_like
-from proxy.upstream_body import DirectBody, readable_now, shut_down
+from proxy.upstream_body import DirectBody, backstop_read_timeout, readable_now, shut_down
 from proxy.upstream_wire import WireLane
 
 log = logging.getLogger("relay.upstream")
@@ -450,9 +450,8 @@ class Candidates:
             except openai.APIError as exc:
                 last_error = self._failed(upstream, map_sdk_error(exc, self.model, upstream.redact))
                 continue
-            if isinstance(response, httpx2.Response):
-                # From here the relay's own first-token and idle timers govern; this is only a backstop.
-                response.request.extensions["timeout"]["read"] = self.body_read_timeout
+            if isinstance(response, httpx2.Response):  # (a lane's body times its reads itself)
+                backstop_read_timeout(response, self.body_read_timeout)
             return UpstreamStream(upstream, response, fallbacks=attempt, candidates=self)
         raise last_error or UpstreamFailed("no upstream serving this model is left to try")
 

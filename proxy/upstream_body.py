@@ -377,3 +377,11 @@ class DirectByteStream(httpx2.SyncByteStream):
             self._body.finish(0.0, 0)  # nothing left to read: the connection goes back to the lane
         else:
             self._body.close()
+
+
+def backstop_read_timeout(response: httpx2.Response, seconds: float) -> None:
+    """A streamed body's reads are timed by the relay's own timers from here: httpx2's read timeout, where
+    httpx2 reads the body, becomes a backstop of `seconds`. A lane's body (`DirectByteStream`) is read with
+    its own timeouts and carries no httpx2 Request."""
+    if not isinstance(response.stream, DirectByteStream):
+        response.request.extensions["timeout"]["read"] = seconds
