@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,17 +364,19 @@ class Postgres:
 
     def pause(self) -> None:
         """SIGSTOP the postmaster and its backends: a database that accepts connections and never answers."""
-        for pid in self._pids():
-            os.kill(pid, signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
-        for pid in self._pids():
-            os.kill(pid, signal.SIGCONT)
+        self._signal_all(signal.SIGCONT)
 
-    def _pids(self) -> list[int]:
+    def _signal_all(self, number: signal.Signals) -> None:
         children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True,
                                   check=False).stdout.split()
-        return [self.process.pid, *(int(pid) for pid in children)]
+        os.kill(self.process.pid, number)
+        for pid in children:
+            # A backend whose session ended between pgrep and here is gone, which is what a signal wanted.
+            with suppress(ProcessLookupError):
+                os.kill(int(pid), number)
 
 
 def postgres_program(name: str) -> str | None:
