@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import queue
 import re
 import threading
@@ -766,6 +767,9 @@ class SseClock:
     first_token: float | None = None
     last_byte: float = 0.0
     last_write: float = 0.0
+    # The status and headers went out: with the first write when what came with them is enough for one,
+    # else alone before the loop first waits, whatever the upstream then holds back (as chat's pump).
+    announced: bool = False
 
     def __post_init__(self) -> None:
         self.last_write = self.started
@@ -778,9 +782,12 @@ class SseClock:
 
     def wrote(self, now: float) -> None:
         self.last_write = now
+        self.announced = True
 
-    def expired(self, now: float) -> tuple[str, str] | None:
-        """(kind, message) when a timer ends the stream."""
+    def expired(self, now: float, drain_deadline: float = math.inf) -> tuple[str, str] | None:
+        """(kind, message) when a timer, or the worker's drain deadline (a graceful stop), ends the stream."""
+        if now >= drain_deadline:
+            return (SERVER_RESTARTING, RESTART_MESSAGE)
         if now >= self.started + self.timers.max_stream:
             return ("stream_time_limit", f"the answer ran past this relay's limit of {self.timers.max_stream:g} s; "
                                          "it is incomplete")
@@ -800,6 +807,11 @@ class SseClock:
                        else self.last_byte + self.timers.idle)
         due = min(self.last_write + self.timers.keepalive, silence_end, self.started + self.timers.max_stream)
         return max(0.0, min(due - now, CLIENT_CHECK_SECONDS))
+
+    def read_wait(self, now: float, drain_deadline: float) -> float:
+        """How long the loop's next read may wait: `wait`, or until the drain deadline; no time at all before
+        the first write (that read takes only what came with the head)."""
+        return max(0.0, min(self.wait(now), drain_deadline - now)) if self.announced else 0.0
 
 
 class SseFramer:
@@ -963,18 +975,18 @@ class DirectBodySource:
 
     def _next(self, timeout: float) -> object:
         deadline = time.monotonic() + timeout
-        while timeout > 0 and not self._body.ended:
+        while not self._body.ended:
             try:
-                data = self._body.read(timeout)
+                data = self._body.read(timeout)  # with no time left: only what came with the head
             except BrokenBody:
                 return StreamFailure("upstream_disconnected",
                                      "the upstream connection broke mid-answer; the answer is incomplete")
-            if data is None:
-                return None
             if data:
                 return data
             timeout = deadline - time.monotonic()  # only framing came: wait on
-        return StreamEnd() if self._body.ended else None
+            if data is None or timeout <= 0:
+                return None
+        return StreamEnd()
 
     def _on_stall(self) -> None:
         log.info("client stopped reading a forwarded stream for an idle period; ending it")
@@ -1048,25 +1060,26 @@ def relay_sse(source: Source, timers: StreamTimers, stats: StreamStats,
     """An upstream event stream, whole events as they arrive (held back until the first token), the
     dialect's keep-alives during silence. A broken upstream, a malformed event, an upstream error event or a
     body that ends before its protocol's last event, before the first token: `fall_over(kind)` gives the
-    next upstream's stream (None: there is none). Those, a timer or the worker's drain deadline (`draining`,
-    a graceful stop) otherwise end it with the dialect's error event and nothing more. The source is closed
-    in `finally`."""
+    next upstream's stream (None: there is none). Those, a timer or the worker's drain deadline (`draining`)
+    otherwise end it with the dialect's error event and nothing more. The source is closed in `finally`."""
     times = SseClock(timers, clock())
     held = Held(dialect)
     drain = draining or Draining()
     try:
-        yield b""  # the status and headers go out now, whatever the upstream holds back (as chat's start())
         while True:
             now = clock()
             # Events that came with the first token are checked (and passed) before anything is read.
-            item = b"" if held.unchecked else source.get(max(0.0, min(times.wait(now), drain.deadline - now)))
+            item = b"" if held.unchecked else source.get(times.read_wait(now, drain.deadline))
+            if item is None and not times.announced:
+                times.wrote(now)
+                yield b""  # the status and headers, before the loop waits
+                continue
             now = clock()
             events, progress, malformed = _scan(item, held, times, stats, now)
             # Checked after a read, never right after a write: time spent writing to a slow client, while
             # the upstream's bytes wait in the inbox, is no silence of the upstream's.
-            stop = (SERVER_RESTARTING, RESTART_MESSAGE) if now >= drain.deadline else times.expired(now)
+            stop = times.expired(now, drain.deadline)
             if stop is not None:
-                stats.outcome = stop[0]
                 yield from _end(stop, held, stats, dialect)
                 return
             out = held.take(events, progress) if events else b""

@@ -171,8 +171,10 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
     machine = StreamMachine(stream, encoder, timers, start, draining, keep_content=stats.keep_content)
     wiring = _Wiring(stream, timers.idle, stats, client_gone)
     try:
-        yield machine.start()
-        yield from _drive(machine, wiring, client_gone, stats)
+        opening = machine.start()
+        if opening:
+            yield opening
+        yield from _drive(machine, wiring, client_gone, stats, announced=bool(opening))
     except GeneratorExit:
         if stats.outcome == OPEN:  # a stalled client (seen by the reader) keeps that outcome
             stats.outcome = "client_gone"
@@ -184,16 +186,21 @@ def pump(stream: UpstreamStream, encoder: Encoder, timers: StreamTimers, stats: 
 
 
 def _drive(machine: StreamMachine, wiring: _Wiring, client_gone: Callable[[], bool],
-           stats: StreamStats) -> Iterator[bytes]:
+           stats: StreamStats, announced: bool) -> Iterator[bytes]:
     """Feed the machine what arrives (or a Tick when nothing does) and carry out its actions until it
-    ends the stream."""
+    ends the stream. Until something is `announced` (written), the status and headers go out with the first
+    write when what came with them makes one, else alone (an empty write) before the first wait."""
     pending: object = None  # an end-of-stream item that came with the last batch goes after that batch
     while True:
         action = machine.poll(time.monotonic())
         if action.outcome is None:
             item, pending = pending, None
             if item is None:
-                item = wiring.next_item(action.wait)
+                item = wiring.next_item(action.wait if announced else 0.0)
+                if item is None and not announced:
+                    announced = True
+                    yield b""
+                    continue
             if type(item) is list:
                 pending = wiring.take_ready(item)
             now = time.monotonic()
@@ -209,6 +216,7 @@ def _drive(machine: StreamMachine, wiring: _Wiring, client_gone: Callable[[], bo
                 wiring.written()
             return
         if action.write:
+            announced = True
             wiring.writing()
             yield action.write
             wiring.written()

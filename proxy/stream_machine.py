@@ -161,7 +161,8 @@ class StreamMachine:
         return self._outcome or self._snapshot(OPEN, None)
 
     def start(self) -> bytes:
-        """The first bytes of the response, sent even when empty: they make the server send the headers."""
+        """The first bytes of the response (the pump sends the headers with them, or with the first write
+        when they are empty)."""
         return self._encoder.start()
 
     def poll(self, now: float) -> Action:

@@ -171,14 +171,15 @@ class DirectSource:
         self._stall = StallTimer(stall_seconds, on_stall)
 
     def next_item(self, timeout: float) -> object:
-        """A list of chunks, the stream's end or failure, or None when `timeout` seconds passed first."""
+        """A list of chunks, the stream's end or failure, or None when `timeout` seconds passed first (with no
+        time: at once, after what came with the head)."""
         deadline = time.monotonic() + timeout
         parser = self._parser
-        while timeout > 0:
+        while True:
             block = b""  # with lines held (what came with the first token): parsed before any read
             if not parser.holds_lines:
                 try:
-                    received = self._body.read(timeout)
+                    received = self._body.read(timeout)  # with no time left: only what came with the head
                 except BrokenBody as exc:
                     log.info("upstream %s stream broke: %s", self._stream.upstream.name, exc)
                     return BROKE
@@ -197,7 +198,8 @@ class DirectSource:
             if end is not None:
                 return end
             timeout = deadline - time.monotonic()  # only framing or part of an event came: wait on
-        return None
+            if timeout <= 0:
+                return None
 
     def take_ready(self, batch: list[Chunk]) -> object:
         pending, self._pending = self._pending, None

@@ -294,9 +294,12 @@ class DirectBody:
 
     def read(self, timeout: float) -> bytes | None:
         """The body's next payload bytes (maybe b"" when only framing came), or None when nothing arrived
-        within `timeout` seconds (> 0). Raises BrokenBody when the connection breaks or ends first."""
+        within `timeout` seconds; with no time (<= 0), only what was read past the head, else None at once.
+        Raises BrokenBody when the connection breaks or ends first."""
         if self._initial:
             data, self._initial = self._initial, b""
+        elif timeout <= 0:
+            return None
         else:
             read = self._wire.read(READ_BYTES, timeout)
             if read is None:

@@ -249,6 +249,20 @@ def test_the_first_token_goes_out_before_the_events_that_came_with_it_are_checke
     assert len(out) == 3 and stats.outcome == "upstream_malformed"
 
 
+@pytest.mark.parametrize(("script", "first_writes"), [
+    ([(0.0, CREATED + DELTA), (0.0, StreamEnd())], [CREATED + DELTA]),  # the token came with the head
+    ([(0.0, CREATED), (0.5, DELTA), (0.6, StreamEnd())], [b"", CREATED + DELTA]),  # the opening alone
+    ([(0.5, CREATED + DELTA), (0.6, StreamEnd())], [b"", CREATED + DELTA]),  # nothing yet
+])
+def test_status_goes_out_with_the_first_token_or_before_the_first_wait(
+        script: list[tuple[float, object]], first_writes: list[bytes]) -> None:
+    """A first token already at hand carries the status and headers in its write (one write, not an empty
+    one before it); otherwise an empty write sends them before the loop waits on the upstream."""
+    source = ScriptedSource(script)
+    writes = list(relay_sse(source, TIMERS, StreamStats(), clock=source.clock))
+    assert writes[:len(first_writes)] == first_writes
+
+
 def test_opening_events_are_not_the_first_token() -> None:
     """`response.created` comes at once, but a model that thinks longer than FIRST_TOKEN_TIMEOUT is cut off
     by that timer (not by IDLE_TIMEOUT); a long thought within it is fine."""

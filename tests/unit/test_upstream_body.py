@@ -74,3 +74,31 @@ def test_nothing_is_taken_over_without_gevent() -> None:
     response = httpx2.Response(200, headers={"transfer-encoding": "chunked"}, stream=httpx2.ByteStream(b"0\r\n\r\n"))
     assert not upstream_body.gevent_sockets()
     assert DirectBody.take(response) is None
+
+
+class _CountingWire:
+    """A connection that would have more to give, counting how often it is asked."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, max_bytes: int, timeout: float) -> bytes | None:
+        self.reads += 1
+        return b"later"
+
+    def release(self, reusable: bool) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+
+def test_a_read_with_no_time_gives_only_what_came_with_the_head() -> None:
+    """read(0) (the forwarded loop's first look) hands over the bytes read past the head, then None at once,
+    without touching the connection; a read with time left reads it."""
+    wire = _CountingWire()
+    body = DirectBody(wire, upstream_body.UntilClose(), b"with the head")
+    assert body.read(0.0) == b"with the head"
+    assert body.read(0.0) is None and wire.reads == 0
+    assert body.read(1.0) == b"later" and wire.reads == 1
+    body.close()
