@@ -328,14 +328,21 @@ def event_data(event: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+
+
 class _UsageScanner:
     """Whole SSE events as they pass; only those that carry a `"usage"` key are parsed (by `_read`)."""
 
     def feed(self, events: bytes) -> None:
         # Only the events around each `"usage"` are cut out: a block of a whole fast answer holds
-        # hundreds of events, and splitting all of them cost ~9% of a worker's CPU per token.
+        # hundreds of events, and splitting all of them cost ~9% of a worker's CPU per token. A `"usage":null`
+        # (a Responses stream's opening events carry two) says nothing: the search goes on past it.
         at = events.find(b'"usage"')
         while at >= 0:
+            if _NULL_USAGE.match(events, at):
+                at = events.find(b'"usage"', at + 7)
+                continue
             start = last_event_end(events, at)
             after = _EVENT_END.search(events, at)
             end = after.end() if after is not None else len(events)

@@ -126,6 +126,21 @@ def test_sse_usage_comes_from_response_completed() -> None:
     assert usage.usage == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
 
 
+def test_a_null_usage_is_skipped_but_a_usage_after_it_in_the_same_event_is_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`"usage":null` (in a Responses stream's opening events) parses nothing; a real usage later in the same
+    event is still read."""
+    parsed: list[bytes] = []
+    monkeypatch.setattr(SseUsage, "_read", lambda self, event: parsed.append(event))
+    SseUsage().feed(b'data: {"type":"response.created","response":{"usage" : null}}\n\n')
+    assert parsed == []
+    both = b'data: {"type":"x","usage":null,"response":{"usage":{"input_tokens":1,"total_tokens":1}}}\n\n'
+    usage = SseUsage()
+    monkeypatch.undo()
+    usage.feed(both)
+    assert usage.usage == {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+
+
 def test_json_usage_small_whole_and_large_by_its_tail() -> None:
     """A small answer's top-level usage is parsed whole; a large one's is found in its last bytes."""
     small = JsonUsage()
