@@ -445,14 +445,24 @@ async def run(args: argparse.Namespace) -> int:
         servers.append(forwarder)
         meta["settings"]["bare forwarder"] = (
             "bench/forwarder.py: a Flask view forwarding through a pooled urllib3 connection, one JSON record per "
-            "token, no batching, no checks; gunicorn with deploy/gunicorn.conf.py's server settings "
+            "token, no batching, no checks (its `/v1/responses` view: the upstream's events passed on as they are, "
+            "one write per event); gunicorn with deploy/gunicorn.conf.py's server settings "
             f"(bench/forwarder_gunicorn.py), GUNICORN_WORKERS={args.relay_workers}"
         )
         log(f"bare forwarder at http://{forwarder.host}:{forwarder.port}")
+        forwarder_sampler = ProcessSampler(forwarder.process.pid)
         bench.targets.append(
             LiveTarget(
                 Target("bare forwarder", forwarder.host, forwarder.port, "/chat", "ndjson", "none", MODEL),
-                ProcessSampler(forwarder.process.pid),
+                forwarder_sampler,
+            )
+        )
+        bench.targets.append(
+            LiveTarget(
+                Target("bare forwarder /v1/responses", forwarder.host, forwarder.port, "/v1/responses", "responses",
+                       "none", MODEL),
+                forwarder_sampler,
+                frozenset({"ttft"}),
             )
         )
 

@@ -2,8 +2,10 @@
 
 A Flask view that takes a `/chat`-style request, forwards it as a streamed chat completion through one pooled
 urllib3 connection per worker to the upstream, and answers one JSON record per token (the relay's `/chat`
-records): no batching, no checks, no auth, no limits, no logs. It runs under gunicorn with the relay's
-production settings (bench/forwarder_gunicorn.py). Benchmark-only: it never belongs in proxy/.
+records): no batching, no checks, no auth, no limits, no logs. A second view, `/v1/responses`, is the same
+floor for a Responses stream: the body forwarded as it came, the upstream's events passed on as they are, one
+write per event. It runs under gunicorn with the relay's production settings (bench/forwarder_gunicorn.py).
+Benchmark-only: it never belongs in proxy/.
 """
 
 from __future__ import annotations
@@ -46,3 +48,21 @@ def chat() -> Response:
             answer.release_conn()
 
     return Response(records(), content_type="application/x-ndjson")
+
+
+@app.post("/v1/responses")
+def responses() -> Response:
+    answer = pool.urlopen("POST", UPSTREAM.path + "/responses", body=request.get_data(), headers=HEADERS,
+                          preload_content=False)
+
+    def events() -> Iterator[bytes]:
+        pending = b""
+        try:
+            for block in answer.stream(None):
+                *whole, pending = (pending + block).split(b"\n\n")
+                for event in whole:
+                    yield event + b"\n\n"
+        finally:
+            answer.release_conn()
+
+    return Response(events(), content_type="text/event-stream")

@@ -8,6 +8,7 @@ from typing import Any
 NOTES = Path(__file__).resolve().parent / "notes.md"
 RELAY_TARGETS = ("relay /chat", "relay /v1", "relay /v1/responses")
 FORWARDER = "bare forwarder"
+RESPONSES_FORWARDER = "bare forwarder /v1/responses"  # the same floor, forwarding the same Responses stream
 
 
 def correctness_failures(document: dict[str, Any]) -> list[str]:
@@ -180,6 +181,7 @@ def _verdicts(document: dict[str, Any]) -> list[str]:
             f"(bare forwarder {_fmt(theirs, 3)} ms) "
             f"| {_verdict(None if single is None or theirs is None else single < 1.0 and single < theirs)} |"
         )
+        lines += _same_stream_verdict(ttft.get("1", {}), name)
         checks: list[tuple[str, float | None, float, str]] = [
             ("added TTFT p50, 50 streams < 2 ms", added_ms(ttft.get("50", {}), name, "p50"), 2.0, "ms"),
             ("added TTFT p99, 50 streams < 15 ms", added_ms(ttft.get("50", {}), name, "p99"), 15.0, "ms"),
@@ -192,6 +194,18 @@ def _verdicts(document: dict[str, Any]) -> list[str]:
             lines += _throughput_verdicts(document, name, forwarder_cpu)
         lines += _capacity_verdicts(document, name)
     return lines
+
+
+def _same_stream_verdict(single: dict[str, Any], name: str) -> list[str]:
+    """For the Responses target, beside the issue's comparison with the chat forwarder: the bare forwarder's
+    own Responses view, which forwards the same (larger) stream. Information, not one of the issue's targets."""
+    if "responses" not in name or RESPONSES_FORWARDER not in single:
+        return []
+    ours, theirs = added_ms(single, name, "p50"), added_ms(single, RESPONSES_FORWARDER, "p50")
+    below = None if ours is None or theirs is None else ours < theirs
+    return [f"| {name}: added TTFT p50, 1 client, beside the bare forwarder's own `/v1/responses` (the same "
+            f"stream; for information) | {_fmt(ours, 3)} ms ({RESPONSES_FORWARDER} {_fmt(theirs, 3)} ms) "
+            f"| {'below' if below else 'not below' if below is not None else 'not measured'} |"]
 
 
 def _throughput_verdicts(document: dict[str, Any], name: str, forwarder_cpu: float | None) -> list[str]:
