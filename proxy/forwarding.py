@@ -36,6 +36,7 @@ from typing import IO, Any, Protocol
 
 import httpx2
 import orjson
+from werkzeug.datastructures import Headers
 
 from proxy.config import Config
 from proxy.encoders import SSE_KEEPALIVE, anthropic_error, openai_error
@@ -58,8 +59,7 @@ log = logging.getLogger("relay.forwarding")
 # tell a region-restricted provider where the client is), no OpenAI-Organization/-Project (they would let a
 # caller pick which of the operator's accounts pays), no X-Stainless-* (SDK telemetry: the client's OS,
 # runtime and retry count), no hop-by-hop header. Content-Length is set by the relay from the body it sends.
-REQUEST_HEADERS = frozenset({"content-type", "accept", "openai-beta", "idempotency-key", "anthropic-version",
-                             "anthropic-beta"})
+REQUEST_HEADERS = ("content-type", "accept", "openai-beta", "idempotency-key", "anthropic-version", "anthropic-beta")
 # The relay reads answers as they come and must not decompress them to forward them: the upstream is asked
 # for the identity encoding (httpx2 would still decode a compressed answer, which then goes out decoded).
 ACCEPT_ENCODING = "identity"
@@ -69,6 +69,12 @@ RESPONSE_HEADERS = frozenset({"content-type", "content-disposition", "retry-afte
                               "openai-version", "request-id"})  # request-id: Anthropic's own request id
 RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 UPSTREAM_REQUEST_ID = "X-Upstream-Request-ID"
+
+
+def forwardable_headers(incoming: Headers) -> list[tuple[str, str]]:
+    """The client's headers that may go upstream (REQUEST_HEADERS), looked up by name: a request carries
+    many others, none of which is ever forwarded."""
+    return [(name, value) for name in REQUEST_HEADERS if (value := incoming.get(name)) is not None]
 
 
 def upstream_request_headers(incoming: Iterable[tuple[str, str]], auth: Mapping[str, str],

@@ -24,7 +24,7 @@ from proxy.bridge.messages_stream import MessagesStream
 from proxy.chat_stream import SSE_HEADERS, stream_response, whole_answer_stats
 from proxy.errors import BadRequest, RelayError
 from proxy.forwarded_answer import answer
-from proxy.forwarding import ANTHROPIC, Outgoing, forward, json_object, model_of
+from proxy.forwarding import ANTHROPIC, Outgoing, forward, forwardable_headers, json_object, model_of
 from proxy.pipeline import admit_forwarded, admit_model, endpoint
 from proxy.relay import Relay, current_relay
 from proxy.request_state import RequestState, request_state
@@ -54,7 +54,7 @@ def messages(rest: str) -> Response:
         admit_model(state, model, relay.config)
     else:
         raw = admit_forwarded(state, path, model, body, raw, relay.config)
-    headers = list(request.headers.items())
+    headers = forwardable_headers(request.headers)
     if not any(name.lower() == "anthropic-version" for name, _value in headers):
         headers.append(("anthropic-version", DEFAULT_ANTHROPIC_VERSION))
     outgoing = Outgoing(method="POST", path=path, query=request.query_string, headers=headers, body=raw,

@@ -25,6 +25,7 @@ from proxy.forwarding import (
     ModelFieldWatch,
     Outgoing,
     forward,
+    forwardable_headers,
     json_object,
     model_of,
     multipart_boundary,
@@ -139,7 +140,7 @@ def read_request(config: Config, state: RequestState, path: str) -> tuple[Outgoi
     """The request to forward and the model it names (checked)."""
     content_type = request.headers.get("Content-Type", "")
     common: dict[str, Any] = {"method": request.method, "path": path, "query": request.query_string,
-                              "headers": list(request.headers.items())}
+                              "headers": forwardable_headers(request.headers)}
     capped = answer_size(path) is not None
     if content_type.lower().startswith(UPLOAD_TYPES):
         if capped:
