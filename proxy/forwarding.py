@@ -580,8 +580,9 @@ def _encoded(document: dict[str, Any]) -> bytes:
 
 @dataclass
 class Outgoing:
-    """One request to forward: its method, path under the base URL, raw query, headers (without the key)
-    and body. `body` is bytes (can be sent again: fall-over allowed) or a one-shot iterator (an upload)."""
+    """One request to forward: its method, path under the base URL, raw query, the client's headers that may
+    go upstream (`forwardable_headers`) and body. `body` is bytes (can be sent again: fall-over allowed) or a
+    one-shot iterator (an upload)."""
 
     method: str
     path: str
