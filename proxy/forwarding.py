@@ -2,7 +2,7 @@
 `/v1/audio/...`, `/v1/files`...): what an nginx `proxy_pass` with the key swapped in would do, plus the
 relay's rules.
 
-- **Headers**, both ways, through allow-lists (`upstream_request_headers`, `client_response_headers`):
+- **Headers**, both ways, through allow-lists (`forwardable_headers`, `client_response_headers`):
   nothing that says who or where the client is reaches the upstream, no hop-by-hop header crosses either way.
 - **Model**: read from a JSON body, or from a multipart form's `model` field as the upload streams past
   (`ModelFieldWatch`), so that ALLOWED_MODELS and per-key models apply and the model picks the upstream.
@@ -79,9 +79,10 @@ def forwardable_headers(incoming: Headers) -> list[tuple[str, str]]:
 
 def upstream_request_headers(incoming: Iterable[tuple[str, str]], auth: Mapping[str, str],
                              content_length: int | None) -> dict[str, str]:
-    """What goes upstream: the allow-listed client headers, the upstream's key in its protocol's header
-    (`auth`: `Authorization: Bearer` for OpenAI, `x-api-key` for Anthropic), identity encoding."""
-    headers = {name.lower(): value for name, value in incoming if name.lower() in REQUEST_HEADERS}
+    """What goes upstream: the client's allow-listed headers (`incoming`, from `forwardable_headers`), the
+    upstream's key in its protocol's header (`auth`: `Authorization: Bearer` for OpenAI, `x-api-key` for
+    Anthropic), identity encoding."""
+    headers = {name.lower(): value for name, value in incoming}
     headers.update(auth)
     headers["accept-encoding"] = ACCEPT_ENCODING
     if content_length is not None:

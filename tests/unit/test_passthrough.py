@@ -14,6 +14,7 @@ import pytest
 from flask.testing import FlaskClient
 from hypothesis import given
 from hypothesis import strategies as st
+from werkzeug.datastructures import Headers
 
 from proxy import create_app
 from proxy.encoders import SSE_KEEPALIVE
@@ -26,6 +27,7 @@ from proxy.forwarding import (
     SseFramer,
     SseUsage,
     client_response_headers,
+    forwardable_headers,
     last_event_end,
     normalized_usage,
     relay_sse,
@@ -54,7 +56,8 @@ def test_only_allow_listed_request_headers_go_upstream() -> None:
                 ("Accept-Encoding", "gzip"), ("Content-Length", "999"),
                 ("Content-Type", "application/json"), ("Accept", "text/event-stream"), ("OpenAI-Beta", "assistants=v2"),
                 ("Idempotency-Key", "k1"), ("Anthropic-Version", "2023-06-01"), ("Anthropic-Beta", "b")]
-    assert upstream_request_headers(incoming, {"authorization": f"Bearer {UPSTREAM_KEY}"}, 12) == {
+    forwardable = forwardable_headers(Headers(incoming))
+    assert upstream_request_headers(forwardable, {"authorization": f"Bearer {UPSTREAM_KEY}"}, 12) == {
         "content-type": "application/json", "accept": "text/event-stream", "openai-beta": "assistants=v2",
         "idempotency-key": "k1", "anthropic-version": "2023-06-01", "anthropic-beta": "b",
         "authorization": f"Bearer {UPSTREAM_KEY}", "accept-encoding": "identity", "content-length": "12"}
