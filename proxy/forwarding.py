@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import queue
 import re
 import threading
@@ -799,7 +798,7 @@ class SseClock:
         self.last_write = now
         self.announced = True
 
-    def expired(self, now: float, drain_deadline: float = math.inf) -> tuple[str, str] | None:
+    def expired(self, now: float, drain_deadline: float) -> tuple[str, str] | None:
         """(kind, message) when a timer, or the worker's drain deadline (a graceful stop), ends the stream."""
         if now >= drain_deadline:
             return (SERVER_RESTARTING, RESTART_MESSAGE)
