@@ -1,6 +1,6 @@
 """When each step of one request happens before its first token, in-process, at concurrency 1.
 
-    .venv/bin/python -m bench.phases_c1 [--path /v1/responses] [--streams 1500] [--tokens 20]
+    .venv/bin/python -m bench.phases_c1 [--path /v1/responses] [--streams 1500] [--tokens 20] [--interval 0]
 
 The relay's WSGI app is called directly under gevent (no gunicorn, no client socket) against the fake
 upstream, one stream after the other. Each step's first entry is timed from the app's call (µs, medians of
@@ -50,13 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--path", default="/v1/responses", help="/chat, /v1/chat/completions or /v1/responses")
     parser.add_argument("--streams", type=int, default=1500)
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--interval", type=float, default=0.0,
+                        help="seconds between tokens: with 0 the whole answer may come in the first read")
     args = parser.parse_args(argv)
     fake = start_fake_upstream()
     try:
         url = f"http://{fake.host}:{fake.port}/v1"
         os.environ.update({"AUTHORIZATION_KEY": KEY, "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": url,
                            "DEFAULT_MODEL": "bench-model", "LOG_FLUSH_SECONDS": "0.1"})
-        rows = measure(args.path, args.streams, StreamSpec(n_tokens=args.tokens))
+        rows = measure(args.path, args.streams, StreamSpec(n_tokens=args.tokens, token_interval=args.interval))
     finally:
         fake.stop()
     report(args.path, rows)

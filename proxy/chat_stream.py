@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flask import Response, request
+from werkzeug.datastructures import Headers
 
 from proxy.encoders import Encoder
 from proxy.pump import StreamStats, pump, socket_watcher
@@ -30,6 +31,16 @@ SSE_HEADERS = {
 }
 
 
+class StreamResponse(Response):
+    """A streamed answer (chat's, a forwarded event stream's). Before any response goes out, werkzeug copies
+    its headers to make a Location absolute, a Content-Location a URI and a Content-Length right for its
+    status; a 200 whose body is a stream and whose headers are the relay's own and the upstream's
+    allow-listed ones (`forwarding.RESPONSE_HEADERS`) has none of those, so its headers go out as they are."""
+
+    def get_wsgi_headers(self, environ: dict[str, Any]) -> Headers:
+        return self.headers if self.status_code == 200 else super().get_wsgi_headers(environ)
+
+
 def stream_response(relay: Relay, upstream_body: dict[str, Any], encoder: Encoder, headers: dict[str, str],
                     upstreams: Sequence[Upstream] | None = None) -> Response:
     """Open the upstream stream (falling over as needed) and answer with what the pump makes of it.
@@ -40,7 +51,7 @@ def stream_response(relay: Relay, upstream_body: dict[str, Any], encoder: Encode
     stats = StreamStats(keep_content=relay.config.log_content, started_at=access.started)
     access.stats = stats
     body = pump(stream, encoder, relay.timers, stats, client_socket_watcher(request.environ), relay.draining)
-    return Response(body, status=200, headers=headers)
+    return StreamResponse(body, status=200, headers=headers)
 
 
 def client_socket_watcher(environ: dict[str, Any]) -> Any:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import time
 
-import httpx2
 from flask import Response, request
 
-from proxy.chat_stream import client_socket_watcher
+from proxy.chat_stream import StreamResponse, client_socket_watcher
 from proxy.errors import UpstreamFailed
 from proxy.forwarding import (
     OPENAI,
@@ -29,6 +28,7 @@ from proxy.forwarding import (
 from proxy.pump import ClientSocket, StreamStats
 from proxy.relay import Relay
 from proxy.request_state import RequestState
+from proxy.upstream_body import UpstreamResponse
 
 # The upstream's own Content-Type is kept; these keep proxies and browsers from buffering the events.
 SSE_HEADERS = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
@@ -63,13 +63,13 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
         client = client_socket_watcher(request.environ)
         hang_up = client.hang_up if isinstance(client, ClientSocket) else _nothing
 
-        def read(answer: httpx2.Response) -> Source:
+        def read(answer: UpstreamResponse) -> Source:
             return body_source(answer, relay.timers.idle, hang_up, relay.body_read_timeout)
 
         body = relay_sse(read(response), relay.timers, stats, client, dialect=dialect, draining=relay.draining,
                          fall_over=next_upstreams(opened, stats, read))
-        return Response(body, status=response.status_code, headers=[*headers, *SSE_HEADERS],
-                        content_type=content_type)
+        return StreamResponse(body, status=response.status_code, headers=[*headers, *SSE_HEADERS],
+                              content_type=content_type)
     usage = JsonUsage(dialect.json_usage) if "json" in content_type.lower() else None
     return Response(relay_bytes(response, stats, usage), status=response.status_code, headers=headers,
                     content_type=content_type)

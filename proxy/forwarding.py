@@ -46,7 +46,7 @@ from proxy.shutdown import RESTART_MESSAGE, SERVER_RESTARTING, Draining
 from proxy.stream_machine import StreamTimers
 from proxy.stream_sources import READER_THREAD_PREFIX, Inbox, StallTimer
 from proxy.upstream import StreamEnd, StreamFailure, _worth_falling_over, retry_after_seconds
-from proxy.upstream_body import BrokenBody, DirectBody, backstop_read_timeout, shut_down
+from proxy.upstream_body import BrokenBody, DirectBody, UpstreamResponse, backstop_read_timeout, shut_down
 from proxy.upstream_wire import forward_stream
 
 log = logging.getLogger("relay.forwarding")
@@ -625,7 +625,7 @@ class ForwardTarget(Protocol):
 
 @dataclass
 class Opened:
-    response: httpx2.Response
+    response: UpstreamResponse
     upstream: ForwardTarget
     fallbacks: int
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -667,7 +667,7 @@ def forward(candidates: Sequence[ForwardTarget], outgoing: Outgoing, upstream_ti
     raise UpstreamFailed("no upstream is configured for this request")
 
 
-def failure_of_status(response: httpx2.Response) -> RelayError | None:
+def failure_of_status(response: UpstreamResponse) -> RelayError | None:
     """The error a 5xx or 429 answer stands for (worth falling over for), else None."""
     if response.status_code == 429:
         return RateLimited("the upstream API is rate limiting this relay; retry later", kind="upstream_rate_limited",
@@ -678,7 +678,7 @@ def failure_of_status(response: httpx2.Response) -> RelayError | None:
 
 
 def _send(upstream: ForwardTarget, outgoing: Outgoing, upstream_timeout: float, whole_answer_timeout: float
-          ) -> httpx2.Response:
+          ) -> UpstreamResponse:
     url = f"{upstream.root_url}/{outgoing.path}"
     if outgoing.query:
         url += "?" + outgoing.query.decode("latin-1")
@@ -704,7 +704,7 @@ def parsed_url(url: str) -> httpx2.URL:
     return httpx2.URL(url)
 
 
-def abort(response: httpx2.Response) -> None:
+def abort(response: UpstreamResponse) -> None:
     """Close the upstream connection now, from any greenlet, waking a reader blocked on it."""
     network_stream = response.extensions.get("network_stream")
     if not shut_down(network_stream.get_extra_info("socket") if network_stream is not None else None):
@@ -716,7 +716,7 @@ def abort(response: httpx2.Response) -> None:
 ERROR_BODY_LIMIT = 64 * 1024
 
 
-def error_body(response: httpx2.Response, redact: Callable[[str], str]) -> bytes:
+def error_body(response: UpstreamResponse, redact: Callable[[str], str]) -> bytes:
     """An upstream error answer, read whole (bounded) and with the configuration's secrets taken out."""
     raw = b""
     try:
@@ -733,7 +733,7 @@ def error_body(response: httpx2.Response, redact: Callable[[str], str]) -> bytes
     return raw[:ERROR_BODY_LIMIT] if redacted == text else redacted.encode()
 
 
-def relay_bytes(response: httpx2.Response, stats: StreamStats, usage: JsonUsage | None) -> Iterator[bytes]:
+def relay_bytes(response: UpstreamResponse, stats: StreamStats, usage: JsonUsage | None) -> Iterator[bytes]:
     """A non-SSE answer (JSON, audio, an image, a file) as it arrives; the upstream closed in `finally`."""
     try:
         for block in response.iter_bytes():
@@ -929,7 +929,7 @@ class ReaderSource:
     that takes nothing for a whole stall period (the inbox stays full) has the upstream and, through
     `hang_up`, its own connection closed, which fails the write the loop is blocked on."""
 
-    def __init__(self, response: httpx2.Response, stall_seconds: float, hang_up: Callable[[], None]) -> None:
+    def __init__(self, response: UpstreamResponse, stall_seconds: float, hang_up: Callable[[], None]) -> None:
         self._response = response
         self._inbox = Inbox(stall_seconds)
         self._hang_up = hang_up
@@ -974,7 +974,7 @@ class DirectBodySource:
     armed between two calls hangs up on a client that took nothing for a whole stall period, as the
     reader's full inbox does for `ReaderSource`."""
 
-    def __init__(self, response: httpx2.Response, body: DirectBody, stall_seconds: float,
+    def __init__(self, response: UpstreamResponse, body: DirectBody, stall_seconds: float,
                  hang_up: Callable[[], None]) -> None:
         self._response = response
         self._body = body
@@ -1015,7 +1015,7 @@ class DirectBodySource:
             self._body.close()
 
 
-def body_source(response: httpx2.Response, stall_seconds: float, hang_up: Callable[[], None],
+def body_source(response: UpstreamResponse, stall_seconds: float, hang_up: Callable[[], None],
                 backstop_seconds: float) -> Source:
     """The loop's source for an event-stream body: read in the loop's own greenlet when it can be, else by a
     reader thread; where httpx2 reads it, its read timeout becomes `backstop_seconds`."""
@@ -1217,7 +1217,7 @@ class ReopenedSource:
             source.close()
 
 
-def next_upstreams(opened: Opened, stats: StreamStats, read: Callable[[httpx2.Response], Source]
+def next_upstreams(opened: Opened, stats: StreamStats, read: Callable[[UpstreamResponse], Source]
                    ) -> Callable[[str], Source | None]:
     """The loop's `fall_over`: the same request to the upstreams after the one that failed (the stats name
     the one answering, its fall-overs and every failure), read by `read` once it answers 200 with an event

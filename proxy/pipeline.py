@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from flask import Flask, Request, Response, current_app, request
+from flask.sessions import NullSession, SessionInterface, SessionMixin
 from werkzeug.routing import Rule
 
 from proxy.access import add_cors_headers, authorize_model, preflight_response, presented_key
@@ -99,11 +100,26 @@ def install_pipeline(app: Flask) -> None:
     """Steps 1-4 before every request, the limits (step 5) after them, and the close step after the
     response; the app's relay (`app.extensions["relay"]`) is built already. The order is the pipeline's:
     preflights first, the caller decided once before any limit counts it."""
+    app.session_interface = NoSessions()
     app.before_request(_begin)
     app.after_request(_finish)
     app.teardown_request(_teardown)
     relay: Relay = app.extensions["relay"]
     relay.limits.init_app(app)
+
+
+class NoSessions(SessionInterface):
+    """The relay keeps no sessions (every request carries its key; no view reads or sets a cookie): each
+    request gets one shared null session, which refuses any change, instead of a cookie looked for and a
+    null session made."""
+
+    _none = NullSession()
+
+    def open_session(self, app: Flask, request: Request) -> SessionMixin:
+        return self._none
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        return None
 
 
 def check_every_view_declared(app: Flask) -> None:
@@ -223,15 +239,22 @@ def last_user_text(messages: list[Any]) -> str:
     return ""
 
 
+# SECURITY_HEADERS by lower-cased name: `_finish` adds those a response has not set itself.
+_SECURITY_BY_NAME = tuple((name.lower(), name, value) for name, value in SECURITY_HEADERS)
+
+
 def _finish(response: Response) -> Response:
     headers = response.headers
-    for name, value in SECURITY_HEADERS:
-        headers.setdefault(name, value)
+    present = {name.lower() for name, _value in headers}  # one pass, where each setdefault would scan them all
+    headers.extend([(name, value) for lowered, name, value in _SECURITY_BY_NAME if lowered not in present])
     relay = current_relay()
     add_cors_headers(relay.config, response)
     state = current_request_state()
     if state is not None:
-        headers["X-Request-ID"] = state.access.request_id
+        if "x-request-id" in present:
+            headers["X-Request-ID"] = state.access.request_id
+        else:
+            headers.add("X-Request-ID", state.access.request_id)
         state.access.status = response.status_code
         state.streamed = state.declaration.streams and response.is_streamed
         relay.metrics.stream_opened(state)

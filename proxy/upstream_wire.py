@@ -39,6 +39,7 @@ from proxy.upstream_body import (
     DirectBody,
     DirectByteStream,
     Framing,
+    LaneResponse,
     LengthDecoder,
     UntilClose,
     readable_now,
@@ -207,10 +208,10 @@ class WireLane:
 
 
 def forward_stream(http: httpx2.Client, url: httpx2.URL, headers: dict[str, str], body: bytes,
-                   connect_timeout: float, read_timeout: float) -> httpx2.Response | None:
-    """A forwarded streaming POST (proxy/forwarding.py) by the lane: an httpx2 Response whose body is a
-    `DirectByteStream` (so `DirectBody.take` hands the forwarding loop the lane's body), failing with
-    httpx2's exceptions as `http.send` would; None where httpx2 must send it."""
+                   connect_timeout: float, read_timeout: float) -> LaneResponse | None:
+    """A forwarded streaming POST (proxy/forwarding.py) by the lane: a `LaneResponse` (whose body
+    `DirectBody.take` hands the forwarding loop), failing with httpx2's exceptions as `http.send` would;
+    None where httpx2 must send it."""
     connections = connections_for(http, url)
     if connections is None:
         return None
@@ -235,8 +236,7 @@ def forward_stream(http: httpx2.Client, url: httpx2.URL, headers: dict[str, str]
         answer.sock.close()
         raise httpx2.RemoteProtocolError(str(exc), request=request()) from exc
     stream = DirectByteStream(connections.body(answer, framing), read_timeout)
-    return httpx2.Response(answer.status, headers=list(answer.headers.items()), stream=stream,
-                           extensions={"network_stream": _SocketInfo(answer.sock)})
+    return LaneResponse(answer.status, answer.headers, stream, {"network_stream": _SocketInfo(answer.sock)})
 
 
 class _SocketInfo:

@@ -336,11 +336,11 @@ def forwarded(upstream: Upstream, body: bytes = RESPONSES_BODY, timeout: float =
 def test_a_forwarded_stream_sends_and_reads_as_httpx2_does(lane: bool, fake: FakeUpstream,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A streamed /v1/responses request reaches the upstream with the same headers and body by the lane as
-    by httpx2, and its answer reads the same through the Response (`read`) as through `DirectBody.take`."""
+    by httpx2, and its answer reads the same through the Response (`iter_bytes`) as through `DirectBody.take`."""
     upstream = make_upstream(fake.base_url, lane, monkeypatch)
     opened = forwarded(upstream)
     assert opened.response.status_code == 200
-    whole = opened.response.read()
+    whole = b"".join(opened.response.iter_bytes())
     assert b"response.completed" in whole
     opened.response.close()
     recorded = fake.requests[-1]
@@ -354,7 +354,7 @@ def test_a_forwarded_stream_sends_and_reads_as_httpx2_does(lane: bool, fake: Fak
 
 def forwarded_headers(fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     opened = forwarded(make_upstream(fake.base_url, False, monkeypatch))
-    opened.response.read()
+    b"".join(opened.response.iter_bytes())
     opened.response.close()
     return fake.requests[-1].headers
 
@@ -389,7 +389,7 @@ def test_a_forwarded_error_answer_is_the_same_by_the_lane(status: int, fake: Fak
             opened = forwarded(make_upstream(fake.base_url, lane, monkeypatch))
         except RelayError as error:
             return error.kind, error.description, error.retry_after
-        answer = opened.response.status_code, opened.response.read()
+        answer = opened.response.status_code, b"".join(opened.response.iter_bytes())
         opened.response.close()
         return answer
 

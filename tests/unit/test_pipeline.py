@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, Response
+from flask import Flask, Response, session
 from flask.testing import FlaskClient
+from werkzeug.test import create_environ
 
 from proxy import create_app
+from proxy.chat_stream import StreamResponse
 from proxy.config import Config
-from proxy.pipeline import check_every_view_declared, route_label
+from proxy.pipeline import check_every_view_declared, endpoint, route_label
 from proxy.routes.passthrough import FAMILIES
 from proxy.usage import TokenUsage
 from tests.unit.conftest import ACCESS_KEY, SECOND_ACCESS_KEY, FakeTransport
@@ -336,3 +338,41 @@ def test_slot_count_and_open_streams_gauge_return_to_zero_after_every_kind_of_re
     for name, way_out in ways_out.items():
         way_out()
         assert _slots_and_gauge(client) == (0, 0.0), f"a slot or the gauge was still up after: {name}"
+
+
+def test_a_security_header_a_view_set_is_kept_and_none_is_repeated() -> None:
+    """The finish step adds each security header an answer lacks, once; one the view set itself stays as set;
+    X-Request-ID is the relay's, once, even where a view set one."""
+    app = make_app()
+
+    @app.get("/framed")
+    @endpoint("openai", access="public")
+    def framed() -> Response:
+        return Response("framed", headers={"X-Frame-Options": "SAMEORIGIN", "X-Request-ID": "the view's"})
+
+    answer = app.test_client().get("/framed", headers={"X-Request-ID": "abc-123"})
+    assert answer.headers.getlist("X-Frame-Options") == ["SAMEORIGIN"]
+    assert answer.headers.getlist("X-Content-Type-Options") == ["nosniff"]
+    assert answer.headers.getlist("Referrer-Policy") == ["no-referrer"]
+    assert answer.headers.getlist("X-Request-ID") == ["abc-123"]
+
+
+def test_a_request_has_no_session_to_write_and_no_answer_sets_a_cookie() -> None:
+    """The relay keeps no sessions: the one null session every request shares refuses a write."""
+    app = make_app()
+    with app.test_request_context("/health"):
+        assert app.session_interface.is_null_session(session)
+        with pytest.raises(RuntimeError):
+            session["user"] = "someone"
+    assert "Set-Cookie" not in app.test_client().get("/health").headers
+
+
+@pytest.mark.parametrize("status", [200, 204, 304])
+def test_a_stream_response_goes_out_with_the_headers_werkzeug_would_give_it(status: int) -> None:
+    """StreamResponse skips werkzeug's copy and fix-ups of a 200's headers: the same headers go out."""
+    headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
+               ("x-ratelimit-remaining-requests", "7"), ("Content-Length", "5")]
+    environ = create_environ("/v1/responses")
+    lean = StreamResponse(iter([b"data"]), status=status, headers=headers).get_wsgi_headers(environ)
+    plain = Response(iter([b"data"]), status=status, headers=headers).get_wsgi_headers(environ)
+    assert lean.to_wsgi_list() == plain.to_wsgi_list()
