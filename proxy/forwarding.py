@@ -687,21 +687,17 @@ def _send(upstream: ForwardTarget, outgoing: Outgoing, upstream_timeout: float, 
     read = upstream_timeout if outgoing.streaming else whole_answer_timeout
     http = upstream.http
     body, content_length = outgoing.body_for(upstream)
-    headers = upstream_request_headers(outgoing.headers, upstream.auth_headers(), content_length)
+    auth = upstream.auth_headers()
     if outgoing.streaming and outgoing.method == "POST" and isinstance(body, bytes):
         # A stream goes by the lane where it can (proxy/upstream_wire.py): same headers, httpx2's errors.
-        response = forward_stream(http, parsed_url(url), headers, body, upstream_timeout, read)
+        response = forward_stream(http, url, upstream_request_headers(outgoing.headers, auth, None), body,
+                                  upstream_timeout, read)
         if response is not None:
             return response
-    request = http.build_request(outgoing.method, url, content=body, headers=headers,
+    request = http.build_request(outgoing.method, url, content=body,
+                                 headers=upstream_request_headers(outgoing.headers, auth, content_length),
                                  timeout=httpx2.Timeout(upstream_timeout, read=read))
     return http.send(request, stream=True)
-
-
-@functools.lru_cache(maxsize=256)
-def parsed_url(url: str) -> httpx2.URL:
-    """`url` parsed, once for each of the few URLs a relay forwards to most (httpx2.URL is immutable)."""
-    return httpx2.URL(url)
 
 
 def abort(response: UpstreamResponse) -> None:

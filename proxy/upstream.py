@@ -110,7 +110,7 @@ class Upstream:
                            self.client._make_status_error_from_response)
 
     # What proxy/forwarding.py needs of an upstream it forwards raw requests to (`ForwardTarget`).
-    @property
+    @cached_property
     def root_url(self) -> str:
         return str(self.client.base_url).rstrip("/")
 

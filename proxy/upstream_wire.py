@@ -207,23 +207,23 @@ class WireLane:
         return httpx2.Request("POST", self.url)
 
 
-def forward_stream(http: httpx2.Client, url: httpx2.URL, headers: dict[str, str], body: bytes,
-                   connect_timeout: float, read_timeout: float) -> LaneResponse | None:
+def forward_stream(http: httpx2.Client, url: str, headers: dict[str, str], body: bytes, connect_timeout: float,
+                   read_timeout: float) -> LaneResponse | None:
     """A forwarded streaming POST (proxy/forwarding.py) by the lane: a `LaneResponse` (whose body
     `DirectBody.take` hands the forwarding loop), failing with httpx2's exceptions as `http.send` would;
-    None where httpx2 must send it."""
-    connections = connections_for(http, url)
+    None where httpx2 must send it. `headers` holds no Content-Length: the lane sets it."""
+    try:
+        prepared = _prepared(http, url, headers)
+    except ProtocolFault as exc:
+        raise httpx2.LocalProtocolError(str(exc), request=httpx2.Request("POST", url)) from exc
+    connections = prepared.connections
     if connections is None:
         return None
 
     def request() -> httpx2.Request:  # what httpx2's exceptions carry; a Response read here needs none
-        return httpx2.Request("POST", url)
+        return httpx2.Request("POST", prepared.url)
 
-    try:
-        head = _request_head("POST", url, _overlaid(http.headers, headers))
-    except ProtocolFault as exc:
-        raise httpx2.LocalProtocolError(str(exc), request=request()) from exc
-    message = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
+    message = b"%sContent-Length: %d\r\n\r\n%s" % (prepared.head, len(body), body)
     try:
         answer = connections.exchange(message, connect_timeout, read_timeout)
     except TimeoutError as exc:
@@ -237,6 +237,36 @@ def forward_stream(http: httpx2.Client, url: httpx2.URL, headers: dict[str, str]
         raise httpx2.RemoteProtocolError(str(exc), request=request()) from exc
     stream = DirectByteStream(connections.body(answer, framing), read_timeout)
     return LaneResponse(answer.status, answer.headers, stream, {"network_stream": _SocketInfo(answer.sock)})
+
+
+class Prepared(NamedTuple):
+    """A forwarded stream's URL, the lane's connections to its origin (None: httpx2 must send it) and its
+    request head but for the Content-Length."""
+
+    url: httpx2.URL
+    connections: Connections | None
+    head: bytes
+
+
+_PREPARED: weakref.WeakKeyDictionary[httpx2.Client, dict[tuple[str, tuple[tuple[str, str], ...]], Prepared]] = (
+    weakref.WeakKeyDictionary())
+PREPARED_LIMIT = 256  # heads kept per client; past it they are built anew (a header unique to each request)
+
+
+def _prepared(http: httpx2.Client, url: str, headers: dict[str, str]) -> Prepared:
+    """What `forward_stream` sends by, built once for each URL and header set a client forwards with: a
+    relay's requests repeat the same few, so each header is checked once, not at every request."""
+    known = _PREPARED.setdefault(http, {})
+    key = (url, tuple(headers.items()))
+    prepared = known.get(key)
+    if prepared is None:
+        parsed = httpx2.URL(url)
+        connections = connections_for(http, parsed)
+        head = b"" if connections is None else _request_head("POST", parsed, _overlaid(http.headers, headers))
+        if len(known) >= PREPARED_LIMIT:
+            known.clear()
+        prepared = known[key] = Prepared(parsed, connections, head)
+    return prepared
 
 
 class _SocketInfo:

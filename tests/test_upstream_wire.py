@@ -15,7 +15,7 @@ import openai
 import orjson
 import pytest
 
-from proxy import upstream_body
+from proxy import upstream_body, upstream_wire
 from proxy.errors import RelayError
 from proxy.forwarding import Opened, Outgoing, forward
 from proxy.upstream import Candidates, Upstream, UpstreamStream, with_cheap_idle_check
@@ -326,10 +326,28 @@ def no_bodies_left_open() -> Iterator[None]:
 RESPONSES_BODY = orjson.dumps({"model": "gpt-4o-mini", "input": "hi", "stream": True})
 
 
-def forwarded(upstream: Upstream, body: bytes = RESPONSES_BODY, timeout: float = 5) -> Opened:
-    outgoing = Outgoing("POST", "responses", b"", [("content-type", "application/json"), ("openai-beta", "x")],
+def forwarded(upstream: Upstream, body: bytes = RESPONSES_BODY, timeout: float = 5, beta: str = "x") -> Opened:
+    outgoing = Outgoing("POST", "responses", b"", [("content-type", "application/json"), ("openai-beta", beta)],
                         body, len(body), streaming=True, model="gpt-4o-mini")
     return forward([upstream], outgoing, timeout, 30)
+
+
+def test_each_forwarded_stream_goes_with_its_own_headers_and_length(fake: FakeUpstream,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lane builds a head once per URL and header set: a request with other headers (or past the heads
+    kept) gets its own, and every request its own Content-Length."""
+    monkeypatch.setattr(upstream_wire, "PREPARED_LIMIT", 2)
+    upstream = make_upstream(fake.base_url, True, monkeypatch)
+    sent = [("a", RESPONSES_BODY), ("b", RESPONSES_BODY + b" "), ("a", RESPONSES_BODY + b"  "), ("c", RESPONSES_BODY),
+            ("a", RESPONSES_BODY)]
+    for beta, body in sent:
+        opened = forwarded(upstream, body, beta=beta)
+        b"".join(opened.response.iter_bytes())
+        opened.response.close()
+    seen = [({name.lower(): value for name, value in recorded.headers.items()}, recorded.body)
+            for recorded in fake.requests[-len(sent):]]
+    assert [(headers["openai-beta"], headers["content-length"], body) for headers, body in seen] == [
+        (beta, str(len(body)), body) for beta, body in sent]
 
 
 @pytest.mark.parametrize("lane", [False, True], ids=["httpx2", "lane"])
