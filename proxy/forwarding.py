@@ -324,9 +324,26 @@ def _run_start(data: bytes, at: int) -> int:
     return at
 
 
+_LINE_END = re.compile(rb"[\r\n]")
+
+
+def sse_data(event: bytes) -> bytes | None:
+    """One SSE event's data (the values of its `data:` lines, joined by line feeds), or None when it has no
+    `data:` line."""
+    at = event.find(b"data:")
+    if at < 0:
+        return None
+    if (at == 0 or event[at - 1] in b"\r\n") and event.find(b"data:", at + 5) < 0:
+        # The usual event, one data line and "data:" nowhere else: cut out without splitting the event.
+        end = _LINE_END.search(event, at + 5)
+        return event[at + 5:end.start() if end is not None else len(event)].lstrip(b" ")
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
 def event_data(event: bytes) -> dict[str, Any] | None:
     """One SSE event's `data` as a JSON object, or None when it is none."""
-    data = b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+    data = sse_data(event) or b""
     try:
         payload = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -880,10 +897,9 @@ class EventCheck:
 
     def _one(self, event: bytes) -> bool | None:
         """None: malformed; else whether the event is progress."""
-        lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
-        if not lines:
+        data = sse_data(event)
+        if data is None:
             return False  # a comment, or an event without data: passed on, changes nothing
-        data = b"\n".join(lines)
         if data.strip() == b"[DONE]":
             self.finished = True
             return False

@@ -31,6 +31,7 @@ from proxy.forwarding import (
     last_event_end,
     normalized_usage,
     relay_sse,
+    sse_data,
     upstream_request_headers,
 )
 from proxy.pump import StreamStats
@@ -551,6 +552,16 @@ def test_the_last_event_end_found_from_the_back_is_the_scans(text: str) -> None:
     for match in _EVENT_END.finditer(data):
         scanned = match.end()
     assert last_event_end(data, len(data)) == scanned
+
+
+@given(st.lists(st.sampled_from(["data:", "data: ", "event: x", ": data:", "{}", "[DONE]", " ", "\r", "\n", "a"]),
+                max_size=12))
+def test_an_events_data_is_what_its_data_lines_say(parts: list[str]) -> None:
+    """`sse_data`'s shortcut for the usual one-`data:`-line event gives what splitting every line gives:
+    the `data:` lines' values joined by line feeds, None without one, whatever else the event holds."""
+    event = "".join(parts).encode()
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    assert sse_data(event) == (b"\n".join(lines) if lines else None)
 
 
 def test_usage_is_found_in_a_block_of_many_events() -> None:
