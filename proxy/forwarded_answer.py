@@ -68,8 +68,8 @@ def answer(relay: Relay, state: RequestState, opened: Opened, dialect: Dialect =
 
         body = relay_sse(read(response), relay.timers, stats, client, dialect=dialect, draining=relay.draining,
                          fall_over=next_upstreams(opened, stats, read))
-        return StreamResponse(body, status=response.status_code, headers=[*headers, *SSE_HEADERS],
-                              content_type=content_type)
+        # Its Content-Type is among `headers`, the upstream's own.
+        return StreamResponse(body, status=response.status_code, headers=[*headers, *SSE_HEADERS])
     usage = JsonUsage(dialect.json_usage) if "json" in content_type.lower() else None
     return Response(relay_bytes(response, stats, usage), status=response.status_code, headers=headers,
                     content_type=content_type)

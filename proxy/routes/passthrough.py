@@ -52,6 +52,8 @@ _FAMILY = f"any({', '.join(FAMILIES)}):family"
 UPLOAD_TYPES = ("multipart/", "application/octet-stream")
 
 
+# The most used family, on its own rule: a static path is matched before the any(...) rules are tried.
+@bp.route("/v1/responses", methods=METHODS, defaults={"family": "responses", "rest": ""})
 @bp.route(f"/v1/<{_FAMILY}>", methods=METHODS, defaults={"rest": ""})
 @bp.route(f"/v1/<{_FAMILY}>/<path:rest>", methods=METHODS)
 @endpoint("openai", streams=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -376,3 +376,25 @@ def test_a_stream_response_goes_out_with_the_headers_werkzeug_would_give_it(stat
     lean = StreamResponse(iter([b"data"]), status=status, headers=headers).get_wsgi_headers(environ)
     plain = Response(iter([b"data"]), status=status, headers=headers).get_wsgi_headers(environ)
     assert lean.to_wsgi_list() == plain.to_wsgi_list()
+
+
+def test_a_stream_response_closes_its_body_then_its_close_step() -> None:
+    """What the server iterates is the body itself; closing it closes the body (its `finally`) and then runs
+    the response's close callbacks (the pipeline's close step), even when closing the body fails."""
+    order: list[str] = []
+
+    def body() -> Iterator[bytes]:
+        try:
+            yield b"one"
+            yield b"two"
+        finally:
+            order.append("body")
+            raise RuntimeError("the body's close failed")
+
+    response = StreamResponse(body(), status=200)
+    response.call_on_close(lambda: order.append("close step"))
+    served = response.get_app_iter(create_environ("/chat", method="POST"))
+    assert next(iter(served)) == b"one"
+    with pytest.raises(RuntimeError):
+        served.close()  # type: ignore[attr-defined]
+    assert order == ["body", "close step"]
