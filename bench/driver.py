@@ -109,6 +109,7 @@ PROFILES = {
 
 
 ALL_SCENARIOS = frozenset({"ttft", "throughput", "capacity"})
+SINGLE_TURN = 10  # streams a target runs at one client before the next target's turn (`scenario_ttft`)
 
 
 @dataclasses.dataclass
@@ -187,28 +188,35 @@ class Benchmark:
         levels: list[tuple[int, int, StreamSpec]] = [(1, profile.ttft_single, StreamSpec(n_tokens=20))]
         levels += [(c, per, profile.ttft_spec) for c, per in profile.ttft_levels]
         for concurrency, per_worker, spec in levels:
+            # At one client the targets take turns of a few streams each: a drift of the machine over the
+            # run (another process's load, its clock) then falls on every target alike, where a whole run per
+            # target would put it on one of them. Concurrent runs are whole runs: their ramp is part of them.
+            batch = min(SINGLE_TURN, per_worker) if concurrency == 1 else per_worker
             collected: dict[str, list[LoadResult]] = {}
             cpu: dict[str, float] = {}
             for round_index in range(profile.rounds):
-                for live in self.order(round_index, "ttft"):
-                    self.log(f"ttft c={concurrency} round {round_index + 1}: {live.target.name}")
-                    before = live.sampler.sample().cpu_seconds if live.sampler else None
-                    load = await run_load(
-                        live.target,
-                        spec,
-                        concurrency,
-                        requests_per_worker=per_worker,
-                        ramp_seconds=spec.n_tokens * spec.token_interval,
-                    )
-                    if live.sampler is not None and before is not None:
-                        name = live.target.name
-                        cpu[name] = cpu.get(name, 0.0) + live.sampler.sample().cpu_seconds - before
-                    collected.setdefault(live.target.name, []).append(load)
+                self.log(f"ttft c={concurrency} round {round_index + 1}")
+                for turn in range(per_worker // batch):
+                    for live in self.order(round_index + turn, "ttft"):
+                        load, seconds = await self._ttft_turn(live, spec, concurrency, batch)
+                        collected.setdefault(live.target.name, []).append(load)
+                        if seconds is not None:
+                            cpu[live.target.name] = cpu.get(live.target.name, 0.0) + seconds
             rows = {name: _summary(_merge(loads)) for name, loads in collected.items()}
             for name, seconds in cpu.items():
                 # CPU time of the target's processes per stream: robust where latency on a shared machine is not.
                 rows[name]["target_cpu_us_per_stream"] = round(seconds / max(1, rows[name]["streams"]) * 1e6, 1)
             self.results["ttft"][str(concurrency)] = rows
+
+    async def _ttft_turn(self, live: LiveTarget, spec: StreamSpec, concurrency: int, per_worker: int
+                         ) -> tuple[LoadResult, float | None]:
+        """One run of `per_worker` streams per client against `live`, and its processes' CPU seconds."""
+        before = live.sampler.sample().cpu_seconds if live.sampler else None
+        load = await run_load(live.target, spec, concurrency, requests_per_worker=per_worker,
+                              ramp_seconds=spec.n_tokens * spec.token_interval)
+        if live.sampler is None or before is None:
+            return load, None
+        return load, live.sampler.sample().cpu_seconds - before
 
     async def scenario_throughput(self) -> None:
         profile = self.profile
@@ -559,7 +567,7 @@ async def run(args: argparse.Namespace) -> int:
         for server in reversed(servers):
             server.stop()
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    meta["profile_settings"] = dataclasses.asdict(profile)
+    meta["profile_settings"] = {**dataclasses.asdict(profile), "ttft_single_turn": SINGLE_TURN}
     document = bench.write_raw(out_dir / "benchmarks" / "results.json", meta)
     from bench import report
 

@@ -283,7 +283,7 @@ def write(document: dict[str, Any], out_dir: Path, charts: bool = True) -> None:
         "## (a) Time to first token",
         "",
         f"Concurrency 1: {settings['ttft_single']} sequential streams × {settings['rounds']} rounds, 20 tokens "
-        "each, no delay. Higher concurrency: each worker runs streams of "
+        f"each, no delay{_turns(settings)}. Higher concurrency: each worker runs streams of "
         f"{settings['ttft_spec']['n_tokens']} tokens {settings['ttft_spec']['token_interval'] * 1000:g} ms "
         "apart back to back, workers started spread over one stream's length. TTFT is measured from "
         "writing the request to receiving the first content token; *added over direct* is the target's "
@@ -402,3 +402,9 @@ def _charts(document: dict[str, Any], chart_dir: Path) -> list[str]:
         plt.close(figure)
         written.append("capacity.png")
     return written
+
+
+def _turns(settings: dict[str, Any]) -> str:
+    """How the targets shared the one-client runs (a run made before they took turns ran each whole)."""
+    turn = settings.get("ttft_single_turn")
+    return f", the targets taking turns of {turn} streams" if turn else ""

@@ -110,6 +110,7 @@ def candidates(upstreams: Sequence[Upstream], model: str | None, family: str) ->
 # cap of the relay, and out of its usage ledger. (family, the path after it, with * for one segment)
 WORK_IN_A_FILE = {("batches", ""): "batches", ("evals", "*/runs"): "eval runs"}
 MINTED_KEYS = {("realtime", "client_secrets"), ("realtime", "sessions"), ("realtime", "transcription_sessions")}
+_UNSEEN_FAMILIES = frozenset(family for family, _pattern in (*WORK_IN_A_FILE, *MINTED_KEYS))
 
 
 def _matches(pattern: str, rest: str) -> bool:
@@ -121,6 +122,8 @@ def refuse_unseen_work(config: Config, state: RequestState, family: str, rest: s
     """Refuse the POSTs of WORK_IN_A_FILE where models are restricted (ALLOWED_MODELS, or the key's own list)
     or answers capped (MAX_TOKENS, MAX_CHOICES), and those of MINTED_KEYS wherever any rule of the relay
     applies (those and every limit or budget): each would get round the rule."""
+    if family not in _UNSEEN_FAMILIES:
+        return
     models_restricted = bool(config.allowed_models or (state.caller is not None and state.caller.models))
     capped = config.max_tokens is not None or config.max_choices is not None
     work = next((name for (known, pattern), name in WORK_IN_A_FILE.items()
