@@ -210,13 +210,14 @@ class Benchmark:
 
     async def _ttft_turn(self, live: LiveTarget, spec: StreamSpec, concurrency: int, per_worker: int
                          ) -> tuple[LoadResult, float | None]:
-        """One run of `per_worker` streams per client against `live`, and its processes' CPU seconds."""
-        before = live.sampler.sample().cpu_seconds if live.sampler else None
+        """One run of `per_worker` streams per client against `live`, and its processes' CPU seconds (read
+        from the scheduler: a one-client turn lasts a few clock ticks)."""
+        before = live.sampler.exact_cpu_seconds() if live.sampler else None
         load = await run_load(live.target, spec, concurrency, requests_per_worker=per_worker,
                               ramp_seconds=spec.n_tokens * spec.token_interval)
         if live.sampler is None or before is None:
             return load, None
-        return load, live.sampler.sample().cpu_seconds - before
+        return load, live.sampler.exact_cpu_seconds() - before
 
     async def scenario_throughput(self) -> None:
         profile = self.profile
