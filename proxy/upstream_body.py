@@ -386,7 +386,8 @@ class LaneResponse:
     """A forwarded stream's answer from the lane (`upstream_wire.forward_stream`): what the forwarding code
     reads of an httpx2 Response (`status_code`, `headers` by lower-cased name with repeats joined by ", ",
     `extensions`, `iter_bytes`, `close`) without making one, whose headers httpx2 would normalize one by one
-    (~15 µs of a request's CPU). Its body fails with httpx2's exceptions (`DirectByteStream`)."""
+    (~30 µs of a worker's CPU per request, `bench.profile_c1`). Its body fails with httpx2's exceptions
+    (`DirectByteStream`)."""
 
     __slots__ = ("extensions", "headers", "is_closed", "status_code", "stream")
 
