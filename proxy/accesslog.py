@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
@@ -94,7 +94,7 @@ class DirectWriter:
     only while the loggers are as `configure_logging` left them; any other handler (a test's, an operator's)
     or level gets the ordinary logging path."""
 
-    def __init__(self, handler: logging.StreamHandler, redact: Callable[[str], str],
+    def __init__(self, handler: logging.StreamHandler[TextIO], redact: Callable[[str], str],
                  escape: Callable[[str], str]) -> None:
         self.handler = handler
         self.redact = redact

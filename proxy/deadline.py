@@ -36,10 +36,12 @@ class DeadlineInput:
         self._sock = sock
 
     def read(self, size: int = -1) -> bytes:
-        return self._in_time(self._raw.read, size)
+        read: Callable[[int], bytes] = self._raw.read
+        return self._in_time(read, size)
 
     def readline(self, size: int = -1) -> bytes:
-        return self._in_time(self._raw.readline, size)
+        readline: Callable[[int], bytes] = self._raw.readline
+        return self._in_time(readline, size)
 
     def _in_time(self, read: Callable[[int], T], size: int) -> T:
         from gevent import Timeout

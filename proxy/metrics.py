@@ -107,7 +107,7 @@ class Metrics:
     def exposition(self) -> bytes:
         if self.config.prometheus_multiproc_dir:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self.config.prometheus_multiproc_dir)
+            MultiProcessCollector(registry, path=self.config.prometheus_multiproc_dir)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
 

@@ -16,10 +16,10 @@ from proxy.limits import RequestLimits
 from proxy.metrics import Metrics
 from proxy.models import ModelCatalog
 from proxy.prices import PriceTable
-from proxy.pump import StreamTimers
 from proxy.redaction import Redactor
 from proxy.reports import Reports
 from proxy.shutdown import Draining
+from proxy.stream_machine import StreamTimers
 from proxy.upstream import AnthropicUpstream, Upstream, with_cheap_idle_check
 
 # Each open stream holds one upstream connection; the SDK's default pool (1,000) would queue the rest.

@@ -61,7 +61,7 @@ class ServerLogFilter(logging.Filter):
         return True
 
 
-class RelayServerLogger(glogging.Logger):
+class RelayServerLogger(glogging.Logger):  # type: ignore[misc]  # gunicorn ships no type hints
     """gunicorn's logger with `ServerLogFilter` on its error log (`logger_class` in deploy/gunicorn.conf.py)."""
 
     def setup(self, cfg: Any) -> None:

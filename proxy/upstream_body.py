@@ -131,7 +131,8 @@ def _native_poll() -> Callable[[], Any]:
         from gevent import monkey
 
         if monkey.is_module_patched("select"):
-            return monkey.get_original("select", "poll")
+            native: Callable[[], Any] = monkey.get_original("select", "poll")
+            return native
     return select.poll
 
 

@@ -197,7 +197,7 @@ class Inbox(list[str | bytes]):
         return message
 
 
-class BoundedServer(Server):
+class BoundedServer(Server):  # type: ignore[misc]  # simple-websocket ships no type hints
     """simple-websocket's server with a capped queue (`Inbox`): when the client sends more than the queue holds,
     the reader closes the connection with 1013 and stops queueing anything."""
 
