@@ -19,6 +19,7 @@ httpcore does.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import ssl
@@ -76,6 +77,7 @@ class Connections:
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, max_idle: int,
                  idle_expiry: float | None) -> None:
         self._address = (host, port)
+        self._family = _ip_family(host)
         self._ssl_context = ssl_context
         self._max_idle = max_idle
         self._idle_expiry = idle_expiry
@@ -104,7 +106,7 @@ class Connections:
             if (self._idle_expiry is None or now - since < self._idle_expiry) and not readable_now(sock.fileno()):
                 return sock
             sock.close()
-        sock = socket.create_connection(self._address, timeout)
+        sock = _connect(self._address, self._family, timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._ssl_context is not None:
             sock = self._ssl_context.wrap_socket(sock, server_hostname=self._address[0])
@@ -116,6 +118,30 @@ class Connections:
             self._idle.append((sock, time.monotonic()))
         else:
             sock.close()
+
+
+def _ip_family(host: str) -> socket.AddressFamily | None:
+    """The address family of a host that is an IP address, None for a name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
+def _connect(address: tuple[str, int], family: socket.AddressFamily | None, timeout: float) -> socket.socket:
+    """A TCP connection to `address`. An IP address (`family`) is connected to as it is: `create_connection`
+    would ask the resolver for it (under gevent, a round trip through its threadpool, whose thread then idles
+    on for seconds); a name is resolved at each new connection, as httpcore does."""
+    if family is None:
+        return socket.create_connection(address, timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 _ORIGINS: weakref.WeakKeyDictionary[httpx2.Client, dict[tuple[bytes, str, int], Connections | None]] = (

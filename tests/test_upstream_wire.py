@@ -447,3 +447,21 @@ def test_a_header_that_would_break_the_request_is_never_sent(value: str, fake: F
             forward([make_upstream(fake.base_url, lane, monkeypatch)], outgoing, 5, 30)
         assert caught.value.kind == "upstream_unreachable"
     assert len(fake.requests) == seen
+
+
+def test_an_upstream_at_an_ip_address_is_connected_to_without_the_resolver(fake: FakeUpstream,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lane connection to an IP address asks no resolver (under gevent each ask is a round trip through its
+    threadpool); a name is still resolved at each new connection."""
+    asked: list[str] = []
+    resolve = socket.getaddrinfo
+
+    def recording(host: str, *args: object, **kwargs: object) -> object:
+        asked.append(host)
+        return resolve(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", recording)
+    for host in ("127.0.0.1", "localhost"):
+        connections = upstream_wire.Connections(host, fake.port, None, 1, None)
+        connections._connection(5).close()
+    assert asked == ["localhost"]
